@@ -1,0 +1,40 @@
+r"""The one vectorized MCMC core of ``pyro_ebm``.
+
+Pure functions on a ``(num_walkers, dim)`` tensor, each returning ``(new_state, info)``: local
+moves (:func:`ula_step`, :func:`mala_step`, :func:`hmc_step`), global flow moves
+(:func:`imh_step`, :func:`isir_step` with :class:`FlowProposals` drawing proposals in blocks),
+their composition (:func:`global_local_step`), step-size adaptation (:class:`StepSizeAdapter`) and
+the adaptive flowMC driver (:class:`AdaptiveFlowSampler`). The Pyro kernels in
+:mod:`pyro_ebm.infer` and the trainer in :mod:`pyro_ebm.train` call these functions; the MCMC math
+lives here only.
+"""
+
+from .adaptation import StepSizeAdapter
+from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
+from .composite import GlobalLocalInfo, global_local_step, stack_infos
+from .flow_moves import FlowDraw, FlowProposals, imh_step, isir_step, log_weights
+from .local import hmc_step, mala_step, ula_step
+from .state import MoveInfo, WalkerState, accept_reject, init_state, potential_and_grad
+
+__all__ = [
+    "AdaptiveFlowSampler",
+    "AdaptiveRun",
+    "FlowDraw",
+    "FlowProposals",
+    "GlobalLocalInfo",
+    "MoveInfo",
+    "StepSizeAdapter",
+    "WalkerState",
+    "accept_reject",
+    "default_flow",
+    "global_local_step",
+    "hmc_step",
+    "imh_step",
+    "init_state",
+    "isir_step",
+    "log_weights",
+    "mala_step",
+    "potential_and_grad",
+    "stack_infos",
+    "ula_step",
+]

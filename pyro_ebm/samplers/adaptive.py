@@ -1,0 +1,226 @@
+r"""Adaptive global-local sampling: fit the flow online on the walkers, then freeze it.
+
+This is the flowMC algorithm (Gabrié et al. 2022; Wong et al. 2023) on the vectorized core:
+during a *training phase* every iteration makes one global flow move (i-SIR or IMH) and
+``num_local_steps`` local moves (MALA or HMC) for all walkers, adapts the local step size, stores
+the walkers in a history buffer and takes a few maximum-likelihood (forward KL) gradient steps of
+the flow on that history. The walkers start spread out, so between them they find modes that no
+single local chain would visit; the global moves then move mass between modes so that the
+history, and so the flow, come to carry the right relative weights. In the *production phase*
+the flow and the step size are frozen and the same moves form a valid (time-homogeneous) MCMC
+kernel.
+
+References:
+
+- Gabrié, Rotskoff, Vanden-Eijnden (2022), https://arxiv.org/abs/2105.12603
+- Wong, Gabrié, Foreman-Mackey (2023), https://arxiv.org/abs/2211.06397
+- Samsonov et al. (2022), https://arxiv.org/abs/2111.02702 (i-SIR in global-local kernels)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .adaptation import StepSizeAdapter
+from .composite import GlobalLocalInfo, global_local_step, stack_infos
+from .flow_moves import FlowProposals, imh_step, isir_step
+from .local import hmc_step, mala_step
+from .state import PotentialFn, WalkerState, init_state
+
+__all__ = ["AdaptiveFlowSampler", "AdaptiveRun", "default_flow"]
+
+
+def default_flow(dim: int) -> nn.Module:
+    r"""The flow :class:`AdaptiveFlowSampler` builds when none is given: a RealNVP started at the
+    identity, sized for the dimension."""
+    from ..flows import RealNVP
+
+    width = max(64, 2 * dim)
+    return RealNVP(dim, num_layers=6, hidden=(width, width))
+
+
+class AdaptiveRun(NamedTuple):
+    r"""Result of :meth:`AdaptiveFlowSampler.run`.
+
+    :param samples: production draws ``(num_samples, C, D)`` (one per global-local iteration).
+    :param global_accept: mean acceptance probability of the global move, per iteration
+        (training then production), ``(num_adapt_steps + num_samples,)``.
+    :param local_accept: same for the local moves.
+    :param state: final walker state (to continue sampling).
+    """
+
+    samples: Tensor
+    global_accept: Tensor
+    local_accept: Tensor
+    state: WalkerState
+
+
+class AdaptiveFlowSampler:
+    r"""Global-local MCMC whose flow proposal is trained online on the walkers (flowMC).
+
+    :param potential_fn: batched potential ``U``, ``(C, D) -> (C,)``.
+    :param flow: an ``nn.Module`` flow with ``sample_and_log_prob``, ``log_prob`` and parameters
+        (e.g. :class:`pyro_ebm.flows.RealNVP`). It is trained in place during the training phase.
+        When ``None``, :func:`default_flow` builds one from the walkers' dimension in
+        :meth:`init`.
+    :param global_move: ``"isir"`` (default; robust when the flow is rough) or ``"imh"``.
+    :param num_particles: particles ``N`` of i-SIR (``N - 1`` fresh proposals per step).
+    :param local_move: ``"mala"`` (default) or ``"hmc"``.
+    :param num_local_steps: local moves after each global move.
+    :param step_size: initial local step size (adapted during training).
+    :param target_accept: target acceptance of the local move.
+    :param num_leapfrog: leapfrog steps per HMC move.
+    :param flow_lr: Adam learning rate of the flow.
+    :param flow_steps: flow gradient steps per training iteration.
+    :param flow_batch_size: minibatch size of each flow step, drawn from the history.
+    :param history: number of past iterations of walker positions the flow is fitted on.
+    :param block_size: global-move proposals are drawn and scored this many steps at a time.
+    """
+
+    def __init__(
+        self,
+        potential_fn: PotentialFn,
+        flow: nn.Module | None = None,
+        global_move: str = "isir",
+        num_particles: int = 32,
+        local_move: str = "mala",
+        num_local_steps: int = 5,
+        step_size: float = 0.05,
+        target_accept: float | None = None,
+        num_leapfrog: int = 10,
+        flow_lr: float = 5e-3,
+        flow_steps: int = 5,
+        flow_batch_size: int = 1024,
+        history: int = 50,
+        block_size: int = 16,
+    ) -> None:
+        if global_move not in ("isir", "imh"):
+            raise ValueError(f"global_move must be 'isir' or 'imh', got {global_move!r}")
+        if local_move not in ("mala", "hmc"):
+            raise ValueError(f"local_move must be 'mala' or 'hmc', got {local_move!r}")
+        if global_move == "isir" and num_particles < 2:
+            raise ValueError(f"num_particles must be >= 2, got {num_particles}")
+        self.potential_fn = potential_fn
+        self.flow = flow
+        self.global_move = global_move
+        self.num_particles = num_particles
+        self.local_move = local_move
+        self.num_local_steps = num_local_steps
+        self.num_leapfrog = num_leapfrog
+        if target_accept is None:
+            target_accept = 0.574 if local_move == "mala" else 0.75
+        self.adapter = StepSizeAdapter(step_size, target_accept)
+        self.step_size = step_size
+        self.flow_steps = flow_steps
+        self.flow_batch_size = flow_batch_size
+        self.history = history
+        self.block_size = block_size
+        self.flow_lr = flow_lr
+        self.optimizer = None if flow is None else torch.optim.Adam(flow.parameters(), lr=flow_lr)
+        self._buffer: Tensor | None = None
+        self._proposals: FlowProposals | None = None
+
+    # -- moves ------------------------------------------------------------------------------
+    def init(self, x0: Tensor) -> WalkerState:
+        """Initial state of walkers at ``x0`` ``(C, D)``; resets the history buffer."""
+        self._buffer = None
+        if self.flow is None:
+            self.flow = default_flow(x0.shape[-1]).to(x0)
+            self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.flow_lr)
+        m = self.num_particles - 1 if self.global_move == "isir" else 1
+        # while the flow changes every iteration, proposals are drawn one step at a time
+        self._proposals = FlowProposals(self.flow, self.potential_fn, x0.shape[0], m, 1)
+        return init_state(self.potential_fn, x0)
+
+    def _global(self, state: WalkerState):
+        move = isir_step if self.global_move == "isir" else imh_step
+        return move(state, self._proposals.draw(), self.flow, self.potential_fn)
+
+    def _local(self, state: WalkerState):
+        if self.local_move == "mala":
+            return mala_step(state, self.potential_fn, self.step_size)
+        return hmc_step(state, self.potential_fn, self.step_size, self.num_leapfrog)
+
+    def step(self, state: WalkerState, adapt: bool = False) -> tuple[WalkerState, GlobalLocalInfo]:
+        """One global move then ``num_local_steps`` local moves; with ``adapt`` also update the
+        step size and fit the flow on the history."""
+        if not adapt:
+            return global_local_step(state, self._global, self._local, self.num_local_steps)
+        state, g_info = self._global(state)
+        local_infos = []
+        for _ in range(self.num_local_steps):
+            state, info = self._local(state)
+            self.step_size = self.adapter.update(info.accept_prob)
+            local_infos.append(info)
+        self._push(state.x)
+        self._fit_flow()
+        state = state._replace(log_q=None)
+        return state, GlobalLocalInfo(g_info, stack_infos(local_infos))
+
+    def _push(self, x: Tensor) -> None:
+        x = x.detach()[None]
+        if self._buffer is None:
+            self._buffer = x
+        else:
+            self._buffer = torch.cat([self._buffer[-(self.history - 1) :], x])
+
+    def _fit_flow(self) -> None:
+        from ..flows import forward_kl_step
+
+        data = self._buffer.reshape(-1, self._buffer.shape[-1])
+        for _ in range(self.flow_steps):
+            idx = torch.randint(0, data.shape[0], (min(self.flow_batch_size, data.shape[0]),))
+            forward_kl_step(self.flow, self.optimizer, data[idx])
+        self._proposals.reset()
+
+    def freeze(self) -> None:
+        """End the training phase: fix the step size and stop updating the flow."""
+        self.step_size = self.adapter.final_step_size
+        self._buffer = None
+        if self._proposals is not None:
+            self._proposals.block_size = self.block_size
+            self._proposals.reset()
+
+    # -- driver -----------------------------------------------------------------------------
+    def run(
+        self,
+        x0: Tensor,
+        num_adapt_steps: int,
+        num_samples: int,
+        progress: bool = False,
+    ) -> AdaptiveRun:
+        r"""Training phase of ``num_adapt_steps`` iterations, then ``num_samples`` production
+        iterations with the flow frozen.
+
+        :param x0: initial walkers ``(C, D)``, spread widely enough to touch every mode's basin.
+        :param progress: show a tqdm progress bar with the acceptance rates.
+        """
+        state = self.init(x0)
+        g_acc, l_acc, samples = [], [], []
+        bar = tqdm(
+            total=num_adapt_steps + num_samples, disable=not progress, desc="adaptive flow MCMC"
+        )
+        for i in range(num_adapt_steps + num_samples):
+            adapt = i < num_adapt_steps
+            if i == num_adapt_steps:
+                self.freeze()
+            state, info = self.step(state, adapt=adapt)
+            g_acc.append(info.global_info.accept_prob.mean())
+            l_acc.append(info.local_info.accept_prob.mean())
+            if not adapt:
+                samples.append(state.x)
+            bar.set_postfix(glob=f"{g_acc[-1]:.2f}", loc=f"{l_acc[-1]:.2f}", refresh=False)
+            bar.update()
+        bar.close()
+        if num_adapt_steps == num_samples == 0:
+            raise ValueError("num_adapt_steps + num_samples must be positive")
+        return AdaptiveRun(
+            torch.stack(samples) if samples else x0.new_zeros((0, *x0.shape)),
+            torch.stack(g_acc),
+            torch.stack(l_acc),
+            state,
+        )

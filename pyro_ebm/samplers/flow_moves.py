@@ -1,0 +1,219 @@
+r"""Global moves with a normalizing-flow proposal: independent Metropolis-Hastings and i-SIR.
+
+Both moves use *independent* proposals ``x' ~ q`` (a flow, or any object with
+``sample_and_log_prob(n)`` and ``log_prob(x)``), so proposals for many future steps can be drawn and
+scored ahead of time. :class:`FlowProposals` does exactly that: it draws a block of
+``block_size`` steps' worth of proposals in one flow call, evaluates their potential in one
+``potential_fn`` call, and serves them one step at a time. One flow call per step costs tens of
+times more (DESIGN.md §3). Call :meth:`FlowProposals.reset` whenever the flow changes.
+
+The importance log-weight of a point is :math:`\log w(x) = -U(x) - \log q(x)`.
+
+References:
+
+- Tierney (1994), "Markov chains for exploring posterior distributions" (independent MH).
+- Andrieu, Lee, Vihola (2018), "Uniform ergodicity of the iterated conditional SMC and geometric
+  ergodicity of particle Gibbs samplers", https://arxiv.org/abs/1312.6432 (i-SIR).
+- Samsonov, Lagutin, Gabrié, Durmus, Naumov, Moulines (2022), "Local-Global MCMC kernels: the best
+  of both worlds", https://arxiv.org/abs/2111.02702
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from .state import MoveInfo, PotentialFn, WalkerState, accept_reject, potential_and_grad
+
+__all__ = ["FlowDraw", "FlowProposals", "Proposal", "imh_step", "isir_step", "log_weights"]
+
+
+class Proposal(Protocol):
+    """What the flow moves need from a proposal distribution."""
+
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]: ...
+
+    def log_prob(self, x: Tensor) -> Tensor: ...
+
+
+class FlowDraw(NamedTuple):
+    r"""``M`` scored proposals for each of ``C`` walkers.
+
+    :param x: ``(C, M, D)``. :param potential_energy: ``(C, M)``. :param log_q: ``(C, M)``.
+    """
+
+    x: Tensor
+    potential_energy: Tensor
+    log_q: Tensor
+
+
+def log_weights(potential_energy: Tensor, log_q: Tensor) -> Tensor:
+    r"""Importance log-weights ``-U - log q``.
+
+    A non-finite potential, or a ``nan``/``+inf`` proposal density, gives ``-inf`` (the point is
+    never chosen). A finite potential where the proposal density underflows to 0
+    (``log q = -inf``) has an infinite weight; it is capped at the largest finite float, so a
+    walker there stays put rather than producing ``nan``.
+    """
+    lw = -potential_energy - log_q
+    ok = torch.isfinite(potential_energy) & torch.isfinite(log_q)
+    huge = torch.isfinite(potential_energy) & (log_q == -torch.inf)
+    lw = torch.where(ok, lw, torch.full_like(lw, -torch.inf))
+    return torch.where(huge, torch.full_like(lw, torch.finfo(lw.dtype).max), lw)
+
+
+class FlowProposals:
+    r"""Independent proposals from ``flow``, drawn and scored in blocks.
+
+    :param flow: proposal with ``sample_and_log_prob(n)`` (and ``log_prob``).
+    :param potential_fn: batched potential ``(n, D) -> (n,)``.
+    :param num_walkers: ``C``.
+    :param num_per_step: ``M`` proposals per walker and step (1 for IMH, ``N - 1`` for i-SIR with
+        ``N`` particles).
+    :param block_size: number of steps drawn at once.
+
+    Example::
+
+        >>> import torch, pyro.distributions as dist
+        >>> from pyro_ebm.samplers import FlowProposals
+        >>> class Gauss:
+        ...     d = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        ...     def sample_and_log_prob(self, n):
+        ...         x = self.d.sample((n,)); return x, self.d.log_prob(x)
+        ...     def log_prob(self, x): return self.d.log_prob(x)
+        >>> props = FlowProposals(Gauss(), lambda x: 0.5 * (x**2).sum(-1), 8, num_per_step=3)
+        >>> props.draw().x.shape
+        torch.Size([8, 3, 2])
+    """
+
+    def __init__(
+        self,
+        flow: Proposal,
+        potential_fn: PotentialFn,
+        num_walkers: int,
+        num_per_step: int = 1,
+        block_size: int = 16,
+    ) -> None:
+        for name, value in [
+            ("num_walkers", num_walkers),
+            ("num_per_step", num_per_step),
+            ("block_size", block_size),
+        ]:
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.flow = flow
+        self.potential_fn = potential_fn
+        self.num_walkers = num_walkers
+        self.num_per_step = num_per_step
+        self.block_size = block_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cached block (call this after the flow's parameters change)."""
+        self._block: FlowDraw | None = None
+        self._next = 0
+
+    @torch.no_grad()
+    def _refill(self) -> None:
+        shape = (self.block_size, self.num_walkers, self.num_per_step)
+        n = self.block_size * self.num_walkers * self.num_per_step
+        x, log_q = self.flow.sample_and_log_prob(n)
+        u = self.potential_fn(x)
+        dim = x.shape[-1]
+        self._block = FlowDraw(x.reshape(*shape, dim), u.reshape(shape), log_q.reshape(shape))
+        self._next = 0
+
+    def draw(self) -> FlowDraw:
+        """The proposals for the next step, ``FlowDraw`` with shapes ``(C, M, ...)``."""
+        if self._block is None or self._next >= self.block_size:
+            self._refill()
+        i = self._next
+        self._next += 1
+        return FlowDraw(*(t[i] for t in self._block))
+
+
+def _with_log_q(state: WalkerState, flow: Proposal) -> WalkerState:
+    if state.log_q is None:
+        with torch.no_grad():
+            state = state._replace(log_q=flow.log_prob(state.x).detach())
+    return state
+
+
+def _finish(state: WalkerState, potential_fn: PotentialFn | None) -> WalkerState:
+    if potential_fn is None:
+        return state._replace(grad=None)
+    u, g = potential_and_grad(potential_fn, state.x)
+    return state._replace(potential_energy=u, grad=g)
+
+
+def imh_step(
+    state: WalkerState,
+    proposal: FlowDraw,
+    flow: Proposal,
+    grad_potential_fn: PotentialFn | None = None,
+) -> tuple[WalkerState, MoveInfo]:
+    r"""One independent Metropolis-Hastings step with a flow proposal.
+
+    Accepts ``x' ~ q`` with probability :math:`\min\{1, w(x') / w(x)\}`,
+    :math:`w = e^{-U} / q`. Uses the first proposal of ``proposal`` for each walker.
+
+    :param proposal: scored proposals (e.g. ``FlowProposals(...).draw()``), ``M >= 1``.
+    :param flow: the proposal density, used to score the current point when ``state.log_q`` is
+        unknown (after a local move).
+    :param grad_potential_fn: if given, recompute ``U`` and ``∇U`` at the new positions (needed
+        before a gradient-based local move); otherwise ``state.grad`` is set to ``None``.
+    """
+    state = _with_log_q(state, flow)
+    prop = WalkerState(
+        proposal.x[:, 0], proposal.potential_energy[:, 0], state.grad, proposal.log_q[:, 0]
+    )
+    lw_prop = log_weights(prop.potential_energy, prop.log_q)
+    lw_cur = log_weights(state.potential_energy, state.log_q)
+    ok = torch.isfinite(lw_prop)
+    state, info = accept_reject(state, prop, lw_prop - lw_cur, ok)
+    state = _finish(state, grad_potential_fn)
+    return state, info._replace(potential_energy=state.potential_energy)
+
+
+def isir_step(
+    state: WalkerState,
+    proposal: FlowDraw,
+    flow: Proposal,
+    grad_potential_fn: PotentialFn | None = None,
+) -> tuple[WalkerState, MoveInfo]:
+    r"""One step of iterated sampling-importance-resampling (i-SIR) with ``N = M + 1`` particles.
+
+    The current point joins the ``M`` fresh proposals; the next state is one of the ``N``
+    particles drawn with probability proportional to its importance weight
+    :math:`w = e^{-U} / q`. This leaves ``exp(-U)`` invariant for any ``M`` and, unlike IMH, still
+    moves when the flow is only roughly right, since ``N`` candidates compete.
+    ``info.accept_prob`` is the probability of leaving the current point, ``1 - w_0 / Σ w``.
+
+    :param proposal: scored proposals, ``(C, M, ...)``.
+    :param flow: used to score the current point when ``state.log_q`` is unknown.
+    :param grad_potential_fn: as in :func:`imh_step`.
+    """
+    state = _with_log_q(state, flow)
+    lw = torch.cat(
+        [
+            log_weights(state.potential_energy, state.log_q)[:, None],
+            log_weights(proposal.potential_energy, proposal.log_q),
+        ],
+        dim=1,
+    )
+    all_bad = ~torch.isfinite(lw).any(1)
+    lw = torch.where(all_bad[:, None] & (torch.arange(lw.shape[1], device=lw.device) == 0), 0.0, lw)
+    probs = torch.softmax(lw, dim=1)
+    idx = torch.multinomial(probs, 1)[:, 0]
+    accepted = idx > 0
+    rows = torch.arange(lw.shape[0], device=lw.device)
+    pick = (idx - 1).clamp(min=0)
+    x_new = torch.where(accepted[:, None], proposal.x[rows, pick], state.x)
+    u_new = torch.where(accepted, proposal.potential_energy[rows, pick], state.potential_energy)
+    lq_new = torch.where(accepted, proposal.log_q[rows, pick], state.log_q)
+    new_state = _finish(WalkerState(x_new, u_new, None, lq_new), grad_potential_fn)
+    nonfinite = ~torch.isfinite(lw[:, 1:]).all(1)
+    info = MoveInfo(1 - probs[:, 0], accepted, new_state.potential_energy, nonfinite)
+    return new_state, info
