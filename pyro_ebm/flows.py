@@ -1,0 +1,692 @@
+r"""Coupling normalizing flows for flow-assisted MCMC and EBM training.
+
+A :class:`Flow` is an :class:`torch.nn.Module` holding a diagonal Gaussian base
+:math:`q_0 = \mathcal{N}(0, \sigma^2 I)` and a bijection :math:`T: z \mapsto x`, so that
+:math:`\log q(x) = \log q_0(T^{-1}(x)) + \log|\det J_{T^{-1}}(x)|`. It offers the calls that
+samplers and trainers need, all vectorised over a block of samples: ``sample``, ``rsample``,
+``log_prob``, the fast ``sample_and_log_prob`` (density from the forward pass, no inversion),
+``forward``/``inverse`` with log-determinants, and :attr:`Flow.transform`, the bijection as a
+:class:`torch.distributions.Transform` for NeuTra-style HMC in latent space.
+
+The coupling layers are written here rather than taken from ``pyro.distributions.transforms``:
+one layer does one permutation gather, one MLP call and one elementwise map in either direction,
+without transform caches, so it runs ~1.3-2x faster than Pyro's ``AffineCoupling``/``Permute``
+stack (and far faster than Pyro's ``SplineCoupling``), and both families start *exactly* at the
+identity (Pyro's spline pads its boundary slopes with ``1 - 1e-3``, so it never is).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Transform, constraints
+
+__all__ = [
+    "Flow",
+    "RealNVP",
+    "SplineFlow",
+    "ZukoFlow",
+    "fit_forward_kl",
+    "fit_reverse_kl",
+    "forward_kl_step",
+]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _check_int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _mlp(
+    in_dim: int, hidden: Sequence[int], out_dim: int, activation: type[nn.Module]
+) -> nn.Module:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), activation()]
+        in_dim = h
+    last = nn.Linear(in_dim, out_dim)
+    nn.init.zeros_(last.weight)  # identity at init: every layer parameter output is zero
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
+
+
+class _Coupling(nn.Module):
+    """One coupling layer: permute, condition the second part on the first, un-permute."""
+
+    def __init__(
+        self,
+        dim: int,
+        perm: Tensor,
+        hidden: Sequence[int],
+        num_params: int,
+        activation: type[nn.Module],
+    ) -> None:
+        super().__init__()
+        self.d1, self.d2, self.p = dim // 2, dim - dim // 2, num_params
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+        if self.d1 == 0:  # dim == 1: an unconditional elementwise map
+            self.net = None
+            self.params = nn.Parameter(torch.zeros(self.d2 * num_params))
+        else:
+            self.net = _mlp(self.d1, hidden, self.d2 * num_params, activation)
+
+    def _theta(self, a: Tensor, batch: torch.Size) -> Tensor:
+        theta = self.params.expand(*batch, -1) if self.net is None else self.net(a)
+        return theta.reshape(*batch, self.d2, self.p)
+
+    def _map(self, b: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, z: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
+        v = z[..., self.perm]
+        a, b = v[..., : self.d1], v[..., self.d1 :]
+        b, ladj = self._map(b, self._theta(a, z.shape[:-1]), inverse)
+        return torch.cat([a, b], dim=-1)[..., self.inv_perm], ladj.sum(-1)
+
+
+class _AffineCoupling(_Coupling):
+    def __init__(self, *args, log_scale_bound: float = 3.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.log_scale_bound = log_scale_bound
+
+    def _map(self, b: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        c = self.log_scale_bound
+        log_scale = c * torch.tanh(theta[..., 1] / c)  # soft clamp to (-c, c), slope 1 at 0
+        if inverse:
+            return (b - theta[..., 0]) * torch.exp(-log_scale), -log_scale
+        return b * torch.exp(log_scale) + theta[..., 0], log_scale
+
+
+class _SplineCoupling(_Coupling):
+    def __init__(self, *args, count_bins: int = 8, bound: float = 5.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_bins, self.bound = count_bins, bound
+        self.min_bin, self.min_slope = 1e-3, 1e-3
+        # softplus(0 + shift) + min_slope == 1: a zero network output gives unit slopes
+        self.slope_shift = math.log(math.expm1(1.0 - self.min_slope))
+
+    def _knots(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        k, bnd = self.count_bins, self.bound
+        e = torch.exp(raw - raw.amax(-1, keepdim=True))  # 3x faster than softmax for small k
+        w = self.min_bin + (1 - self.min_bin * k) * (e / e.sum(-1, keepdim=True))
+        cum = torch.cumsum(w, dim=-1)[..., :-1]
+        knots = torch.cat([torch.zeros_like(cum[..., :1]), cum, torch.ones_like(cum[..., :1])], -1)
+        knots = 2 * bnd * knots - bnd
+        return knots, knots[..., 1:] - knots[..., :-1]
+
+    def _map(self, b: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        r"""Rational-quadratic spline of Durkan et al. (2019), identity outside the box."""
+        k, bnd = self.count_bins, self.bound
+        xk, w = self._knots(theta[..., :k])
+        yk, h = self._knots(theta[..., k : 2 * k])
+        d = self.min_slope + F.softplus(theta[..., 2 * k :] + self.slope_shift)
+        one = torch.ones_like(d[..., :1])
+        d = torch.cat([one, d, one], dim=-1)  # unit slopes at +-bound: C^1 linear tails
+        inside = (b >= -bnd) & (b <= bnd)
+        u = b.clamp(-bnd, bnd)
+        knots = yk if inverse else xk
+        idx = torch.searchsorted(knots, u.unsqueeze(-1).contiguous(), right=True)
+        idx = idx.clamp(1, k) - 1
+
+        def pick(t: Tensor, shift: int = 0) -> Tensor:
+            return t.gather(-1, idx + shift).squeeze(-1)
+
+        x0, y0, wk, hk, d0, d1 = pick(xk), pick(yk), pick(w), pick(h), pick(d), pick(d, 1)
+        s = hk / wk
+        if inverse:
+            dy = u - y0
+            a = hk * (s - d0) + dy * (d0 + d1 - 2 * s)
+            bq = hk * d0 - dy * (d0 + d1 - 2 * s)
+            c = -s * dy
+            disc = (bq.square() - 4 * a * c).clamp(min=0)
+            t = (2 * c / (-bq - disc.sqrt())).clamp(0, 1)
+        else:
+            t = ((u - x0) / wk).clamp(0, 1)
+        t1 = t * (1 - t)
+        denom = s + (d0 + d1 - 2 * s) * t1
+        ladj = 2 * torch.log(s) + torch.log(d1 * t**2 + 2 * s * t1 + d0 * (1 - t) ** 2)
+        ladj = ladj - 2 * torch.log(denom)
+        if inverse:
+            out = x0 + t * wk
+            ladj = -ladj
+        else:
+            out = y0 + hk * (s * t**2 + d0 * t1) / denom
+        return torch.where(inside, out, b), torch.where(inside, ladj, torch.zeros_like(ladj))
+
+
+class _FlowTransform(Transform):
+    r"""The bijection :math:`z \mapsto x` of a :class:`Flow` as a torch ``Transform``."""
+
+    domain = constraints.independent(constraints.real, 1)
+    codomain = constraints.independent(constraints.real, 1)
+    bijective = True
+
+    def __init__(self, flow: Flow, cache_size: int = 0) -> None:
+        super().__init__(cache_size=cache_size)
+        self.flow = flow
+        self._ladj: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _FlowTransform) and other.flow is self.flow
+
+    def __hash__(self) -> int:
+        return hash(id(self.flow))
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_ladj"] = None  # may hold non-leaf tensors, which cannot be copied
+        return state
+
+    def with_cache(self, cache_size: int = 1) -> _FlowTransform:
+        return self if cache_size == self._cache_size else _FlowTransform(self.flow, cache_size)
+
+    def _call(self, z: Tensor) -> Tensor:
+        x, ladj = self.flow.forward(z)
+        self._ladj = (z, x, ladj)
+        return x
+
+    def _inverse(self, x: Tensor) -> Tensor:
+        z, ladj = self.flow.inverse(x)
+        self._ladj = (z, x, -ladj)
+        return z
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        if self._ladj is not None and self._ladj[0] is x and self._ladj[1] is y:
+            return self._ladj[2]
+        return self.flow.forward(x)[1]
+
+
+class Flow(nn.Module):
+    r"""A normalizing flow :math:`x = T(z)`, :math:`z \sim \mathcal{N}(0, \sigma^2 I)`.
+
+    The base class applies its ``layers`` (modules with ``layer(z, inverse=False) -> (out,
+    ladj)``) in order; with no layers it is just its Gaussian base. Subclasses may instead
+    override :meth:`forward`, :meth:`inverse` and the base methods (see :class:`ZukoFlow`).
+
+    :param dim: event dimension ``D`` of the samples.
+    :param base_scale: standard deviation :math:`\sigma` of the Gaussian base.
+
+    Example:
+
+    >>> flow = Flow(3, base_scale=2.0)
+    >>> x, log_q = flow.sample_and_log_prob(5)
+    >>> x.shape, log_q.shape
+    (torch.Size([5, 3]), torch.Size([5]))
+    >>> torch.allclose(log_q, flow.base_dist.log_prob(x))
+    True
+    """
+
+    def __init__(self, dim: int, base_scale: float = 1.0) -> None:
+        super().__init__()
+        self.dim = _check_int("dim", dim, 1)
+        base_scale = _check_positive("base_scale", base_scale)
+        self.register_buffer("base_loc", torch.zeros(dim))
+        self.register_buffer("base_scale", torch.full((dim,), base_scale))
+        self.layers = nn.ModuleList()
+
+    # ---------------------------------------------------------------- base distribution
+    @property
+    def base_dist(self) -> torch.distributions.Distribution:
+        """The base distribution, event shape ``(dim,)`` (a Pyro ``Normal(...).to_event(1)``)."""
+        import pyro.distributions as dist
+
+        return dist.Normal(self.base_loc, self.base_scale).to_event(1)
+
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        """Log density of the base at ``z`` of shape ``(..., dim)`` (fast, no validation)."""
+        u = z / self.base_scale
+        return -0.5 * u.square().sum(-1) - self.base_scale.log().sum() - 0.5 * self.dim * _LOG_2PI
+
+    def base_rsample(self, n: int) -> Tensor:
+        """Draw ``n`` reparameterised base samples, shape ``(n, dim)``."""
+        eps = torch.randn(n, self.dim, dtype=self.base_loc.dtype, device=self.base_loc.device)
+        return self.base_loc + self.base_scale * eps
+
+    # ---------------------------------------------------------------- bijection
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Map latents to samples: returns ``x = T(z)`` and :math:`\log|\det J_T(z)|`."""
+        ladj = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+        for layer in self.layers:
+            z, l = layer(z)
+            ladj = ladj + l
+        return z, ladj
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Map samples to latents: returns ``z = T^{-1}(x)`` and :math:`\log|\det J_{T^{-1}}(x)|`.
+
+        Fed a batch ``(..., dim)``, returns ``(..., dim)`` and ``(...)``.
+        """
+        ladj = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+        for layer in reversed(self.layers):
+            x, l = layer(x, inverse=True)
+            ladj = ladj + l
+        return x, ladj
+
+    @property
+    def transform(self) -> Transform:
+        r"""The bijection :math:`z \mapsto x` as a :class:`torch.distributions.Transform`.
+
+        ``transform.inv`` maps back, and ``log_abs_det_jacobian(z, x)`` reuses the log-determinant
+        of the last call when given its own input and output tensors.
+        """
+        return _FlowTransform(self)
+
+    def as_distribution(self) -> torch.distributions.Distribution:
+        """The flow as a Pyro ``TransformedDistribution`` (e.g. for a ``pyro.sample`` site)."""
+        import pyro.distributions as dist
+
+        return dist.TransformedDistribution(self.base_dist, [self.transform])
+
+    # ---------------------------------------------------------------- sampling / density
+    def _check_x(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a tensor of shape (..., {self.dim}), got {shape}")
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log density of ``x`` of shape ``(..., dim)``; returns shape ``(...)``."""
+        self._check_x(x)
+        z, ladj = self.inverse(x)
+        return self.base_log_prob(z) + ladj
+
+    def rsample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` differentiable samples and their log density from one forward pass."""
+        _check_int("n", n, 0)
+        z = self.base_rsample(n)
+        x, ladj = self.forward(z)
+        return x, self.base_log_prob(z) - ladj
+
+    @torch.no_grad()
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        r"""Draw ``n`` samples ``(n, dim)`` and their log density ``(n,)`` without gradients.
+
+        The density comes from the forward pass, :math:`\log q_0(z) - \log|\det J_T(z)|`, so no
+        inversion is done: this is the fast path for independent Metropolis-Hastings and i-SIR.
+        """
+        return self.rsample_and_log_prob(n)
+
+    def rsample(self, n: int) -> Tensor:
+        """Draw ``n`` reparameterised samples, shape ``(n, dim)``."""
+        _check_int("n", n, 0)
+        return self.forward(self.base_rsample(n))[0]
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """Draw ``n`` samples, shape ``(n, dim)``, without gradients."""
+        return self.rsample(n)
+
+
+def _perms(dim: int, num_layers: int) -> list[Tensor]:
+    # Random permutations from a private generator (independent of the global seed), each
+    # followed by its flip so that every pair of layers transforms every coordinate.
+    gen = torch.Generator().manual_seed(20240601)
+    perms = []
+    for k in range(num_layers):
+        perms.append(torch.randperm(dim, generator=gen) if k % 2 == 0 else perms[-1].flip(0))
+    return perms
+
+
+class RealNVP(Flow):
+    r"""Affine coupling flow (RealNVP), started exactly at the identity.
+
+    Each layer permutes the coordinates, leaves the first ``dim // 2`` unchanged and maps the
+    others by :math:`b \mapsto b\,e^{s(a)} + t(a)`, with the log-scale soft-clamped to
+    ``(-log_scale_bound, log_scale_bound)`` by ``c * tanh(s / c)``. Permutations alternate
+    between a fixed random permutation and its reverse. The MLPs' last layers are zero, so the
+    flow equals its base at initialisation. For ``dim == 1`` each layer is an unconditional
+    affine map (the flow is then a learnable Gaussian).
+
+    :param dim: event dimension.
+    :param num_layers: number of coupling layers.
+    :param hidden: hidden widths of each conditioner MLP.
+    :param base_scale: standard deviation of the Gaussian base.
+    :param activation: activation module class of the MLPs.
+    :param log_scale_bound: bound of the soft-clamped log-scale.
+
+    References:
+
+    - L. Dinh, J. Sohl-Dickstein, S. Bengio. Density estimation using Real NVP.
+      ICLR 2017. https://arxiv.org/abs/1605.08803
+
+    Example:
+
+    >>> flow = RealNVP(2, num_layers=4)
+    >>> x = torch.randn(10, 2, dtype=flow.base_loc.dtype)
+    >>> torch.allclose(flow.log_prob(x), flow.base_dist.log_prob(x))  # identity at init
+    True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_layers: int = 8,
+        hidden: Sequence[int] = (64, 64),
+        base_scale: float = 1.0,
+        activation: type[nn.Module] = nn.SiLU,
+        log_scale_bound: float = 3.0,
+    ) -> None:
+        super().__init__(dim, base_scale)
+        _check_int("num_layers", num_layers, 1)
+        _check_positive("log_scale_bound", log_scale_bound)
+        hidden = tuple(_check_int("hidden", h, 1) for h in hidden)
+        for perm in _perms(dim, num_layers):
+            self.layers.append(
+                _AffineCoupling(dim, perm, hidden, 2, activation, log_scale_bound=log_scale_bound)
+            )
+
+
+class SplineFlow(Flow):
+    r"""Rational-quadratic spline coupling flow (neural spline flow), started at the identity.
+
+    Each layer permutes, keeps the first ``dim // 2`` coordinates and maps each other one by a
+    monotonic rational-quadratic spline with ``count_bins`` bins on ``[-bound, bound]`` whose
+    knots and slopes an MLP computes from the kept coordinates; outside the box the map is the
+    identity, with unit boundary slopes so the density is continuous. A zero MLP output gives
+    equal bins and unit slopes, which is the identity up to floating-point rounding (~1e-16).
+    For ``dim == 1`` each layer is an unconditional spline.
+
+    :param dim: event dimension.
+    :param num_layers: number of coupling layers.
+    :param hidden: hidden widths of each conditioner MLP.
+    :param count_bins: number of spline bins :math:`K`.
+    :param bound: half-width :math:`B` of the box :math:`[-B, B]` where the splines act.
+    :param base_scale: standard deviation of the Gaussian base.
+    :param activation: activation module class of the MLPs.
+
+    References:
+
+    - C. Durkan, A. Bekasov, I. Murray, G. Papamakarios. Neural Spline Flows.
+      NeurIPS 2019. https://arxiv.org/abs/1906.04032
+
+    Example:
+
+    >>> flow = SplineFlow(4, num_layers=2, count_bins=6)
+    >>> x, log_q = flow.sample_and_log_prob(100)
+    >>> torch.allclose(log_q, flow.log_prob(x))
+    True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_layers: int = 4,
+        hidden: Sequence[int] = (64, 64),
+        count_bins: int = 8,
+        bound: float = 5.0,
+        base_scale: float = 1.0,
+        activation: type[nn.Module] = nn.SiLU,
+    ) -> None:
+        super().__init__(dim, base_scale)
+        _check_int("num_layers", num_layers, 1)
+        _check_int("count_bins", count_bins, 2)
+        _check_positive("bound", bound)
+        hidden = tuple(_check_int("hidden", h, 1) for h in hidden)
+        for perm in _perms(dim, num_layers):
+            self.layers.append(
+                _SplineCoupling(
+                    dim,
+                    perm,
+                    hidden,
+                    3 * count_bins - 1,
+                    activation,
+                    count_bins=count_bins,
+                    bound=bound,
+                )
+            )
+
+
+class ZukoFlow(Flow):
+    r"""Adapter giving an unconditional zuko flow the :class:`Flow` interface.
+
+    zuko's ``NormalizingFlow.transform`` maps data to latent; here ``forward`` maps latent to data
+    as for the other flows. Coupling variants (e.g. ``zuko.flows.NSF(dim, passes=2)``) are fast
+    in both directions; fully autoregressive ones are slow to sample. Requires
+    ``pip install pyro-ebm[zuko]``.
+
+    :param flow: a zuko ``LazyDistribution`` without context, e.g. ``zuko.flows.RealNVP(dim)``.
+
+    References:
+
+    - F. Rozet et al. Zuko: normalizing flows in PyTorch. https://github.com/probabilists/zuko
+
+    Example:
+
+    >>> import zuko
+    >>> flow = ZukoFlow(zuko.flows.NSF(2, passes=2, transforms=2))
+    >>> x, log_q = flow.sample_and_log_prob(4)
+    >>> torch.allclose(log_q, flow.log_prob(x))
+    True
+    """
+
+    def __init__(self, flow: nn.Module) -> None:
+        try:
+            import zuko  # noqa: F401
+        except ImportError as err:  # pragma: no cover
+            raise ImportError("ZukoFlow needs zuko: pip install pyro-ebm[zuko]") from err
+        if not callable(flow):
+            raise TypeError(f"flow must be a zuko LazyDistribution, got {type(flow).__name__}")
+        d = flow()
+        if len(d.event_shape) != 1:
+            raise ValueError(f"flow must have a 1-D event shape, got {tuple(d.event_shape)}")
+        super().__init__(int(d.event_shape[0]))
+        self.flow = flow
+
+    @property
+    def base_dist(self) -> torch.distributions.Distribution:
+        return self.flow().base
+
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        return self.base_dist.log_prob(z)
+
+    def base_rsample(self, n: int) -> Tensor:
+        return self.base_dist.rsample((n,))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow().transform.inv.call_and_ladj(z)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow().transform.call_and_ladj(x)
+
+
+# -------------------------------------------------------------------- fitting
+def _check_samples(flow: nn.Module, x: Tensor, name: str) -> None:
+    dim = getattr(flow, "dim", None)
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] == 0:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a non-empty 2-D tensor (n, dim), got {shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (n, {dim}), got {tuple(x.shape)}")
+
+
+def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
+    if weights is None:
+        return None
+    if not isinstance(weights, Tensor) or weights.shape != (n,):
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must be a tensor of shape ({n},), got {shape}")
+    if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError("weights must be finite, non-negative and not all zero")
+    return weights
+
+
+def _step(
+    flow: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    terms: Tensor,
+    weights: Tensor | None,
+    max_grad_norm: float | None,
+) -> float:
+    """Minimise the (weighted) mean of the finite ``terms``; skip the step if none is finite."""
+    ok = torch.isfinite(terms)
+    if weights is not None:
+        ok = ok & (weights > 0)
+    if not ok.any():
+        optimizer.zero_grad(set_to_none=True)
+        return math.nan
+    if weights is None:
+        loss = terms[ok].mean()
+    else:
+        w = weights[ok]
+        loss = (w * terms[ok]).sum() / w.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if all(torch.isfinite(p.grad).all() for p in params):
+        optimizer.step()
+    return float(loss.detach())
+
+
+def forward_kl_step(
+    flow: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    weights: Tensor | None = None,
+    max_grad_norm: float | None = None,
+) -> float:
+    r"""One optimizer step of maximum likelihood, :math:`-\sum_i w_i \log q(x_i) / \sum_i w_i`.
+
+    Samples whose log density is not finite are left out of the step.
+
+    :param flow: a flow with ``log_prob`` (and ``dim``).
+    :param optimizer: optimizer over the flow's parameters.
+    :param x: samples of shape ``(n, dim)``.
+    :param weights: optional non-negative importance weights of shape ``(n,)``.
+    :param max_grad_norm: clip the gradient norm to this value if given.
+    :return: the loss before the step (NaN if no sample had a finite density).
+
+    Example:
+
+    >>> flow = RealNVP(2, num_layers=2, hidden=(8,))
+    >>> opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    >>> loss = forward_kl_step(flow, opt, torch.randn(64, 2, dtype=flow.base_loc.dtype))
+    >>> isinstance(loss, float)
+    True
+    """
+    _check_samples(flow, x, "x")
+    weights = _check_weights(weights, x.shape[0])
+    if max_grad_norm is not None:
+        _check_positive("max_grad_norm", max_grad_norm)
+    return _step(flow, optimizer, -flow.log_prob(x), weights, max_grad_norm)
+
+
+def _range(num_steps: int, progress: bool, desc: str):
+    if progress:
+        from tqdm.auto import trange
+
+        return trange(num_steps, desc=desc)
+    return range(num_steps)
+
+
+def fit_forward_kl(
+    flow: nn.Module,
+    samples: Tensor,
+    num_steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weights: Tensor | None = None,
+    max_grad_norm: float | None = None,
+    progress: bool = False,
+) -> list[float]:
+    r"""Fit a flow to samples by maximum likelihood (forward KL) with Adam on minibatches.
+
+    :param flow: a flow with ``log_prob``.
+    :param samples: data of shape ``(n, dim)``; minibatches are drawn by reshuffling epochs.
+    :param num_steps: number of optimizer steps.
+    :param batch_size: minibatch size (capped at ``n``).
+    :param lr: Adam learning rate.
+    :param weights: optional importance weights ``(n,)``.
+    :param max_grad_norm: optional gradient-norm clip.
+    :param progress: show a tqdm progress bar.
+    :return: the minibatch losses (mean negative log-likelihood), one per step.
+
+    Example:
+
+    >>> flow = RealNVP(2, num_layers=2, hidden=(16,))
+    >>> data = 2.0 + 0.5 * torch.randn(512, 2, dtype=flow.base_loc.dtype)
+    >>> losses = fit_forward_kl(flow, data, num_steps=30, lr=1e-2)
+    >>> len(losses), losses[-1] < losses[0]
+    (30, True)
+    """
+    _check_samples(flow, samples, "samples")
+    n = samples.shape[0]
+    weights = _check_weights(weights, n)
+    _check_int("num_steps", num_steps, 1)
+    batch_size = min(_check_int("batch_size", batch_size, 1), n)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=_check_positive("lr", lr))
+    if max_grad_norm is not None:
+        _check_positive("max_grad_norm", max_grad_norm)
+    losses: list[float] = []
+    order, pos = torch.randperm(n, device=samples.device), 0
+    for _ in _range(num_steps, progress, "fit_forward_kl"):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, device=samples.device), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        w = None if weights is None else weights[idx]
+        losses.append(_step(flow, optimizer, -flow.log_prob(samples[idx]), w, max_grad_norm))
+    return losses
+
+
+def fit_reverse_kl(
+    flow: Flow,
+    potential_fn: Callable[[Tensor], Tensor],
+    num_steps: int = 1000,
+    num_samples: int = 256,
+    lr: float = 1e-3,
+    max_grad_norm: float | None = 10.0,
+    progress: bool = False,
+) -> list[float]:
+    r"""Fit a flow to :math:`p \propto e^{-U}` by minimising :math:`E_q[\log q(x) + U(x)]`.
+
+    The loss equals :math:`\mathrm{KL}(q\,\|\,p) - \log Z`; it is estimated with ``num_samples``
+    reparameterised draws per step, leaving out draws with a non-finite value.
+
+    :param flow: a :class:`Flow` (needs ``rsample_and_log_prob``).
+    :param potential_fn: batched potential, ``(n, dim) -> (n,)``.
+    :param num_steps: number of optimizer steps.
+    :param num_samples: draws per step.
+    :param lr: Adam learning rate.
+    :param max_grad_norm: gradient-norm clip (``None``: no clipping).
+    :param progress: show a tqdm progress bar.
+    :return: the loss estimates, one per step.
+
+    Example:
+
+    >>> flow = RealNVP(1, num_layers=1)
+    >>> losses = fit_reverse_kl(flow, lambda x: 0.5 * ((x - 3.0) ** 2).sum(-1), num_steps=300,
+    ...                         lr=2e-2)
+    >>> round(float(flow.sample(4000).mean()))
+    3
+    """
+    if not callable(potential_fn):
+        raise TypeError("potential_fn must be callable")
+    _check_int("num_steps", num_steps, 1)
+    _check_int("num_samples", num_samples, 1)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=_check_positive("lr", lr))
+    if max_grad_norm is not None:
+        _check_positive("max_grad_norm", max_grad_norm)
+    losses: list[float] = []
+    for _ in _range(num_steps, progress, "fit_reverse_kl"):
+        x, log_q = flow.rsample_and_log_prob(num_samples)
+        u = potential_fn(x)
+        if not isinstance(u, Tensor) or u.shape != (num_samples,):
+            shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise ValueError(f"potential_fn must return shape ({num_samples},), got {shape}")
+        losses.append(_step(flow, optimizer, log_q + u, None, max_grad_norm))
+    return losses
