@@ -1,0 +1,38 @@
+r"""pyro_ebm: energy-based models for Pyro.
+
+- :mod:`pyro_ebm.energy`: energies as Pyro potentials and sites (re-exported here).
+- :mod:`pyro_ebm.flows`: coupling normalizing flows (RealNVP, spline) and their fitting.
+- :mod:`pyro_ebm.samplers`: the one vectorized MCMC core (MALA, ULA, HMC, flow IMH, i-SIR,
+  global-local, step-size adaptation, the adaptive flowMC driver).
+- :mod:`pyro_ebm.datasets`, :mod:`pyro_ebm.metrics`: the toy targets of Grenioux et al. (2023)
+  and mode-weight metrics.
+"""
+
+from . import datasets, flows, metrics, samplers
+from .energy import (
+    EnergyDistribution,
+    EnergyModel,
+    EnergyPotential,
+    GaussianEnergy,
+    MLPEnergy,
+    ModelEnergy,
+    TiltedEnergy,
+    potential_fn,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EnergyDistribution",
+    "EnergyModel",
+    "EnergyPotential",
+    "GaussianEnergy",
+    "MLPEnergy",
+    "ModelEnergy",
+    "TiltedEnergy",
+    "datasets",
+    "flows",
+    "metrics",
+    "potential_fn",
+    "samplers",
+]

@@ -1,0 +1,475 @@
+r"""Energy models and their adapters to Pyro.
+
+Sign convention (Pyro's): ``potential = energy = -log unnormalized density``, so an energy
+:math:`E` defines :math:`p(x) = e^{-E(x)} / Z`. An :class:`EnergyModel` maps a flat
+``(batch, dim)`` tensor to ``(batch,)`` energies, which is also the ``potential_fn`` shape used by
+:mod:`pyro_ebm.samplers`. The adapters connect energies and Pyro both ways:
+
+- :func:`potential_fn` turns an energy into a ``potential_fn`` for :class:`pyro.infer.mcmc.HMC` /
+  :class:`~pyro.infer.mcmc.NUTS` (a dict of tensors in, a scalar out);
+- :class:`EnergyDistribution` makes an energy a (unnormalized) site of a Pyro model;
+- :class:`ModelEnergy` turns a Pyro model into an energy over its flattened unconstrained latents.
+
+References:
+
+- Nijkamp, Hill, Han, Zhu, Wu (2020), "On the Anatomy of MCMC-Based Maximum Likelihood Learning
+  of Energy-Based Models", https://arxiv.org/abs/1903.12370
+- Grenioux, Moulines, Gabrié (2023), "Balanced Training of Energy-Based Models with Adaptive
+  Flow Sampling", https://arxiv.org/abs/2306.00684
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions.util import broadcast_shape
+from pyro.infer.autoguide.initialization import init_to_uniform
+from pyro.infer.mcmc.util import initialize_model
+from torch import Tensor, nn
+
+__all__ = [
+    "EnergyDistribution",
+    "EnergyModel",
+    "EnergyPotential",
+    "GaussianEnergy",
+    "MLPEnergy",
+    "ModelEnergy",
+    "TiltedEnergy",
+    "potential_fn",
+]
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+}
+
+
+def _check_batch(x: Tensor, dim: int, name: str = "x") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[-1] != dim:
+        raise ValueError(f"{name} must have shape (batch, {dim}), got {tuple(x.shape)}")
+    return x
+
+
+class EnergyModel(nn.Module):
+    r"""Base class of energies :math:`E: \mathbb{R}^d \to \mathbb{R}`, ``p(x) ∝ exp(-E(x))``.
+
+    Subclasses implement :meth:`energy` on a ``(batch, dim)`` tensor and return ``(batch,)``;
+    calling the module validates the input shape and then calls :meth:`energy`.
+
+    :param int dim: dimension ``d`` of the input space.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.dim = dim
+
+    def check_input(self, x: Tensor, name: str = "x") -> Tensor:
+        r"""Return ``x`` unchanged, or raise if it is not a ``(batch, dim)`` tensor.
+
+        :param Tensor x: candidate input.
+        :param str name: argument name used in the error message.
+        """
+        return _check_batch(x, self.dim, name)
+
+    def energy(self, x: Tensor) -> Tensor:
+        r"""Energy of each row of ``x``.
+
+        :param Tensor x: ``(batch, dim)`` points.
+        :returns: ``(batch,)`` energies.
+        """
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.energy(self.check_input(x))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class MLPEnergy(EnergyModel):
+    r"""Multi-layer perceptron energy with a scalar output.
+
+    ``Linear -> activation`` blocks followed by a ``Linear(hidden[-1], 1)`` layer whose weights
+    are scaled by ``last_layer_scale`` and whose bias is zero, so that ``E ≈ 0`` at initialisation
+    (the model starts close to the base density when tilted, see :class:`TiltedEnergy`). This is
+    the architecture of the 2-D toy experiments of Nijkamp et al. (2020) and Grenioux et al. (2023).
+
+    :param int dim: input dimension.
+    :param hidden: widths of the hidden layers.
+    :param str activation: one of ``"silu"`` (= ``"swish"``), ``"leaky_relu"``, ``"elu"``,
+        ``"softplus"``, ``"tanh"``.
+    :param float last_layer_scale: multiplier applied to the default init of the last weights.
+
+    Example::
+
+        >>> E = MLPEnergy(2, hidden=(32, 32))
+        >>> E(torch.randn(5, 2)).shape
+        torch.Size([5])
+        >>> bool(E(torch.randn(5, 2)).abs().max() < 1e-2)
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (128, 128),
+        activation: str = "silu",
+        last_layer_scale: float = 1e-3,
+    ) -> None:
+        super().__init__(dim)
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
+            )
+        hidden = tuple(hidden)
+        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
+        layers: list[nn.Module] = []
+        width = dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
+            width = h
+        last = nn.Linear(width, 1)
+        with torch.no_grad():
+            last.weight.mul_(last_layer_scale)
+            last.bias.zero_()
+        layers.append(last)
+        self.net = nn.Sequential(*layers)
+
+    def energy(self, x: Tensor) -> Tensor:
+        return self.net(self.check_input(x)).squeeze(-1)
+
+
+class GaussianEnergy(EnergyModel):
+    r"""Diagonal Gaussian energy with learnable ``loc`` and ``log_scale``.
+
+    .. math:: E(x) = \tfrac12 \sum_i \big((x_i - \mu_i)/\sigma_i\big)^2, \qquad
+        \log Z = \sum_i \log \sigma_i + \tfrac{d}{2} \log 2\pi
+
+    :param Tensor loc: ``(dim,)`` mean.
+    :param scale: ``(dim,)`` or scalar positive standard deviation.
+
+    Example::
+
+        >>> E = GaussianEnergy(torch.zeros(2), torch.ones(2))
+        >>> E(torch.tensor([[1.0, 1.0]])).item()
+        1.0
+        >>> round(E.log_normalizer().item(), 4)  # log(2 pi)
+        1.8379
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor | float = 1.0) -> None:
+        loc = torch.as_tensor(loc, dtype=torch.get_default_dtype())
+        if loc.dim() != 1:
+            raise ValueError(f"loc must be a 1-D tensor, got shape {tuple(loc.shape)}")
+        scale = torch.as_tensor(scale, dtype=loc.dtype)
+        if scale.dim() > 1 or (scale.dim() == 1 and scale.shape != loc.shape):
+            raise ValueError(f"scale must be a scalar or have shape {tuple(loc.shape)}")
+        if not bool((scale > 0).all()):
+            raise ValueError("scale must be positive")
+        super().__init__(loc.shape[0])
+        self.loc = nn.Parameter(loc.clone())
+        self.log_scale = nn.Parameter(scale.log().expand(loc.shape).clone())
+
+    @property
+    def scale(self) -> Tensor:
+        return self.log_scale.exp()
+
+    def energy(self, x: Tensor) -> Tensor:
+        z = (self.check_input(x) - self.loc) / self.scale
+        return 0.5 * z.pow(2).sum(-1)
+
+    def log_normalizer(self) -> Tensor:
+        r"""Exact :math:`\log Z = \log \int e^{-E(x)} dx`."""
+        return self.log_scale.sum() + 0.5 * self.dim * math.log(2 * math.pi)
+
+
+class TiltedEnergy(EnergyModel):
+    r"""Energy tilted by a base density: :math:`\tilde E(x) = E(x) - \log \rho(x)`.
+
+    The model density is :math:`p(x) \propto e^{-E(x)} \rho(x)` (Grenioux et al., 2023): with
+    :math:`E \approx 0` at initialisation the model starts at the base ``rho`` (e.g. the base
+    distribution of a normalizing flow), and :math:`E` only learns a correction.
+
+    :param EnergyModel energy: the inner energy ``E`` (registered as the submodule ``inner``).
+    :param base: any object with ``log_prob(x) -> (batch,)`` on ``(batch, dim)`` inputs, e.g.
+        ``pyro.distributions.Normal(torch.zeros(d), 1.).to_event(1)``. A module is registered
+        as a submodule; a distribution is kept as a plain attribute (``.to(device)`` does not
+        move it).
+
+    Example::
+
+        >>> import pyro.distributions as dist
+        >>> base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+        >>> T = TiltedEnergy(MLPEnergy(2, hidden=(8,)), base)
+        >>> T(torch.zeros(3, 2)).shape
+        torch.Size([3])
+    """
+
+    def __init__(self, energy: EnergyModel, base) -> None:
+        if not isinstance(energy, EnergyModel):
+            raise TypeError(f"energy must be an EnergyModel, got {type(energy).__name__}")
+        if not callable(getattr(base, "log_prob", None)):
+            raise TypeError(f"base must have a log_prob method, got {type(base).__name__}")
+        super().__init__(energy.dim)
+        self.inner = energy
+        self.base = base  # registered as a submodule by nn.Module.__setattr__ if it is one
+
+    def base_log_prob(self, x: Tensor) -> Tensor:
+        r"""``log rho(x)`` of shape ``(batch,)``."""
+        lp = self.base.log_prob(x)
+        if lp.shape != x.shape[:1]:
+            raise ValueError(
+                f"base.log_prob must return shape {tuple(x.shape[:1])} on a {tuple(x.shape)} "
+                f"input, got {tuple(lp.shape)} (use .to_event(1) on a factorised distribution)"
+            )
+        return lp
+
+    def energy(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        return self.inner.energy(x) - self.base_log_prob(x)
+
+
+class EnergyPotential:
+    r"""Picklable Pyro ``potential_fn``: ``params[site] -> energy(x).sum()``.
+
+    ``params[site]`` may have shape ``(dim,)`` or ``(..., dim)``; leading dimensions are
+    flattened and the energies summed (independent copies of the same target).
+
+    :param energy: callable ``(batch, dim) -> (batch,)``, usually an :class:`EnergyModel`.
+    :param str site: name of the parameter in the dict passed by Pyro.
+    """
+
+    def __init__(self, energy: Callable[[Tensor], Tensor], site: str = "x") -> None:
+        if not callable(energy):
+            raise TypeError(f"energy must be callable, got {type(energy).__name__}")
+        if not isinstance(site, str):
+            raise TypeError(f"site must be a str, got {type(site).__name__}")
+        self.energy = energy
+        self.site = site
+
+    def __call__(self, params: dict[str, Tensor]) -> Tensor:
+        if self.site not in params:
+            raise KeyError(f"site {self.site!r} is missing from params (keys: {sorted(params)})")
+        x = params[self.site]
+        if x.dim() == 0:
+            raise ValueError(f"params[{self.site!r}] must have shape (..., dim), got ()")
+        return self.energy(x.reshape(-1, x.shape[-1])).sum()
+
+
+def potential_fn(energy: Callable[[Tensor], Tensor], site: str = "x") -> EnergyPotential:
+    r"""Wrap an energy as a ``potential_fn`` for :class:`pyro.infer.mcmc.HMC` / ``NUTS``.
+
+    The result is an :class:`EnergyPotential` (picklable, so it also works with
+    ``MCMC(num_chains > 1)`` in worker processes). Pass the start point with
+    ``MCMC(..., initial_params={site: x0})``.
+
+    :param energy: an :class:`EnergyModel` or any callable ``(batch, dim) -> (batch,)``.
+    :param str site: name of the latent in Pyro's parameter dict.
+
+    Example::
+
+        >>> from pyro.infer import MCMC, NUTS
+        >>> pot = potential_fn(GaussianEnergy(torch.zeros(2)))
+        >>> mcmc = MCMC(NUTS(potential_fn=pot), num_samples=5, warmup_steps=5,
+        ...             initial_params={"x": torch.zeros(2)}, disable_progbar=True)
+        >>> mcmc.run()
+        >>> mcmc.get_samples()["x"].shape
+        torch.Size([5, 2])
+    """
+    return EnergyPotential(energy, site)
+
+
+class EnergyDistribution(TorchDistribution):
+    r"""An energy as an **unnormalized** Pyro distribution: ``log_prob(x) = -energy(x)``.
+
+    ``log_prob`` omits :math:`\log Z`, so the distribution is only fit for inference where the
+    site is latent and the normaliser is constant (MCMC over ``x``); it must not be used as an
+    observed likelihood of a learned energy. It has no ``sample``/``rsample``.
+
+    **NUTS/HMC on a model with this site.** Pyro runs the model once with ordinary sampling to
+    guess ``max_plate_nesting`` and its default ``init_to_uniform`` calls ``sample()`` to learn the
+    site's shape; Pyro's own :class:`~pyro.distributions.ImproperUniform` fails the same way. Pass
+    both ``max_plate_nesting`` and an init strategy that does not sample, e.g.
+    ``NUTS(model, max_plate_nesting=0, init_strategy=init_to_value(values={"x": x0}))``.
+
+    :param energy: an :class:`EnergyModel` (``energy.dim`` gives the event shape ``(dim,)``).
+    :param batch_shape: batch shape (each batch element is an independent copy).
+
+    Example::
+
+        >>> import pyro
+        >>> from pyro.infer import MCMC, NUTS
+        >>> from pyro.infer.autoguide.initialization import init_to_value
+        >>> E = GaussianEnergy(torch.zeros(2))
+        >>> def model():
+        ...     pyro.sample("x", EnergyDistribution(E))
+        >>> kernel = NUTS(model, max_plate_nesting=0,
+        ...               init_strategy=init_to_value(values={"x": torch.zeros(2)}))
+        >>> mcmc = MCMC(kernel, num_samples=5, warmup_steps=5, disable_progbar=True)
+        >>> mcmc.run()
+        >>> mcmc.get_samples()["x"].shape
+        torch.Size([5, 2])
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(
+        self,
+        energy: EnergyModel,
+        batch_shape: Sequence[int] = (),
+        validate_args: bool | None = None,
+    ) -> None:
+        dim = getattr(energy, "dim", None)
+        if not callable(energy) or not isinstance(dim, int):
+            raise TypeError("energy must be a callable with an int attribute dim (an EnergyModel)")
+        self.energy = energy
+        super().__init__(torch.Size(batch_shape), torch.Size([dim]), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> EnergyDistribution:
+        new = self._get_checked_instance(EnergyDistribution, _instance)
+        new.energy = self.energy
+        super(EnergyDistribution, new).__init__(
+            torch.Size(batch_shape), self.event_shape, validate_args=False
+        )
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        dim = self.event_shape[0]
+        if value.dim() < 1 or value.shape[-1] != dim:
+            raise ValueError(f"value must have shape (..., {dim}), got {tuple(value.shape)}")
+        lp = -self.energy(value.reshape(-1, dim)).reshape(value.shape[:-1])
+        return lp.expand(broadcast_shape(lp.shape, self.batch_shape))
+
+    def _no_sampling(self):
+        raise NotImplementedError(
+            "EnergyDistribution is unnormalized and cannot be sampled directly: draw from it "
+            "with MCMC (pyro_ebm.infer kernels or pyro.infer.mcmc.NUTS). Inside a Pyro model, "
+            "give NUTS/HMC max_plate_nesting and init_strategy=init_to_value(values={...})."
+        )
+
+    def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        self._no_sampling()
+
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        self._no_sampling()
+
+
+class ModelEnergy(EnergyModel):
+    r"""The potential energy of a Pyro model over its flattened unconstrained latents.
+
+    Uses :func:`pyro.infer.mcmc.util.initialize_model`: ``energy(x)`` equals Pyro's own HMC
+    potential (``-log joint`` in unconstrained space, including the log-Jacobians of the
+    transforms and any observed sites) at ``unflatten(x)``. Latent sites are laid out in the
+    order the model samples them, each flattened row-major. Batches are evaluated with a Python
+    loop, one model execution per row: ``torch.func.vmap`` over Pyro's potential fails
+    (Pyro's ``EnumMessenger`` reads ``value.data``, which vmap forbids). Parameters of the model
+    (``pyro.param``) are not registered in this module.
+
+    :param model: a Pyro model with continuous latents (discrete ones are enumerated out).
+    :param tuple model_args: positional arguments of the model.
+    :param dict model_kwargs: keyword arguments of the model.
+    :param init_strategy: Pyro init strategy for :attr:`initial_params`.
+    :param max_plate_nesting: passed to ``initialize_model`` (guessed if ``None``).
+
+    Example::
+
+        >>> import pyro, pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("mu", dist.Normal(0.0, 1.0))
+        ...     pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+        >>> E = ModelEnergy(model)
+        >>> E.dim, E.site_names
+        (2, ('mu', 'sigma'))
+        >>> x = torch.zeros(3, 2)
+        >>> E(x).shape, E.constrain(x)["sigma"]
+        (torch.Size([3]), tensor([1., 1., 1.]))
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        model_args: tuple = (),
+        model_kwargs: dict | None = None,
+        init_strategy: Callable = init_to_uniform,
+        max_plate_nesting: int | None = None,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        init, pot, transforms, _ = initialize_model(
+            model,
+            model_args=tuple(model_args),
+            model_kwargs=dict(model_kwargs or {}),
+            max_plate_nesting=max_plate_nesting,
+            init_strategy=init_strategy,
+        )
+        if not init:
+            raise ValueError("model has no continuous latent sample sites")
+        self.site_names = tuple(init)
+        self.site_shapes = {k: tuple(v.shape) for k, v in init.items()}
+        self.site_sizes = {k: v.numel() for k, v in init.items()}
+        super().__init__(sum(self.site_sizes.values()))
+        self.model = model
+        self.transforms = transforms
+        self._potential = pot
+        self.register_buffer("initial_params", self.flatten(init).detach())
+
+    @classmethod
+    def from_model(cls, model: Callable, *args, **kwargs) -> ModelEnergy:
+        r"""Alias of the constructor: ``ModelEnergy.from_model(model, model_args=...)``."""
+        return cls(model, *args, **kwargs)
+
+    def energy(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        return torch.stack([self._potential(self.unflatten(row)) for row in x])
+
+    def unflatten(self, x: Tensor) -> dict[str, Tensor]:
+        r"""Split flat unconstrained ``(..., dim)`` vectors into ``{site: (..., *shape)}``."""
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (..., {self.dim}), got {tuple(x.shape)}")
+        out, start, batch = {}, 0, x.shape[:-1]
+        for name in self.site_names:
+            size = self.site_sizes[name]
+            out[name] = x[..., start : start + size].reshape(batch + self.site_shapes[name])
+            start += size
+        return out
+
+    def flatten(self, params: dict[str, Tensor]) -> Tensor:
+        r"""Inverse of :meth:`unflatten`: ``{site: (..., *shape)}`` to ``(..., dim)``."""
+        missing = [k for k in self.site_names if k not in params]
+        if missing:
+            raise KeyError(f"params is missing sites {missing}")
+        parts = []
+        for name in self.site_names:
+            v, shape = params[name], self.site_shapes[name]
+            if v.dim() < len(shape) or tuple(v.shape[v.dim() - len(shape) :]) != shape:
+                raise ValueError(f"params[{name!r}] must end with shape {shape}, got {v.shape}")
+            parts.append(v.reshape(v.shape[: v.dim() - len(shape)] + (self.site_sizes[name],)))
+        return torch.cat(parts, dim=-1)
+
+    def constrain(self, x: Tensor) -> dict[str, Tensor]:
+        r"""Map flat unconstrained ``(..., dim)`` vectors to constrained site values."""
+        return {k: self.transforms[k].inv(v) for k, v in self.unflatten(x).items()}
+
+    def unconstrain(self, values: dict[str, Tensor]) -> Tensor:
+        r"""Inverse of :meth:`constrain`: constrained site values to flat ``(..., dim)``."""
+        missing = [k for k in self.site_names if k not in values]
+        if missing:
+            raise KeyError(f"values is missing sites {missing}")
+        return self.flatten({k: self.transforms[k](values[k]) for k in self.site_names})
