@@ -23,12 +23,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import pyro
 import torch
+from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.util import broadcast_shape
 from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
 from torch import Tensor, nn
+
+from .layout import SiteLayout
 
 __all__ = [
     "EnergyDistribution",
@@ -377,10 +381,12 @@ class ModelEnergy(EnergyModel):
     Uses :func:`pyro.infer.mcmc.util.initialize_model`: ``energy(x)`` equals Pyro's own HMC
     potential (``-log joint`` in unconstrained space, including the log-Jacobians of the
     transforms and any observed sites) at ``unflatten(x)``. Latent sites are laid out in the
-    order the model samples them, each flattened row-major. Batches are evaluated with a Python
-    loop, one model execution per row: ``torch.func.vmap`` over Pyro's potential fails
-    (Pyro's ``EnumMessenger`` reads ``value.data``, which vmap forbids). Parameters of the model
-    (``pyro.param``) are not registered in this module.
+    order the model samples them, each flattened row-major. A batch is evaluated in one model
+    execution inside an extra outer ``pyro.plate`` when the model broadcasts correctly (checked
+    once against the loop on the first batch); otherwise, and for models with enumerated
+    discrete sites, with a Python loop, one model execution per row (``torch.func.vmap`` over
+    Pyro's potential fails: Pyro's ``EnumMessenger`` reads ``value.data``, which vmap forbids).
+    Parameters of the model (``pyro.param``) are not registered in this module.
 
     :param model: a Pyro model with continuous latents (discrete ones are enumerated out).
     :param tuple model_args: positional arguments of the model.
@@ -412,7 +418,7 @@ class ModelEnergy(EnergyModel):
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        init, pot, transforms, _ = initialize_model(
+        init, pot, transforms, trace = initialize_model(
             model,
             model_args=tuple(model_args),
             model_kwargs=dict(model_kwargs or {}),
@@ -421,13 +427,26 @@ class ModelEnergy(EnergyModel):
         )
         if not init:
             raise ValueError("model has no continuous latent sample sites")
-        self.site_names = tuple(init)
-        self.site_shapes = {k: tuple(v.shape) for k, v in init.items()}
-        self.site_sizes = {k: v.numel() for k, v in init.items()}
-        super().__init__(sum(self.site_sizes.values()))
+        self.layout = SiteLayout.from_params(init)
+        self.site_names = self.layout.site_names
+        self.site_shapes = self.layout.site_shapes
+        self.site_sizes = self.layout.site_sizes
+        super().__init__(self.layout.dim)
         self.model = model
+        self.model_args = tuple(model_args)
+        self.model_kwargs = dict(model_kwargs or {})
         self.transforms = transforms
         self._potential = pot
+        nesting = [
+            -f.dim for site in trace.nodes.values() for f in site.get("cond_indep_stack", ())
+        ]
+        self._max_plate_nesting = max(nesting, default=0)
+        self._batch_ranks = {k: len(trace.nodes[k]["fn"].batch_shape) for k in init}
+        self._enumerated = any(
+            site["type"] == "sample" and site["infer"].get("enumerate")
+            for site in trace.nodes.values()
+        )
+        self._vectorized: bool | None = None  # decided on the first batch, see energy()
         self.register_buffer("initial_params", self.flatten(init).detach())
 
     @classmethod
@@ -437,31 +456,63 @@ class ModelEnergy(EnergyModel):
 
     def energy(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        if self._vectorized is None and x.shape[0] > 1:
+            self._vectorized = self._check_vectorized(x[:3])
+        if self._vectorized:
+            return self._batched_energy(x)
+        return self._looped_energy(x)
+
+    def _looped_energy(self, x: Tensor) -> Tensor:
         return torch.stack([self._potential(self.unflatten(row)) for row in x])
+
+    def _batched_energy(self, x: Tensor) -> Tensor:
+        # one model execution for the whole batch, inside an outer plate left of all the
+        # model's own plates (the model must broadcast correctly, as Pyro's vectorized
+        # ELBOs also require)
+        n, nest = x.shape[0], self._max_plate_nesting
+        u = self.unflatten(x)
+        c = {k: self.transforms[k].inv(v) for k, v in u.items()}
+        data = {
+            k: v.reshape((n,) + (1,) * (nest - self._batch_ranks[k]) + self.site_shapes[k])
+            for k, v in c.items()
+        }
+        with pyro.plate("_pyro_ebm_batch", n, dim=-(nest + 1)):
+            tr = poutine.trace(poutine.condition(self.model, data)).get_trace(
+                *self.model_args, **self.model_kwargs
+            )
+        tr.compute_log_prob()
+        log_joint = x.new_zeros(n)
+        for site in tr.nodes.values():
+            if site["type"] == "sample":
+                lp = site["log_prob"]
+                log_joint = log_joint + torch.broadcast_to(lp, (n,) + lp.shape[1:]).reshape(
+                    n, -1
+                ).sum(1)
+        for k, t in self.transforms.items():
+            log_joint = log_joint - t.log_abs_det_jacobian(c[k], u[k]).reshape(n, -1).sum(1)
+        return -log_joint
+
+    def _check_vectorized(self, x: Tensor) -> bool:
+        """Use one batched model execution if it agrees with the loop on a few rows."""
+        if self._enumerated:
+            return False
+        try:
+            with torch.no_grad():
+                batched = self._batched_energy(x)
+                looped = self._looped_energy(x)
+        except Exception:  # the model does not broadcast over an outer plate
+            return False
+        return batched.shape == looped.shape and torch.allclose(
+            batched, looped, rtol=1e-5, atol=1e-6
+        )
 
     def unflatten(self, x: Tensor) -> dict[str, Tensor]:
         r"""Split flat unconstrained ``(..., dim)`` vectors into ``{site: (..., *shape)}``."""
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (..., {self.dim}), got {tuple(x.shape)}")
-        out, start, batch = {}, 0, x.shape[:-1]
-        for name in self.site_names:
-            size = self.site_sizes[name]
-            out[name] = x[..., start : start + size].reshape(batch + self.site_shapes[name])
-            start += size
-        return out
+        return self.layout.unflatten(x)
 
     def flatten(self, params: dict[str, Tensor]) -> Tensor:
         r"""Inverse of :meth:`unflatten`: ``{site: (..., *shape)}`` to ``(..., dim)``."""
-        missing = [k for k in self.site_names if k not in params]
-        if missing:
-            raise KeyError(f"params is missing sites {missing}")
-        parts = []
-        for name in self.site_names:
-            v, shape = params[name], self.site_shapes[name]
-            if v.dim() < len(shape) or tuple(v.shape[v.dim() - len(shape) :]) != shape:
-                raise ValueError(f"params[{name!r}] must end with shape {shape}, got {v.shape}")
-            parts.append(v.reshape(v.shape[: v.dim() - len(shape)] + (self.site_sizes[name],)))
-        return torch.cat(parts, dim=-1)
+        return self.layout.flatten(params)
 
     def constrain(self, x: Tensor) -> dict[str, Tensor]:
         r"""Map flat unconstrained ``(..., dim)`` vectors to constrained site values."""
