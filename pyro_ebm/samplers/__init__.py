@@ -12,13 +12,14 @@ lives here only.
 from .adaptation import StepSizeAdapter
 from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
 from .composite import GlobalLocalInfo, global_local_step, stack_infos
-from .flow_moves import FlowDraw, FlowProposals, imh_step, isir_step, log_weights
+from .flow_moves import DefensiveProposal, FlowDraw, FlowProposals, imh_step, isir_step, log_weights
 from .local import hmc_step, mala_step, ula_step
 from .state import MoveInfo, WalkerState, accept_reject, init_state, potential_and_grad
 
 __all__ = [
     "AdaptiveFlowSampler",
     "AdaptiveRun",
+    "DefensiveProposal",
     "FlowDraw",
     "FlowProposals",
     "GlobalLocalInfo",

@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .adaptation import StepSizeAdapter
-from .composite import GlobalLocalInfo, global_local_step, stack_infos
+from .composite import GlobalLocalInfo, stack_infos
 from .flow_moves import FlowProposals, imh_step, isir_step
 from .local import hmc_step, mala_step
-from .state import PotentialFn, WalkerState, init_state
+from .state import MoveInfo, PotentialFn, WalkerState, init_state
 
 __all__ = ["AdaptiveFlowSampler", "AdaptiveRun", "default_flow"]
 
@@ -123,43 +123,63 @@ class AdaptiveFlowSampler:
         self.optimizer = None if flow is None else torch.optim.Adam(flow.parameters(), lr=flow_lr)
         self._buffer: Tensor | None = None
         self._proposals: FlowProposals | None = None
+        self._frozen = False
 
     # -- moves ------------------------------------------------------------------------------
     def init(self, x0: Tensor) -> WalkerState:
-        """Initial state of walkers at ``x0`` ``(C, D)``; resets the history buffer."""
+        """Initial state of walkers at ``x0`` ``(C, D)``; resets the history buffer (the flow and
+        the step size are kept, so this also moves a trained sampler to new walkers)."""
         self._buffer = None
         if self.flow is None:
             self.flow = default_flow(x0.shape[-1]).to(x0)
             self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.flow_lr)
         m = self.num_particles - 1 if self.global_move == "isir" else 1
         # while the flow changes every iteration, proposals are drawn one step at a time
-        self._proposals = FlowProposals(self.flow, self.potential_fn, x0.shape[0], m, 1)
+        block = self.block_size if self.frozen else 1
+        self._proposals = FlowProposals(self.flow, self.potential_fn, x0.shape[0], m, block)
         return init_state(self.potential_fn, x0)
 
-    def _global(self, state: WalkerState):
+    def _global(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
         move = isir_step if self.global_move == "isir" else imh_step
-        return move(state, self._proposals.draw(), self.flow, self.potential_fn)
+        grad_fn = self.potential_fn if self.num_local_steps > 0 else None  # for the local move
+        return move(state, self._proposals.draw(), self.flow, grad_fn)
 
-    def _local(self, state: WalkerState):
+    def _local(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
         if self.local_move == "mala":
             return mala_step(state, self.potential_fn, self.step_size)
         return hmc_step(state, self.potential_fn, self.step_size, self.num_leapfrog)
 
-    def step(self, state: WalkerState, adapt: bool = False) -> tuple[WalkerState, GlobalLocalInfo]:
-        """One global move then ``num_local_steps`` local moves; with ``adapt`` also update the
-        step size and fit the flow on the history."""
-        if not adapt:
-            return global_local_step(state, self._global, self._local, self.num_local_steps)
-        state, g_info = self._global(state)
-        local_infos = []
-        for _ in range(self.num_local_steps):
+    def move(
+        self, state: WalkerState, index: int, adapt: bool = False
+    ) -> tuple[WalkerState, MoveInfo, bool]:
+        r"""Move number ``index`` of the repeating cycle [1 global, ``num_local_steps`` local].
+
+        With ``adapt``, local moves update the step size, and the last move of each cycle stores
+        the walkers in the history and fits the flow on it.
+
+        :returns: ``(state, info, is_global)``.
+        """
+        if index % (self.num_local_steps + 1) == 0:
+            state, info = self._global(state)
+            is_global = True
+        else:
             state, info = self._local(state)
-            self.step_size = self.adapter.update(info.accept_prob)
-            local_infos.append(info)
-        self._push(state.x)
-        self._fit_flow()
-        state = state._replace(log_q=None)
-        return state, GlobalLocalInfo(g_info, stack_infos(local_infos))
+            is_global = False
+            if adapt:
+                self.step_size = self.adapter.update(info.accept_prob)
+        if adapt and index % (self.num_local_steps + 1) == self.num_local_steps:
+            self._push(state.x)
+            self._fit_flow()
+            state = state._replace(log_q=None)
+        return state, info, is_global
+
+    def step(self, state: WalkerState, adapt: bool = False) -> tuple[WalkerState, GlobalLocalInfo]:
+        """One cycle: a global move then ``num_local_steps`` local moves (see :meth:`move`)."""
+        infos = []
+        for i in range(self.num_local_steps + 1):
+            state, info, _ = self.move(state, i, adapt)
+            infos.append(info)
+        return state, GlobalLocalInfo(infos[0], stack_infos(infos[1:], like=infos[0]))
 
     def _push(self, x: Tensor) -> None:
         x = x.detach()[None]
@@ -177,10 +197,25 @@ class AdaptiveFlowSampler:
             forward_kl_step(self.flow, self.optimizer, data[idx])
         self._proposals.reset()
 
-    def freeze(self) -> None:
-        """End the training phase: fix the step size and stop updating the flow."""
+    @property
+    def frozen(self) -> bool:
+        """Whether the training phase has ended (:meth:`freeze`)."""
+        return self._frozen
+
+    def freeze(self, num_local_steps: int | None = None) -> None:
+        """End the training phase: fix the step size and stop updating the flow.
+
+        :param num_local_steps: local moves per cycle from now on (default: unchanged). With a
+            good flow, pure i-SIR (0) is the cheapest per effective draw; local moves matter
+            where the flow is poor.
+        """
+        if num_local_steps is not None:
+            if num_local_steps < 0:
+                raise ValueError(f"num_local_steps must be >= 0, got {num_local_steps}")
+            self.num_local_steps = num_local_steps
         self.step_size = self.adapter.final_step_size
         self._buffer = None
+        self._frozen = True
         if self._proposals is not None:
             self._proposals.block_size = self.block_size
             self._proposals.reset()

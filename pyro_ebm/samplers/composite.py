@@ -30,8 +30,11 @@ class GlobalLocalInfo(NamedTuple):
     local_info: MoveInfo
 
 
-def stack_infos(infos: list[MoveInfo]) -> MoveInfo:
-    """Stack a list of :class:`MoveInfo` field by field along a new leading dimension."""
+def stack_infos(infos: list[MoveInfo], like: MoveInfo | None = None) -> MoveInfo:
+    """Stack a list of :class:`MoveInfo` field by field along a new leading dimension; an empty
+    list gives fields of shape ``(0, C)`` shaped after ``like``."""
+    if not infos:
+        return MoveInfo(*(f.new_zeros((0, *f.shape)) for f in like))
     return MoveInfo(*(torch.stack(fields) for fields in zip(*infos, strict=True)))
 
 
@@ -52,7 +55,4 @@ def global_local_step(
     for _ in range(num_local_steps):
         state, info = local_move(state)
         local_infos.append(info)
-    if not local_infos:  # keep the field shapes regular: (0, C)
-        empty = g_info.accept_prob.new_zeros((0, g_info.accept_prob.shape[0]))
-        return state, GlobalLocalInfo(g_info, MoveInfo(empty, empty.bool(), empty, empty.bool()))
-    return state, GlobalLocalInfo(g_info, stack_infos(local_infos))
+    return state, GlobalLocalInfo(g_info, stack_infos(local_infos, like=g_info))

@@ -1,0 +1,188 @@
+r"""HMC and NUTS in a normalizing flow's latent space (NeuTra) for :class:`pyro.infer.mcmc.MCMC`.
+
+With a flow :math:`T: z \mapsto x` close to the target, the pulled-back potential
+:math:`U(T(z)) - \log|\det J_T(z)|` is close to a standard Gaussian, so HMC/NUTS mix there far
+better than on the original geometry. The flow is frozen (a copy, with gradients off); draws are
+mapped back through ``T`` and reported in the original space (unconstrained per site, then
+Pyro's transforms for a model's constrained sites).
+
+Pyro's :class:`~pyro.infer.reparam.NeuTraReparam` covers models with an ``AutoContinuous`` guide;
+these kernels take any flow over the flat unconstrained space, a bare ``potential_fn`` included.
+The HMC/NUTS math is Pyro's own (an inner :class:`~pyro.infer.mcmc.HMC`/``NUTS`` kernel on ``z``).
+
+References:
+
+- Hoffman, Sountsov, Dillon, Langmore, Tran, Vasudevan (2019), "NeuTra-lizing Bad Geometry in
+  Hamiltonian Monte Carlo Using Neural Transport", https://arxiv.org/abs/1903.03704
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from pyro.infer.mcmc import HMC, NUTS
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from torch import Tensor
+
+from .base import SAMPLE_STATS
+from .kernels import _check_flow
+from .target import FlatTarget, make_target
+
+__all__ = ["FlowHMC", "FlowNUTS", "LatentPotential"]
+
+
+class LatentPotential:
+    r"""Picklable ``potential_fn`` over the flow's latent ``z``: ``U(T(z)) - log|det J_T(z)|``.
+
+    :param potential: batched potential over flat vectors, ``(C, dim) -> (C,)``.
+    :param flow: a :class:`pyro_ebm.flows.Flow` (``forward(z) -> (x, log|det J|)``).
+    """
+
+    def __init__(self, potential: Callable[[Tensor], Tensor], flow) -> None:
+        self.potential = potential
+        self.flow = flow
+
+    def __call__(self, params: dict[str, Tensor]) -> Tensor:
+        x, log_det = self.flow.forward(params["z"][None])
+        return (self.potential(x) - log_det)[0]
+
+
+class _NeuTraKernel(MCMCKernel):
+    _inner_cls: type = HMC
+
+    def __init__(
+        self,
+        model: Callable | None = None,
+        potential_fn: Callable | None = None,
+        flow=None,
+        init_strategy: Callable | None = None,
+        **kwargs,
+    ) -> None:
+        if (model is None) == (potential_fn is None):
+            raise ValueError("exactly one of `model` and `potential_fn` must be given")
+        if flow is None or not hasattr(flow, "forward") or not hasattr(flow, "inverse"):
+            raise ValueError(
+                "flow is required: a pyro_ebm.flows.Flow (forward/inverse), trained toward the "
+                "target, e.g. with fit_reverse_kl or by AdaptiveFlowMCMC"
+            )
+        self.model = model
+        self.potential_fn = potential_fn
+        self.flow = flow
+        self.init_strategy = init_strategy
+        self.inner_kwargs = kwargs
+        self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)  # validate the HMC/NUTS options
+        self.transforms = {} if model is None else None
+        self._user_initial: dict[str, Tensor] | None = None
+        self._initial_params: dict[str, Tensor] | None = None
+        self.target: FlatTarget | None = None
+        super().__init__()
+
+    @property
+    def initial_params(self) -> dict[str, Tensor] | None:
+        return self._initial_params
+
+    @initial_params.setter
+    def initial_params(self, params: dict[str, Tensor]) -> None:
+        self._user_initial = params
+        self._initial_params = params
+
+    def setup(self, warmup_steps: int, *args, **kwargs) -> None:
+        self.target = make_target(
+            self.model, self.potential_fn, self._user_initial, args, kwargs, self.init_strategy
+        )
+        self._user_initial = None
+        if self.model is not None:
+            self.transforms = self.target.transforms
+        _check_flow(self.flow, self.target.layout.dim)
+        self._frozen_flow = copy.deepcopy(self.flow).requires_grad_(False)
+        with torch.no_grad():
+            if self.target.initial is None:
+                z0 = self._frozen_flow.base_dist.sample((1,))
+            else:
+                z0, _ = self._frozen_flow.inverse(self.target.initial[None])
+        self._inner = self._inner_cls(
+            potential_fn=LatentPotential(self.target.potential, self._frozen_flow),
+            **self.inner_kwargs,
+        )
+        self._inner.initial_params = {"z": z0[0]}
+        self._inner.setup(warmup_steps)
+        self._warmup_steps = warmup_steps
+        self._z = self._inner.initial_params
+        self._stats = {k: [] for k in SAMPLE_STATS}
+        self._last = self._to_x(self._z)
+        self._initial_params = self._last
+
+    def _to_x(self, z: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            x, _ = self._frozen_flow.forward(z["z"][None])
+        return self.target.layout.unflatten(x[0])
+
+    def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        if params is not self._last:  # moved from outside: pull the new point back to z
+            with torch.no_grad():
+                z, _ = self._frozen_flow.inverse(self.target.layout.flatten(params)[None])
+            self._z = {"z": z[0]}
+        inner = self._inner
+        mean_before, count_before, div_before = (
+            inner._mean_accept_prob,
+            inner._accept_cnt,
+            len(inner._divergences),
+        )
+        self._z = inner.sample(self._z)
+        if inner._t > self._warmup_steps:
+            n = inner._t - self._warmup_steps
+            accept_prob = n * inner._mean_accept_prob - (n - 1) * mean_before
+            diverging = len(inner._divergences) > div_before
+            self._stats["accept_prob"].append(float(accept_prob))
+            self._stats["accepted"].append(inner._accept_cnt > count_before)
+            self._stats["potential_energy"].append(float(inner._potential_energy_last))
+            self._stats["is_global"].append(False)
+            self._stats["diverging"].append(diverging)
+        self._last = self._to_x(self._z)
+        return self._last
+
+    def logging(self) -> OrderedDict:
+        return self._inner.logging()
+
+    def diagnostics(self) -> dict:
+        r"""Pyro's ``divergences`` and ``acceptance rate`` of the inner kernel, plus
+        ``sample_stats`` (``potential_energy`` is that of the latent-space potential)."""
+        return {**self._inner.diagnostics(), "sample_stats": self._stats}
+
+
+class FlowHMC(_NeuTraKernel):
+    r"""Pyro's :class:`~pyro.infer.mcmc.HMC` run in the latent space of a frozen flow (NeuTra).
+
+    :param model: a Pyro model, or ``None``.
+    :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
+    :param flow: a :class:`pyro_ebm.flows.Flow` over the flat unconstrained space.
+    :param kwargs: options of :class:`~pyro.infer.mcmc.HMC` (``step_size``, ``num_steps``,
+        ``adapt_step_size``, ``adapt_mass_matrix``, ``target_accept_prob``, ...).
+
+    Example::
+
+        >>> import torch, pyro_ebm
+        >>> from pyro.infer import MCMC
+        >>> from pyro_ebm.flows import RealNVP
+        >>> pot = pyro_ebm.potential_fn(pyro_ebm.GaussianEnergy(torch.zeros(2)))
+        >>> mcmc = MCMC(FlowHMC(potential_fn=pot, flow=RealNVP(2), num_steps=4), num_samples=20,
+        ...             warmup_steps=20, disable_progbar=True)
+        >>> mcmc.run()
+        >>> mcmc.get_samples()["x"].shape
+        torch.Size([20, 2])
+    """
+
+    _inner_cls = HMC
+
+
+class FlowNUTS(_NeuTraKernel):
+    r"""Pyro's :class:`~pyro.infer.mcmc.NUTS` run in the latent space of a frozen flow (NeuTra).
+
+    Same arguments as :class:`FlowHMC`; ``kwargs`` go to :class:`~pyro.infer.mcmc.NUTS`
+    (``max_tree_depth``, ``target_accept_prob``, ...).
+    """
+
+    _inner_cls = NUTS

@@ -1,0 +1,138 @@
+r"""What a kernel samples: a batched potential over one flat unconstrained vector.
+
+Pyro's kernels see ``{site: tensor}`` dictionaries in unconstrained space; the vectorized core in
+:mod:`pyro_ebm.samplers` sees ``(num_walkers, dim)`` tensors and a batched potential
+``(num_walkers, dim) -> (num_walkers,)``. :func:`make_target` builds the bridge from either a
+Pyro model or a Pyro-style ``potential_fn``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..energy import EnergyPotential, ModelEnergy
+from ..layout import SiteLayout
+
+__all__ = ["FlatTarget", "make_target"]
+
+logger = logging.getLogger(__name__)
+
+
+class FlatTarget(NamedTuple):
+    r"""A batched potential over flat unconstrained vectors.
+
+    :param potential: ``(C, dim) -> (C,)``.
+    :param layout: flat vector <-> ``{site: tensor}``.
+    :param transforms: Pyro's constrained -> unconstrained transforms per site (``{}`` for a bare
+        potential).
+    :param initial: a flat initial point ``(dim,)``, or ``None`` when none is known.
+    """
+
+    potential: Callable[[Tensor], Tensor]
+    layout: SiteLayout
+    transforms: dict
+    initial: Tensor | None
+
+
+class _DictPotential:
+    """A Pyro ``potential_fn`` (dict -> scalar) evaluated on a batch of flat vectors.
+
+    Tries ``torch.func.vmap`` once (checked against the loop) and falls back to a Python loop.
+    Picklable when ``potential_fn`` is.
+    """
+
+    def __init__(self, potential_fn: Callable, layout: SiteLayout) -> None:
+        self.potential_fn = potential_fn
+        self.layout = layout
+        self.vectorized: bool | None = None
+
+    def _one(self, row: Tensor) -> Tensor:
+        return self.potential_fn(self.layout.unflatten(row))
+
+    def _loop(self, x: Tensor) -> Tensor:
+        return torch.stack([self._one(row) for row in x])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.vectorized is None and x.shape[0] > 1:
+            try:
+                with torch.no_grad():
+                    ok = torch.allclose(
+                        torch.func.vmap(self._one)(x[:3]), self._loop(x[:3]), rtol=1e-5, atol=1e-6
+                    )
+            except Exception:  # not vmap-able (data-dependent control flow, .item(), ...)
+                ok = False
+            self.vectorized = bool(ok)
+            logger.debug("potential_fn vectorized with vmap: %s", self.vectorized)
+        if self.vectorized:
+            return torch.func.vmap(self._one)(x)
+        return self._loop(x)
+
+
+class _EnergyOnSite:
+    """The batched energy behind an :class:`EnergyPotential`, on flat vectors."""
+
+    def __init__(self, energy: Callable, site_shape: tuple[int, ...]) -> None:
+        self.energy = energy
+        self.site_shape = site_shape
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.energy(x.reshape((-1,) + self.site_shape[-1:])).reshape(x.shape[0], -1).sum(1)
+
+
+def make_target(
+    model: Callable | None,
+    potential_fn: Callable | None,
+    initial_params: dict[str, Tensor] | None,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    init_strategy: Callable | None = None,
+) -> FlatTarget:
+    r"""Build the :class:`FlatTarget` of a Pyro model or of a ``potential_fn``.
+
+    - ``model``: the potential of :class:`~pyro_ebm.energy.ModelEnergy` (Pyro's own HMC potential,
+      batched in one model execution when the model broadcasts), initial point from
+      ``initial_params`` (unconstrained, as for Pyro's HMC) or ``init_strategy``.
+    - ``potential_fn`` from :func:`pyro_ebm.potential_fn`: its energy is called on the whole batch.
+    - any other ``potential_fn`` (``dict -> scalar``): needs ``initial_params`` to know the sites;
+      batched with ``torch.func.vmap`` when it works, else a loop.
+    """
+    if (model is None) == (potential_fn is None):
+        raise ValueError("exactly one of `model` and `potential_fn` must be given")
+    if model is not None:
+        kwargs = {} if init_strategy is None else {"init_strategy": init_strategy}
+        energy = ModelEnergy(model, model_args, model_kwargs, **kwargs)
+        initial = energy.initial_params
+        if initial_params is not None:
+            initial = energy.flatten(initial_params).detach()
+        return FlatTarget(energy, energy.layout, energy.transforms, initial)
+    if isinstance(potential_fn, EnergyPotential):
+        dim = getattr(potential_fn.energy, "dim", None)
+        if initial_params is not None:
+            layout = SiteLayout.from_params(initial_params)
+        elif dim is not None:
+            layout = SiteLayout({potential_fn.site: (dim,)})
+        else:
+            raise ValueError(
+                "initial_params is required: the energy of this potential_fn has no `dim`"
+            )
+        if layout.site_names != (potential_fn.site,):
+            raise ValueError(
+                f"initial_params must hold exactly the site {potential_fn.site!r}, "
+                f"got {list(layout.site_names)}"
+            )
+        potential = _EnergyOnSite(potential_fn.energy, layout.site_shapes[potential_fn.site])
+    else:
+        if initial_params is None:
+            raise ValueError(
+                "initial_params is required with a generic potential_fn: it tells the kernel "
+                "the names and shapes of the sites (or wrap an energy with pyro_ebm.potential_fn)"
+            )
+        layout = SiteLayout.from_params(initial_params)
+        potential = _DictPotential(potential_fn, layout)
+    initial = None if initial_params is None else layout.flatten(initial_params).detach()
+    return FlatTarget(potential, layout, {}, initial)
