@@ -7,6 +7,7 @@ Use them exactly as :class:`pyro.infer.mcmc.HMC`/``NUTS``::
 """
 
 from .adaptive import AdaptiveFlowMCMC
+from .arviz import to_arviz
 from .base import SAMPLE_STATS, WalkerKernel
 from .kernels import MALA, FlowIMH, FlowISIR
 from .neutra import FlowHMC, FlowNUTS, LatentPotential
@@ -21,4 +22,5 @@ __all__ = [
     "FlowNUTS",
     "LatentPotential",
     "WalkerKernel",
+    "to_arviz",
 ]
