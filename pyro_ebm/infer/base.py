@@ -68,7 +68,13 @@ class WalkerKernel(MCMCKernel):
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
         self._warmup_steps = warmup_steps
         self.target = make_target(
-            self.model, self.potential_fn, self._user_initial, args, kwargs, self.init_strategy
+            self.model,
+            self.potential_fn,
+            self._user_initial,
+            args,
+            kwargs,
+            self.init_strategy,
+            dim=getattr(getattr(self, "flow", None), "dim", None),
         )
         if self.model is not None:
             self.transforms = self.target.transforms

@@ -91,7 +91,13 @@ class _NeuTraKernel(MCMCKernel):
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
         self.target = make_target(
-            self.model, self.potential_fn, self._user_initial, args, kwargs, self.init_strategy
+            self.model,
+            self.potential_fn,
+            self._user_initial,
+            args,
+            kwargs,
+            self.init_strategy,
+            dim=getattr(self.flow, "dim", None),
         )
         self._user_initial = None
         if self.model is not None:

@@ -91,6 +91,7 @@ def make_target(
     model_args: tuple = (),
     model_kwargs: dict | None = None,
     init_strategy: Callable | None = None,
+    dim: int | None = None,
 ) -> FlatTarget:
     r"""Build the :class:`FlatTarget` of a Pyro model or of a ``potential_fn``.
 
@@ -100,6 +101,9 @@ def make_target(
     - ``potential_fn`` from :func:`pyro_ebm.potential_fn`: its energy is called on the whole batch.
     - any other ``potential_fn`` (``dict -> scalar``): needs ``initial_params`` to know the sites;
       batched with ``torch.func.vmap`` when it works, else a loop.
+
+    :param dim: the flat dimension when the caller knows it (e.g. from a flow), used for an
+        :class:`EnergyPotential` whose energy has no ``dim`` attribute and no ``initial_params``.
     """
     if (model is None) == (potential_fn is None):
         raise ValueError("exactly one of `model` and `potential_fn` must be given")
@@ -111,14 +115,15 @@ def make_target(
             initial = energy.flatten(initial_params).detach()
         return FlatTarget(energy, energy.layout, energy.transforms, initial)
     if isinstance(potential_fn, EnergyPotential):
-        dim = getattr(potential_fn.energy, "dim", None)
+        dim = getattr(potential_fn.energy, "dim", dim)
         if initial_params is not None:
             layout = SiteLayout.from_params(initial_params)
         elif dim is not None:
             layout = SiteLayout({potential_fn.site: (dim,)})
         else:
             raise ValueError(
-                "initial_params is required: the energy of this potential_fn has no `dim`"
+                "initial_params is required: the energy of this potential_fn has no `dim` "
+                "and the kernel has no flow to tell it"
             )
         if layout.site_names != (potential_fn.site,):
             raise ValueError(
