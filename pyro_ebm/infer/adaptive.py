@@ -52,6 +52,9 @@ class AdaptiveFlowMCMC(WalkerKernel):
     :param production_local_steps: local moves per cycle after warmup (default: the same). With a
         well-trained flow, ``0`` (pure i-SIR) gives the most effective draws per second; keep
         local moves where the flow may be poor.
+    :param min_global_accept: if the ensemble's global acceptance over the last 10 warmup cycles
+        is below this, ``production_local_steps=0`` is overridden (with a warning) and the local
+        moves are kept, since a chain with a poor flow and no local moves barely moves.
     :param step_size: initial local step size (adapted during warmup).
     :param sampler_kwargs: further options of :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`
         (``flow_lr``, ``flow_steps``, ``flow_batch_size``, ``history``, ``block_size``,
@@ -83,6 +86,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
         local_move: str = "mala",
         num_local_steps: int = 3,
         production_local_steps: int | None = None,
+        min_global_accept: float = 0.1,
         step_size: float = 0.05,
         init_strategy: Callable | None = None,
         **sampler_kwargs,
@@ -95,6 +99,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
         self.flow = flow
         self.num_walkers = num_walkers
         self.production_local_steps = production_local_steps
+        self.min_global_accept = min_global_accept
         self.init_scale = init_scale
         self.sampler_options = dict(
             global_move=global_move,
@@ -122,13 +127,28 @@ class AdaptiveFlowMCMC(WalkerKernel):
         if self._warmup_steps == 0:
             logger.warning("AdaptiveFlowMCMC with warmup_steps=0: the flow is never trained")
         self._ensemble = self.sampler.init(walkers)
+        self._recent_global_accept: list[float] = []
         self.flow_ = self.sampler.flow
         if self._warmup_steps == 0:
             return self._freeze(self._ensemble)
         return _row(self._ensemble, 0)
 
     def _freeze(self, ensemble: WalkerState) -> WalkerState:
-        self.sampler.freeze(self.production_local_steps)
+        local_steps = self.production_local_steps
+        recent = self._recent_global_accept[-10:]
+        accept = sum(recent) / len(recent) if recent else 0.0
+        if local_steps == 0 and accept < self.min_global_accept:
+            # a flow that has not learned the target would freeze a chain with no local moves
+            logger.warning(
+                "AdaptiveFlowMCMC: global acceptance at the end of warmup is %.3f < %.2f; keeping "
+                "%d local moves per cycle instead of production_local_steps=0 (use a longer "
+                "warmup for pure i-SIR sampling)",
+                accept,
+                self.min_global_accept,
+                self.sampler.num_local_steps,
+            )
+            local_steps = None
+        self.sampler.freeze(local_steps)
         self._ensemble = None
         return self.sampler.init(ensemble.x[:1])
 
@@ -142,6 +162,8 @@ class AdaptiveFlowMCMC(WalkerKernel):
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         if warmup:
             self._ensemble, info, is_global = self.sampler.move(self._ensemble, self._t, adapt=True)
+            if is_global:
+                self._recent_global_accept.append(float(info.accept_prob.mean()))
             state = _row(self._ensemble, 0)
             info = MoveInfo(*(f[:1] for f in info))
             if self._t == self._warmup_steps - 1:
