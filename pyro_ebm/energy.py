@@ -28,7 +28,7 @@ import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.util import broadcast_shape
-from pyro.infer.autoguide.initialization import init_to_uniform
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
 from torch import Tensor, nn
 
@@ -375,6 +375,17 @@ class EnergyDistribution(TorchDistribution):
         self._no_sampling()
 
 
+def _guess_max_plate_nesting(
+    model: Callable, args: tuple, kwargs: dict, init_strategy: Callable
+) -> int:
+    """Pyro guesses plate nesting by running the model with ``sample()``, which unnormalized
+    sites such as :class:`EnergyDistribution` lack; run it under the init strategy instead."""
+    with poutine.block(), pyro.validation_enabled(False):
+        trace = poutine.trace(InitMessenger(init_strategy)(model)).get_trace(*args, **kwargs)
+    nesting = [-f.dim for site in trace.nodes.values() for f in site.get("cond_indep_stack", ())]
+    return max(nesting, default=0)
+
+
 class ModelEnergy(EnergyModel):
     r"""The potential energy of a Pyro model over its flattened unconstrained latents.
 
@@ -418,6 +429,10 @@ class ModelEnergy(EnergyModel):
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if max_plate_nesting is None:
+            max_plate_nesting = _guess_max_plate_nesting(
+                model, tuple(model_args), dict(model_kwargs or {}), init_strategy
+            )
         init, pot, transforms, trace = initialize_model(
             model,
             model_args=tuple(model_args),
