@@ -8,13 +8,14 @@ Use them exactly as :class:`pyro.infer.mcmc.HMC`/``NUTS``::
 
 from .adaptive import AdaptiveFlowMCMC
 from .arviz import to_arviz
-from .base import SAMPLE_STATS, WalkerKernel
+from .base import SAMPLE_STATS, TargetKernel, WalkerKernel
 from .kernels import MALA, FlowIMH, FlowISIR
 from .neutra import FlowHMC, FlowNUTS, LatentPotential
 
 __all__ = [
     "MALA",
     "SAMPLE_STATS",
+    "TargetKernel",
     "AdaptiveFlowMCMC",
     "FlowHMC",
     "FlowIMH",

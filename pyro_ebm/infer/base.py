@@ -20,14 +20,15 @@ from torch import Tensor
 from ..samplers import MoveInfo, WalkerState
 from .target import FlatTarget, make_target
 
-__all__ = ["SAMPLE_STATS", "WalkerKernel"]
+__all__ = ["SAMPLE_STATS", "TargetKernel", "WalkerKernel"]
 
 #: per-draw statistics every kernel records (see :func:`pyro_ebm.infer.to_arviz`)
 SAMPLE_STATS = ("accept_prob", "accepted", "potential_energy", "is_global", "diverging")
 
 
-class WalkerKernel(MCMCKernel):
-    r"""Base class: a Pyro kernel whose chain is one walker of the vectorized core.
+class TargetKernel(MCMCKernel):
+    r"""What every ``pyro_ebm`` kernel shares: ``model`` xor ``potential_fn``, Pyro's transforms,
+    per-chain initial parameters, and the :class:`~pyro_ebm.infer.target.FlatTarget`.
 
     :param model: a Pyro model (continuous latents), or ``None``.
     :param potential_fn: a Pyro ``potential_fn`` (``dict -> scalar``), e.g.
@@ -54,7 +55,6 @@ class WalkerKernel(MCMCKernel):
         self.target: FlatTarget | None = None
         super().__init__()
 
-    # -- Pyro's MCMCKernel interface ---------------------------------------------------------
     @property
     def initial_params(self) -> dict[str, Tensor] | None:
         return self._initial_params
@@ -65,8 +65,9 @@ class WalkerKernel(MCMCKernel):
         self._user_initial = params
         self._initial_params = params
 
-    def setup(self, warmup_steps: int, *args, **kwargs) -> None:
-        self._warmup_steps = warmup_steps
+    def _build_target(self, args: tuple, kwargs: dict) -> FlatTarget:
+        """Build this chain's target; consumes the user's initial params (the next chain draws
+        its own unless ``MCMC`` sets them again)."""
         self.target = make_target(
             self.model,
             self.potential_fn,
@@ -78,8 +79,19 @@ class WalkerKernel(MCMCKernel):
         )
         if self.model is not None:
             self.transforms = self.target.transforms
-        x0 = self.target.initial
-        self._user_initial = None  # consumed: the next chain draws its own unless MCMC sets it
+        self._user_initial = None
+        return self.target
+
+
+class WalkerKernel(TargetKernel):
+    r"""Base class: a Pyro kernel whose chain is one walker of the vectorized core.
+
+    Takes the arguments of :class:`TargetKernel`.
+    """
+
+    def setup(self, warmup_steps: int, *args, **kwargs) -> None:
+        self._warmup_steps = warmup_steps
+        x0 = self._build_target(args, kwargs).initial
         self._t = 0
         self._stats = {k: [] for k in SAMPLE_STATS}
         self._divergences: list[int] = []

@@ -24,12 +24,10 @@ from collections.abc import Callable
 
 import torch
 from pyro.infer.mcmc import HMC, NUTS
-from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
-from .base import SAMPLE_STATS
+from .base import SAMPLE_STATS, TargetKernel
 from .kernels import _check_flow
-from .target import FlatTarget, make_target
 
 __all__ = ["FlowHMC", "FlowNUTS", "LatentPotential"]
 
@@ -50,7 +48,7 @@ class LatentPotential:
         return (self.potential(x) - log_det)[0]
 
 
-class _NeuTraKernel(MCMCKernel):
+class _NeuTraKernel(TargetKernel):
     _inner_cls: type = HMC
 
     def __init__(
@@ -61,47 +59,18 @@ class _NeuTraKernel(MCMCKernel):
         init_strategy: Callable | None = None,
         **kwargs,
     ) -> None:
-        if (model is None) == (potential_fn is None):
-            raise ValueError("exactly one of `model` and `potential_fn` must be given")
+        super().__init__(model, potential_fn, init_strategy)
         if flow is None or not hasattr(flow, "forward") or not hasattr(flow, "inverse"):
             raise ValueError(
                 "flow is required: a pyro_ebm.flows.Flow (forward/inverse), trained toward the "
                 "target, e.g. with fit_reverse_kl or by AdaptiveFlowMCMC"
             )
-        self.model = model
-        self.potential_fn = potential_fn
         self.flow = flow
-        self.init_strategy = init_strategy
         self.inner_kwargs = kwargs
         self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)  # validate the HMC/NUTS options
-        self.transforms = {} if model is None else None
-        self._user_initial: dict[str, Tensor] | None = None
-        self._initial_params: dict[str, Tensor] | None = None
-        self.target: FlatTarget | None = None
-        super().__init__()
-
-    @property
-    def initial_params(self) -> dict[str, Tensor] | None:
-        return self._initial_params
-
-    @initial_params.setter
-    def initial_params(self, params: dict[str, Tensor]) -> None:
-        self._user_initial = params
-        self._initial_params = params
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
-        self.target = make_target(
-            self.model,
-            self.potential_fn,
-            self._user_initial,
-            args,
-            kwargs,
-            self.init_strategy,
-            dim=getattr(self.flow, "dim", None),
-        )
-        self._user_initial = None
-        if self.model is not None:
-            self.transforms = self.target.transforms
+        self._build_target(args, kwargs)
         _check_flow(self.flow, self.target.layout.dim)
         self._frozen_flow = copy.deepcopy(self.flow).requires_grad_(False)
         with torch.no_grad():
