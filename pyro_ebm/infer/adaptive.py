@@ -124,8 +124,6 @@ class AdaptiveFlowMCMC(WalkerKernel):
             x0 = torch.zeros(1, dim)
         walkers = x0 + self.init_scale * torch.randn(self.num_walkers, dim, dtype=x0.dtype)
         walkers[0] = x0[0]
-        if self._warmup_steps == 0:
-            logger.warning("AdaptiveFlowMCMC with warmup_steps=0: the flow is never trained")
         self._ensemble = self.sampler.init(walkers)
         self._recent_global_accept: list[float] = []
         self.flow_ = self.sampler.flow
@@ -169,6 +167,8 @@ class AdaptiveFlowMCMC(WalkerKernel):
             if self._t == self._warmup_steps - 1:
                 state = self._freeze(self._ensemble)
             return state, info, is_global
+        if self._t == 0 and self.flow is None:  # not in setup: MCMC calls setup(0) for transforms
+            logger.warning("AdaptiveFlowMCMC with warmup_steps=0 and no flow: it is untrained")
         return self.sampler.move(state, self._t, adapt=False)
 
     def _extra_logging(self) -> dict:

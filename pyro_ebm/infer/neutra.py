@@ -66,6 +66,10 @@ class _NeuTraKernel(TargetKernel):
                 "target, e.g. with fit_reverse_kl or by AdaptiveFlowMCMC"
             )
         self.flow = flow
+        if self._inner_cls is HMC and kwargs.get("num_steps") is kwargs.get("trajectory_length"):
+            # Pyro's default trajectory (2π) is one full period of a standard Gaussian, which is
+            # what a good flow's latent space looks like: the chain would return to its start
+            kwargs["trajectory_length"] = 2.0
         self.inner_kwargs = kwargs
         self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)  # validate the HMC/NUTS options
 
@@ -135,7 +139,10 @@ class FlowHMC(_NeuTraKernel):
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
     :param flow: a :class:`pyro_ebm.flows.Flow` over the flat unconstrained space.
     :param kwargs: options of :class:`~pyro.infer.mcmc.HMC` (``step_size``, ``num_steps``,
-        ``adapt_step_size``, ``adapt_mass_matrix``, ``target_accept_prob``, ...).
+        ``trajectory_length``, ``adapt_step_size``, ``adapt_mass_matrix``, ...). When neither
+        ``num_steps`` nor ``trajectory_length`` is given, ``trajectory_length=2`` replaces Pyro's
+        default 2π, which is a full period of the standard Gaussian a good flow's latent space
+        resembles (the chain would come back where it started).
 
     Example::
 

@@ -1,0 +1,212 @@
+"""Benchmarks of the Pyro kernels of ``pyro_ebm.infer``, all run through ``pyro.infer.mcmc.MCMC``.
+
+1. ``imbalanced_pair(d)`` (0.2 N(-4·1, I) + 0.8 N(+4·1, I)), d = 2, 16, 64: AdaptiveFlowMCMC vs
+   Pyro's NUTS: heavy-mode weight (truth 0.8), its MCSE, wall time of ``MCMC.run`` (warmup and
+   flow training included), over seeds.
+2. posteriordb's eight schools (non-centered): bulk ESS per second (min over parameters) of
+   FlowHMC, FlowNUTS, AdaptiveFlowMCMC and Pyro's NUTS, as ratios to NUTS measured in one run.
+   The flow of FlowHMC/FlowNUTS is fitted by reverse KL first; that time is counted.
+3. Driver overhead: ms per step of FlowIMH vs Pyro's RandomWalkKernel on the same 2-D target
+   (a Pyro model for both), and of FlowIMH on a bare ``potential_fn``.
+
+Run from the repository root (``torch.set_num_threads(1)``; medians over seeds/repeats)::
+
+    python benchmarks/kernels.py                 # everything
+    python benchmarks/kernels.py --only 1 --dims 16 --seeds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import MCMC, NUTS, RandomWalkKernel
+
+import pyro_ebm
+from pyro_ebm.datasets import imbalanced_pair
+from pyro_ebm.flows import RealNVP
+from pyro_ebm.infer import AdaptiveFlowMCMC, FlowHMC, FlowIMH, FlowNUTS
+from pyro_ebm.metrics import mode_weights_mcse
+
+
+def _timed_run(kernel, num_samples, warmup_steps, initial_params=None, num_chains=1, args=()):
+    mcmc = MCMC(
+        kernel,
+        num_samples=num_samples,
+        warmup_steps=warmup_steps,
+        num_chains=num_chains,
+        initial_params=initial_params,
+        disable_progbar=True,
+    )
+    start = time.perf_counter()
+    mcmc.run(*args)
+    return mcmc, time.perf_counter() - start
+
+
+# -- 1. imbalanced pair ------------------------------------------------------------------------
+def bench_imbalanced(dims, seeds, args) -> None:
+    print("\n## 1. imbalanced_pair: heavy-mode weight (truth 0.8) through pyro.infer.mcmc.MCMC\n")
+    print("| method | d | heavy weight per seed | max abs err | median mcse | median s |")
+    print("|---|---|---|---|---|---|")
+    for d in dims:
+        target = imbalanced_pair(d)
+        pot = pyro_ebm.potential_fn(target.potential)
+        rows = {"AdaptiveFlowMCMC": [], "Pyro NUTS (4 chains)": []}
+        for seed in range(seeds):
+            pyro.set_rng_seed(seed)
+            kernel = AdaptiveFlowMCMC(
+                potential_fn=pot,
+                num_particles=args.num_particles,
+                num_local_steps=3,
+                production_local_steps=0,
+            )
+            mcmc, secs = _timed_run(
+                kernel, args.num_samples, args.warmup_steps, {"x": torch.zeros(d)}
+            )
+            rows["AdaptiveFlowMCMC"].append(_weight_row(mcmc, target, secs))
+
+            pyro.set_rng_seed(seed)
+            x0 = 2.0 * torch.randn(4, d)
+            mcmc, secs = _timed_run(
+                NUTS(potential_fn=pot), args.nuts_samples, args.nuts_samples, {"x": x0}, 4
+            )
+            rows["Pyro NUTS (4 chains)"].append(_weight_row(mcmc, target, secs))
+        for name, r in rows.items():
+            weights = " ".join(f"{w:.3f}" for w, _, _ in r)
+            err = max(abs(w - 0.8) for w, _, _ in r)
+            mcse = statistics.median(s for _, s, _ in r)
+            secs = statistics.median(t for _, _, t in r)
+            print(f"| {name} | {d} | {weights} | {err:.4f} | {mcse:.4f} | {secs:.1f} |", flush=True)
+
+
+def _weight_row(mcmc, target, secs):
+    x = mcmc.get_samples(group_by_chain=True)["x"]
+    w, se = mode_weights_mcse(x, target)
+    return float(w[1]), float(se[1]), secs
+
+
+# -- 2. eight schools --------------------------------------------------------------------------
+def bench_eight_schools(seeds, args) -> None:
+    from pyro_ebm.flows import fit_reverse_kl
+    from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
+
+    data = EIGHT_SCHOOLS_DATA
+    model_args = (data["J"], torch.tensor(data["y"]), torch.tensor(data["sigma"]))
+    print("\n## 2. eight schools (non-centered): bulk ESS/s, min over parameters\n")
+    results: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        pyro.set_rng_seed(seed)
+        energy = pyro_ebm.ModelEnergy(eight_schools_noncentered, model_args)
+        runs = {}
+        runs["Pyro NUTS"] = _timed_run(
+            NUTS(eight_schools_noncentered), args.es_samples, args.es_warmup, args=model_args
+        )
+        start = time.perf_counter()
+        flow = RealNVP(energy.dim, num_layers=4, hidden=(32, 32))
+        fit_reverse_kl(flow, energy, num_steps=args.es_flow_steps, num_samples=256, lr=5e-3)
+        flow_secs = time.perf_counter() - start
+        for name, cls in (("FlowNUTS", FlowNUTS), ("FlowHMC", FlowHMC)):
+            # a trajectory near 2 avoids the ~2π period of a whitened Gaussian (HMC only)
+            kwargs = {"trajectory_length": 2.0} if cls is FlowHMC else {}
+            mcmc, secs = _timed_run(
+                cls(eight_schools_noncentered, flow=flow, **kwargs),
+                args.es_samples,
+                args.es_warmup,
+                args=model_args,
+            )
+            runs[f"{name} (incl. {flow_secs:.0f} s flow fit)"] = (mcmc, secs + flow_secs)
+        kernel = AdaptiveFlowMCMC(
+            eight_schools_noncentered, num_particles=32, production_local_steps=0
+        )
+        runs["AdaptiveFlowMCMC"] = _timed_run(kernel, 10 * args.es_samples, 400, args=model_args)
+        for name, (mcmc, secs) in runs.items():
+            results.setdefault(name.split(" (")[0], []).append(_min_ess(mcmc) / secs)
+    base = statistics.median(results["Pyro NUTS"])
+    print("| method | median min bulk ESS/s | ratio to NUTS |")
+    print("|---|---|---|")
+    for name, v in results.items():
+        med = statistics.median(v)
+        print(f"| {name} | {med:.1f} | {med / base:.2f} |")
+
+
+def _min_ess(mcmc) -> float:
+    samples = mcmc.get_samples(group_by_chain=True)
+    ess = []
+    for v in samples.values():
+        arr = v.reshape(v.shape[0], v.shape[1], -1).double().numpy()
+        for j in range(arr.shape[-1]):
+            ess.append(float(az.ess(np.ascontiguousarray(arr[..., j]), method="bulk")))
+    return min(ess)
+
+
+# -- 3. driver overhead ------------------------------------------------------------------------
+class _Gauss2D(pyro_ebm.EnergyModel):
+    def __init__(self):
+        super().__init__(2)
+
+    def energy(self, x):
+        return 0.5 * (x**2).sum(-1)
+
+
+def _model_2d():
+    x = pyro.sample("x", dist.Normal(torch.zeros(2), 3.0).to_event(1))
+    pyro.factor("energy", -0.5 * (x**2).sum() + (0.5 * (x / 3.0) ** 2).sum())
+
+
+def bench_overhead(repeats, args) -> None:
+    print("\n## 3. driver overhead on a 2-D Gaussian: ms per MCMC step\n")
+    flow = RealNVP(2, num_layers=4, hidden=(32, 32))
+    n = args.overhead_steps
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        cases = {
+            "RandomWalkKernel (model)": lambda: _timed_run(RandomWalkKernel(_model_2d), n, 0),
+            "FlowIMH (model)": lambda: _timed_run(FlowIMH(_model_2d, flow=flow), n, 0),
+            "FlowIMH (potential_fn)": lambda: _timed_run(
+                FlowIMH(potential_fn=pyro_ebm.potential_fn(_Gauss2D()), flow=flow), n, 0
+            ),
+        }
+        for name, fn in cases.items():
+            _, secs = fn()
+            times.setdefault(name, []).append(1000 * secs / n)
+    base = statistics.median(times["RandomWalkKernel (model)"])
+    print("| kernel | median ms/step | ratio to RandomWalkKernel |")
+    print("|---|---|---|")
+    for name, v in times.items():
+        med = statistics.median(v)
+        print(f"| {name} | {med:.3f} | {med / base:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--num-particles", type=int, default=64)
+    parser.add_argument("--warmup-steps", type=int, default=400)
+    parser.add_argument("--num-samples", type=int, default=24000)
+    parser.add_argument("--nuts-samples", type=int, default=500)
+    parser.add_argument("--es-seeds", type=int, default=3)
+    parser.add_argument("--es-samples", type=int, default=1000)
+    parser.add_argument("--es-warmup", type=int, default=500)
+    parser.add_argument("--es-flow-steps", type=int, default=1000)
+    parser.add_argument("--overhead-steps", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if 1 in args.only:
+        bench_imbalanced(args.dims, args.seeds, args)
+    if 2 in args.only:
+        bench_eight_schools(args.es_seeds, args)
+    if 3 in args.only:
+        bench_overhead(args.repeats, args)
+
+
+if __name__ == "__main__":
+    main()
