@@ -60,15 +60,18 @@ def bench_imbalanced(dims, seeds, args) -> None:
         rows = {"AdaptiveFlowMCMC": [], "Pyro NUTS (4 chains)": []}
         for seed in range(seeds):
             pyro.set_rng_seed(seed)
+            # d > 16: more walkers and local moves to train the flow, and one MALA move per
+            # i-SIR move after warmup (pure i-SIR chains got stuck on flow-density holes)
+            high = d > 16
             kernel = AdaptiveFlowMCMC(
                 potential_fn=pot,
+                num_walkers=128 if high else 64,
                 num_particles=args.num_particles,
-                num_local_steps=3,
-                production_local_steps=0,
+                num_local_steps=5 if high else 3,
+                production_local_steps=1 if high else 0,
             )
-            mcmc, secs = _timed_run(
-                kernel, args.num_samples, args.warmup_steps, {"x": torch.zeros(d)}
-            )
+            warmup, samples = (600, 16000) if high else (args.warmup_steps, args.num_samples)
+            mcmc, secs = _timed_run(kernel, samples, warmup, {"x": torch.zeros(d)})
             rows["AdaptiveFlowMCMC"].append(_weight_row(mcmc, target, secs))
 
             pyro.set_rng_seed(seed)

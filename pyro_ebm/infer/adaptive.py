@@ -39,7 +39,11 @@ class AdaptiveFlowMCMC(WalkerKernel):
     (a given ``flow`` is deep-copied per chain, so chains stay independent and the argument is
     not modified; the last chain's trained flow is :attr:`flow_`). Warmup must be long enough for
     the flow to learn the target: about 100 global-local cycles, i.e. ``warmup_steps`` of
-    ``100 * (num_local_steps + 1)``, is a good start in up to ~64 dimensions.
+    ``100 * (num_local_steps + 1)``, is a good start in up to ~16 dimensions. Above that, give the
+    flow more to learn from and the chain a way off flow-density holes: in 64 dimensions
+    ``num_walkers=128, num_local_steps=5, warmup_steps=600, production_local_steps=1`` recovered
+    the weights of ``imbalanced_pair(64)`` to 0.015, where pure i-SIR chains
+    (``production_local_steps=0``) got stuck (``benchmarks/RESULTS.md``).
 
     :param model: a Pyro model, or ``None``.
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
