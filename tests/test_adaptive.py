@@ -96,6 +96,8 @@ def test_adaptive_bad_arguments():
         AdaptiveFlowSampler(two_to_one().potential, local_move="rwm")
     with pytest.raises(ValueError, match="num_particles"):
         AdaptiveFlowSampler(two_to_one().potential, num_particles=1)
+    with pytest.raises(ValueError, match="num_adapt_steps"):
+        AdaptiveFlowSampler(two_to_one().potential).run(torch.zeros(4, 2), 0, 0)
 
 
 if __name__ == "__main__":  # seed validation: python tests/test_adaptive.py 30

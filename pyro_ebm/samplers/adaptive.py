@@ -234,6 +234,11 @@ class AdaptiveFlowSampler:
         :param x0: initial walkers ``(C, D)``, spread widely enough to touch every mode's basin.
         :param progress: show a tqdm progress bar with the acceptance rates.
         """
+        if num_adapt_steps < 0 or num_samples < 0 or num_adapt_steps + num_samples == 0:
+            raise ValueError(
+                "num_adapt_steps and num_samples must be >= 0 with a positive sum, got "
+                f"{num_adapt_steps} and {num_samples}"
+            )
         state = self.init(x0)
         g_acc, l_acc, samples = [], [], []
         bar = tqdm(
@@ -251,8 +256,6 @@ class AdaptiveFlowSampler:
             bar.set_postfix(glob=f"{g_acc[-1]:.2f}", loc=f"{l_acc[-1]:.2f}", refresh=False)
             bar.update()
         bar.close()
-        if num_adapt_steps == num_samples == 0:
-            raise ValueError("num_adapt_steps + num_samples must be positive")
         return AdaptiveRun(
             torch.stack(samples) if samples else x0.new_zeros((0, *x0.shape)),
             torch.stack(g_acc),
