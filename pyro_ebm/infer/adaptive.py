@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from ..samplers import AdaptiveFlowSampler, MoveInfo, WalkerState
-from .base import WalkerKernel
-from .kernels import _check_flow
+from .base import WalkerKernel, check_flow
 
 __all__ = ["AdaptiveFlowMCMC"]
 
@@ -121,7 +120,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
         dim = self.target.layout.dim
         flow = None
         if self.flow is not None:
-            _check_flow(self.flow, dim)
+            check_flow(self.flow, dim)
             flow = copy.deepcopy(self.flow)
         self.sampler = AdaptiveFlowSampler(self.target.potential, flow, **self.sampler_options)
         if x0 is None:

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..samplers import MoveInfo, WalkerState
 from .target import FlatTarget, make_target
 
-__all__ = ["SAMPLE_STATS", "TargetKernel", "WalkerKernel"]
+__all__ = ["SAMPLE_STATS", "TargetKernel", "WalkerKernel", "check_flow"]
 
 #: per-draw statistics every kernel records (see :func:`pyro_ebm.infer.to_arviz`)
 SAMPLE_STATS = ("accept_prob", "accepted", "potential_energy", "is_global", "diverging")
@@ -163,3 +163,12 @@ class WalkerKernel(TargetKernel):
         self._stats["potential_energy"].append(float(info.potential_energy[0]))
         self._stats["is_global"].append(is_global)
         self._stats["diverging"].append(diverging)
+
+
+def check_flow(flow, dim: int) -> None:
+    """Raise if ``flow`` cannot serve as a proposal over the ``dim``-dimensional flat space."""
+    if not (hasattr(flow, "sample_and_log_prob") and hasattr(flow, "log_prob")):
+        raise TypeError("flow must offer sample_and_log_prob(n) and log_prob(x), e.g. RealNVP")
+    flow_dim = getattr(flow, "dim", dim)
+    if flow_dim != dim:
+        raise ValueError(f"flow has dim {flow_dim} but the target has {dim} unconstrained dims")

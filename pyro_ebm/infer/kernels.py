@@ -33,17 +33,9 @@ from ..samplers import (
     isir_step,
     mala_step,
 )
-from .base import WalkerKernel
+from .base import WalkerKernel, check_flow
 
 __all__ = ["MALA", "FlowIMH", "FlowISIR"]
-
-
-def _check_flow(flow, dim: int) -> None:
-    if not (hasattr(flow, "sample_and_log_prob") and hasattr(flow, "log_prob")):
-        raise TypeError("flow must offer sample_and_log_prob(n) and log_prob(x), e.g. RealNVP")
-    flow_dim = getattr(flow, "dim", dim)
-    if flow_dim != dim:
-        raise ValueError(f"flow has dim {flow_dim} but the target has {dim} unconstrained dims")
 
 
 class FlowIMH(WalkerKernel):
@@ -102,7 +94,7 @@ class FlowIMH(WalkerKernel):
         self.defensive_scale = defensive_scale
 
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
-        _check_flow(self.flow, self.target.layout.dim)
+        check_flow(self.flow, self.target.layout.dim)
         proposal = self.flow
         if self.defensive > 0:
             proposal = DefensiveProposal(self.flow, self.defensive, self.defensive_scale)

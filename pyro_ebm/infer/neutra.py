@@ -26,8 +26,7 @@ import torch
 from pyro.infer.mcmc import HMC, NUTS
 from torch import Tensor
 
-from .base import SAMPLE_STATS, TargetKernel
-from .kernels import _check_flow
+from .base import SAMPLE_STATS, TargetKernel, check_flow
 
 __all__ = ["FlowHMC", "FlowNUTS", "LatentPotential"]
 
@@ -75,7 +74,7 @@ class _NeuTraKernel(TargetKernel):
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
         self._build_target(args, kwargs)
-        _check_flow(self.flow, self.target.layout.dim)
+        check_flow(self.flow, self.target.layout.dim)
         self._frozen_flow = copy.deepcopy(self.flow).requires_grad_(False)
         with torch.no_grad():
             if self.target.initial is None:

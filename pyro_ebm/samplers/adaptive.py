@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..flows import RealNVP, forward_kl_step
 from .adaptation import StepSizeAdapter
 from .composite import GlobalLocalInfo, stack_infos
 from .flow_moves import FlowProposals, imh_step, isir_step
@@ -37,8 +38,6 @@ __all__ = ["AdaptiveFlowSampler", "AdaptiveRun", "default_flow"]
 def default_flow(dim: int) -> nn.Module:
     r"""The flow :class:`AdaptiveFlowSampler` builds when none is given: a RealNVP started at the
     identity, sized for the dimension."""
-    from ..flows import RealNVP
-
     width = max(64, 2 * dim)
     return RealNVP(dim, num_layers=6, hidden=(width, width))
 
@@ -189,8 +188,6 @@ class AdaptiveFlowSampler:
             self._buffer = torch.cat([self._buffer[-(self.history - 1) :], x])
 
     def _fit_flow(self) -> None:
-        from ..flows import forward_kl_step
-
         data = self._buffer.reshape(-1, self._buffer.shape[-1])
         for _ in range(self.flow_steps):
             idx = torch.randint(0, data.shape[0], (min(self.flow_batch_size, data.shape[0]),))
