@@ -12,7 +12,18 @@ lives here only.
 from .adaptation import StepSizeAdapter
 from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
 from .composite import GlobalLocalInfo, global_local_step, stack_infos
-from .flow_moves import DefensiveProposal, FlowDraw, FlowProposals, imh_step, isir_step, log_weights
+from .flow_moves import (
+    DefensiveProposal,
+    FlowDraw,
+    FlowProposals,
+    Particles,
+    imh_step,
+    isir_particles,
+    isir_select,
+    isir_step,
+    log_weights,
+)
+from .latent import PullbackPotential
 from .local import hmc_step, mala_step, ula_step
 from .state import MoveInfo, WalkerState, accept_reject, init_state, potential_and_grad
 
@@ -24,6 +35,8 @@ __all__ = [
     "FlowProposals",
     "GlobalLocalInfo",
     "MoveInfo",
+    "Particles",
+    "PullbackPotential",
     "StepSizeAdapter",
     "WalkerState",
     "accept_reject",
@@ -32,6 +45,8 @@ __all__ = [
     "hmc_step",
     "imh_step",
     "init_state",
+    "isir_particles",
+    "isir_select",
     "isir_step",
     "log_weights",
     "mala_step",

@@ -1,4 +1,4 @@
-r"""Metrics for samples of multi-modal targets: mode weights and their Monte Carlo errors.
+r"""Mode weights of samples of multi-modal targets and their Monte Carlo errors.
 
 A point is assigned to a mode by the nearest-mode partition (the nearest mean in Euclidean
 distance), or by the data set's own ``mode_index`` when a data set from
@@ -8,8 +8,6 @@ References:
 
 - Grenioux, Moulines, Gabrié, *Balanced Training of Energy-Based Models with Adaptive Flow
   Sampling* (2023), https://arxiv.org/abs/2306.00684
-- Vehtari, Gelman, Simpson, Carpenter, Bürkner, *Rank-normalization, folding, and localization:
-  an improved R-hat for assessing convergence of MCMC* (2021), https://arxiv.org/abs/1903.08008
 """
 
 from __future__ import annotations

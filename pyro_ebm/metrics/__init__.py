@@ -1,0 +1,32 @@
+r"""Metrics of Grenioux, Moulines, Gabrié (2023) for samplers and trained energy-based models.
+
+- :mod:`~pyro_ebm.metrics.modes`: mode weights of samples, their Monte Carlo errors.
+- :mod:`~pyro_ebm.metrics.density`: the model's own mode weights (2-D grid quadrature or
+  self-normalised importance sampling with a flow), the log-density error against the truth,
+  :math:`\log Z` and held-out NLL by importance sampling.
+- :mod:`~pyro_ebm.metrics.convergence`: rank-normalised split R-hat of many chains.
+"""
+
+from .convergence import max_rhat, rhat
+from .density import (
+    grid_log_density,
+    log_density_error,
+    log_normalizer,
+    model_mode_weights,
+    nll,
+)
+from .modes import mode_indicator_ess, mode_weight_mse, mode_weights, mode_weights_mcse
+
+__all__ = [
+    "grid_log_density",
+    "log_density_error",
+    "log_normalizer",
+    "max_rhat",
+    "mode_indicator_ess",
+    "mode_weight_mse",
+    "mode_weights",
+    "mode_weights_mcse",
+    "model_mode_weights",
+    "nll",
+    "rhat",
+]
