@@ -89,7 +89,7 @@ def rhat(samples: Tensor) -> Tensor:
     """
     x = _split(_check_chains(samples))
     bulk = _rhat(_rank_normalize(x))
-    folded = (x - x.reshape(-1, x.shape[-1]).median(0).values).abs()
+    folded = (x - x.reshape(-1, x.shape[-1]).quantile(0.5, dim=0)).abs()
     tail = _rhat(_rank_normalize(folded))
     return torch.maximum(bulk, tail)
 

@@ -1,0 +1,96 @@
+"""Tests of the model-level metrics (pyro_ebm.metrics.density, .convergence) against closed
+forms and ArviZ."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_ebm.datasets import eight_gaussians, line4, mixture_hd, rings
+from pyro_ebm.flows import Flow
+from pyro_ebm.metrics import (
+    grid_log_density,
+    log_density_error,
+    log_normalizer,
+    max_rhat,
+    model_mode_weights,
+    nll,
+    rhat,
+)
+
+
+def test_rhat_matches_arviz_rank_rhat():
+    az = pytest.importorskip("arviz")
+    torch.manual_seed(0)
+    x = torch.randn(6, 200, 4)
+    x[:2, :, 1] += 0.7  # two chains shifted
+    x[:, :, 2] = x[:, :, 2].round()  # ties
+    x[:, :, 3] = x[:, :, 3].exp()  # skewed
+    ours = rhat(x).numpy()
+    ref = np.array([float(az.rhat(x[:, :, j].numpy(), method="rank")) for j in range(4)])
+    np.testing.assert_allclose(ours, ref, rtol=1e-10)
+    assert max_rhat(x) == pytest.approx(ref.max())
+
+
+def test_rhat_flags_chains_stuck_in_different_modes():
+    torch.manual_seed(0)
+    ds = mixture_hd(16)
+    good = ds.sample(128 * 50).reshape(128, 50, 16)  # iid: every chain sees every mode
+    stuck = ds.means[torch.arange(128) % 4][:, None, :] + torch.randn(128, 50, 16)
+    assert max_rhat(good) < 1.05
+    # each coordinate's chain means are +-a (a = 1.39) around within-chain sd 1:
+    # R-hat ~ sqrt(1 + a^2) / ... ~ 1.57 for chains spread evenly over the four modes
+    assert max_rhat(stuck) > 1.4
+
+
+def test_grid_mode_weights_and_log_density_error_of_the_truth():
+    for ds in (line4(), eight_gaussians(), rings()):
+        w = model_mode_weights(ds.potential, ds)
+        assert torch.allclose(w.double(), ds.weights, atol=2e-3), ds
+        assert log_density_error(ds.potential, ds) < 1e-4
+
+
+def test_log_density_error_of_a_wrong_model_is_its_log_ratio():
+    ds = line4()
+    # the truth tilted by a constant energy offset on the right half: error = offset^2 mostly
+    tilted = lambda x: ds.potential(x) + 0.5 * (x[:, 0] > 0)  # noqa: E731
+    err = log_density_error(tilted, ds)
+    # after renormalisation the log-ratio is 0.5 - log Z' on the right and -log Z' on the left
+    log_zp = math.log(0.3 + 0.7 * math.exp(-0.5))
+    expected = sorted([(0.5 + log_zp) ** 2] * 7 + [log_zp**2] * 3)[3]  # median at 70/30 split
+    assert err == pytest.approx(expected, rel=1e-2)
+
+
+def test_snis_mode_weights_in_high_dimension():
+    torch.manual_seed(0)
+    ds = mixture_hd(8)
+    proposal = Flow(8, base_scale=3.0)  # broad Gaussian covering all four modes
+    w = model_mode_weights(ds.potential, ds, flow=proposal, num_samples=200_000)
+    assert torch.allclose(w.double(), ds.weights, atol=0.03)
+    with pytest.raises(ValueError, match="flow"):
+        model_mode_weights(ds.potential, ds)
+    with pytest.raises(ValueError, match="method"):
+        model_mode_weights(ds.potential, ds, flow=proposal, method="exact")
+
+
+def test_log_normalizer_and_nll_of_a_gaussian():
+    torch.manual_seed(0)
+    scale = torch.tensor([0.5, 2.0, 1.0])
+    U = lambda x: 0.5 * ((x / scale) ** 2).sum(-1)  # noqa: E731
+    true_log_z = float(scale.log().sum() + 1.5 * math.log(2 * math.pi))
+    log_z, se = log_normalizer(U, Flow(3, base_scale=2.0), num_samples=100_000)
+    assert abs(log_z - true_log_z) < 4 * se
+    data = torch.randn(2000, 3) * scale
+    value, se_nll = nll(U, data, Flow(3, base_scale=2.0), num_samples=100_000)
+    exact = float(U(data).mean()) + true_log_z
+    assert abs(value - exact) < 4 * se_nll
+
+
+def test_grid_bounds_are_checked():
+    with pytest.raises(ValueError, match="bounds"):
+        grid_log_density(lambda x: x.sum(-1), bounds=(1.0, -1.0))
+    with pytest.raises(ValueError, match="resolution"):
+        grid_log_density(lambda x: x.sum(-1), resolution=1)
