@@ -276,6 +276,53 @@ def test_interruption_writes_a_checkpoint(tmp_path):
     assert torch.equal(state["energy"]["net.0.weight"], trainer.energy.net[0].weight)
 
 
+def test_average_last_is_the_mean_of_the_last_iterates():
+    """average_last=0.5 over 10 steps: the final energy is the mean of the iterates after steps
+    6..10 of the same run without averaging (constant learning rate, so that running step by
+    step follows the same trajectory)."""
+    data = two_to_one().sample(300, torch.Generator().manual_seed(0))
+
+    def make(avg):
+        torch.manual_seed(0)
+        return EBMTrainer(
+            MLPEnergy(2, hidden=(8,)),
+            flow=RealNVP(2, num_layers=1, hidden=(8,)),
+            num_walkers=16,
+            lr=1e-2,
+            lr_schedule="constant",
+            average_last=avg,
+            seed=0,
+        )
+
+    averaged = make(0.5)
+    averaged.fit(data, num_steps=10, batch_size=16, progress=False)
+    plain = make(0.0)
+    iterates = []
+    for n in range(1, 11):
+        plain.fit(data, num_steps=n, batch_size=16, progress=False)
+        if n >= 6:
+            iterates.append([p.detach().clone() for p in plain.energy.parameters()])
+    for i, p in enumerate(averaged.energy.parameters()):
+        mean = torch.stack([it[i] for it in iterates]).mean(0)
+        assert torch.allclose(p, mean, atol=1e-12)
+    assert not torch.equal(next(averaged.energy.parameters()), iterates[-1][0])
+    with pytest.raises(ValueError, match="average_last"):
+        EBMTrainer(MLPEnergy(2), average_last=1.0)
+
+
+def test_run_sampler_returns_chains_of_negatives():
+    data = two_to_one().sample(300, torch.Generator().manual_seed(0))
+    trainer = _trainer()
+    with pytest.raises(RuntimeError, match="fit"):
+        trainer.run_sampler(3)
+    trainer.fit(data, num_steps=3, batch_size=32, progress=False)
+    before = [p.clone() for p in trainer.energy.parameters()]
+    chain = trainer.run_sampler(5)
+    assert chain.shape == (5, 32, 2)
+    assert torch.equal(chain[-1], trainer.walkers)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.energy.parameters()))
+
+
 def test_history_json_and_csv(tmp_path):
     h = History()
     h.append({"step": 1, "loss": 0.5, "w": [0.25, 0.75]})

@@ -41,7 +41,7 @@ from pyro_ebm.metrics import mode_weights, model_mode_weights
 
 from .checkpoint import atomic_save, load_checkpoint
 from .history import History
-from .negatives import NegativeSampler, make_sampler
+from .negatives import CDNegatives, NegativeSampler, make_sampler
 
 __all__ = ["EBMTrainer", "contrastive_loss"]
 
@@ -134,6 +134,10 @@ class EBMTrainer:
         metrics recorded in the history (optional).
     :param sampler_kwargs: arguments of the sampler (e.g. ``num_particles``, ``num_mala_steps``,
         ``step_size``); see :mod:`pyro_ebm.train.negatives`.
+    :param average_last: fraction of the training steps, at the end, over which the energy's
+        parameters are averaged (Polyak-Ruppert averaging); the average replaces the energy's
+        parameters after the last step. 0 (default) keeps the last iterate. Averaging smooths
+        out the gradient noise that moves the mode weights from step to step.
     :param flow_pretrain_steps: reverse-KL steps fitting the flow to the initial model before
         training (0 by default: at initialisation they already agree).
     :param seed: seeds torch's global generator at construction (and so the whole run).
@@ -172,6 +176,7 @@ class EBMTrainer:
         max_grad_norm: float | None = None,
         target: Any = None,
         sampler_kwargs: dict | None = None,
+        average_last: float = 0.0,
         flow_pretrain_steps: int = 0,
         seed: int | None = None,
         device: str | torch.device | None = None,
@@ -195,6 +200,11 @@ class EBMTrainer:
         self.max_grad_norm = (
             None if max_grad_norm is None else _positive("max_grad_norm", max_grad_norm)
         )
+        if isinstance(average_last, bool) or not 0.0 <= average_last < 1.0:
+            raise ValueError(f"average_last must lie in [0, 1), got {average_last!r}")
+        self.average_last = float(average_last)
+        self._average: list[Tensor] | None = None
+        self._average_count = 0
         self.flow_pretrain_steps = _int("flow_pretrain_steps", flow_pretrain_steps, 0)
         self.target = target
         if seed is not None:
@@ -331,6 +341,25 @@ class EBMTrainer:
             record["walker_weights"] = w_walk.tolist()
         return record
 
+    def run_sampler(self, num_steps: int, data: Tensor | None = None) -> Tensor:
+        r"""Run the negative sampler on the current (frozen) model and flow, and return the
+        walkers after each step, ``(num_steps, num_walkers, dim)``: chains of negatives for the
+        negatives-versus-model metrics (mode weights counted over many chain states, R-hat of
+        the chains). The walkers keep their final positions.
+
+        :param data: data batch for samplers that start from data (``"cd"``).
+        """
+        num_steps = _int("num_steps", num_steps, 1)
+        if not self._ready:
+            raise RuntimeError("run_sampler() needs a trained model: call fit() first")
+        if data is None and isinstance(self.sampler, CDNegatives):
+            raise ValueError("data must be given for the 'cd' sampler")
+        chain = []
+        for _ in range(num_steps):
+            self.sampler.sample(self.potential, self.flow, data)
+            chain.append(self.walkers.detach())
+        return torch.stack(chain)
+
     def _record(self, eval_samples: int, lr_factor: float) -> dict:
         record: dict[str, Any] = {
             "step": self.step,
@@ -409,6 +438,7 @@ class EBMTrainer:
                 start = time.perf_counter()
                 factor = self._lr_factor(num_steps)
                 self._train_step(data, batch_size, num_steps)
+                self._update_average(num_steps)
                 self.elapsed += time.perf_counter() - start
                 if self.step % eval_every == 0 or self.step == num_steps:
                     record = self._record(eval_samples, factor)
@@ -431,6 +461,21 @@ class EBMTrainer:
             if bar is not None:
                 bar.close()
         return self.history
+
+    @torch.no_grad()
+    def _update_average(self, num_steps: int) -> None:
+        if not self.average_last or self.step <= num_steps * (1.0 - self.average_last):
+            return
+        params = [p.detach() for p in self.energy.parameters()]
+        if self._average is None:
+            self._average, self._average_count = [p.clone() for p in params], 1
+        else:
+            self._average_count += 1
+            for a, p in zip(self._average, params, strict=True):
+                a.add_((p - a) / self._average_count)
+        if self.step == num_steps:  # the average becomes the trained energy
+            for a, p in zip(self._average, self.energy.parameters(), strict=True):
+                p.copy_(a)
 
     def _sampler_name(self) -> str:
         from .negatives import SAMPLERS
@@ -464,6 +509,7 @@ class EBMTrainer:
             "sampler": self.sampler.state_dict(),
             "history": self.history.records,
             "window": self._window,
+            "average": (self._average, self._average_count),
             "rng": torch.get_rng_state(),
         }
         if self.device.type == "cuda":
@@ -490,6 +536,7 @@ class EBMTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.history = History(state["history"])
         self._window = state["window"]
+        self._average, self._average_count = state["average"]
         self.step = state["step"]
         self.elapsed = state["elapsed"]
         torch.set_rng_state(state["rng"].cpu())
