@@ -320,7 +320,7 @@ def test_run_sampler_returns_chains_of_negatives():
     chain = trainer.run_sampler(5)
     assert chain.shape == (5, 32, 2)
     assert torch.equal(chain[-1], trainer.walkers)
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.energy.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.energy.parameters(), strict=True))
 
 
 def test_history_json_and_csv(tmp_path):
