@@ -219,7 +219,8 @@ class EBMTrainer:
         self.elapsed = 0.0
         self.history = History()
         self._ready = False
-        self._window: dict[str, list] = {}
+        self._window: dict[str, list] = {}  # per-step statistics since the last record
+        self._neg_counts: Tensor | None = None  # mode counts of the negatives since then
 
     # ------------------------------------------------------------------ model and state
     @property
@@ -318,15 +319,15 @@ class EBMTrainer:
             counts = torch.zeros(k, dtype=torch.float64).index_add_(
                 0, self.target.mode_index(negatives).reshape(-1).cpu(), w_neg.double().cpu()
             )
-            prev = self._window.get("_neg_counts", [torch.zeros_like(counts)])[0]
-            self._window["_neg_counts"] = [prev + counts]
+            self._neg_counts = counts if self._neg_counts is None else self._neg_counts + counts
         self.step += 1
 
     @torch.no_grad()
     def evaluate(self, eval_samples: int = 20_000) -> dict:
         r"""Metrics of the current model: with a ``target``, the model's mode weights (2-D grid
         quadrature, else self-normalised importance sampling with the flow), their MSE against
-        the true weights, and the MSE of the negatives' weights against the model's."""
+        the true weights, and the walkers' mode weights. (The history's ``neg_weights`` and
+        ``neg_vs_model_mse`` count every negative since the previous record.)"""
         record: dict[str, Any] = {}
         if self.target is None or not hasattr(self.target, "weights"):
             return record
@@ -366,13 +367,13 @@ class EBMTrainer:
             "time": round(self.elapsed, 3),
             "lr": self.lr * lr_factor,
         }
-        counts = self._window.pop("_neg_counts", None)
+        counts, self._neg_counts = self._neg_counts, None
         for key, values in sorted(self._window.items()):
             record[key] = float(sum(values) / len(values))
         self._window = {}
         record.update(self.evaluate(eval_samples))
         if counts is not None:
-            w_neg = (counts[0].double() / counts[0].sum()).tolist()
+            w_neg = (counts / counts.sum()).tolist()
             record["neg_weights"] = w_neg
             if "model_weights" in record:
                 record["neg_vs_model_mse"] = float(
@@ -508,7 +509,7 @@ class EBMTrainer:
             "flow_opt": self.flow_opt.state_dict(),
             "sampler": self.sampler.state_dict(),
             "history": self.history.records,
-            "window": self._window,
+            "window": (self._window, self._neg_counts),
             "average": (self._average, self._average_count),
             "rng": torch.get_rng_state(),
         }
@@ -535,7 +536,7 @@ class EBMTrainer:
         self.flow_opt.load_state_dict(state["flow_opt"])
         self.sampler.load_state_dict(state["sampler"])
         self.history = History(state["history"])
-        self._window = state["window"]
+        self._window, self._neg_counts = state["window"]
         self._average, self._average_count = state["average"]
         self.step = state["step"]
         self.elapsed = state["elapsed"]
