@@ -5,7 +5,8 @@
    flow training included), over seeds.
 2. posteriordb's eight schools (non-centered): bulk ESS per second (min over parameters) of
    FlowHMC, FlowNUTS, AdaptiveFlowMCMC and Pyro's NUTS, as ratios to NUTS measured in one run.
-   The flow of FlowHMC/FlowNUTS is fitted by reverse KL first; that time is counted.
+   The flow of FlowHMC/FlowNUTS is fitted by reverse KL first; that time is counted. The rows
+   with ``jit_compile=True`` are also compared with Pyro's NUTS with ``jit_compile=True``.
 3. Driver overhead: ms per step of FlowIMH vs Pyro's RandomWalkKernel on the same 2-D target
    (a Pyro model for both), and of FlowIMH on a bare ``potential_fn``.
 
@@ -30,7 +31,7 @@ from pyro.infer import MCMC, NUTS, RandomWalkKernel
 
 import pyro_ebm
 from pyro_ebm.datasets import imbalanced_pair
-from pyro_ebm.flows import RealNVP
+from pyro_ebm.flows import AffineFlow, RealNVP
 from pyro_ebm.infer import AdaptiveFlowMCMC, FlowHMC, FlowIMH, FlowNUTS
 from pyro_ebm.metrics import mode_weights_mcse
 
@@ -110,32 +111,64 @@ def bench_eight_schools(seeds, args) -> None:
         runs["Pyro NUTS"] = _timed_run(
             NUTS(eight_schools_noncentered), args.es_samples, args.es_warmup, args=model_args
         )
+        # second baseline for the jit-compiled kernels below: Pyro's NUTS with its own jit
+        runs["Pyro NUTS (jit)"] = _timed_run(
+            NUTS(eight_schools_noncentered, jit_compile=True, ignore_jit_warnings=True),
+            args.es_samples,
+            args.es_warmup,
+            args=model_args,
+        )
         start = time.perf_counter()
         flow = RealNVP(energy.dim, num_layers=4, hidden=(32, 32))
         fit_reverse_kl(flow, energy, num_steps=args.es_flow_steps, num_samples=256, lr=5e-3)
         flow_secs = time.perf_counter() - start
-        for name, cls in (("FlowNUTS", FlowNUTS), ("FlowHMC", FlowHMC)):
-            # a trajectory near 2 avoids the ~2π period of a whitened Gaussian (HMC only)
-            kwargs = {"trajectory_length": 2.0} if cls is FlowHMC else {}
+        # a cheap flow: a Gaussian, x = mean + L z (L lower-triangular), one matmul per gradient
+        start = time.perf_counter()
+        cheap = AffineFlow(energy.dim)
+        fit_reverse_kl(cheap, energy, num_steps=args.es_cheap_flow_steps, num_samples=256, lr=2e-2)
+        cheap_secs = time.perf_counter() - start
+        # the same after 2 small coupling layers (for FlowNUTS)
+        start = time.perf_counter()
+        cheap2 = AffineFlow(energy.dim, num_coupling_layers=2, hidden=(16, 16))
+        fit_reverse_kl(cheap2, energy, num_steps=args.es_cheap_flow_steps, num_samples=256, lr=2e-2)
+        cheap2_secs = time.perf_counter() - start
+        jit = {"jit_compile": True}
+        variants = (
+            ("FlowNUTS", FlowNUTS, flow, flow_secs, {}),
+            ("FlowHMC", FlowHMC, flow, flow_secs, {}),
+            ("FlowHMC, AffineFlow", FlowHMC, cheap, cheap_secs, {}),
+            ("FlowHMC jit, AffineFlow", FlowHMC, cheap, cheap_secs, jit),
+            ("FlowNUTS jit, AffineFlow", FlowNUTS, cheap, cheap_secs, jit),
+            ("FlowNUTS jit, AffineFlow+2 couplings", FlowNUTS, cheap2, cheap2_secs, jit),
+        )
+        for name, cls, fl, fit_secs, kwargs in variants:
+            if cls is FlowHMC:
+                # a trajectory near 2 avoids the ~2π period of a whitened Gaussian
+                kwargs = {"trajectory_length": 2.0, **kwargs}
             mcmc, secs = _timed_run(
-                cls(eight_schools_noncentered, flow=flow, **kwargs),
+                cls(eight_schools_noncentered, flow=fl, **kwargs),
                 args.es_samples,
                 args.es_warmup,
                 args=model_args,
             )
-            runs[f"{name} (incl. {flow_secs:.0f} s flow fit)"] = (mcmc, secs + flow_secs)
+            runs[f"{name} (incl. {fit_secs:.1f} s flow fit)"] = (mcmc, secs + fit_secs)
         kernel = AdaptiveFlowMCMC(
             eight_schools_noncentered, num_particles=32, production_local_steps=0
         )
         runs["AdaptiveFlowMCMC"] = _timed_run(kernel, 10 * args.es_samples, 400, args=model_args)
         for name, (mcmc, secs) in runs.items():
-            results.setdefault(name.split(" (")[0], []).append(_min_ess(mcmc) / secs)
+            ess = _min_ess(mcmc)
+            print(f"seed {seed}: {name}: {secs:.1f} s, min bulk ESS {ess:.0f}", flush=True)
+            results.setdefault(name.split(" (incl.")[0], []).append(ess / secs)
     base = statistics.median(results["Pyro NUTS"])
-    print("| method | median min bulk ESS/s | ratio to NUTS |")
-    print("|---|---|---|")
+    base_jit = statistics.median(results["Pyro NUTS (jit)"])
+    print("\n| method | ESS/s per seed | median min bulk ESS/s | ratio to NUTS", end="")
+    print(" | ratio to NUTS (jit) |")
+    print("|---|---|---|---|---|")
     for name, v in results.items():
         med = statistics.median(v)
-        print(f"| {name} | {med:.1f} | {med / base:.2f} |")
+        per_seed = " ".join(f"{x:.1f}" for x in v)
+        print(f"| {name} | {per_seed} | {med:.1f} | {med / base:.2f} | {med / base_jit:.2f} |")
 
 
 def _min_ess(mcmc) -> float:
@@ -199,6 +232,7 @@ def main() -> None:
     parser.add_argument("--es-samples", type=int, default=1000)
     parser.add_argument("--es-warmup", type=int, default=500)
     parser.add_argument("--es-flow-steps", type=int, default=1000)
+    parser.add_argument("--es-cheap-flow-steps", type=int, default=300)
     parser.add_argument("--overhead-steps", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

@@ -22,8 +22,10 @@ import copy
 from collections import OrderedDict
 from collections.abc import Callable
 
+import pyro
 import torch
 from pyro.infer.mcmc import HMC, NUTS
+from pyro.util import ignore_jit_warnings
 from torch import Tensor
 
 from .base import SAMPLE_STATS, TargetKernel, check_flow
@@ -36,15 +38,46 @@ class LatentPotential:
 
     :param potential: batched potential over flat vectors, ``(C, dim) -> (C,)``.
     :param flow: a :class:`pyro_ebm.flows.Flow` (``forward(z) -> (x, log|det J|)``).
+    :param bool jit_compile: trace ``z -> U(T(z)) - log|det J_T(z)|`` with
+        :func:`torch.jit.trace` on the first call (as Pyro's ``jit_compile`` does for a model's
+        potential): the Python of Pyro's model trace and of the flow runs once, later calls run
+        the recorded graph. Only valid when the potential has no data-dependent control flow.
+    :param dict jit_options: keyword arguments of :func:`torch.jit.trace` (default
+        ``{"check_trace": False}``).
     """
 
-    def __init__(self, potential: Callable[[Tensor], Tensor], flow) -> None:
+    def __init__(
+        self,
+        potential: Callable[[Tensor], Tensor],
+        flow,
+        jit_compile: bool = False,
+        jit_options: dict | None = None,
+    ) -> None:
         self.potential = potential
         self.flow = flow
+        self.jit_compile = bool(jit_compile)
+        self.jit_options = {"check_trace": False} if jit_options is None else dict(jit_options)
+        self._compiled = None
+
+    def _latent_potential(self, z: Tensor) -> Tensor:
+        x, log_det = self.flow.forward(z[None])
+        return (self.potential(x) - log_det)[0]
 
     def __call__(self, params: dict[str, Tensor]) -> Tensor:
-        x, log_det = self.flow.forward(params["z"][None])
-        return (self.potential(x) - log_det)[0]
+        z = params["z"]
+        if not self.jit_compile:
+            return self._latent_potential(z)
+        if self._compiled is None:
+            # ignore_jit_warnings only acts while tracing: it wraps the traced function
+            fn = ignore_jit_warnings()(self._latent_potential)
+            with pyro.validation_enabled(False):
+                self._compiled = torch.jit.trace(fn, (z,), **self.jit_options)
+        return self._compiled(z)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_compiled"] = None  # traced graphs do not pickle: traced again on first call
+        return state
 
 
 class _NeuTraKernel(TargetKernel):
@@ -82,7 +115,12 @@ class _NeuTraKernel(TargetKernel):
             else:
                 z0, _ = self._frozen_flow.inverse(self.target.initial[None])
         self._inner = self._inner_cls(
-            potential_fn=LatentPotential(self.target.potential, self._frozen_flow),
+            potential_fn=LatentPotential(
+                self.target.potential,
+                self._frozen_flow,
+                jit_compile=self.inner_kwargs.get("jit_compile", False),
+                jit_options=self.inner_kwargs.get("jit_options"),
+            ),
             **self.inner_kwargs,
         )
         self._inner.initial_params = {"z": z0[0]}
@@ -141,7 +179,12 @@ class FlowHMC(_NeuTraKernel):
         ``trajectory_length``, ``adapt_step_size``, ``adapt_mass_matrix``, ...). When neither
         ``num_steps`` nor ``trajectory_length`` is given, ``trajectory_length=2`` replaces Pyro's
         default 2π, which is a full period of the standard Gaussian a good flow's latent space
-        resembles (the chain would come back where it started).
+        resembles (the chain would come back where it started). ``jit_compile=True`` (and
+        ``jit_options``) traces the whole latent potential, model and flow, with
+        :func:`torch.jit.trace` (see :class:`LatentPotential`); Pyro's own option would be
+        ignored, since the inner kernel gets a ``potential_fn``. On small models the Python of
+        Pyro's model trace dominates each gradient (~1 ms for eight schools, ~0.25 ms traced),
+        so this is the main speed option; compare with Pyro's NUTS with ``jit_compile=True``.
 
     Example::
 

@@ -1,0 +1,132 @@
+"""The speed options of the NeuTra kernels: ``AffineFlow`` and ``jit_compile=True``."""
+
+import pickle
+
+import pyro
+import pytest
+import torch
+from pyro.ops.integrator import potential_grad
+from test_kernels import _assert_within_mcse, gauss_chains, gauss_target, moment_series
+
+import pyro_ebm
+from pyro_ebm.flows import AffineFlow, fit_reverse_kl
+from pyro_ebm.infer import FlowHMC, FlowNUTS, LatentPotential
+from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
+
+MODEL_ARGS = (
+    EIGHT_SCHOOLS_DATA["J"],
+    torch.tensor(EIGHT_SCHOOLS_DATA["y"]),
+    torch.tensor(EIGHT_SCHOOLS_DATA["sigma"]),
+)
+
+
+def _perturbed(flow, scale=0.3):
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return flow
+
+
+@pytest.mark.parametrize("full, couplings", [(True, 0), (False, 0), (True, 2)])
+def test_affine_flow_inverse_logdet_and_identity_at_init(full, couplings):
+    flow = AffineFlow(4, full=full, num_coupling_layers=couplings, hidden=(8,))
+    z = torch.randn(16, 4)
+    assert torch.equal(flow.forward(z)[0], z) and torch.equal(flow.forward(z)[1], torch.zeros(16))
+    _perturbed(flow)
+    x, ladj = flow.forward(z)
+    z2, ladj_inv = flow.inverse(x)
+    assert torch.allclose(z2, z, atol=1e-10) and torch.allclose(ladj_inv, -ladj, atol=1e-10)
+    assert (x - z).abs().max() > 1e-2
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(lambda v: flow.forward(v)[0], z[i])
+        assert torch.allclose(torch.linalg.slogdet(jac)[1], ladj[i], atol=1e-10)
+    tril = flow.scale_tril
+    assert torch.equal(tril, tril.tril()) and (tril.diagonal() > 0).all()
+    if not full:
+        assert torch.equal(tril, torch.diag(tril.diagonal()))
+    if couplings == 0:  # then x = loc + L z exactly
+        assert torch.allclose(x, flow.loc + z @ tril.T, atol=1e-12)
+
+
+def test_affine_flow_fits_a_correlated_gaussian_by_reverse_kl():
+    pot, mean, cov = gauss_target()
+    energy = pot.energy
+    flow = AffineFlow(2)
+    fit_reverse_kl(flow, energy, num_steps=1500, num_samples=256, lr=2e-2)
+    with torch.no_grad():
+        lt = flow.scale_tril
+        assert torch.allclose(flow.loc, mean, atol=0.1)
+        assert torch.allclose(lt @ lt.T, cov, atol=0.15)
+
+
+@pytest.mark.parametrize("target", ["model", "potential_fn"])
+def test_jit_latent_potential_matches_the_python_one_and_pickles(target):
+    if target == "model":
+        potential = pyro_ebm.ModelEnergy(eight_schools_noncentered, MODEL_ARGS)
+        dim = 10
+    else:
+        potential, dim = gauss_target()[0].energy, 2
+    flow = _perturbed(AffineFlow(dim, num_coupling_layers=2, hidden=(8,)), 0.1)
+    flow.requires_grad_(False)
+    plain = LatentPotential(potential, flow)
+    jitted = LatentPotential(potential, flow, jit_compile=True)
+    for _ in range(3):  # traced at the first call, the graph reused on new points
+        z = torch.randn(dim)
+        g0, u0 = potential_grad(plain, {"z": z})
+        g1, u1 = potential_grad(jitted, {"z": z})
+        assert torch.allclose(u0, u1, atol=1e-10)
+        assert torch.allclose(g0["z"], g1["z"], atol=1e-10)
+    assert jitted._compiled is not None
+    clone = pickle.loads(pickle.dumps(jitted))
+    assert clone._compiled is None and clone.jit_compile
+    z = torch.randn(dim)
+    assert torch.allclose(clone({"z": z}), plain({"z": z}), atol=1e-10)
+
+
+def _rough_affine():
+    """An affine flow a bit off the target (location, scales and correlation wrong)."""
+    flow = AffineFlow(2)
+    with torch.no_grad():
+        flow.layers[-1].loc.copy_(torch.tensor([0.7, -0.2]))
+        flow.layers[-1].log_diag.copy_(torch.tensor([0.3, 0.1]))
+        flow.layers[-1].off_diag.fill_(0.2)
+    return flow
+
+
+@pytest.mark.parametrize("cls", [FlowHMC, FlowNUTS])
+def test_jit_neutra_kernels_target_correlated_gaussian(cls):
+    """FlowHMC/FlowNUTS with ``jit_compile=True`` and an imperfect AffineFlow: means and
+    covariance within Bonferroni MCSE bounds (2 chains of 500-600 draws)."""
+    kwargs = {"num_steps": 3} if cls is FlowHMC else {"max_tree_depth": 3}
+    kernel = cls(
+        potential_fn=gauss_target()[0],
+        flow=_rough_affine(),
+        jit_compile=True,
+        adapt_mass_matrix=False,
+        **kwargs,
+    )
+    _assert_within_mcse(moment_series(*gauss_chains(kernel, 0, num_chains=2, num_samples=600)))
+
+
+def test_jit_flow_nuts_on_a_model_with_a_constrained_site():
+    """Eight schools (``tau`` positive) through ``jit_compile=True``: the draws match those of the
+    Python potential to rounding, with the same seed."""
+    flow = AffineFlow(10)
+    fit_reverse_kl(
+        flow, pyro_ebm.ModelEnergy(eight_schools_noncentered, MODEL_ARGS), 100, 64, lr=2e-2
+    )
+    draws = []
+    for jit in (False, True):
+        pyro.set_rng_seed(3)
+        mcmc = pyro.infer.MCMC(
+            FlowNUTS(eight_schools_noncentered, flow=flow, jit_compile=jit),
+            num_samples=20,
+            warmup_steps=20,
+            disable_progbar=True,
+        )
+        mcmc.run(*MODEL_ARGS)
+        draws.append(mcmc.get_samples())
+    assert set(draws[1]) == {"theta_trans", "mu", "tau"} and (draws[1]["tau"] > 0).all()
+    for k in draws[0]:
+        assert torch.allclose(draws[0][k], draws[1][k], atol=1e-6), k
