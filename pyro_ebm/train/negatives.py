@@ -121,11 +121,16 @@ class NegativeSampler:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly (walkers, step sizes)."""
-        return {"walkers": self.walkers}
+        """Everything needed to continue exactly (walkers, adapted step size)."""
+        state = {"walkers": self.walkers}
+        if isinstance(getattr(self, "step", None), _StepSize):
+            state["log_step"] = self.step.log_step
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.walkers = state["walkers"]
+        if "log_step" in state:
+            self.step.log_step = state["log_step"]
 
 
 class AdaptiveFlowNegatives(NegativeSampler):
@@ -195,13 +200,6 @@ class AdaptiveFlowNegatives(NegativeSampler):
         if self.rao_blackwell:
             stats["weights"] = torch.cat(weights) / self.num_blocks / self.num_walkers
         return torch.cat(negatives), stats
-
-    def state_dict(self) -> dict:
-        return {"walkers": self.walkers, "log_step": self.step.log_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.walkers = state["walkers"]
-        self.step.log_step = state["log_step"]
 
 
 class ULANegatives(NegativeSampler):
@@ -296,13 +294,6 @@ class NeutraMALANegatives(NegativeSampler):
         self.walkers = torch.where(ok, x, self.walkers)
         stats = {"local_accept": float(torch.stack(acc).mean()), "step_size": self.step.value}
         return self.walkers, stats
-
-    def state_dict(self) -> dict:
-        return {"walkers": self.walkers, "log_step": self.step.log_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.walkers = state["walkers"]
-        self.step.log_step = state["log_step"]
 
 
 SAMPLERS: dict[str, type[NegativeSampler]] = {
