@@ -94,10 +94,12 @@ def bench_line4(seeds, samplers, chain_steps, steps) -> None:
         "| paper (ours' method / NT-EBM) | s per run |"
     )
     print("|---|---|---|---|---|---|---|")
+    histories = {}
     for sampler in samplers:
         ebm, neg, secs = [], [], []
         for seed in seeds:
             trainer, target, t = train("line4", sampler, seed, steps)
+            histories[(sampler, seed)] = trainer.history
             w_model = torch.tensor(trainer.history.last["model_weights"], dtype=torch.float64)
             ebm.append(float((w_model - target.weights).pow(2).mean()))
             chain = trainer.run_sampler(chain_steps)
@@ -114,6 +116,28 @@ def bench_line4(seeds, samplers, chain_steps, steps) -> None:
             f"{statistics.median(neg):.1e} | {paper_s} | {statistics.median(secs):.0f} |",
             flush=True,
         )
+    _plot_curves(histories, samplers, seeds, load("line4").weights, "benchmarks/line4_weights.png")
+
+
+def _plot_curves(histories, samplers, seeds, truth, path) -> None:
+    """Mode weights vs step, one panel per sampler, one line style per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyro_ebm.train.plots import plot_mode_weights
+
+    fig, axes = plt.subplots(
+        1, len(samplers), figsize=(5 * len(samplers), 4), sharey=True, squeeze=False
+    )
+    for ax, sampler in zip(axes[0], samplers, strict=True):
+        runs = [histories[(sampler, s)] for s in seeds]
+        plot_mode_weights(runs, truth=truth, labels=[f"seed {s}" for s in seeds], ax=ax)
+        ax.set_title(sampler)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"\ncurves: {path}")
 
 
 def bench_density(seeds, samplers, steps) -> None:
@@ -156,35 +180,24 @@ def bench_rhat(dims, seeds, samplers, chain_steps, steps) -> None:
 
 
 def bench_fig1(seeds, steps) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pyro_ebm.train.plots import plot_mode_weights
-
     print("\n## Fig. 1: two_to_one, heavy-mode weight (truth 2/3) during training\n")
     print("| sampler | seed | weight at 25% / 50% / 75% / 100% of training | s |")
     print("|---|---|---|---|")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, sampler in zip(axes, ("adaptive-flow", "ula"), strict=True):
-        histories = []
+    samplers = ("adaptive-flow", "ula")
+    histories = {}
+    for sampler in samplers:
         for seed in seeds:
             trainer, target, t = train("two_to_one", sampler, seed, steps)
-            h = trainer.history
-            histories.append(h)
+            histories[(sampler, seed)] = h = trainer.history
             w = h["model_weights"]
             marks = [w[max(0, len(w) * q // 4 - 1)][1] for q in (1, 2, 3, 4)]
             print(
                 f"| {sampler} | {seed} | {' / '.join(f'{m:.3f}' for m in marks)} | {t:.0f} |",
                 flush=True,
             )
-        plot_mode_weights(
-            histories, truth=target.weights, labels=[f"seed {s}" for s in seeds], ax=ax
-        )
-        ax.set_title(sampler)
-    fig.savefig("benchmarks/fig1_two_to_one.png", dpi=120, bbox_inches="tight")
-    print("\ncurves: benchmarks/fig1_two_to_one.png")
+    _plot_curves(
+        histories, samplers, seeds, load("two_to_one").weights, "benchmarks/fig1_two_to_one.png"
+    )
 
 
 def main() -> None:
