@@ -224,9 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyro-ebm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train an EBM on line4 with adaptive flow vs ULA sampling")
-    _add_training_args(demo, steps=1500, output="pyro-ebm-demo")
+    _add_training_args(demo, steps=2500, output="pyro-ebm-demo")
     train = sub.add_parser("train", help="train an EBM on a built-in data set")
-    _add_training_args(train, steps=3000, output="pyro-ebm-run")
+    _add_training_args(train, steps=4000, output="pyro-ebm-run")
     train.add_argument(
         "--sampler",
         default="adaptive-flow",
