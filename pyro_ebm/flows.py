@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
+from ._checks import check_int as _check_int
+from ._checks import check_positive as _check_positive
+
 __all__ = [
     "AffineFlow",
     "Flow",
@@ -37,18 +40,6 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def _mlp(

@@ -43,6 +43,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from pyro_ebm._checks import check_int as _check_int
+from pyro_ebm._checks import check_positive as _check_positive
 from pyro_ebm.samplers import (
     FlowProposals,
     PullbackPotential,
@@ -65,18 +67,6 @@ __all__ = [
 ]
 
 PotentialFn = Callable[[Tensor], Tensor]
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_step(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive float, got {value!r}")
-    return float(value)
 
 
 class _StepSize:
@@ -171,7 +161,7 @@ class AdaptiveFlowNegatives(NegativeSampler):
         self.num_particles = _check_int("num_particles", num_particles, 2)
         self.num_mala_steps = _check_int("num_mala_steps", num_mala_steps, 0)
         self.num_blocks = _check_int("num_blocks", num_blocks, 1)
-        self.step = _StepSize(_check_step("step_size", step_size), target_accept)
+        self.step = _StepSize(_check_positive("step_size", step_size), target_accept)
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
         proposals = FlowProposals(
@@ -216,7 +206,7 @@ class ULANegatives(NegativeSampler):
     def __init__(self, num_steps: int = 5, step_size: float = 1e-2) -> None:
         super().__init__()
         self.num_steps = _check_int("num_steps", num_steps, 1)
-        self.step_size = _check_step("step_size", step_size)
+        self.step_size = _check_positive("step_size", step_size)
 
     def _langevin(self, potential_fn: PotentialFn, x: Tensor) -> tuple[Tensor, dict]:
         state = init_state(potential_fn, x)
@@ -275,7 +265,7 @@ class NeutraMALANegatives(NegativeSampler):
     ) -> None:
         super().__init__()
         self.num_steps = _check_int("num_steps", num_steps, 1)
-        self.step = _StepSize(_check_step("step_size", step_size), target_accept)
+        self.step = _StepSize(_check_positive("step_size", step_size), target_accept)
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
         latent = PullbackPotential(potential_fn, flow)

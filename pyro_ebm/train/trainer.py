@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_ebm._checks import check_int, check_positive
 from pyro_ebm.energy import EnergyModel, TiltedEnergy
 from pyro_ebm.flows import Flow, RealNVP, fit_reverse_kl, forward_kl_step
 from pyro_ebm.metrics import mode_weights, model_mode_weights
@@ -46,20 +47,6 @@ from .negatives import CDNegatives, NegativeSampler, make_sampler
 __all__ = ["EBMTrainer", "contrastive_loss"]
 
 _SCHEDULES = ("cosine", "constant")
-
-
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def contrastive_loss(
@@ -192,20 +179,20 @@ class EBMTrainer:
         if isinstance(regularization, bool) or not regularization >= 0:
             raise ValueError(f"regularization must be >= 0, got {regularization!r}")
         self.sampler = make_sampler(sampler, **(sampler_kwargs or {}))
-        self.num_walkers = _int("num_walkers", num_walkers, 1)
-        self.lr = _positive("lr", lr)
-        self.flow_lr = self.lr if flow_lr is None else _positive("flow_lr", flow_lr)
+        self.num_walkers = check_int("num_walkers", num_walkers, 1)
+        self.lr = check_positive("lr", lr)
+        self.flow_lr = self.lr if flow_lr is None else check_positive("flow_lr", flow_lr)
         self.lr_schedule = lr_schedule
         self.regularization = float(regularization)
         self.max_grad_norm = (
-            None if max_grad_norm is None else _positive("max_grad_norm", max_grad_norm)
+            None if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
         )
         if isinstance(average_last, bool) or not 0.0 <= average_last < 1.0:
             raise ValueError(f"average_last must lie in [0, 1), got {average_last!r}")
         self.average_last = float(average_last)
         self._average: list[Tensor] | None = None
         self._average_count = 0
-        self.flow_pretrain_steps = _int("flow_pretrain_steps", flow_pretrain_steps, 0)
+        self.flow_pretrain_steps = check_int("flow_pretrain_steps", flow_pretrain_steps, 0)
         self.target = target
         if seed is not None:
             torch.manual_seed(seed)
@@ -350,7 +337,7 @@ class EBMTrainer:
 
         :param data: data batch for samplers that start from data (``"cd"``).
         """
-        num_steps = _int("num_steps", num_steps, 1)
+        num_steps = check_int("num_steps", num_steps, 1)
         if not self._ready:
             raise RuntimeError("run_sampler() needs a trained model: call fit() first")
         if data is None and isinstance(self.sampler, CDNegatives):
@@ -409,15 +396,17 @@ class EBMTrainer:
         :param progress: show a tqdm progress bar with the loss, acceptance and mode weights.
         :returns: the :class:`~pyro_ebm.train.history.History` (also :attr:`history`).
         """
-        num_steps = _int("num_steps", num_steps, 1)
-        batch_size = _int("batch_size", batch_size, 1)
+        num_steps = check_int("num_steps", num_steps, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
         eval_every = (
-            max(1, num_steps // 20) if eval_every is None else _int("eval_every", eval_every, 1)
+            max(1, num_steps // 20)
+            if eval_every is None
+            else check_int("eval_every", eval_every, 1)
         )
         checkpoint_every = (
             eval_every
             if checkpoint_every is None
-            else _int("checkpoint_every", checkpoint_every, 1)
+            else check_int("checkpoint_every", checkpoint_every, 1)
         )
         if resume and checkpoint is None:
             raise ValueError("resume=True needs a checkpoint path")
