@@ -804,3 +804,14 @@ if __name__ == "__main__":  # pragma: no cover
     nums = [int(a) for a in argv if a.isdigit()]
     seeds = range(nums[0], nums[1]) if len(nums) == 2 else range(5 if bug else 30)
     _validate(names, seeds, bug)
+
+
+def test_initial_params_without_the_chain_dimension_get_a_clear_error():
+    """With num_chains=2, initial_params of shape (dim,) reach each chain as a scalar: the target
+    says what to pass instead of failing deep inside the energy."""
+    from pyro_ebm.infer.target import make_target
+
+    pot = pyro_ebm.potential_fn(pyro_ebm.GaussianEnergy(torch.zeros(2)))
+    with pytest.raises(ValueError, match=r"one start per chain, shape \(num_chains, 2\)"):
+        make_target(None, pot, {"x": torch.tensor(0.0)})
+    assert make_target(None, pot, {"x": torch.zeros(2)}).layout.dim == 2

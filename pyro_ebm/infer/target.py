@@ -130,7 +130,16 @@ def make_target(
                 f"initial_params must hold exactly the site {potential_fn.site!r}, "
                 f"got {list(layout.site_names)}"
             )
-        potential = _EnergyOnSite(potential_fn.energy, layout.site_shapes[potential_fn.site])
+        site_shape = layout.site_shapes[potential_fn.site]
+        energy_dim = getattr(potential_fn.energy, "dim", None)
+        if isinstance(energy_dim, int) and site_shape[-1:] != (energy_dim,):
+            raise ValueError(
+                f"initial_params[{potential_fn.site!r}] has shape {tuple(site_shape)} per chain "
+                f"but the energy expects vectors of size {energy_dim}. With num_chains > 1, Pyro "
+                "splits initial_params along its first dimension: pass one start per chain, "
+                f"shape (num_chains, {energy_dim})"
+            )
+        potential = _EnergyOnSite(potential_fn.energy, site_shape)
     else:
         if initial_params is None:
             raise ValueError(
