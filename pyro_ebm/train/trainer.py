@@ -42,7 +42,7 @@ from pyro_ebm.metrics import mode_weights, model_mode_weights
 
 from .checkpoint import atomic_save, load_checkpoint
 from .history import History
-from .negatives import CDNegatives, NegativeSampler, make_sampler
+from .negatives import SAMPLERS, CDNegatives, NegativeSampler, make_sampler
 
 __all__ = ["EBMTrainer", "contrastive_loss"]
 
@@ -468,8 +468,6 @@ class EBMTrainer:
                 p.copy_(a)
 
     def _sampler_name(self) -> str:
-        from .negatives import SAMPLERS
-
         for name, cls in SAMPLERS.items():
             if type(self.sampler) is cls:
                 return name
