@@ -16,9 +16,10 @@ to the identity at initialisation, model and flow agree exactly at the start. Ea
 4. takes one Adam step of the flow on the forward KL (maximum likelihood of the flow on the
    negatives), so the flow keeps following the model.
 
-Both learning rates follow a cosine decay to zero over ``num_steps`` by default: with a constant
-rate the mode weights keep drifting with the gradient noise (the issue's prototype: MSE from
-1e-4 to 5e-3 across seeds), while the decay averages the noise out at the end of training.
+Both learning rates follow a cosine decay to zero over ``num_steps`` by default: the gradient
+noise moves the mode weights by about 0.1 from step to step at a rate of 1e-3 (see
+``benchmarks/line4_weights.png``), and the decay damps these swings over the last quarter of
+training (``line4``: mode-weight MSE about 1e-5 after 4000 steps, ``benchmarks/RESULTS.md``).
 
 Reference: Grenioux, Moulines, Gabrié (2023), "Balanced Training of Energy-Based Models with
 Adaptive Flow Sampling", https://arxiv.org/abs/2306.00684
