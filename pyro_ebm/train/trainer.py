@@ -7,7 +7,8 @@ to the identity at initialisation, model and flow agree exactly at the start. Ea
 1. draws a minibatch :math:`x^+` of data;
 2. moves the negative sampler's walkers on :math:`U = E_\theta - \log\rho` and takes the
    negatives :math:`x^-` (for ``"adaptive-flow"``: blocks of one i-SIR move with flow proposals
-   and ``K`` MALA moves, negatives taken along the chain);
+   and ``K`` MALA moves; the negatives are the walkers' positions after each block, so with
+   ``num_blocks > 1`` they are taken along the chain, not only at its end);
 3. takes one Adam step on the loss
    :math:`\overline{E_\theta(x^+)} - \overline{E_\theta(x^-)} + \lambda\,
    (\overline{E_\theta(x^+)^2} + \overline{E_\theta(x^-)^2})`, whose gradient is the
