@@ -40,7 +40,7 @@ class Dense(EBFlowLayer):
 
         >>> layer = Dense(3)
         >>> y, ld = layer(torch.ones(2, 3))
-        >>> y[0].tolist(), float(layer.log_det())
+        >>> y[0].tolist(), float(layer.log_det().detach())
         ([-1.0, -1.0, -1.0], 0.0)
     """
 
