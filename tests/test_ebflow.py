@@ -123,3 +123,28 @@ def test_score_matching_recovers_a_gaussian_covariance(loss):
     W = model.layers[0].weight.detach()
     cov = torch.linalg.inv(W.T @ W)
     assert torch.allclose(cov, torch.cov(data.T), atol=0.1 * float(torch.cov(data.T).max()))
+
+
+def test_read_idx_plain_gzip_bigendian_and_errors(tmp_path):
+    import gzip
+    import struct
+
+    from pyro_ebm.ebflow.data import load_digits, read_idx
+
+    images = torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(2, 3, 4)
+    raw = struct.pack(">HBB3I", 0, 0x08, 3, 2, 3, 4) + bytes(images.flatten().tolist())
+    (tmp_path / "img-idx3-ubyte").write_bytes(raw)
+    with gzip.open(tmp_path / "img-idx3-ubyte.gz", "wb") as f:
+        f.write(raw)
+    assert torch.equal(read_idx(tmp_path / "img-idx3-ubyte"), images)
+    assert torch.equal(read_idx(tmp_path / "img-idx3-ubyte.gz"), images)
+    ints = struct.pack(">HBB1I", 0, 0x0C, 1, 3) + struct.pack(">3i", 1, -2, 70000)
+    (tmp_path / "ints").write_bytes(ints)
+    assert read_idx(tmp_path / "ints").tolist() == [1, -2, 70000]
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError):
+        read_idx(tmp_path / "missing")
+    digits = load_digits()
+    assert digits.shape == (1797, 64) and digits.dtype == torch.uint8 and digits.max() == 255
