@@ -118,3 +118,24 @@ class ActNorm(EBFlowLayer):
 
     def log_det(self) -> Tensor:
         return self.log_scale.sum()
+
+
+class Logit(EBFlowLayer):
+    r"""The logit pre-processing :math:`y = \operatorname{logit}(\lambda + (1 - 2\lambda) x)` for
+    ``x`` in ``(0, 1)``, as a (non-linear) layer: used *inside* the model when training without
+    MaP, so that the objective matches scores in the data space."""
+
+    def __init__(self, lam: float = 1e-6) -> None:
+        super().__init__()
+        if not 0 < lam < 0.5:
+            raise ValueError(f"lam must lie in (0, 0.5), got {lam!r}")
+        self.lam = lam
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.lam + (1 - 2 * self.lam) * x
+        y = torch.log(p) - torch.log1p(-p)
+        ld = (torch.log(torch.tensor(1 - 2 * self.lam)) - torch.log(p) - torch.log1p(-p)).sum(-1)
+        return y, ld
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return (torch.sigmoid(y) - self.lam) / (1 - 2 * self.lam)
