@@ -4,9 +4,15 @@
    Dense) for each objective at D = 784 and D = 3072, batch 100, synthetic data, one thread; the
    ratios ml / objective are measured in one run (medians over repeats, objectives interleaved).
 
+2. Test NLL (nats per image, [0, 256) scale) of the FC EBFlow after the same number of steps
+   for each objective, with MaP, plus SSM without MaP: on scikit-learn's digits (1400 train /
+   397 test) and, with ``--mnist DIR`` (a folder with ``t10k-images-idx3-ubyte[.gz]``), on the
+   10k MNIST test images split 8k train / 2k test.
+
 Run from the repository root::
 
-    python benchmarks/ebflow.py --dims 784 3072 --repeats 5
+    python benchmarks/ebflow.py --only timing --dims 784 3072 --repeats 5
+    python benchmarks/ebflow.py --only nll --steps 2000 --mnist ../shared/data/mnist
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import time
 
 import torch
 
-from pyro_ebm.ebflow import fc_ebflow
+from pyro_ebm.ebflow import EBFlowTrainer, fc_ebflow
+from pyro_ebm.ebflow.data import load_digits, read_idx
 from pyro_ebm.ebflow.objectives import OBJECTIVES
+
+PAPER_MNIST_FC = {"ml": 1092.4, "ssm": 1092.8, "dsm": 1099.2, "fdssm": 1104.1, "ssm, no MaP": 1757}
 
 CPU_REFERENCE = {
     784: {"ssm": 1.5, "dsm": 3.2, "fdssm": 3.2},
@@ -58,14 +67,60 @@ def bench_timing(dims, repeats: int, steps: int) -> None:
             print(f"| {dim} | {n} | {1e3 * t:.1f} | {ml / t:.2f} | {ref} |", flush=True)
 
 
+def _mnist(folder: str) -> torch.Tensor:
+    from pathlib import Path
+
+    for name in ("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"):
+        if (Path(folder) / name).is_file():
+            return read_idx(Path(folder) / name).reshape(10_000, -1)
+    raise FileNotFoundError(f"no t10k-images-idx3-ubyte[.gz] in {folder}")
+
+
+def bench_nll(datasets: dict, steps: int, seed: int) -> None:
+    print(f"\n## 2. Test NLL (nats per image) after {steps} steps, FC EBFlow, batch 100\n")
+    print("| data | objective | test NLL | ratio to ml | s | paper (MNIST-FC) |")
+    print("|---|---|---|---|---|---|")
+    runs = [("ml", True), ("ssm", True), ("dsm", True), ("fdssm", True), ("ssm", False)]
+    for name, (train, test) in datasets.items():
+        ml = None
+        for objective, use_map in runs:
+            label = objective if use_map else f"{objective}, no MaP"
+            trainer = EBFlowTrainer(
+                fc_ebflow((train.shape[1],)), objective=objective, map=use_map, lr=1e-3, seed=seed
+            )
+            start = time.perf_counter()
+            trainer.fit(train, num_steps=steps, batch_size=100, progress=False)
+            t = time.perf_counter() - start
+            torch.manual_seed(1234)  # the same dequantisation noise for every model
+            nll = trainer.nll(test)
+            ml = nll if objective == "ml" else ml
+            paper = PAPER_MNIST_FC.get(label, "-") if name == "mnist" else "-"
+            print(
+                f"| {name} | {label} | {nll:.1f} | {nll / ml:.3f} | {t:.0f} | {paper} |", flush=True
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", default=["timing", "nll"])
     parser.add_argument("--dims", nargs="*", type=int, default=[784, 3072])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--timing-steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2000, help="training steps for the NLL runs")
+    parser.add_argument("--mnist", default=None, help="folder with the MNIST t10k IDX images")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    bench_timing(args.dims, args.repeats, args.steps)
+    if "timing" in args.only:
+        bench_timing(args.dims, args.repeats, args.timing_steps)
+    if "nll" in args.only:
+        digits = load_digits()
+        perm = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
+        datasets = {"digits": (digits[perm[:1400]], digits[perm[1400:]])}
+        if args.mnist:
+            mnist = _mnist(args.mnist)
+            datasets["mnist"] = (mnist[:8000], mnist[8000:])
+        bench_nll(datasets, args.steps, args.seed)
 
 
 if __name__ == "__main__":
