@@ -28,6 +28,7 @@ from pyro.infer.mcmc import HMC, NUTS
 from pyro.util import ignore_jit_warnings
 from torch import Tensor
 
+from ..samplers import PullbackPotential
 from .base import SAMPLE_STATS, TargetKernel, check_flow
 
 __all__ = ["FlowHMC", "FlowNUTS", "LatentPotential"]
@@ -60,8 +61,7 @@ class LatentPotential:
         self._compiled = None
 
     def _latent_potential(self, z: Tensor) -> Tensor:
-        x, log_det = self.flow.forward(z[None])
-        return (self.potential(x) - log_det)[0]
+        return PullbackPotential(self.potential, self.flow)(z[None])[0]
 
     def __call__(self, params: dict[str, Tensor]) -> Tensor:
         z = params["z"]
