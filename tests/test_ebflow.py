@@ -217,3 +217,15 @@ def test_impute_gaussian_conditional():
     m, s = out[:, 1].mean(), out[:, 1].std()
     assert abs(m - cond_mean) < 5 * cond_sd / 2000**0.5
     assert abs(s - cond_sd) < 5 * cond_sd / (2 * 2000) ** 0.5
+
+
+def test_save_and_load_give_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    model = _perturb(fc_ebflow((5,), num_blocks=2)).eval()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    loaded = fc_ebflow((5,), num_blocks=2)
+    loaded.load_state_dict(torch.load(tmp_path / "m.pt"))
+    loaded.eval()
+    x = torch.randn(4, 5)
+    assert torch.equal(loaded.log_prob(x), model.log_prob(x))
+    assert torch.equal(loaded.energy(x), model.energy(x))
