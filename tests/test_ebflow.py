@@ -229,3 +229,24 @@ def test_save_and_load_give_the_same_model(tmp_path):
     x = torch.randn(4, 5)
     assert torch.equal(loaded.log_prob(x), model.log_prob(x))
     assert torch.equal(loaded.energy(x), model.energy(x))
+
+
+def test_sml_gradient_estimates_the_ml_gradient():
+    """With exact samples by inversion, the sml gradient matches the ml gradient within 5
+    standard errors (estimated over 40 independent sml evaluations of 2000 negatives). Bug
+    injected: negatives scaled by 1.1 (samples of the wrong distribution) fail."""
+    from pyro_ebm.ebflow.objectives import sml_loss
+
+    torch.manual_seed(0)
+    model = _perturb(fc_ebflow((2,)), 0.2)
+    x = torch.randn(300, 2)
+    params = list(model.parameters())
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(ml_loss(model, x), params)])
+    draws = torch.stack(
+        [
+            torch.cat([g.flatten() for g in torch.autograd.grad(sml_loss(model, x, 2000), params)])
+            for _ in range(40)
+        ]
+    )
+    se = draws.std(0) / 40**0.5
+    assert ((draws.mean(0) - exact).abs() <= 5 * se + 1e-9).all()
