@@ -376,20 +376,26 @@ def test_mala_step_size_restarts_in_each_chain():
     assert final[0] > 0.1  # adapted far from the start in chain 0, and reset for chain 1
 
 
-def test_adaptive_builds_a_fresh_flow_per_chain_and_leaves_the_users_flow_alone():
-    flow = small_flow()
-    before = copy.deepcopy(flow.state_dict())
-    kernel = make_kernel("AdaptiveFlowMCMC", potential_fn=gauss_potential_2d(), flow=flow)
+def _flow_per_chain(kernel, warmup_steps: int) -> dict:
+    """Run 2 chains and return the kernel's ``flow_`` seen in each sampling stage."""
     flows = {}
     MCMC(
         kernel,
         num_samples=2,
-        warmup_steps=40,
+        warmup_steps=warmup_steps,
         num_chains=2,
         initial_params={"x": torch.zeros(2, 2)},
         disable_progbar=True,
         hook_fn=lambda k, p, stage, i: flows.setdefault(stage, k.flow_),
     ).run()
+    return flows
+
+
+def test_adaptive_builds_a_fresh_flow_per_chain_and_leaves_the_users_flow_alone():
+    flow = small_flow()
+    before = copy.deepcopy(flow.state_dict())
+    kernel = make_kernel("AdaptiveFlowMCMC", potential_fn=gauss_potential_2d(), flow=flow)
+    flows = _flow_per_chain(kernel, warmup_steps=40)
     f0, f1 = flows["Sample [0]"], flows["Sample [1]"]
     assert f0 is not f1 and f0 is not flow and kernel.flow_ is f1
     p0, p1 = (torch.cat([p.flatten() for p in f.parameters()]) for f in (f0, f1))
@@ -398,16 +404,7 @@ def test_adaptive_builds_a_fresh_flow_per_chain_and_leaves_the_users_flow_alone(
         assert torch.equal(v, before[k]), k
     # without a user flow, each chain builds its own default flow
     kernel = AdaptiveFlowMCMC(potential_fn=gauss_potential_2d(), num_walkers=4, flow_steps=1)
-    flows.clear()
-    MCMC(
-        kernel,
-        num_samples=2,
-        warmup_steps=4,
-        num_chains=2,
-        initial_params={"x": torch.zeros(2, 2)},
-        disable_progbar=True,
-        hook_fn=lambda k, p, stage, i: flows.setdefault(stage, k.flow_),
-    ).run()
+    flows = _flow_per_chain(kernel, warmup_steps=4)
     assert flows["Sample [0]"] is not flows["Sample [1]"]
 
 
