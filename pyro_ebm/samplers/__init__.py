@@ -9,7 +9,7 @@ the adaptive flowMC driver (:class:`AdaptiveFlowSampler`). The Pyro kernels in
 lives here only.
 """
 
-from .adaptation import StepSizeAdapter
+from .adaptation import StepSizeAdapter, TrackingStepSize
 from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
 from .composite import GlobalLocalInfo, global_local_step, stack_infos
 from .flow_moves import (
@@ -38,6 +38,7 @@ __all__ = [
     "Particles",
     "PullbackPotential",
     "StepSizeAdapter",
+    "TrackingStepSize",
     "WalkerState",
     "accept_reject",
     "default_flow",

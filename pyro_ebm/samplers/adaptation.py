@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["StepSizeAdapter"]
+__all__ = ["StepSizeAdapter", "TrackingStepSize"]
 
 
 class StepSizeAdapter:
@@ -99,3 +99,33 @@ class StepSizeAdapter:
         eta = t ** (-self.kappa)
         self._log_eps_bar = eta * self._log_eps + (1 - eta) * self._log_eps_bar
         return self.step_size
+
+
+class TrackingStepSize:
+    r"""Robbins-Monro control of one shared step size toward ``target_accept``:
+    :math:`\log\epsilon \leftarrow \log\epsilon + \gamma(\bar a - a^*)`, clipped to
+    :math:`[e^{-12}, e^2]`. Unlike dual averaging it never settles, which is what a sampler
+    chasing a moving target (an EBM during training) needs. ``target_accept=None`` keeps the step
+    size fixed.
+
+    Example::
+
+        >>> ctrl = TrackingStepSize(0.1, target_accept=0.6)
+        >>> ctrl.update(torch.tensor([1.0, 1.0]))  # accepting too often: grow
+        >>> ctrl.value > 0.1
+        True
+    """
+
+    def __init__(self, step_size: float, target_accept: float | None, rate: float = 0.05):
+        self.log_step = math.log(step_size)
+        self.target_accept = target_accept
+        self.rate = rate
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.log_step)
+
+    def update(self, accept_prob: Tensor) -> None:
+        if self.target_accept is not None:
+            a = float(accept_prob.float().nan_to_num(0.0).mean())
+            self.log_step = min(max(self.log_step + self.rate * (a - self.target_accept), -12), 2)

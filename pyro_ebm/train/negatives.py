@@ -37,7 +37,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -48,6 +47,7 @@ from pyro_ebm._checks import check_positive as _check_positive
 from pyro_ebm.samplers import (
     FlowProposals,
     PullbackPotential,
+    TrackingStepSize,
     init_state,
     isir_particles,
     isir_select,
@@ -67,26 +67,6 @@ __all__ = [
 ]
 
 PotentialFn = Callable[[Tensor], Tensor]
-
-
-class _StepSize:
-    r"""Robbins-Monro control of one shared step size toward a target acceptance rate:
-    :math:`\log\epsilon \leftarrow \log\epsilon + \gamma(\bar a - a^*)`. Unlike dual averaging it
-    never stops adapting, which is what a sampler chasing a moving model needs."""
-
-    def __init__(self, step_size: float, target_accept: float | None, rate: float = 0.05):
-        self.log_step = math.log(step_size)
-        self.target_accept = target_accept
-        self.rate = rate
-
-    @property
-    def value(self) -> float:
-        return math.exp(self.log_step)
-
-    def update(self, accept_prob: Tensor) -> None:
-        if self.target_accept is not None:
-            a = float(accept_prob.float().nan_to_num(0.0).mean())
-            self.log_step = min(max(self.log_step + self.rate * (a - self.target_accept), -12), 2)
 
 
 class NegativeSampler:
@@ -113,7 +93,7 @@ class NegativeSampler:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly (walkers, adapted step size)."""
         state = {"walkers": self.walkers}
-        if isinstance(getattr(self, "step", None), _StepSize):
+        if isinstance(getattr(self, "step", None), TrackingStepSize):
             state["log_step"] = self.step.log_step
         return state
 
@@ -161,7 +141,7 @@ class AdaptiveFlowNegatives(NegativeSampler):
         self.num_particles = _check_int("num_particles", num_particles, 2)
         self.num_mala_steps = _check_int("num_mala_steps", num_mala_steps, 0)
         self.num_blocks = _check_int("num_blocks", num_blocks, 1)
-        self.step = _StepSize(_check_positive("step_size", step_size), target_accept)
+        self.step = TrackingStepSize(_check_positive("step_size", step_size), target_accept)
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
         proposals = FlowProposals(
@@ -265,7 +245,7 @@ class NeutraMALANegatives(NegativeSampler):
     ) -> None:
         super().__init__()
         self.num_steps = _check_int("num_steps", num_steps, 1)
-        self.step = _StepSize(_check_positive("step_size", step_size), target_accept)
+        self.step = TrackingStepSize(_check_positive("step_size", step_size), target_accept)
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
         latent = PullbackPotential(potential_fn, flow)
