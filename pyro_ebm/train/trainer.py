@@ -275,13 +275,8 @@ class EBMTrainer:
         x_pos = data[idx]
         negatives, stats = self.sampler.sample(self.potential, self.flow, x_pos)
         negatives = negatives.detach()
-        w_neg = stats.pop("weights", None)
-        if w_neg is None:
-            w_neg = torch.full(
-                negatives.shape[:1], 1.0 / negatives.shape[0], dtype=self.dtype, device=self.device
-            )
         loss, e_pos, e_neg = contrastive_loss(
-            self.energy, x_pos, negatives, w_neg, self.regularization
+            self.energy, x_pos, negatives, regularization=self.regularization
         )
         self.energy_opt.zero_grad(set_to_none=True)
         skipped = not torch.isfinite(loss)
@@ -294,7 +289,7 @@ class EBMTrainer:
             if not skipped:
                 self.energy_opt.step()
         if self.sampler.uses_flow:
-            stats["flow_nll"] = forward_kl_step(self.flow, self.flow_opt, negatives, weights=w_neg)
+            stats["flow_nll"] = forward_kl_step(self.flow, self.flow_opt, negatives)
         stats.update(
             loss=float(loss.detach()),
             e_pos=float(e_pos.detach().mean()),
@@ -304,10 +299,8 @@ class EBMTrainer:
         for key, value in stats.items():
             self._window.setdefault(key, []).append(value)
         if self.target is not None and hasattr(self.target, "mode_index"):
-            k = self.target.weights.shape[0]
-            counts = torch.zeros(k, dtype=torch.float64).index_add_(
-                0, self.target.mode_index(negatives).reshape(-1).cpu(), w_neg.double().cpu()
-            )
+            idx = self.target.mode_index(negatives).reshape(-1).cpu()
+            counts = torch.bincount(idx, minlength=self.target.weights.shape[0]).double()
             self._neg_counts = counts if self._neg_counts is None else self._neg_counts + counts
         self.step += 1
 
