@@ -91,11 +91,16 @@ def grid_log_density(
         >>> round(float(logp.max()), 2)  # -log(2 pi) near the origin
         -1.84
     """
+    pts, lw, cell = _grid_log_weights(potential_fn, bounds, resolution, chunk_size)
+    return pts, lw - torch.logsumexp(lw, 0) - math.log(cell), cell
+
+
+def _grid_log_weights(potential_fn, bounds, resolution, chunk_size) -> tuple[Tensor, Tensor, float]:
+    """Grid points, ``-U`` on them (``-inf`` where not finite) and the cell area."""
     dtype, device = _dtype_device(potential_fn)
     pts, cell = _grid(bounds, resolution, dtype, device)
     u = _evaluate(potential_fn, pts, chunk_size)
-    lw = torch.where(torch.isfinite(u), -u, torch.full_like(u, -torch.inf))
-    return pts, lw - torch.logsumexp(lw, 0) - math.log(cell), cell
+    return pts, torch.where(torch.isfinite(u), -u, torch.full_like(u, -torch.inf)), cell
 
 
 def _snis_log_weights(
@@ -195,8 +200,8 @@ def log_density_error(
         >>> log_density_error(ds.potential, ds) < 1e-6
         True
     """
-    pts, logp_grid, cell = grid_log_density(potential_fn, bounds, resolution)
-    log_z_model = torch.logsumexp(-_evaluate(potential_fn, pts, 65536), 0) + math.log(cell)
+    pts, lw, cell = _grid_log_weights(potential_fn, bounds, resolution, 65536)
+    log_z_model = torch.logsumexp(lw, 0) + math.log(cell)
     true_lp = dataset.log_prob(pts.to(torch.float64))
     log_z_true = torch.logsumexp(true_lp, 0) + math.log(cell)
     x = dataset.sample(num_points, torch.Generator().manual_seed(seed)).to(pts)
