@@ -266,7 +266,8 @@ class EBMTrainer:
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * self.step / num_steps))
 
-    def _train_step(self, data: Tensor, batch_size: int, num_steps: int) -> None:
+    def _train_step(self, data: Tensor, batch_size: int, num_steps: int) -> float:
+        """One training step; returns the learning-rate factor it used."""
         factor = self._lr_factor(num_steps)
         for opt, lr in ((self.energy_opt, self.lr), (self.flow_opt, self.flow_lr)):
             for group in opt.param_groups:
@@ -303,6 +304,7 @@ class EBMTrainer:
             counts = torch.bincount(idx, minlength=self.target.weights.shape[0]).double()
             self._neg_counts = counts if self._neg_counts is None else self._neg_counts + counts
         self.step += 1
+        return factor
 
     @torch.no_grad()
     def evaluate(self, eval_samples: int = 20_000) -> dict:
@@ -421,8 +423,7 @@ class EBMTrainer:
                 # what an interruption in the middle of this step must roll back to
                 snapshot, done = (torch.get_rng_state(), self.sampler.state_dict()), self.step
                 start = time.perf_counter()
-                factor = self._lr_factor(num_steps)
-                self._train_step(data, batch_size, num_steps)
+                factor = self._train_step(data, batch_size, num_steps)
                 self._update_average(num_steps)
                 self.elapsed += time.perf_counter() - start
                 if self.step % eval_every == 0 or self.step == num_steps:
