@@ -56,12 +56,13 @@ class LatentPotential:
     ) -> None:
         self.potential = potential
         self.flow = flow
+        self._pullback = PullbackPotential(potential, flow)
         self.jit_compile = bool(jit_compile)
         self.jit_options = {"check_trace": False} if jit_options is None else dict(jit_options)
         self._compiled = None
 
     def _latent_potential(self, z: Tensor) -> Tensor:
-        return PullbackPotential(self.potential, self.flow)(z[None])[0]
+        return self._pullback(z[None])[0]
 
     def __call__(self, params: dict[str, Tensor]) -> Tensor:
         z = params["z"]
