@@ -7,7 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyro_ebm.ebflow import ActNorm, Dense, EBFlow, SmoothLeakyReLU, fc_ebflow
+from pyro_ebm.ebflow import (
+    ActNorm,
+    AffineCoupling,
+    Conv2d,
+    Dense,
+    EBFlow,
+    SmoothLeakyReLU,
+    Squeeze,
+    cnn_ebflow,
+    coupling_ebflow,
+    fc_ebflow,
+)
 from pyro_ebm.ebflow.objectives import dsm_loss, fdssm_loss, ml_loss, ssm_loss
 
 
@@ -18,11 +29,24 @@ def _perturb(module, scale=0.3):
     return module
 
 
-@pytest.mark.parametrize("make", [lambda: Dense(4), SmoothLeakyReLU, lambda: ActNorm(4)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Dense(4),
+        SmoothLeakyReLU,
+        lambda: SmoothLeakyReLU(residual=True),
+        lambda: ActNorm(4),
+        lambda: Conv2d((1, 2, 2), kernel_size=3),
+        lambda: Conv2d((2, 3, 2), kernel_size=3),
+        lambda: Squeeze((1, 2, 2)),
+        lambda: AffineCoupling(torch.tensor([1.0, 0.0, 1.0, 0.0]), hidden=8),
+    ],
+)
 def test_layer_log_det_matches_autograd_and_inverts(make):
     torch.manual_seed(0)
     layer = _perturb(make())
-    x = torch.randn(4)
+    n = getattr(layer, "shape", None)
+    x = torch.randn(12 if n == (2, 3, 2) else 4)
     y, ld = layer(x[None])
     jac = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0][0], x)
     expected = torch.linalg.slogdet(jac)[1]
@@ -31,10 +55,18 @@ def test_layer_log_det_matches_autograd_and_inverts(make):
     assert torch.allclose(layer.inverse(y)[0], x, atol=1e-8)
 
 
-def test_energy_is_minus_log_prob_up_to_a_constant_and_log_prob_is_exact():
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fc_ebflow((3,), num_blocks=2),
+        lambda: cnn_ebflow((1, 4, 4), num_blocks=2, kernel_size=3),
+        lambda: coupling_ebflow(3, num_blocks=2, hidden=8),
+    ],
+)
+def test_energy_is_minus_log_prob_up_to_a_constant_and_log_prob_is_exact(make):
     torch.manual_seed(0)
-    model = _perturb(fc_ebflow((3,), num_blocks=2))
-    x = torch.randn(6, 3)
+    model = _perturb(make(), 0.1)
+    x = torch.randn(6, model.dim)
     diff = model.energy(x) + model.log_prob(x)
     assert torch.allclose(diff, diff[0].expand(6), atol=1e-10)  # a constant in x
 
@@ -61,15 +93,23 @@ def test_log_normalizer_is_cached_in_eval_mode_only():
     assert not torch.allclose(model.log_normalizer(), first)
 
 
-def test_sampling_inverts_the_flow():
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fc_ebflow((3,)),
+        lambda: cnn_ebflow((4, 4), num_blocks=2, kernel_size=3),
+        lambda: coupling_ebflow(2, num_blocks=2, hidden=8),
+    ],
+)
+def test_sampling_inverts_the_flow(make):
     """sample(n) maps base draws z through the inverse: pushing the samples forward gives back
     the same z (drawn again from the same seed)."""
     torch.manual_seed(0)
-    model = _perturb(fc_ebflow((3,)))
+    model = _perturb(make(), 0.1)
     torch.manual_seed(5)
     x = model.sample(5)
     torch.manual_seed(5)
-    z = torch.randn(5, 3)
+    z = torch.randn(5, model.dim)
     y = x
     for layer in model.layers:
         y = layer(y)[0]
@@ -255,3 +295,81 @@ def test_sml_gradient_estimates_the_ml_gradient():
     )
     se = draws.std(0) / 40**0.5
     assert ((draws.mean(0) - exact).abs() <= 5 * se + 1e-9).all()
+
+
+def test_conv_is_the_toeplitz_matrix_and_squeeze_is_a_permutation():
+    torch.manual_seed(0)
+    conv = _perturb(Conv2d((2, 4, 4), kernel_size=3))
+    x = torch.randn(5, 32)
+    y, _ = conv(x)
+    assert torch.allclose(y, x @ conv.matrix().T + conv._flat_bias(), atol=1e-12)
+    sq = Squeeze((2, 4, 4))
+    out = sq(torch.arange(32.0)[None])[0][0]
+    assert sorted(out.tolist()) == list(range(32))  # a permutation
+    # channel 0's first 2x2 patch (pixels 0, 1, 4, 5) becomes channels 0-3 at position (0, 0)
+    assert out.reshape(8, 2, 2)[:4, 0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match="kernel_size"):
+        Conv2d((1, 4, 4), kernel_size=4)
+    with pytest.raises(ValueError, match="even"):
+        Squeeze((1, 3, 4))
+    with pytest.raises(ValueError, match="divisible"):
+        cnn_ebflow((1, 6, 6), num_blocks=3)
+
+
+def test_cnn_model_is_the_papers_architecture():
+    model = cnn_ebflow((28, 28))
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("Conv2d") == 6 and kinds.count("Squeeze") == 2
+    assert kinds.count("SmoothLeakyReLU") == 5 and kinds[-1] == "Conv2d"
+    assert all(layer.residual for layer in model.layers if isinstance(layer, SmoothLeakyReLU))
+    assert [layer.shape for layer in model.layers if isinstance(layer, Conv2d)][-1] == (16, 7, 7)
+    assert model.layers[0].weight.shape == (1, 1, 7, 7)
+
+
+def test_toys_are_generated_and_smoothed():
+    from pyro_ebm.ebflow.data import TOYS, make_toy
+
+    for name in TOYS:
+        a, b = make_toy(name, 2000, seed=3), make_toy(name, 2000, seed=3)
+        assert a.shape == (2000, 2) and torch.equal(a, b)
+    raw = make_toy("checkerboard", 20000, noise=0.0, seed=0)
+    # the raw checkerboard: 8 squares of side 3 on [-6, 6]^2, alternate cells empty
+    cells = torch.floor(raw / 3).long()
+    assert raw.abs().max() <= 6 and ((cells[:, 0] + cells[:, 1]) % 2 == 0).all()
+    smooth = make_toy("checkerboard", 20000, seed=0)
+    assert torch.allclose(smooth - raw, torch.zeros(()), atol=6 * 0.375)
+    assert (smooth - raw).std() == pytest.approx(0.375, rel=0.05)
+    with pytest.raises(ValueError, match="name"):
+        make_toy("moons", 10)
+
+
+def test_energy_regulariser_adds_lambda_times_mean_energy():
+    from pyro_ebm.ebflow import EBFlowTrainer
+
+    data = torch.randn(64, 2)
+    losses = []
+    for reg in (0.0, 0.5):
+        trainer = EBFlowTrainer(fc_ebflow((2,)), objective="ml", energy_reg=reg, ema=None)
+        torch.manual_seed(0)
+        losses.append(trainer.fit(data, num_steps=1, batch_size=64, progress=False)[0])
+    model = fc_ebflow((2,))
+    torch.manual_seed(0)
+    x = data[torch.randint(64, (64,))]
+    expected = 0.5 * float(model.energy(x).mean().detach())
+    assert losses[1] - losses[0] == pytest.approx(expected, rel=1e-10)
+    with pytest.raises(ValueError, match="energy_reg"):
+        EBFlowTrainer(fc_ebflow((2,)), energy_reg=-1.0)
+
+
+def test_coupling_model_learns_a_toy_by_score_matching():
+    """The Glow-like model trained by SSM on the smoothed sine: the held-out NLL drops well below
+    that of the best Gaussian fit to the data (the data are far from Gaussian). Seeds 0-9 pass
+    with margins 0.42-0.74 nats (300 steps were not enough: two of eight seeds failed)."""
+    from pyro_ebm.ebflow import EBFlowTrainer
+    from pyro_ebm.ebflow.data import make_toy
+
+    train, test = make_toy("sine", 4000, seed=0), make_toy("sine", 2000, seed=1)
+    trainer = EBFlowTrainer(coupling_ebflow(2, num_blocks=4, hidden=32), "ssm", lr=3e-3, seed=0)
+    trainer.fit(train, num_steps=600, batch_size=256, progress=False)
+    gauss = torch.distributions.MultivariateNormal(train.mean(0), torch.cov(train.T))
+    assert trainer.nll(test) < float(-gauss.log_prob(test).mean()) - 0.3

@@ -1,5 +1,5 @@
 r"""Data for EBFlow: scikit-learn's 8x8 digits (bundled, no download), MNIST-format IDX files
-the user has, and the 2-D toys of Chao et al. (2023).
+the user has, and the 2-D toys of Chao et al. (2023) (:func:`make_toy`).
 
 Images are returned as ``uint8`` tensors in ``[0, 255]``, shape ``(n, H * W)``; the trainer
 dequantises them (see :mod:`pyro_ebm.ebflow.trainer`).
@@ -8,6 +8,7 @@ dequantises them (see :mod:`pyro_ebm.ebflow.trainer`).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["load_digits", "read_idx"]
+__all__ = ["TOYS", "load_digits", "make_toy", "read_idx"]
 
 _IDX_DTYPES = {
     0x08: torch.uint8,
@@ -69,3 +70,52 @@ def load_digits() -> Tensor:
 
     x = torch.as_tensor(_load().data, dtype=torch.float64)
     return (x * 255.0 / 16.0).round().to(torch.uint8)
+
+
+def _sine(n: int, g: torch.Generator) -> Tensor:
+    x = torch.rand(n, generator=g) * 4 - 2
+    y = torch.sin(3 * x) + 0.25 * torch.randn(n, generator=g)
+    return 4.0 * torch.stack([x, y], -1)
+
+
+def _swirl(n: int, g: torch.Generator) -> Tensor:
+    t = torch.rand(n, generator=g).sqrt() * 3 * math.pi  # 540 degrees
+    x = -torch.cos(t) * t + 0.5 * torch.rand(n, generator=g) - 1.0
+    y = torch.sin(t) * t + 0.5 * torch.rand(n, generator=g) - 2.0
+    return -(2.5 / 3) * torch.stack([x, y], -1)
+
+
+def _checkerboard(n: int, g: torch.Generator) -> Tensor:
+    x1 = torch.rand(n, generator=g) * 4 - 2
+    x2 = torch.rand(n, generator=g) - 2.0 * torch.randint(0, 2, (n,), generator=g)
+    x2 = x2 + torch.floor(x1) % 2
+    return 3.0 * torch.stack([x1, x2], -1)
+
+
+TOYS = {"sine": _sine, "swirl": _swirl, "checkerboard": _checkerboard}
+"""The 2-D toys of Chao et al. (2023), Section 5.1 (their generators, rewritten in torch)."""
+
+
+def make_toy(name: str, n: int, noise: float = 0.375, seed: int | None = None) -> Tensor:
+    r"""``n`` draws ``(n, 2)`` from one of the paper's 2-D toys, ``"sine"`` (a sine curve with
+    Gaussian spread, on about ``[-8, 8] x [-6, 6]``), ``"swirl"`` (a spiral) or
+    ``"checkerboard"`` (8 squares of side 3 on ``[-6, 6]^2``), smoothed by adding Gaussian noise
+    of std ``noise`` (0.375 by default; ``noise=0`` gives the raw generators, whose hard edges
+    have no finite score). Generated, no download.
+
+    Example::
+
+        >>> x = make_toy("checkerboard", 1000, seed=0)
+        >>> x.shape, bool(x.abs().max() < 8)
+        (torch.Size([1000, 2]), True)
+    """
+    if name not in TOYS:
+        raise ValueError(f"name must be one of {sorted(TOYS)}, got {name!r}")
+    if n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if noise < 0:
+        raise ValueError(f"noise must be non-negative, got {noise!r}")
+    g = torch.Generator()
+    g.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+    x = TOYS[name](n, g).to(torch.get_default_dtype())
+    return x + noise * torch.randn(x.shape, generator=g, dtype=x.dtype)

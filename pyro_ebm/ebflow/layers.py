@@ -11,11 +11,23 @@ with Score-Matching Objectives", https://arxiv.org/abs/2305.15267
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ActNorm", "Dense", "EBFlowLayer", "SmoothLeakyReLU"]
+__all__ = [
+    "ActNorm",
+    "AffineCoupling",
+    "Conv2d",
+    "Dense",
+    "EBFlowLayer",
+    "Logit",
+    "SmoothLeakyReLU",
+    "Squeeze",
+]
 
 
 class EBFlowLayer(nn.Module):
@@ -64,7 +76,9 @@ class Dense(EBFlowLayer):
 
 class SmoothLeakyReLU(EBFlowLayer):
     r"""Element-wise smooth leaky ReLU :math:`f(x) = a x + (1 - a) \log(1 + e^x)`, ``a = 0.3``:
-    strictly increasing (slope in ``(a, 1)``), inverted by Newton's method.
+    strictly increasing (slope in ``(a, 1)``), inverted by Newton's method. With
+    ``residual=True`` it is :math:`x + f(x)` (slope in ``(1 + a, 2)``), the variant of the
+    paper's CNN model.
 
     Example::
 
@@ -75,22 +89,28 @@ class SmoothLeakyReLU(EBFlowLayer):
         True
     """
 
-    def __init__(self, a: float = 0.3) -> None:
+    def __init__(self, a: float = 0.3, residual: bool = False) -> None:
         super().__init__()
         if not 0 < a < 1:
             raise ValueError(f"a must lie in (0, 1), got {a!r}")
         self.a = a
+        self.residual = bool(residual)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _value_and_slope(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = self.a * x + (1 - self.a) * F.softplus(x)
         slope = self.a + (1 - self.a) * torch.sigmoid(x)
+        if self.residual:
+            y, slope = y + x, slope + 1
+        return y, slope
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, slope = self._value_and_slope(x)
         return y, slope.log().sum(-1)
 
     def inverse(self, y: Tensor, num_iter: int = 50) -> Tensor:
         x = y.clone()
         for _ in range(num_iter):
-            fx = self.a * x + (1 - self.a) * F.softplus(x)
-            slope = self.a + (1 - self.a) * torch.sigmoid(x)
+            fx, slope = self._value_and_slope(x)
             step = (fx - y) / slope
             x = x - step
             if step.abs().max() < 1e-12:
@@ -139,3 +159,153 @@ class Logit(EBFlowLayer):
 
     def inverse(self, y: Tensor) -> Tensor:
         return (torch.sigmoid(y) - self.lam) / (1 - 2 * self.lam)
+
+
+def _check_image_shape(name: str, shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{name} must be an image shape (C, H, W), got {shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+class Conv2d(EBFlowLayer):
+    r"""Convolution with ``C`` input and output channels, a ``k x k`` kernel (``k`` odd), stride 1
+    and zero "same" padding, on flattened images of shape ``(C, H, W)``: a linear map of
+    :math:`\mathbb R^{CHW}`. Initialised at the negated identity kernel (``-dirac``, as in the
+    paper) with zero bias.
+
+    Its log-determinant (evaluation only) is that of the dense ``CHW x CHW`` matrix of the map
+    (the doubly block-Toeplitz matrix), built by convolving the standard basis: exact, and
+    :math:`O((CHW)^3)`, which is what score-matching training avoids. :meth:`inverse` solves
+    with the same matrix.
+
+    Example::
+
+        >>> conv = Conv2d((1, 4, 4), kernel_size=3)
+        >>> x = torch.randn(2, 16)
+        >>> bool(torch.allclose(conv(x)[0], -x)), float(conv.log_det().detach())
+        (True, 0.0)
+    """
+
+    linear = True
+
+    def __init__(self, shape: Sequence[int], kernel_size: int = 7, bias: bool = True) -> None:
+        super().__init__()
+        self.shape = _check_image_shape("shape", shape)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
+        c = self.shape[0]
+        weight = torch.zeros(c, c, kernel_size, kernel_size)
+        nn.init.dirac_(weight)
+        self.weight = nn.Parameter(-weight)
+        self.bias = nn.Parameter(torch.zeros(c)) if bias else None
+        self.padding = kernel_size // 2
+
+    def _conv(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        y = F.conv2d(x.reshape(-1, *self.shape), self.weight, bias, padding=self.padding)
+        return y.reshape(x.shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._conv(x, self.bias), x.new_zeros(x.shape[:-1])
+
+    def matrix(self) -> Tensor:
+        """The dense ``(CHW, CHW)`` matrix ``M`` of the map without bias (``y = M x + b``)."""
+        dim = math.prod(self.shape)
+        eye = torch.eye(dim, dtype=self.weight.dtype, device=self.weight.device)
+        return self._conv(eye, None).T
+
+    def _flat_bias(self) -> Tensor | float:
+        if self.bias is None:
+            return 0.0
+        return self.bias[:, None].expand(self.shape[0], self.shape[1] * self.shape[2]).reshape(-1)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return torch.linalg.solve(self.matrix(), (y - self._flat_bias()).T).T
+
+    def log_det(self) -> Tensor:
+        return torch.linalg.slogdet(self.matrix())[1]
+
+
+class Squeeze(EBFlowLayer):
+    r"""Space-to-depth: ``(C, H, W) -> (4C, H/2, W/2)``, each ``2 x 2`` patch becoming four
+    channels (Dinh et al. 2017). A permutation of the flattened vector: linear, log-det 0.
+
+    Example::
+
+        >>> sq = Squeeze((1, 2, 2))
+        >>> sq(torch.arange(4.0)[None])[0].tolist()
+        [[0.0, 1.0, 2.0, 3.0]]
+        >>> Squeeze((1, 4, 4)).out_shape
+        (4, 2, 2)
+    """
+
+    linear = True
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.shape = _check_image_shape("shape", shape)
+        c, h, w = self.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"Squeeze needs even height and width, got shape {self.shape}")
+        self.out_shape = (4 * c, h // 2, w // 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        c, h, w = self.shape
+        y = x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return y.reshape(x.shape), x.new_zeros(x.shape[:-1])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        c, h, w = self.shape
+        x = y.reshape(-1, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(y.shape)
+
+    def log_det(self) -> Tensor:
+        return torch.zeros(())
+
+
+class AffineCoupling(EBFlowLayer):
+    r"""Masked affine coupling (Dinh et al. 2017): with a binary ``mask``,
+
+    .. math:: y = m \odot x + (1 - m) \odot \big(x\, e^{s(m \odot x)} + t(m \odot x)\big),
+        \qquad \log|\det J| = \textstyle\sum (1 - m) \odot s,
+
+    ``s = tanh(.)`` and ``t`` from one MLP (``num_hidden`` hidden layers of ``hidden`` SiLU
+    units: smooth, so the score and its derivatives used by score matching are continuous).
+    Non-linear; the identity at initialisation (last layer zero).
+
+    Example::
+
+        >>> layer = AffineCoupling(torch.tensor([1.0, 0.0]))
+        >>> x = torch.randn(3, 2)
+        >>> bool(torch.allclose(layer(x)[0], x))
+        True
+    """
+
+    def __init__(self, mask: Tensor, hidden: int = 64, num_hidden: int = 2) -> None:
+        super().__init__()
+        mask = torch.as_tensor(mask, dtype=torch.get_default_dtype())
+        if mask.dim() != 1 or not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("mask must be a 1-D tensor of zeros and ones")
+        self.register_buffer("mask", mask)
+        dim = len(mask)
+        sizes = [dim] + [hidden] * num_hidden
+        net: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            net += [nn.Linear(a, b), nn.SiLU()]
+        last = nn.Linear(sizes[-1], 2 * dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*net, last)
+
+    def _shift_scale(self, x_masked: Tensor) -> tuple[Tensor, Tensor]:
+        s, t = self.net(x_masked).chunk(2, dim=-1)
+        free = 1 - self.mask
+        return torch.tanh(s) * free, t * free
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s, t = self._shift_scale(x * self.mask)
+        return x * s.exp() + t, s.sum(-1)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        s, t = self._shift_scale(y * self.mask)
+        return (y - t) * torch.exp(-s)

@@ -38,12 +38,16 @@ class EBFlowTrainer:
     r"""Fit an :class:`~pyro_ebm.ebflow.model.EBFlow`.
 
     :param model: the EBFlow (e.g. :func:`~pyro_ebm.ebflow.fc_ebflow`).
-    :param objective: ``"ml"``, ``"ssm"``, ``"dsm"`` or ``"fdssm"``.
+    :param objective: ``"ml"``, ``"sml"``, ``"ssm"``, ``"dsm"`` or ``"fdssm"`` (see
+        :mod:`pyro_ebm.ebflow.objectives`).
     :param map: match after pre-processing (images only).
     :param ema: EMA decay of the weights (``None``: no EMA).
     :param lr: Adam learning rate.
     :param sigma: DSM noise level; :param xi: FDSSM step; :param num_slices: SSM projections.
     :param max_grad_norm: gradient-norm clipping (``None``: none).
+    :param energy_reg: weight :math:`\lambda` of the optional energy regulariser
+        :math:`\lambda \cdot \overline{E(x)}` added to the loss (score matching leaves the level
+        of the energy free; this keeps it from drifting). 0 (default) computes nothing.
     :param seed: seeds torch's global generator.
 
     Example::
@@ -67,6 +71,7 @@ class EBFlowTrainer:
         xi: float = 1e-2,
         num_slices: int = 1,
         max_grad_norm: float | None = None,
+        energy_reg: float = 0.0,
         lam: float = 1e-6,
         seed: int | None = None,
     ) -> None:
@@ -83,6 +88,9 @@ class EBFlowTrainer:
         self.ema = ema
         self.lam = lam
         self.max_grad_norm = max_grad_norm
+        if energy_reg < 0:
+            raise ValueError(f"energy_reg must be non-negative, got {energy_reg!r}")
+        self.energy_reg = float(energy_reg)
         kwargs = {
             "ssm": {"num_slices": check_int("num_slices", num_slices, 1)},
             "dsm": {"sigma": check_positive("sigma", sigma)},
@@ -130,6 +138,8 @@ class EBFlowTrainer:
         for _ in steps:
             x = self._prepare(data[torch.randint(len(data), (batch_size,))])
             loss = self.loss_fn(self.model, x)
+            if self.energy_reg:
+                loss = loss + self.energy_reg * self.model.energy(x).mean()
             self.opt.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
