@@ -13,6 +13,7 @@ from pyro_ebm.ebflow import (
     Conv2d,
     Dense,
     EBFlow,
+    Logit,
     SmoothLeakyReLU,
     Squeeze,
     cnn_ebflow,
@@ -302,7 +303,7 @@ def test_conv_is_the_toeplitz_matrix_and_squeeze_is_a_permutation():
     conv = _perturb(Conv2d((2, 4, 4), kernel_size=3))
     x = torch.randn(5, 32)
     y, _ = conv(x)
-    assert torch.allclose(y, x @ conv.matrix().T + conv._flat_bias(), atol=1e-12)
+    assert torch.allclose(y, x @ conv.matrix().T + conv._offset(), atol=1e-12)
     sq = Squeeze((2, 4, 4))
     out = sq(torch.arange(32.0)[None])[0][0]
     assert sorted(out.tolist()) == list(range(32))  # a permutation
@@ -373,3 +374,37 @@ def test_coupling_model_learns_a_toy_by_score_matching():
     trainer.fit(train, num_steps=600, batch_size=256, progress=False)
     gauss = torch.distributions.MultivariateNormal(train.mean(0), torch.cov(train.T))
     assert trainer.nll(test) < float(-gauss.log_prob(test).mean()) - 0.3
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fc_ebflow((5,), num_blocks=2),
+        lambda: cnn_ebflow((4, 4), num_blocks=2, kernel_size=3),
+        lambda: EBFlow([Logit(0.05), Dense(3), SmoothLeakyReLU(), ActNorm(3), Dense(3)], 3),
+    ],
+)
+def test_ssm_by_jets_equals_ssm_by_double_backward(make):
+    """The Taylor-mode SSM (one forward pass of second-order jets) gives the same loss and the
+    same parameter gradients as autograd's double backward, and the jet's directional
+    derivatives are those of E along the line x + t v."""
+    from pyro_ebm.ebflow.objectives import _ssm_autograd
+
+    torch.manual_seed(0)
+    model = _perturb(make())
+    assert model.has_jet
+    x = torch.rand(7, model.dim) * 0.8 + 0.1  # inside (0, 1) for the logit model
+    v = torch.randint(0, 2, (2, 7, model.dim)).double() * 2 - 1
+    fast, slow = ssm_loss(model, x, v=v), _ssm_autograd(model, x, v)
+    assert torch.allclose(fast, slow, rtol=1e-10)
+    params = list(model.parameters())
+    for a, b in zip(
+        torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True
+    ):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    e, d1, d2 = model.energy_jet(x, v[0])
+    line = [model.energy(x + t * v[0]) for t in (-1e-4, 0.0, 1e-4)]
+    assert torch.allclose(e, line[1], atol=1e-12)
+    assert torch.allclose(d1, (line[2] - line[0]) / 2e-4, rtol=1e-5, atol=1e-5)
+    fd2 = (line[2] - 2 * line[1] + line[0]) / 1e-8
+    assert torch.allclose(d2, fd2, rtol=1e-3, atol=1e-3)

@@ -24,6 +24,8 @@ __all__ = [
     "Conv2d",
     "Dense",
     "EBFlowLayer",
+    "ElementwiseLayer",
+    "LinearLayer",
     "Logit",
     "SmoothLeakyReLU",
     "Squeeze",
@@ -31,10 +33,17 @@ __all__ = [
 
 
 class EBFlowLayer(nn.Module):
-    """Base class: ``forward(x) -> (y, log_det)`` with ``log_det`` of shape ``(batch,)``."""
+    r"""Base class: ``forward(x) -> (y, log_det)`` with ``log_det`` of shape ``(batch,)``.
+
+    Layers may also implement :meth:`jet`, the second-order forward ("Taylor") mode that lets
+    sliced score matching run without double back-propagation
+    (:meth:`pyro_ebm.ebflow.model.EBFlow.energy_jet`).
+    """
 
     #: constant Jacobian: its log-determinant goes into the normalizing constant
     linear: bool = False
+    #: implements :meth:`jet`
+    has_jet: bool = False
 
     def inverse(self, y: Tensor) -> Tensor:
         raise NotImplementedError
@@ -43,8 +52,67 @@ class EBFlowLayer(nn.Module):
         """The constant log|det J| of a linear layer."""
         raise TypeError(f"{type(self).__name__} is not linear")
 
+    def jet(
+        self, x: Tensor, u: Tensor, w: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+        r"""Push the second-order jet of a curve :math:`x(t)` with :math:`x(0) = x`,
+        :math:`x'(0) = u`, :math:`x''(0) = w` (``None``: zero) through the layer: returns
+        :math:`(y, y', y'')` at ``t = 0``, with :math:`y' = J u` and
+        :math:`y'' = J w + D^2 g[u, u]`, and :math:`(\ell, \ell', \ell'')` for
+        :math:`\ell(t) = \log|\det J(x(t))|` (zeros for linear layers, whose log-det is
+        constant)."""
+        raise NotImplementedError(f"{type(self).__name__} has no jet")
 
-class Dense(EBFlowLayer):
+
+class LinearLayer(EBFlowLayer):
+    """A layer ``y = A x + c`` with constant ``A``: subclasses give :meth:`_matvec` (``A x``
+    on rows) and :meth:`_offset` (``c``)."""
+
+    linear = True
+    has_jet = True
+
+    def _matvec(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _offset(self) -> Tensor | float:
+        return 0.0
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._matvec(x) + self._offset(), x.new_zeros(x.shape[:-1])
+
+    def jet(self, x, u, w):
+        n = len(x)
+        out = self._matvec(torch.cat([x, u] if w is None else [x, u, w]))
+        zero = x.new_zeros(n)
+        w_out = None if w is None else out[2 * n :]
+        return out[:n] + self._offset(), out[n : 2 * n], w_out, zero, zero, zero
+
+
+class ElementwiseLayer(EBFlowLayer):
+    """A strictly increasing element-wise map: subclasses give :meth:`_derivatives`, the value
+    and first three derivatives."""
+
+    has_jet = True
+
+    def _derivatives(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, d1, _, _ = self._derivatives(x)
+        return y, d1.log().sum(-1)
+
+    def jet(self, x, u, w):
+        y, d1, d2, d3 = self._derivatives(x)
+        r = d2 / d1  # derivative of log f'
+        u2 = u * u
+        w_out = d2 * u2 if w is None else d1 * w + d2 * u2
+        ld2 = (d3 / d1 - r * r) * u2
+        if w is not None:
+            ld2 = ld2 + r * w
+        return y, d1 * u, w_out, d1.log().sum(-1), (r * u).sum(-1), ld2.sum(-1)
+
+
+class Dense(LinearLayer):
     r"""Dense linear layer :math:`y = W x + b` with an unconstrained ``D x D`` weight, initialised
     at :math:`-I` as in the paper (so the initial flow is a reflection, log-det 0).
 
@@ -56,16 +124,16 @@ class Dense(EBFlowLayer):
         ([-1.0, -1.0, -1.0], 0.0)
     """
 
-    linear = True
-
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(-torch.eye(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = F.linear(x, self.weight, self.bias)
-        return y, torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    def _matvec(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def _offset(self) -> Tensor:
+        return self.bias
 
     def inverse(self, y: Tensor) -> Tensor:
         return torch.linalg.solve(self.weight, (y - self.bias).T).T
@@ -74,7 +142,7 @@ class Dense(EBFlowLayer):
         return torch.linalg.slogdet(self.weight)[1]
 
 
-class SmoothLeakyReLU(EBFlowLayer):
+class SmoothLeakyReLU(ElementwiseLayer):
     r"""Element-wise smooth leaky ReLU :math:`f(x) = a x + (1 - a) \log(1 + e^x)`, ``a = 0.3``:
     strictly increasing (slope in ``(a, 1)``), inverted by Newton's method. With
     ``residual=True`` it is :math:`x + f(x)` (slope in ``(1 + a, 2)``), the variant of the
@@ -96,21 +164,19 @@ class SmoothLeakyReLU(EBFlowLayer):
         self.a = a
         self.residual = bool(residual)
 
-    def _value_and_slope(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _derivatives(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        sig = torch.sigmoid(x)
         y = self.a * x + (1 - self.a) * F.softplus(x)
-        slope = self.a + (1 - self.a) * torch.sigmoid(x)
+        d1 = self.a + (1 - self.a) * sig
         if self.residual:
-            y, slope = y + x, slope + 1
-        return y, slope
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, slope = self._value_and_slope(x)
-        return y, slope.log().sum(-1)
+            y, d1 = y + x, d1 + 1
+        d2 = (1 - self.a) * sig * (1 - sig)
+        return y, d1, d2, d2 * (1 - 2 * sig)
 
     def inverse(self, y: Tensor, num_iter: int = 50) -> Tensor:
         x = y.clone()
         for _ in range(num_iter):
-            fx, slope = self._value_and_slope(x)
+            fx, slope, _, _ = self._derivatives(x)
             step = (fx - y) / slope
             x = x - step
             if step.abs().max() < 1e-12:
@@ -118,20 +184,20 @@ class SmoothLeakyReLU(EBFlowLayer):
         return x
 
 
-class ActNorm(EBFlowLayer):
+class ActNorm(LinearLayer):
     r"""Per-dimension affine map :math:`y = e^{s} \odot x + t` (a linear layer; identity at
     initialisation)."""
-
-    linear = True
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.log_scale = nn.Parameter(torch.zeros(dim))
         self.shift = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = x * self.log_scale.exp() + self.shift
-        return y, torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    def _matvec(self, x: Tensor) -> Tensor:
+        return x * self.log_scale.exp()
+
+    def _offset(self) -> Tensor:
+        return self.shift
 
     def inverse(self, y: Tensor) -> Tensor:
         return (y - self.shift) * torch.exp(-self.log_scale)
@@ -140,7 +206,7 @@ class ActNorm(EBFlowLayer):
         return self.log_scale.sum()
 
 
-class Logit(EBFlowLayer):
+class Logit(ElementwiseLayer):
     r"""The logit pre-processing :math:`y = \operatorname{logit}(\lambda + (1 - 2\lambda) x)` for
     ``x`` in ``(0, 1)``, as a (non-linear) layer: used *inside* the model when training without
     MaP, so that the objective matches scores in the data space."""
@@ -151,11 +217,15 @@ class Logit(EBFlowLayer):
             raise ValueError(f"lam must lie in (0, 0.5), got {lam!r}")
         self.lam = lam
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        p = self.lam + (1 - 2 * self.lam) * x
+    def _derivatives(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        c = 1 - 2 * self.lam
+        p = self.lam + c * x
+        q = 1 - p
         y = torch.log(p) - torch.log1p(-p)
-        ld = (torch.log(torch.tensor(1 - 2 * self.lam)) - torch.log(p) - torch.log1p(-p)).sum(-1)
-        return y, ld
+        d1 = c / (p * q)
+        d2 = c**2 * (1 / q**2 - 1 / p**2)
+        d3 = 2 * c**3 * (1 / q**3 + 1 / p**3)
+        return y, d1, d2, d3
 
     def inverse(self, y: Tensor) -> Tensor:
         return (torch.sigmoid(y) - self.lam) / (1 - 2 * self.lam)
@@ -168,7 +238,7 @@ def _check_image_shape(name: str, shape: Sequence[int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-class Conv2d(EBFlowLayer):
+class Conv2d(LinearLayer):
     r"""Convolution with ``C`` input and output channels, a ``k x k`` kernel (``k`` odd), stride 1
     and zero "same" padding, on flattened images of shape ``(C, H, W)``: a linear map of
     :math:`\mathbb R^{CHW}`. Initialised at the negated identity kernel (``-dirac``, as in the
@@ -187,8 +257,6 @@ class Conv2d(EBFlowLayer):
         (True, 0.0)
     """
 
-    linear = True
-
     def __init__(self, shape: Sequence[int], kernel_size: int = 7, bias: bool = True) -> None:
         super().__init__()
         self.shape = _check_image_shape("shape", shape)
@@ -201,32 +269,29 @@ class Conv2d(EBFlowLayer):
         self.bias = nn.Parameter(torch.zeros(c)) if bias else None
         self.padding = kernel_size // 2
 
-    def _conv(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        y = F.conv2d(x.reshape(-1, *self.shape), self.weight, bias, padding=self.padding)
+    def _matvec(self, x: Tensor) -> Tensor:
+        y = F.conv2d(x.reshape(-1, *self.shape), self.weight, padding=self.padding)
         return y.reshape(x.shape)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._conv(x, self.bias), x.new_zeros(x.shape[:-1])
 
     def matrix(self) -> Tensor:
         """The dense ``(CHW, CHW)`` matrix ``M`` of the map without bias (``y = M x + b``)."""
         dim = math.prod(self.shape)
         eye = torch.eye(dim, dtype=self.weight.dtype, device=self.weight.device)
-        return self._conv(eye, None).T
+        return self._matvec(eye).T
 
-    def _flat_bias(self) -> Tensor | float:
+    def _offset(self) -> Tensor | float:
         if self.bias is None:
             return 0.0
         return self.bias[:, None].expand(self.shape[0], self.shape[1] * self.shape[2]).reshape(-1)
 
     def inverse(self, y: Tensor) -> Tensor:
-        return torch.linalg.solve(self.matrix(), (y - self._flat_bias()).T).T
+        return torch.linalg.solve(self.matrix(), (y - self._offset()).T).T
 
     def log_det(self) -> Tensor:
         return torch.linalg.slogdet(self.matrix())[1]
 
 
-class Squeeze(EBFlowLayer):
+class Squeeze(LinearLayer):
     r"""Space-to-depth: ``(C, H, W) -> (4C, H/2, W/2)``, each ``2 x 2`` patch becoming four
     channels (Dinh et al. 2017). A permutation of the flattened vector: linear, log-det 0.
 
@@ -239,8 +304,6 @@ class Squeeze(EBFlowLayer):
         (4, 2, 2)
     """
 
-    linear = True
-
     def __init__(self, shape: Sequence[int]) -> None:
         super().__init__()
         self.shape = _check_image_shape("shape", shape)
@@ -249,10 +312,10 @@ class Squeeze(EBFlowLayer):
             raise ValueError(f"Squeeze needs even height and width, got shape {self.shape}")
         self.out_shape = (4 * c, h // 2, w // 2)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _matvec(self, x: Tensor) -> Tensor:
         c, h, w = self.shape
         y = x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
-        return y.reshape(x.shape), x.new_zeros(x.shape[:-1])
+        return y.reshape(x.shape)
 
     def inverse(self, y: Tensor) -> Tensor:
         c, h, w = self.shape

@@ -70,6 +70,34 @@ class EBFlow(EnergyModel):
         log_pu = -0.5 * z.pow(2).sum(-1) - 0.5 * self.dim * _LOG_2PI
         return -log_pu - ld
 
+    @property
+    def has_jet(self) -> bool:
+        """Whether every layer implements the second-order forward mode (:meth:`energy_jet`)."""
+        return all(layer.has_jet for layer in self.layers)
+
+    def energy_jet(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""The energy along the line :math:`x + t v` and its first two derivatives at ``t = 0``:
+        :math:`(E(x),\; v^\top \nabla E(x),\; v^\top \nabla^2 E(x)\, v)`, each ``(batch,)``,
+        by propagating second-order jets forward through the layers (Taylor mode; see
+        :meth:`~pyro_ebm.ebflow.layers.EBFlowLayer.jet`). Sliced score matching needs exactly
+        these two directional derivatives; this computes them in one forward pass (linear layers
+        apply their matrix to ``x``, ``u`` and ``w`` at once), so that the training step
+        back-propagates once instead of through a double backward pass.
+        """
+        x = self.check_input(x)
+        u, w = v, None
+        ld = ld1 = ld2 = x.new_zeros(x.shape[:-1])
+        for layer in self.layers:
+            x, u, w, l0, l1, l2 = layer.jet(x, u, w)
+            if not layer.linear:
+                ld, ld1, ld2 = ld + l0, ld1 + l1, ld2 + l2
+        energy = 0.5 * x.pow(2).sum(-1) + 0.5 * self.dim * _LOG_2PI - ld
+        d1 = (x * u).sum(-1) - ld1
+        d2 = u.pow(2).sum(-1) - ld2
+        if w is not None:
+            d2 = d2 + (x * w).sum(-1)
+        return energy, d1, d2
+
     def log_normalizer(self) -> Tensor:
         r""":math:`\log Z = -\sum_{\text{linear}} \log|\det J|` (cached in eval mode)."""
         if not self.training and self._cached_log_z is not None:

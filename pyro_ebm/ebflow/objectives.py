@@ -53,10 +53,23 @@ def _score(model, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ssm_loss(model, x: Tensor, num_slices: int = 1, v: Tensor | None = None) -> Tensor:
-    """Sliced score matching with Rademacher projections ``v`` of shape
-    ``(num_slices, batch, D)``."""
+    r"""Sliced score matching with Rademacher projections ``v`` of shape
+    ``(num_slices, batch, D)``.
+
+    For a model with ``energy_jet`` (an :class:`~pyro_ebm.ebflow.model.EBFlow` whose layers
+    all have jets) the two directional derivatives come from one second-order forward pass
+    (:math:`v^\top \nabla s\, v = -\partial_t^2 E(x + t v)`, :math:`v^\top s = -\partial_t
+    E(x + t v)`); otherwise from autograd's double backward. Both give the same value."""
     if v is None:
         v = torch.randint(0, 2, (num_slices, *x.shape), device=x.device).to(x.dtype) * 2 - 1
+    if getattr(model, "has_jet", False):
+        k = v.shape[0]
+        _, d1, d2 = model.energy_jet(x.repeat(k, 1), v.reshape(-1, x.shape[-1]))
+        return (-d2 + 0.5 * d1.pow(2)).mean()
+    return _ssm_autograd(model, x, v)
+
+
+def _ssm_autograd(model, x: Tensor, v: Tensor) -> Tensor:
     x, s = _score(model, x)
     total = 0.0
     for vk in v:
