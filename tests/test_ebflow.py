@@ -384,11 +384,11 @@ def test_coupling_model_learns_a_toy_by_score_matching():
         lambda: EBFlow([Logit(0.05), Dense(3), SmoothLeakyReLU(), ActNorm(3), Dense(3)], 3),
     ],
 )
-def test_ssm_by_jets_equals_ssm_by_double_backward(make):
-    """The Taylor-mode SSM (one forward pass of second-order jets) gives the same loss and the
-    same parameter gradients as autograd's double backward, and the jet's directional
-    derivatives are those of E along the line x + t v."""
-    from pyro_ebm.ebflow.objectives import _ssm_autograd
+def test_ssm_by_jets_and_dsm_by_explicit_score_equal_the_double_backward(make):
+    """The Taylor-mode SSM (one forward pass of second-order jets) and the DSM with the
+    explicit score give the same losses and parameter gradients as autograd's double backward,
+    and the jet's directional derivatives are those of E along the line x + t v."""
+    from pyro_ebm.ebflow.objectives import _score, _ssm_autograd
 
     torch.manual_seed(0)
     model = _perturb(make())
@@ -408,3 +408,12 @@ def test_ssm_by_jets_equals_ssm_by_double_backward(make):
     assert torch.allclose(d1, (line[2] - line[0]) / 2e-4, rtol=1e-5, atol=1e-5)
     fd2 = (line[2] - 2 * line[1] + line[0]) / 1e-8
     assert torch.allclose(d2, fd2, rtol=1e-3, atol=1e-3)
+
+    noise = torch.randn(7, model.dim) * 0.1
+    fast = dsm_loss(model, x, 0.1, noise=noise)
+    slow = 0.5 * (_score(model, x + 0.1 * noise)[1] + noise / 0.1).pow(2).sum(-1).mean()
+    assert torch.allclose(fast, slow, rtol=1e-10)
+    for a, b in zip(
+        torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True
+    ):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)

@@ -77,6 +77,10 @@ class LinearLayer(EBFlowLayer):
     def _offset(self) -> Tensor | float:
         return 0.0
 
+    def _rmatvec(self, g: Tensor) -> Tensor:
+        """``A^T g`` on rows (the vector-Jacobian product)."""
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._matvec(x) + self._offset(), x.new_zeros(x.shape[:-1])
 
@@ -131,6 +135,9 @@ class Dense(LinearLayer):
 
     def _matvec(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)
+
+    def _rmatvec(self, g: Tensor) -> Tensor:
+        return g @ self.weight
 
     def _offset(self) -> Tensor:
         return self.bias
@@ -195,6 +202,9 @@ class ActNorm(LinearLayer):
 
     def _matvec(self, x: Tensor) -> Tensor:
         return x * self.log_scale.exp()
+
+    def _rmatvec(self, g: Tensor) -> Tensor:
+        return self._matvec(g)
 
     def _offset(self) -> Tensor:
         return self.shift
@@ -273,6 +283,10 @@ class Conv2d(LinearLayer):
         y = F.conv2d(x.reshape(-1, *self.shape), self.weight, padding=self.padding)
         return y.reshape(x.shape)
 
+    def _rmatvec(self, g: Tensor) -> Tensor:
+        x = F.conv_transpose2d(g.reshape(-1, *self.shape), self.weight, padding=self.padding)
+        return x.reshape(g.shape)
+
     def matrix(self) -> Tensor:
         """The dense ``(CHW, CHW)`` matrix ``M`` of the map without bias (``y = M x + b``)."""
         dim = math.prod(self.shape)
@@ -316,6 +330,9 @@ class Squeeze(LinearLayer):
         c, h, w = self.shape
         y = x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
         return y.reshape(x.shape)
+
+    def _rmatvec(self, g: Tensor) -> Tensor:
+        return self.inverse(g)  # a permutation: its transpose is its inverse
 
     def inverse(self, y: Tensor) -> Tensor:
         c, h, w = self.shape

@@ -98,6 +98,26 @@ class EBFlow(EnergyModel):
             d2 = d2 + (x * w).sum(-1)
         return energy, d1, d2
 
+    def score(self, x: Tensor) -> Tensor:
+        r"""The model score :math:`s(x) = -\nabla_x E(x)`, ``(batch, D)``, by an explicit
+        backward pass through the layers (linear layers apply their transpose, element-wise
+        layers their derivative and the gradient of :math:`-\log f'`), written with ordinary
+        differentiable operations: a loss built on it (denoising score matching) then
+        back-propagates once, without autograd's double backward. Needs :attr:`has_jet`."""
+        x = self.check_input(x)
+        saved = []
+        for layer in self.layers:
+            if layer.linear:
+                saved.append(None)
+                x = layer(x)[0]
+            else:
+                x, d1, d2, _ = layer._derivatives(x)
+                saved.append((d1, d2))
+        g = x  # gradient of |z|^2 / 2
+        for layer, d in zip(reversed(self.layers), reversed(saved), strict=True):
+            g = layer._rmatvec(g) if d is None else d[0] * g - d[1] / d[0]
+        return -g
+
     def log_normalizer(self) -> Tensor:
         r""":math:`\log Z = -\sum_{\text{linear}} \log|\det J|` (cached in eval mode)."""
         if not self.training and self._cached_log_z is not None:
