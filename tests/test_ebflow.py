@@ -417,3 +417,20 @@ def test_ssm_by_jets_and_dsm_by_explicit_score_equal_the_double_backward(make):
         torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True
     ):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fc_ebflow((3,)),
+        lambda: cnn_ebflow((4, 4), num_blocks=2, kernel_size=3),
+        lambda: coupling_ebflow(2, num_blocks=2, hidden=8),
+    ],
+)
+def test_energy_on_lines_equals_the_energy_at_each_point(make):
+    torch.manual_seed(0)
+    model = _perturb(make(), 0.1)
+    x, v = torch.randn(4, model.dim), torch.randn(4, model.dim)
+    got = model.energy_on_lines(x, v, (0.5, -0.5, 0.0))
+    expected = torch.stack([model.energy(x + t * v) for t in (0.5, -0.5, 0.0)])
+    assert torch.allclose(got, expected, atol=1e-10)

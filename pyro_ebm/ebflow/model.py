@@ -56,19 +56,30 @@ class EBFlow(EnergyModel):
         self.layers = nn.ModuleList(layers)
         self._cached_log_z: Tensor | None = None
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``g(x)`` and the sum of the non-linear layers' log-determinants."""
-        ld = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
-        for layer in self.layers:
+    def _energy_from(self, x: Tensor, start: int = 0) -> Tensor:
+        """The energy, applying the layers from index ``start`` on to ``x``."""
+        ld = x.new_zeros(x.shape[:-1])
+        for layer in self.layers[start:]:
             x, l = layer(x)
             if not layer.linear:
                 ld = ld + l
-        return x, ld
+        return 0.5 * x.pow(2).sum(-1) + 0.5 * self.dim * _LOG_2PI - ld
 
     def energy(self, x: Tensor) -> Tensor:
-        z, ld = self._forward(self.check_input(x))
-        log_pu = -0.5 * z.pow(2).sum(-1) - 0.5 * self.dim * _LOG_2PI
-        return -log_pu - ld
+        return self._energy_from(self.check_input(x))
+
+    def energy_on_lines(self, x: Tensor, v: Tensor, ts: Sequence[float]) -> Tensor:
+        """Energies at ``x + t v`` for each ``t`` in ``ts``, ``(len(ts), batch)``. A linear first
+        layer ``A x + c`` is applied to ``x`` and ``v`` once (``A x + c + t A v``) instead of
+        to every point: finite-difference score matching evaluates three points per line."""
+        x = self.check_input(x)
+        first = self.layers[0]
+        if not first.linear or not first.has_jet:
+            return self.energy(torch.cat([x + t * v for t in ts])).reshape(len(ts), -1)
+        hx, hv = first._matvec(torch.cat([x, v])).chunk(2)
+        hx = hx + first._offset()
+        points = torch.cat([hx + t * hv for t in ts])
+        return self._energy_from(points, start=1).reshape(len(ts), -1)
 
     @property
     def has_jet(self) -> bool:

@@ -97,8 +97,10 @@ def fdssm_loss(model, x: Tensor, xi: float = 1e-2, v: Tensor | None = None) -> T
     if v is None:
         v = torch.randn_like(x)
         v = v / v.norm(dim=-1, keepdim=True) * math.sqrt(x.shape[-1])
-    e = model.energy(torch.cat([x + xi * v, x - xi * v, x]))
-    e_plus, e_minus, e0 = e.chunk(3)
+    if hasattr(model, "energy_on_lines"):
+        e_plus, e_minus, e0 = model.energy_on_lines(x, v, (xi, -xi, 0.0))
+    else:
+        e_plus, e_minus, e0 = model.energy(torch.cat([x + xi * v, x - xi * v, x])).chunk(3)
     vjv = -(e_plus + e_minus - 2 * e0) / xi**2  # v^T (grad s) v
     sv = -(e_plus - e_minus) / (2 * xi)  # v^T s
     return (vjv + 0.5 * sv.pow(2)).mean()
