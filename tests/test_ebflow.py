@@ -434,3 +434,26 @@ def test_energy_on_lines_equals_the_energy_at_each_point(make):
     got = model.energy_on_lines(x, v, (0.5, -0.5, 0.0))
     expected = torch.stack([model.energy(x + t * v) for t in (0.5, -0.5, 0.0)])
     assert torch.allclose(got, expected, atol=1e-10)
+
+
+def test_trainer_cosine_schedule_decays_the_rate_over_each_fit():
+    from pyro_ebm.ebflow import EBFlowTrainer
+
+    data = torch.randn(64, 2)
+    trainer = EBFlowTrainer(fc_ebflow((2,)), objective="ssm", lr=1e-2, seed=0)
+    rates = []
+    orig = trainer.opt.step
+
+    def step(*args, **kwargs):
+        rates.append(trainer.opt.param_groups[0]["lr"])
+        return orig(*args, **kwargs)
+
+    trainer.opt.step = step
+    trainer.fit(data, num_steps=10, batch_size=16, progress=False)
+    assert rates[0] == pytest.approx(1e-2) and rates[-1] < 0.03 * 1e-2
+    assert all(a >= b for a, b in zip(rates[:-1], rates[1:], strict=True))  # decreasing
+    constant = EBFlowTrainer(fc_ebflow((2,)), lr=1e-2, lr_schedule="constant")
+    constant.fit(data, num_steps=5, batch_size=16, progress=False)
+    assert constant.opt.param_groups[0]["lr"] == 1e-2
+    with pytest.raises(ValueError, match="lr_schedule"):
+        EBFlowTrainer(fc_ebflow((2,)), lr_schedule="linear")

@@ -53,6 +53,9 @@ class EBFlowTrainer:
     :param map: match after pre-processing (images only).
     :param ema: EMA decay of the weights (``None``: no EMA).
     :param lr: Adam learning rate.
+    :param lr_schedule: ``"cosine"`` (default: the rate decays to 0 over the steps of each
+        :meth:`fit` call) or ``"constant"``. On MNIST a constant 1e-3 let the test NLL of DSM and
+        SSM climb back up after 1500 steps; the decay settles them.
     :param sigma: DSM noise level; :param xi: FDSSM step; :param num_slices: SSM projections.
     :param max_grad_norm: gradient-norm clipping (``None``: none).
     :param energy_reg: weight :math:`\lambda` of the optional energy regulariser
@@ -77,6 +80,7 @@ class EBFlowTrainer:
         map: bool = True,  # noqa: A002 (the paper's name)
         ema: float | None = 0.999,
         lr: float = 1e-3,
+        lr_schedule: str = "cosine",
         sigma: float = 0.1,
         xi: float = 1e-2,
         num_slices: int = 1,
@@ -91,9 +95,13 @@ class EBFlowTrainer:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
         if ema is not None and not 0 < ema < 1:
             raise ValueError(f"ema must lie in (0, 1) or be None, got {ema!r}")
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
         if seed is not None:
             torch.manual_seed(seed)
         self.objective = objective
+        self.lr = lr
+        self.lr_schedule = lr_schedule
         self.map = bool(map)
         self.ema = ema
         self.lam = lam
@@ -133,8 +141,8 @@ class EBFlowTrainer:
     def fit(
         self, data: Tensor, num_steps: int = 1000, batch_size: int = 100, progress: bool = True
     ) -> list[float]:
-        """Train for ``num_steps`` more steps on minibatches drawn with replacement; returns the
-        losses."""
+        """Train for ``num_steps`` more steps on minibatches drawn with replacement (the cosine
+        schedule spans these steps); returns the losses of all steps so far."""
         check_int("num_steps", num_steps, 1)
         check_int("batch_size", batch_size, 1)
         if data.dim() != 2 or data.shape[1] != self.model.dim:
@@ -145,7 +153,10 @@ class EBFlowTrainer:
             from tqdm.auto import trange
 
             steps = trange(num_steps, desc=f"EBFlow ({self.objective})")
-        for _ in steps:
+        for i in steps:
+            if self.lr_schedule == "cosine":
+                for group in self.opt.param_groups:
+                    group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * i / num_steps))
             x = self._prepare(data[torch.randint(len(data), (batch_size,))])
             loss = self.loss_fn(self.model, x)
             if self.energy_reg:
