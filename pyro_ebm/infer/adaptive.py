@@ -55,13 +55,19 @@ class AdaptiveFlowMCMC(WalkerKernel):
     :param production_local_steps: local moves per cycle after warmup (default: the same). With a
         well-trained flow, ``0`` (pure i-SIR) gives the most effective draws per second; keep
         local moves where the flow may be poor.
-    :param min_global_accept: if the ensemble's global acceptance over the last 10 warmup cycles
-        is below this, ``production_local_steps=0`` is overridden (with a warning) and the local
-        moves are kept, since a chain with a poor flow and no local moves barely moves.
+    :param min_global_accept: if the ensemble's global acceptance with the flow kept at the end
+        of warmup (see :meth:`~pyro_ebm.samplers.AdaptiveFlowSampler.freeze`) is below this,
+        ``production_local_steps=0`` is overridden (with a warning) and the local moves are kept,
+        since a chain with a poor flow and no local moves barely moves.
     :param step_size: initial local step size (adapted during warmup).
+    :param defensive: after warmup, propose from the flow mixed with a broad Gaussian of this
+        weight (a floor on the proposal density, see
+        :class:`~pyro_ebm.samplers.DefensiveProposal`); 0 (default) disables it. It is for flows
+        whose tails are much too light; on eight schools (8 seeds, pure i-SIR) a weight of 0.05
+        did not remove the occasional sticky stretches and cut the median ESS threefold.
     :param sampler_kwargs: further options of :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`
         (``flow_lr``, ``flow_steps``, ``flow_batch_size``, ``history``, ``block_size``,
-        ``target_accept``, ``num_leapfrog``).
+        ``target_accept``, ``num_leapfrog``, ``defensive_scale``).
 
     Example::
 
@@ -91,6 +97,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
         production_local_steps: int | None = None,
         min_global_accept: float = 0.1,
         step_size: float = 0.05,
+        defensive: float = 0.0,
         init_strategy: Callable | None = None,
         **sampler_kwargs,
     ) -> None:
@@ -101,6 +108,12 @@ class AdaptiveFlowMCMC(WalkerKernel):
             raise ValueError(f"init_scale must be positive, got {init_scale}")
         self.flow = flow
         self.num_walkers = num_walkers
+        if production_local_steps is not None and (
+            int(production_local_steps) != production_local_steps or production_local_steps < 0
+        ):
+            raise ValueError(
+                f"production_local_steps must be an integer >= 0, got {production_local_steps!r}"
+            )
         self.production_local_steps = production_local_steps
         self.min_global_accept = min_global_accept
         self.init_scale = init_scale
@@ -110,6 +123,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
             local_move=local_move,
             num_local_steps=num_local_steps,
             step_size=step_size,
+            defensive=defensive,
             **sampler_kwargs,
         )
         # validate the options now rather than at the first chain
@@ -128,16 +142,15 @@ class AdaptiveFlowMCMC(WalkerKernel):
         walkers = x0 + self.init_scale * torch.randn(self.num_walkers, dim, dtype=x0.dtype)
         walkers[0] = x0[0]
         self._ensemble = self.sampler.init(walkers)
-        self._recent_global_accept: list[float] = []
         self.flow_ = self.sampler.flow
         if self._warmup_steps == 0:
             return self._freeze(self._ensemble)
         return _row(self._ensemble, 0)
 
     def _freeze(self, ensemble: WalkerState) -> WalkerState:
+        self.sampler.freeze()  # may restore an earlier flow: see AdaptiveFlowSampler.freeze
+        accept = self.sampler.final_global_accept or 0.0
         local_steps = self.production_local_steps
-        recent = self._recent_global_accept[-10:]
-        accept = sum(recent) / len(recent) if recent else 0.0
         if local_steps == 0 and accept < self.min_global_accept:
             # a flow that has not learned the target would freeze a chain with no local moves
             logger.warning(
@@ -149,7 +162,8 @@ class AdaptiveFlowMCMC(WalkerKernel):
                 self.sampler.num_local_steps,
             )
             local_steps = None
-        self.sampler.freeze(local_steps)
+        if local_steps is not None:
+            self.sampler.num_local_steps = local_steps
         self._ensemble = None
         return self.sampler.init(ensemble.x[:1])
 
@@ -163,8 +177,6 @@ class AdaptiveFlowMCMC(WalkerKernel):
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         if warmup:
             self._ensemble, info, is_global = self.sampler.move(self._ensemble, self._t, adapt=True)
-            if is_global:
-                self._recent_global_accept.append(float(info.accept_prob.mean()))
             state = _row(self._ensemble, 0)
             info = MoveInfo(*(f[:1] for f in info))
             if self._t == self._warmup_steps - 1:

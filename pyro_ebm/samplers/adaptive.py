@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from ..flows import RealNVP, forward_kl_step
 from .adaptation import StepSizeAdapter
 from .composite import GlobalLocalInfo, stack_infos
-from .flow_moves import FlowProposals, imh_step, isir_step
+from .flow_moves import DefensiveProposal, FlowProposals, imh_step, isir_step
 from .local import hmc_step, mala_step
 from .state import MoveInfo, PotentialFn, WalkerState, init_state
 
@@ -78,6 +79,11 @@ class AdaptiveFlowSampler:
     :param flow_batch_size: minibatch size of each flow step, drawn from the history.
     :param history: number of past iterations of walker positions the flow is fitted on.
     :param block_size: global-move proposals are drawn and scored this many steps at a time.
+    :param defensive: after :meth:`freeze`, propose from the flow mixed with a broad Gaussian of
+        this weight (:class:`~pyro_ebm.samplers.DefensiveProposal`; 0 disables it): a floor on
+        the proposal density, so that a chain that reaches a region the flow under-covers does
+        not stick there.
+    :param defensive_scale: width of that Gaussian relative to the flow's spread.
     """
 
     def __init__(
@@ -96,6 +102,8 @@ class AdaptiveFlowSampler:
         flow_batch_size: int = 1024,
         history: int = 50,
         block_size: int = 16,
+        defensive: float = 0.0,
+        defensive_scale: float = 3.0,
     ) -> None:
         if global_move not in ("isir", "imh"):
             raise ValueError(f"global_move must be 'isir' or 'imh', got {global_move!r}")
@@ -103,8 +111,13 @@ class AdaptiveFlowSampler:
             raise ValueError(f"local_move must be 'mala' or 'hmc', got {local_move!r}")
         if global_move == "isir" and num_particles < 2:
             raise ValueError(f"num_particles must be >= 2, got {num_particles}")
+        if not 0.0 <= defensive < 1.0:
+            raise ValueError(f"defensive must lie in [0, 1), got {defensive!r}")
         self.potential_fn = potential_fn
         self.flow = flow
+        self.defensive = defensive
+        self.defensive_scale = defensive_scale
+        self._proposal = flow  # the flow, or after freeze its defensive mixture
         self.global_move = global_move
         self.num_particles = num_particles
         self.local_move = local_move
@@ -123,6 +136,12 @@ class AdaptiveFlowSampler:
         self._buffer: Tensor | None = None
         self._proposals: FlowProposals | None = None
         self._frozen = False
+        self._candidate: dict | None = None  # flow state fitted last, not yet scored
+        self._accepts: list[float] = []  # global acceptance of each training cycle
+        self.best_global_accept: float | None = None
+        self._best_flow: dict | None = None
+        #: global acceptance (5-cycle mean) of the flow kept at :meth:`freeze`
+        self.final_global_accept: float | None = None
 
     # -- moves ------------------------------------------------------------------------------
     def init(self, x0: Tensor) -> WalkerState:
@@ -132,16 +151,18 @@ class AdaptiveFlowSampler:
         if self.flow is None:
             self.flow = default_flow(x0.shape[-1]).to(x0)
             self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.flow_lr)
+        if not self.frozen:
+            self._proposal = self.flow
         m = self.num_particles - 1 if self.global_move == "isir" else 1
         # while the flow changes every iteration, proposals are drawn one step at a time
         block = self.block_size if self.frozen else 1
-        self._proposals = FlowProposals(self.flow, self.potential_fn, x0.shape[0], m, block)
+        self._proposals = FlowProposals(self._proposal, self.potential_fn, x0.shape[0], m, block)
         return init_state(self.potential_fn, x0)
 
     def _global(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
         move = isir_step if self.global_move == "isir" else imh_step
         grad_fn = self.potential_fn if self.num_local_steps > 0 else None  # for the local move
-        return move(state, self._proposals.draw(), self.flow, grad_fn)
+        return move(state, self._proposals.draw(), self._proposal, grad_fn)
 
     def _local(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
         if self.local_move == "mala":
@@ -161,6 +182,8 @@ class AdaptiveFlowSampler:
         if index % (self.num_local_steps + 1) == 0:
             state, info = self._global(state)
             is_global = True
+            if adapt:
+                self._score_candidate(float(info.accept_prob.mean()))
         else:
             state, info = self._local(state)
             is_global = False
@@ -193,6 +216,27 @@ class AdaptiveFlowSampler:
             idx = torch.randint(0, data.shape[0], (min(self.flow_batch_size, data.shape[0]),))
             forward_kl_step(self.flow, self.optimizer, data[idx])
         self._proposals.reset()
+        self._candidate = copy.deepcopy(self.flow.state_dict())
+
+    def _score_candidate(self, accept: float) -> None:
+        """The global move just made used the flow fitted last: keep that flow if the mean
+        acceptance of the last :attr:`_WINDOW` cycles is the best so far."""
+        self._accepts.append(accept)
+        if self._candidate is None or len(self._accepts) < self._WINDOW:
+            return
+        recent = self.recent_global_accept
+        if self.best_global_accept is None or recent > self.best_global_accept:
+            self.best_global_accept = recent
+            self._best_flow = self._candidate
+        self._candidate = None
+
+    _WINDOW = 5
+
+    @property
+    def recent_global_accept(self) -> float | None:
+        """Mean global acceptance of the last 5 training cycles (``None`` before any)."""
+        recent = self._accepts[-self._WINDOW :]
+        return sum(recent) / len(recent) if recent else None
 
     @property
     def frozen(self) -> bool:
@@ -200,7 +244,13 @@ class AdaptiveFlowSampler:
         return self._frozen
 
     def freeze(self, num_local_steps: int | None = None) -> None:
-        """End the training phase: fix the step size and stop updating the flow.
+        """End the training phase: fix the step size and stop updating the flow. If the global
+        acceptance of the last 5 cycles has fallen below half of the best 5-cycle mean seen in
+        training, the flow of that best stretch is restored: flow training with a constant
+        learning rate can blow up late (on eight schools a flow at 0.95 acceptance fell to 0.001
+        in the last 40 of 100 cycles, freezing a chain for good). Otherwise the final flow is
+        kept (early flows can score well on a walker ensemble that has not spread out yet). The
+        choice depends on the training phase only, so the chain after it is a valid MCMC chain.
 
         :param num_local_steps: local moves per cycle from now on (default: unchanged). With a
             good flow, pure i-SIR (0) is the cheapest per effective draw; local moves matter
@@ -211,9 +261,18 @@ class AdaptiveFlowSampler:
                 raise ValueError(f"num_local_steps must be >= 0, got {num_local_steps}")
             self.num_local_steps = num_local_steps
         self.step_size = self.adapter.final_step_size
-        self._buffer = None
+        recent = self.recent_global_accept
+        if self._best_flow is not None and recent < 0.5 * self.best_global_accept:
+            self.flow.load_state_dict(self._best_flow)
+            self.final_global_accept = self.best_global_accept
+        else:
+            self.final_global_accept = recent
+        self._buffer = self._candidate = self._best_flow = None
         self._frozen = True
+        if self.defensive > 0:
+            self._proposal = DefensiveProposal(self.flow, self.defensive, self.defensive_scale)
         if self._proposals is not None:
+            self._proposals.flow = self._proposal
             self._proposals.block_size = self.block_size
             self._proposals.reset()
 
