@@ -216,8 +216,8 @@ def test_trainer_nll_of_images_is_change_of_variables_on_the_256_scale():
     with_map = EBFlowTrainer(fc_ebflow((4,)), map=True, ema=None)
     without = EBFlowTrainer(fc_ebflow((4,)), map=False, ema=None)
     without.model.load_state_dict(with_map.model.state_dict())
-    without._wrap_no_map(True)
-    with_map._wrap_no_map(True)
+    without._setup_for(True)
+    with_map._setup_for(True)
     torch.manual_seed(1)
     a = with_map.nll(data)
     torch.manual_seed(1)
@@ -457,3 +457,18 @@ def test_trainer_cosine_schedule_decays_the_rate_over_each_fit():
     assert constant.opt.param_groups[0]["lr"] == 1e-2
     with pytest.raises(ValueError, match="lr_schedule"):
         EBFlowTrainer(fc_ebflow((2,)), lr_schedule="linear")
+
+
+def test_dsm_default_noise_level_depends_on_the_data():
+    from pyro_ebm.ebflow import EBFlowTrainer
+
+    images = torch.randint(0, 256, (20, 4), dtype=torch.uint8)
+    for data, use_map, sigma, expected in [
+        (images, True, None, 1.0),
+        (images, False, None, 0.1),
+        (torch.randn(20, 4), True, None, 0.1),
+        (images, True, 0.3, 0.3),
+    ]:
+        trainer = EBFlowTrainer(fc_ebflow((4,)), "dsm", map=use_map, sigma=sigma, ema=None)
+        trainer.fit(data, num_steps=1, batch_size=4, progress=False)
+        assert trainer.sigma == expected and trainer.loss_fn.keywords["sigma"] == expected
