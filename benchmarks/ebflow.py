@@ -18,6 +18,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -79,8 +80,8 @@ def _mnist(folder: str) -> torch.Tensor:
 
 def bench_nll(datasets: dict, steps: int, seed: int) -> None:
     print(f"\n## 2. Test NLL (nats per image) after {steps} steps, FC EBFlow, batch 100\n")
-    print("| data | objective | test NLL | ratio to ml | s | paper (MNIST-FC) |")
-    print("|---|---|---|---|---|---|")
+    print("| data | objective | test NLL | bits/dim | ratio to ml | s | paper (MNIST-FC) |")
+    print("|---|---|---|---|---|---|---|")
     runs = [("ml", True), ("ssm", True), ("dsm", True), ("fdssm", True), ("ssm", False)]
     for name, (train, test) in datasets.items():
         ml = None
@@ -96,9 +97,9 @@ def bench_nll(datasets: dict, steps: int, seed: int) -> None:
             nll = trainer.nll(test)
             ml = nll if objective == "ml" else ml
             paper = PAPER_MNIST_FC.get(label, "-") if name == "mnist" else "-"
-            print(
-                f"| {name} | {label} | {nll:.1f} | {nll / ml:.3f} | {t:.0f} | {paper} |", flush=True
-            )
+            bpd = nll / (test.shape[1] * math.log(2.0))
+            cells = [name, label, f"{nll:.1f}", f"{bpd:.3f}", f"{nll / ml:.3f}", f"{t:.0f}", paper]
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
 def main() -> None:

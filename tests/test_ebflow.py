@@ -4,6 +4,8 @@ score-matching training of a Gaussian model."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -472,3 +474,17 @@ def test_dsm_default_noise_level_depends_on_the_data():
         trainer = EBFlowTrainer(fc_ebflow((4,)), "dsm", map=use_map, sigma=sigma, ema=None)
         trainer.fit(data, num_steps=1, batch_size=4, progress=False)
         assert trainer.sigma == expected and trainer.loss_fn.keywords["sigma"] == expected
+
+
+def test_bits_per_dim_is_the_nll_in_bits_per_coordinate():
+    from pyro_ebm.ebflow import EBFlowTrainer
+
+    data = torch.randint(0, 256, (30, 4), dtype=torch.uint8)
+    trainer = EBFlowTrainer(fc_ebflow((4,)), ema=None)
+    trainer._setup_for(True)
+    torch.manual_seed(3)
+    nll = trainer.nll(data)
+    torch.manual_seed(3)
+    assert trainer.bits_per_dim(data) == pytest.approx(nll / (4 * math.log(2)), rel=1e-12)
+    # an untrained identity-like flow on uniform pixels: about 8 bits per pixel or more
+    assert trainer.bits_per_dim(data) > 7

@@ -211,6 +211,11 @@ class EBFlowTrainer:
         model.train()
         return total / len(data)
 
+    def bits_per_dim(self, data: Tensor, batch_size: int = 1000) -> float:
+        """The test NLL in bits per dimension: :meth:`nll` / (D log 2) (for images, on the
+        original ``[0, 256)`` scale, the usual figure for image models)."""
+        return self.nll(data, batch_size) / (data.shape[1] * math.log(2.0))
+
     def impute(
         self,
         data: Tensor,
