@@ -136,7 +136,11 @@ def test_ssm_dsm_fdssm_equal_their_direct_formulas_on_a_quadratic_energy():
     direct = torch.stack(
         [((vk @ hess_s) * vk).sum(-1) + 0.5 * (score * vk).sum(-1) ** 2 for vk in v]
     ).mean()
-    assert torch.allclose(ssm_loss(model, x, v=v), direct, atol=1e-10)
+    assert torch.allclose(ssm_loss(model, x, v=v, variance_reduction=False), direct, atol=1e-10)
+    direct_vr = torch.stack(
+        [((vk @ hess_s) * vk).sum(-1) + 0.5 * score.pow(2).sum(-1) for vk in v]
+    ).mean()
+    assert torch.allclose(ssm_loss(model, x, v=v), direct_vr, atol=1e-10)
     noise = torch.randn(5, 3)
     s_noisy = -((x + 0.1 * noise) @ W.T + b) @ W
     direct_dsm = 0.5 * (s_noisy + noise / 0.1).pow(2).sum(-1).mean()
@@ -144,7 +148,8 @@ def test_ssm_dsm_fdssm_equal_their_direct_formulas_on_a_quadratic_energy():
     # a quadratic energy makes central differences exact: fdssm = ssm for the same directions
     u = torch.randn(5, 3)
     u = u / u.norm(dim=-1, keepdim=True) * 3**0.5
-    assert torch.allclose(fdssm_loss(model, x, 0.5, v=u), ssm_loss(model, x, v=u[None]), atol=1e-8)
+    plain_ssm = ssm_loss(model, x, v=u[None], variance_reduction=False)
+    assert torch.allclose(fdssm_loss(model, x, 0.5, v=u), plain_ssm, atol=1e-8)
     nll = (
         0.5 * (x @ W.T + b).pow(2).sum(-1)
         + 1.5 * torch.log(torch.tensor(2 * torch.pi))
@@ -397,13 +402,14 @@ def test_ssm_by_jets_and_dsm_by_explicit_score_equal_the_double_backward(make):
     assert model.has_jet
     x = torch.rand(7, model.dim) * 0.8 + 0.1  # inside (0, 1) for the logit model
     v = torch.randint(0, 2, (2, 7, model.dim)).double() * 2 - 1
-    fast, slow = ssm_loss(model, x, v=v), _ssm_autograd(model, x, v)
-    assert torch.allclose(fast, slow, rtol=1e-10)
     params = list(model.parameters())
-    for a, b in zip(
-        torch.autograd.grad(fast, params), torch.autograd.grad(slow, params), strict=True
-    ):
-        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    for vr in (False, True):  # plain SSM and SSM-VR
+        fast = ssm_loss(model, x, v=v, variance_reduction=vr)
+        slow = _ssm_autograd(model, x, v, variance_reduction=vr)
+        assert torch.allclose(fast, slow, rtol=1e-10)
+        fast_grads = torch.autograd.grad(fast, params)
+        for a, b in zip(fast_grads, torch.autograd.grad(slow, params), strict=True):
+            assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
     e, d1, d2 = model.energy_jet(x, v[0])
     line = [model.energy(x + t * v[0]) for t in (-1e-4, 0.0, 1e-4)]
     assert torch.allclose(e, line[1], atol=1e-12)

@@ -86,19 +86,23 @@ class EBFlow(EnergyModel):
         """Whether every layer implements the second-order forward mode (:meth:`energy_jet`)."""
         return all(layer.has_jet for layer in self.layers)
 
-    def energy_jet(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def energy_jet(self, x: Tensor, v: Tensor, with_score: bool = False) -> tuple[Tensor, ...]:
         r"""The energy along the line :math:`x + t v` and its first two derivatives at ``t = 0``:
         :math:`(E(x),\; v^\top \nabla E(x),\; v^\top \nabla^2 E(x)\, v)`, each ``(batch,)``,
         by propagating second-order jets forward through the layers (Taylor mode; see
         :meth:`~pyro_ebm.ebflow.layers.EBFlowLayer.jet`). Sliced score matching needs exactly
         these two directional derivatives; this computes them in one forward pass (linear layers
         apply their matrix to ``x``, ``u`` and ``w`` at once), so that the training step
-        back-propagates once instead of through a double backward pass.
+        back-propagates once instead of through a double backward pass. With ``with_score`` the
+        score :math:`s(x)` (:meth:`score`) is appended, sharing the forward pass.
         """
         x = self.check_input(x)
         u, w = v, None
         ld = ld1 = ld2 = x.new_zeros(x.shape[:-1])
+        saved = []
         for layer in self.layers:
+            if with_score:
+                saved.append(None if layer.linear else layer._derivatives(x)[1:3])
             x, u, w, l0, l1, l2 = layer.jet(x, u, w)
             if not layer.linear:
                 ld, ld1, ld2 = ld + l0, ld1 + l1, ld2 + l2
@@ -107,6 +111,8 @@ class EBFlow(EnergyModel):
         d2 = u.pow(2).sum(-1) - ld2
         if w is not None:
             d2 = d2 + (x * w).sum(-1)
+        if with_score:
+            return energy, d1, d2, self._score_backward(x, saved)
         return energy, d1, d2
 
     def score(self, x: Tensor) -> Tensor:
@@ -124,7 +130,11 @@ class EBFlow(EnergyModel):
             else:
                 x, d1, d2, _ = layer._derivatives(x)
                 saved.append((d1, d2))
-        g = x  # gradient of |z|^2 / 2
+        return self._score_backward(x, saved)
+
+    def _score_backward(self, z: Tensor, saved: list) -> Tensor:
+        """``-grad E`` from the output ``z`` and each non-linear layer's ``(f', f'')``."""
+        g = z  # gradient of |z|^2 / 2
         for layer, d in zip(reversed(self.layers), reversed(saved), strict=True):
             g = layer._rmatvec(g) if d is None else d[0] * g - d[1] / d[0]
         return -g
