@@ -9,6 +9,8 @@
    with ``jit_compile=True`` are also compared with Pyro's NUTS with ``jit_compile=True``.
 3. Driver overhead: ms per step of FlowIMH vs Pyro's RandomWalkKernel on the same 2-D target
    (a Pyro model for both), and of FlowIMH on a bare ``potential_fn``.
+4. Robustness of AdaptiveFlowMCMC (pure i-SIR after warmup) on eight schools over many seeds:
+   min bulk ESS, distinct draws and the acceptance of the flow kept at the end of warmup.
 
 Run from the repository root (``torch.set_num_threads(1)``; medians over seeds/repeats)::
 
@@ -219,9 +221,35 @@ def bench_overhead(repeats, args) -> None:
         print(f"| {name} | {med:.3f} | {med / base:.2f} |")
 
 
+def bench_adaptive_robustness(seeds, args) -> None:
+    from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
+
+    data = EIGHT_SCHOOLS_DATA
+    model_args = (data["J"], torch.tensor(data["y"]), torch.tensor(data["sigma"]))
+    print("\n## 4. AdaptiveFlowMCMC on eight schools over seeds\n")
+    print("| local steps after warmup | seed | s | min bulk ESS | ESS/s | distinct draws |", end="")
+    print(" flow acceptance kept |")
+    print("|---|---|---|---|---|---|---|")
+    for local_steps in args.robust_local_steps:
+        for seed in range(seeds):
+            pyro.set_rng_seed(seed)
+            kernel = AdaptiveFlowMCMC(
+                eight_schools_noncentered, num_particles=32, production_local_steps=local_steps
+            )
+            mcmc, secs = _timed_run(kernel, 10 * args.es_samples, 400, args=model_args)
+            ess = _min_ess(mcmc)
+            distinct = len(torch.unique(mcmc.get_samples()["tau"]))
+            accept = kernel.sampler.final_global_accept
+            print(
+                f"| {local_steps} | {seed} | {secs:.1f} | {ess:.0f} | {ess / secs:.0f} | "
+                f"{distinct} | {accept:.2f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--num-particles", type=int, default=64)
@@ -234,6 +262,8 @@ def main() -> None:
     parser.add_argument("--es-flow-steps", type=int, default=1000)
     parser.add_argument("--es-cheap-flow-steps", type=int, default=300)
     parser.add_argument("--overhead-steps", type=int, default=2000)
+    parser.add_argument("--robust-seeds", type=int, default=8)
+    parser.add_argument("--robust-local-steps", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -243,6 +273,8 @@ def main() -> None:
         bench_eight_schools(args.es_seeds, args)
     if 3 in args.only:
         bench_overhead(args.repeats, args)
+    if 4 in args.only:
+        bench_adaptive_robustness(args.robust_seeds, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""EBFlow (work in progress, issue 5): layers' log-determinants against autograd Jacobians,
-invertibility, energy = -log_prob + constant, objectives against direct computations, and
-score-matching training of a Gaussian model."""
+"""EBFlow (issue 5): layers' log-determinants against autograd Jacobians, invertibility,
+energy = -log_prob + constant, objectives against direct computations, the fast SSM / DSM paths
+against autograd, score-matching training of a Gaussian model and of a 2-D toy, data loaders and
+the trainer's options."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ from pyro_ebm.ebflow import (
     fc_ebflow,
 )
 from pyro_ebm.ebflow.objectives import dsm_loss, fdssm_loss, ml_loss, ssm_loss
+
+#: one small model of each architecture
+SMALL_MODELS = [
+    lambda: fc_ebflow((3,)),
+    lambda: cnn_ebflow((4, 4), num_blocks=2, kernel_size=3),
+    lambda: coupling_ebflow(2, num_blocks=2, hidden=8),
+]
 
 
 def _perturb(module, scale=0.3):
@@ -96,14 +104,7 @@ def test_log_normalizer_is_cached_in_eval_mode_only():
     assert not torch.allclose(model.log_normalizer(), first)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: fc_ebflow((3,)),
-        lambda: cnn_ebflow((4, 4), num_blocks=2, kernel_size=3),
-        lambda: coupling_ebflow(2, num_blocks=2, hidden=8),
-    ],
-)
+@pytest.mark.parametrize("make", SMALL_MODELS)
 def test_sampling_inverts_the_flow(make):
     """sample(n) maps base draws z through the inverse: pushing the samples forward gives back
     the same z (drawn again from the same seed)."""
@@ -427,14 +428,7 @@ def test_ssm_by_jets_and_dsm_by_explicit_score_equal_the_double_backward(make):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: fc_ebflow((3,)),
-        lambda: cnn_ebflow((4, 4), num_blocks=2, kernel_size=3),
-        lambda: coupling_ebflow(2, num_blocks=2, hidden=8),
-    ],
-)
+@pytest.mark.parametrize("make", SMALL_MODELS)
 def test_energy_on_lines_equals_the_energy_at_each_point(make):
     torch.manual_seed(0)
     model = _perturb(make(), 0.1)
