@@ -13,7 +13,9 @@
 Run from the repository root::
 
     python benchmarks/ebflow.py --only timing --dims 784 3072 --repeats 5
-    python benchmarks/ebflow.py --only nll --steps 2000 --mnist ../shared/data/mnist
+    python benchmarks/ebflow.py --only nll --steps 6000 --mnist ../shared/data/mnist
+    python benchmarks/ebflow.py --only nll --steps 20000 --mnist ../shared/data/mnist \
+        --no-digits --objectives ml ssm
 """
 
 from __future__ import annotations
@@ -81,11 +83,18 @@ def _mnist(folder: str) -> torch.Tensor:
     raise FileNotFoundError(f"no t10k-images-idx3-ubyte[.gz] in {folder}")
 
 
-def bench_nll(datasets: dict, steps: int, seed: int) -> None:
+def bench_nll(datasets: dict, steps: int, seed: int, objectives) -> None:
     print(f"\n## 2. Test NLL (nats per image) after {steps} steps, FC EBFlow, batch 100\n")
     print("| data | objective | test NLL | bits/dim | ratio to ml | s | paper (MNIST-FC) |")
     print("|---|---|---|---|---|---|---|")
-    runs = [("ml", True), ("ssm", True), ("dsm", True), ("fdssm", True), ("ssm", False)]
+    runs = {
+        "ml": ("ml", True),
+        "ssm": ("ssm", True),
+        "dsm": ("dsm", True),
+        "fdssm": ("fdssm", True),
+        "ssm-nomap": ("ssm", False),
+    }
+    runs = [runs[name] for name in ["ml", *(o for o in objectives if o != "ml")]]
     for name, (train, test) in datasets.items():
         ml = None
         for objective, use_map in runs:
@@ -113,6 +122,13 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2000, help="training steps for the NLL runs")
     parser.add_argument("--mnist", default=None, help="folder with the MNIST t10k IDX images")
+    parser.add_argument(
+        "--objectives",
+        nargs="*",
+        default=["ml", "ssm", "dsm", "fdssm", "ssm-nomap"],
+        help="NLL runs (ml always runs first: the ratios are to it)",
+    )
+    parser.add_argument("--no-digits", action="store_true", help="MNIST only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -121,11 +137,11 @@ def main() -> None:
     if "nll" in args.only:
         digits = load_digits()
         perm = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
-        datasets = {"digits": (digits[perm[:1400]], digits[perm[1400:]])}
+        datasets = {} if args.no_digits else {"digits": (digits[perm[:1400]], digits[perm[1400:]])}
         if args.mnist:
             mnist = _mnist(args.mnist)
             datasets["mnist"] = (mnist[:8000], mnist[8000:])
-        bench_nll(datasets, args.steps, args.seed)
+        bench_nll(datasets, args.steps, args.seed, args.objectives)
 
 
 if __name__ == "__main__":
