@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from functools import partial
 
 import torch
 from torch import Tensor
 
 from pyro_ebm._checks import check_int, check_positive
+from pyro_ebm.train.checkpoint import atomic_save, load_checkpoint
 
 from .layers import Logit
 from .model import EBFlow
@@ -155,12 +157,24 @@ class EBFlowTrainer:
                 self.loss_fn = partial(OBJECTIVES["dsm"], sigma=self.sigma)
 
     def fit(
-        self, data: Tensor, num_steps: int = 1000, batch_size: int = 100, progress: bool = True
+        self,
+        data: Tensor,
+        num_steps: int = 1000,
+        batch_size: int = 100,
+        progress: bool = True,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 1000,
     ) -> list[float]:
         """Train for ``num_steps`` more steps on minibatches drawn with replacement (the cosine
-        schedule spans these steps); returns the losses of all steps so far."""
+        schedule spans these steps); returns the losses of all steps so far.
+
+        :param checkpoint: file the whole trainer (:meth:`save`) is written to, atomically, every
+            ``checkpoint_every`` steps, at the end, and when the run is interrupted
+            (``KeyboardInterrupt``, re-raised after the write); :meth:`load` restores it.
+        """
         check_int("num_steps", num_steps, 1)
         check_int("batch_size", batch_size, 1)
+        check_int("checkpoint_every", checkpoint_every, 1)
         if data.dim() != 2 or data.shape[1] != self.model.dim:
             raise ValueError(f"data must be (n, {self.model.dim}), got {tuple(data.shape)}")
         self._setup_for(data.dtype == torch.uint8)
@@ -169,24 +183,73 @@ class EBFlowTrainer:
             from tqdm.auto import trange
 
             steps = trange(num_steps, desc=f"EBFlow ({self.objective})")
-        for i in steps:
-            if self.lr_schedule == "cosine":
-                for group in self.opt.param_groups:
-                    group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * i / num_steps))
-            x = self._prepare(data[torch.randint(len(data), (batch_size,))])
-            loss = self.loss_fn(self.model, x)
-            if self.energy_reg:
-                loss = loss + self.energy_reg * self.model.energy(x).mean()
-            self.opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-                self.opt.step()
-            self.step += 1
-            self._update_ema()
-            self.losses.append(float(loss.detach()))
+        try:
+            for i in steps:
+                self._train_step(data, batch_size, i, num_steps)
+                if checkpoint is not None and (i + 1) % checkpoint_every == 0:
+                    self.save(checkpoint)
+        except KeyboardInterrupt:
+            if checkpoint is not None:
+                self.save(checkpoint)
+            raise
+        if checkpoint is not None:
+            self.save(checkpoint)
         return self.losses
+
+    def _train_step(self, data: Tensor, batch_size: int, i: int, num_steps: int) -> None:
+        if self.lr_schedule == "cosine":
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * i / num_steps))
+        x = self._prepare(data[torch.randint(len(data), (batch_size,))])
+        loss = self.loss_fn(self.model, x)
+        if self.energy_reg:
+            loss = loss + self.energy_reg * self.model.energy(x).mean()
+        self.opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.opt.step()
+        self.step += 1
+        self._update_ema()
+        self.losses.append(float(loss.detach()))
+
+    # ------------------------------------------------------------------ saving
+    def state_dict(self) -> dict:
+        """Everything needed to continue training: weights, EMA weights, optimizer, step,
+        losses, the kind of data seen, the DSM noise level and torch's RNG state."""
+        return {
+            "model": self.model.state_dict(),
+            "ema_model": None if self.ema_model is self.model else self.ema_model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "losses": list(self.losses),
+            "images": self._images,
+            "sigma": self.sigma,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into a trainer built with the same model and options."""
+        if state["images"] is not None:
+            self._setup_for(state["images"])  # the same layers (logit without MaP)
+        self.model.load_state_dict(state["model"])
+        if state["ema_model"] is not None:
+            self.ema_model.load_state_dict(state["ema_model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.losses = state["step"], list(state["losses"])
+        if self.objective == "dsm" and state["sigma"] is not None:
+            self.sigma = state["sigma"]
+            self.loss_fn = partial(OBJECTIVES["dsm"], sigma=self.sigma)
+        torch.set_rng_state(state["rng"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (never a half-written file)."""
+        atomic_save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a file written by :meth:`save` (only load files you trust)."""
+        self.load_state_dict(load_checkpoint(path))
 
     @torch.no_grad()
     def _update_ema(self) -> None:
