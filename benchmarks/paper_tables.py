@@ -140,11 +140,11 @@ def _plot_curves(histories, samplers, seeds, truth, path) -> None:
     print(f"\ncurves: {path}")
 
 
-def bench_density(seeds, samplers, steps) -> None:
+def bench_density(seeds, samplers, steps, datasets=("eight_gaussians", "rings")) -> None:
     print("\n## Table 1: median squared log-density error\n")
     print("| data set | sampler | per seed | median | paper | s per run |")
     print("|---|---|---|---|---|---|")
-    for name in ("eight_gaussians", "rings"):
+    for name in datasets:
         for sampler in samplers:
             errs, secs = [], []
             for seed in seeds:
@@ -208,12 +208,15 @@ def main() -> None:
     parser.add_argument("--dims", nargs="*", type=int, default=[16])
     parser.add_argument("--steps", type=int, default=None, help="override the training steps")
     parser.add_argument("--chain-steps", type=int, default=200)
+    parser.add_argument(
+        "--datasets", nargs="*", default=["eight_gaussians", "rings"], help="Table 1 data sets"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "line4" in args.only:
         bench_line4(args.seeds, args.samplers, args.chain_steps, args.steps)
     if "density" in args.only:
-        bench_density(args.seeds, args.samplers, args.steps)
+        bench_density(args.seeds, args.samplers, args.steps, args.datasets)
     if "rhat" in args.only:
         bench_rhat(args.dims, args.seeds, args.samplers, args.chain_steps, args.steps)
     if "fig1" in args.only:
