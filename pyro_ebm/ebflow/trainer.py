@@ -12,6 +12,8 @@ Data: ``uint8`` images in ``[0, 255]`` (shape ``(n, D)``) are dequantised,
 
 :meth:`nll` returns nats per example on the original scale: for images,
 :math:`-\log p(x) + D \log 256` with the pre-processing log-determinant added back under MaP.
+:meth:`save` / :meth:`load` write and restore the whole trainer atomically; ``fit(checkpoint=...)``
+does so during training and when interrupted.
 
 Reference: Chao et al. (2023), https://arxiv.org/abs/2305.15267
 """
@@ -57,7 +59,7 @@ class EBFlowTrainer:
     :param lr: Adam learning rate.
     :param lr_schedule: ``"cosine"`` (default: the rate decays to 0 over the steps of each
         :meth:`fit` call) or ``"constant"``. On MNIST (FC model, lr 1e-3, 6000 steps) the decay
-        gave SSM a test NLL of 1509 against 1777 with the constant rate; DSM at ``sigma=0.5``
+        gave plain SSM a test NLL of 1509 against 1777 with the constant rate; DSM at ``sigma=0.5``
         drifted upward with both (``benchmarks/RESULTS.md``).
     :param sigma: DSM noise level. Default: 1.0 for images under MaP (in the logit space, where
         the pixels spread over about [-14, 14]; on MNIST, FC model, 6000 steps, sigma 1.0 gave a
@@ -119,14 +121,14 @@ class EBFlowTrainer:
             raise ValueError(f"energy_reg must be non-negative, got {energy_reg!r}")
         self.energy_reg = float(energy_reg)
         self.sigma = None if sigma is None else check_positive("sigma", sigma)
-        self._loss_kwargs = {
+        kwargs = {
             "ssm": {
                 "num_slices": check_int("num_slices", num_slices, 1),
                 "variance_reduction": bool(variance_reduction),
             },
             "fdssm": {"xi": check_positive("xi", xi)},
         }.get(objective, {})
-        self.loss_fn = partial(OBJECTIVES[objective], **self._loss_kwargs)
+        self.loss_fn = partial(OBJECTIVES[objective], **kwargs)
         self.model = model
         self._logit = Logit(lam)
         self._images: bool | None = None
