@@ -84,7 +84,7 @@ class LinearLayer(EBFlowLayer):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._matvec(x) + self._offset(), x.new_zeros(x.shape[:-1])
 
-    def jet(self, x, u, w):
+    def jet(self, x: Tensor, u: Tensor, w: Tensor | None) -> tuple:
         n = len(x)
         out = self._matvec(torch.cat([x, u] if w is None else [x, u, w]))
         zero = x.new_zeros(n)
@@ -105,7 +105,7 @@ class ElementwiseLayer(EBFlowLayer):
         y, d1, _, _ = self._derivatives(x)
         return y, d1.log().sum(-1)
 
-    def jet(self, x, u, w):
+    def jet(self, x: Tensor, u: Tensor, w: Tensor | None) -> tuple:
         y, d1, d2, d3 = self._derivatives(x)
         r = d2 / d1  # derivative of log f'
         u2 = u * u
