@@ -32,11 +32,8 @@ __all__ = [
     "DefensiveProposal",
     "FlowDraw",
     "FlowProposals",
-    "Particles",
     "Proposal",
     "imh_step",
-    "isir_particles",
-    "isir_select",
     "isir_step",
     "log_weights",
 ]
@@ -240,57 +237,6 @@ def imh_step(
     return state, info._replace(potential_energy=state.potential_energy)
 
 
-class Particles(NamedTuple):
-    r"""The ``N`` particles of one i-SIR step for each of ``C`` walkers: the current point
-    (index 0) and ``N - 1`` proposals, with their selection probabilities.
-
-    :param x: ``(C, N, D)``. :param potential_energy: ``(C, N)``. :param log_q: ``(C, N)``.
-    :param probs: ``(C, N)``, the normalised importance weights :math:`w_i / \sum_j w_j`.
-
-    ``(probs[..., None] * f(x)).sum(1)`` is the Rao-Blackwellised estimate of
-    :math:`E[f(x')]` over the next state :math:`x'`, with the variance of ``N`` weighted points
-    instead of one.
-    """
-
-    x: Tensor
-    potential_energy: Tensor
-    log_q: Tensor
-    probs: Tensor
-
-
-def isir_particles(state: WalkerState, proposal: FlowDraw, flow: Proposal) -> Particles:
-    r"""The particle system of one i-SIR step (see :func:`isir_step`), before the selection."""
-    state = _with_log_q(state, flow)
-    x = torch.cat([state.x[:, None], proposal.x], dim=1)
-    u = torch.cat([state.potential_energy[:, None], proposal.potential_energy], dim=1)
-    log_q = torch.cat([state.log_q[:, None], proposal.log_q], dim=1)
-    lw = log_weights(u, log_q)
-    all_bad = ~torch.isfinite(lw).any(1)
-    lw = torch.where(all_bad[:, None] & (torch.arange(lw.shape[1], device=lw.device) == 0), 0.0, lw)
-    return Particles(x, u, log_q, torch.softmax(lw, dim=1))
-
-
-def isir_select(
-    particles: Particles, grad_potential_fn: PotentialFn | None = None
-) -> tuple[WalkerState, MoveInfo]:
-    r"""Draw the next state of each walker among its particles, with probability ``probs``."""
-    probs = particles.probs
-    idx = torch.multinomial(probs, 1)[:, 0]
-    rows = torch.arange(probs.shape[0], device=probs.device)
-    new_state = WalkerState(
-        particles.x[rows, idx],
-        particles.potential_energy[rows, idx],
-        None,
-        particles.log_q[rows, idx],
-    )
-    new_state = _finish(new_state, grad_potential_fn)
-    nonfinite = ~(
-        torch.isfinite(particles.potential_energy[:, 1:]) & torch.isfinite(particles.log_q[:, 1:])
-    ).all(1)
-    info = MoveInfo(1 - probs[:, 0], idx > 0, new_state.potential_energy, nonfinite)
-    return new_state, info
-
-
 def isir_step(
     state: WalkerState,
     proposal: FlowDraw,
@@ -304,10 +250,23 @@ def isir_step(
     :math:`w = e^{-U} / q`. This leaves ``exp(-U)`` invariant for any ``M`` and, unlike IMH, still
     moves when the flow is only roughly right, since ``N`` candidates compete.
     ``info.accept_prob`` is the probability of leaving the current point, ``1 - w_0 / Σ w``.
-    It is :func:`isir_particles` followed by :func:`isir_select`.
 
     :param proposal: scored proposals, ``(C, M, ...)``.
     :param flow: used to score the current point when ``state.log_q`` is unknown.
     :param grad_potential_fn: as in :func:`imh_step`.
     """
-    return isir_select(isir_particles(state, proposal, flow), grad_potential_fn)
+    state = _with_log_q(state, flow)
+    x = torch.cat([state.x[:, None], proposal.x], dim=1)
+    u = torch.cat([state.potential_energy[:, None], proposal.potential_energy], dim=1)
+    log_q = torch.cat([state.log_q[:, None], proposal.log_q], dim=1)
+    lw = log_weights(u, log_q)
+    all_bad = ~torch.isfinite(lw).any(1)
+    lw = torch.where(all_bad[:, None] & (torch.arange(lw.shape[1], device=lw.device) == 0), 0.0, lw)
+    probs = torch.softmax(lw, dim=1)
+    idx = torch.multinomial(probs, 1)[:, 0]
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    new_state = _finish(
+        WalkerState(x[rows, idx], u[rows, idx], None, log_q[rows, idx]), grad_potential_fn
+    )
+    nonfinite = ~(torch.isfinite(u[:, 1:]) & torch.isfinite(log_q[:, 1:])).all(1)
+    return new_state, MoveInfo(1 - probs[:, 0], idx > 0, new_state.potential_energy, nonfinite)
