@@ -332,6 +332,21 @@ def _perms(dim: int, num_layers: int) -> list[Tensor]:
     return perms
 
 
+def _couplings(
+    dim: int,
+    num_layers: int,
+    hidden: Sequence[int],
+    activation: type[nn.Module],
+    log_scale_bound: float,
+) -> list[nn.Module]:
+    """``num_layers`` affine coupling layers with alternating permutations (RealNVP)."""
+    hidden = tuple(_check_int("hidden", h, 1) for h in hidden)
+    return [
+        _AffineCoupling(dim, perm, hidden, 2, activation, log_scale_bound=log_scale_bound)
+        for perm in _perms(dim, num_layers)
+    ]
+
+
 class RealNVP(Flow):
     r"""Affine coupling flow (RealNVP), started exactly at the identity.
 
@@ -374,11 +389,7 @@ class RealNVP(Flow):
         super().__init__(dim, base_scale)
         _check_int("num_layers", num_layers, 1)
         _check_positive("log_scale_bound", log_scale_bound)
-        hidden = tuple(_check_int("hidden", h, 1) for h in hidden)
-        for perm in _perms(dim, num_layers):
-            self.layers.append(
-                _AffineCoupling(dim, perm, hidden, 2, activation, log_scale_bound=log_scale_bound)
-            )
+        self.layers.extend(_couplings(dim, num_layers, hidden, activation, log_scale_bound))
 
 
 class _AffineLayer(nn.Module):
@@ -452,12 +463,10 @@ class AffineFlow(Flow):
         super().__init__(dim, base_scale)
         _check_int("num_coupling_layers", num_coupling_layers, 0)
         _check_positive("log_scale_bound", log_scale_bound)
-        hidden = tuple(_check_int("hidden", h, 1) for h in hidden)
         if num_coupling_layers:
-            for perm in _perms(dim, num_coupling_layers):
-                self.layers.append(
-                    _AffineCoupling(dim, perm, hidden, 2, nn.SiLU, log_scale_bound=log_scale_bound)
-                )
+            self.layers.extend(
+                _couplings(dim, num_coupling_layers, hidden, nn.SiLU, log_scale_bound)
+            )
         self.layers.append(_AffineLayer(dim, bool(full)))
 
     @property

@@ -105,8 +105,12 @@ class ElementwiseLayer(EBFlowLayer):
         y, d1, _, _ = self._derivatives(x)
         return y, d1.log().sum(-1)
 
-    def jet(self, x: Tensor, u: Tensor, w: Tensor | None) -> tuple:
-        y, d1, d2, d3 = self._derivatives(x)
+    def jet(
+        self, x: Tensor, u: Tensor, w: Tensor | None, derivatives: tuple | None = None
+    ) -> tuple:
+        """See :meth:`EBFlowLayer.jet`; ``derivatives``: :meth:`_derivatives` of ``x`` if the
+        caller already has them."""
+        y, d1, d2, d3 = self._derivatives(x) if derivatives is None else derivatives
         r = d2 / d1  # derivative of log f'
         u2 = u * u
         w_out = d2 * u2 if w is None else d1 * w + d2 * u2

@@ -23,7 +23,16 @@ from torch import Tensor, nn
 
 from pyro_ebm.energy import EnergyModel
 
-from .layers import ActNorm, AffineCoupling, Conv2d, Dense, EBFlowLayer, SmoothLeakyReLU, Squeeze
+from .layers import (
+    ActNorm,
+    AffineCoupling,
+    Conv2d,
+    Dense,
+    EBFlowLayer,
+    SmoothLeakyReLU,
+    Squeeze,
+    _check_image_shape,
+)
 
 __all__ = ["EBFlow", "cnn_ebflow", "coupling_ebflow", "fc_ebflow"]
 
@@ -101,11 +110,14 @@ class EBFlow(EnergyModel):
         ld = ld1 = ld2 = x.new_zeros(x.shape[:-1])
         saved = []
         for layer in self.layers:
-            if with_score:
-                saved.append(None if layer.linear else layer._derivatives(x)[1:3])
-            x, u, w, l0, l1, l2 = layer.jet(x, u, w)
-            if not layer.linear:
-                ld, ld1, ld2 = ld + l0, ld1 + l1, ld2 + l2
+            if layer.linear:
+                saved.append(None)
+                x, u, w, *_ = layer.jet(x, u, w)
+                continue
+            derivatives = layer._derivatives(x)
+            saved.append(derivatives[1:3])  # f', f'' for the score
+            x, u, w, l0, l1, l2 = layer.jet(x, u, w, derivatives)
+            ld, ld1, ld2 = ld + l0, ld1 + l1, ld2 + l2
         energy = 0.5 * x.pow(2).sum(-1) + 0.5 * self.dim * _LOG_2PI - ld
         d1 = (x * u).sum(-1) - ld1
         d2 = u.pow(2).sum(-1) - ld2
@@ -182,12 +194,9 @@ def fc_ebflow(shape: Sequence[int], num_blocks: int = 1) -> EBFlow:
 
 
 def _image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 2:
-        shape = (1, *shape)
-    if len(shape) != 3:
-        raise ValueError(f"shape must be (H, W) or (C, H, W), got {shape!r}")
-    return shape  # type: ignore[return-value]
+    """``(C, H, W)`` from ``(H, W)`` (one channel) or ``(C, H, W)``."""
+    shape = tuple(shape)
+    return _check_image_shape("shape", (1, *shape) if len(shape) == 2 else shape)
 
 
 def cnn_ebflow(
