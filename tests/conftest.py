@@ -32,3 +32,13 @@ def shared_dir() -> Path:
     if not SHARED.is_dir() or os.environ.get("PYRO_EBM_NO_SHARED"):
         pytest.skip("../shared is not available")
     return SHARED
+
+
+def perturb(module, scale: float = 0.1):
+    """Add ``scale`` times fixed-seed Gaussian noise to every parameter of ``module`` (moves a
+    flow started at the identity to a generic map for the exactness tests); returns it."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module

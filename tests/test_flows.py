@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import perturb
 from pyro_ebm.flows import (
     Flow,
     RealNVP,
@@ -31,19 +32,11 @@ FACTORIES = {
 OWN = ["realnvp", "spline"]
 
 
-def _perturb(flow, scale=0.1):
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return flow
-
-
 @pytest.mark.parametrize(
     "kind, dim", [(k, d) for k in FACTORIES for d in (1, 2, 5) if (k, d) != ("zuko", 1)]
 )
 def test_invertibility_and_logdet(kind, dim):
-    flow = _perturb(FACTORIES[kind](dim))
+    flow = perturb(FACTORIES[kind](dim))
     z = 1.5 * torch.randn(64, dim)
     x, ladj = flow.forward(z)
     z2, ladj_inv = flow.inverse(x)
@@ -63,7 +56,7 @@ def test_invertibility_and_logdet(kind, dim):
 @pytest.mark.parametrize("kind", list(FACTORIES))
 def test_log_prob_change_of_variables_and_fast_path(kind):
     dim = 3
-    flow = _perturb(FACTORIES[kind](dim))
+    flow = perturb(FACTORIES[kind](dim))
     x = 2 * torch.randn(50, dim)
     z, ladj_inv = flow.inverse(x)
     expected = flow.base_dist.log_prob(z) + ladj_inv
@@ -79,7 +72,7 @@ def test_log_prob_change_of_variables_and_fast_path(kind):
 @pytest.mark.parametrize("kind", list(FACTORIES))
 def test_transform_object(kind):
     dim = 3
-    flow = _perturb(FACTORIES[kind](dim))
+    flow = perturb(FACTORIES[kind](dim))
     t = flow.transform
     assert isinstance(t, torch.distributions.Transform)
     z = torch.randn(20, dim)
@@ -113,7 +106,7 @@ def test_identity_at_init(kind, dim):
 
 @pytest.mark.parametrize("kind", list(FACTORIES))
 def test_gradients_reach_every_parameter(kind):
-    flow = _perturb(FACTORIES[kind](4))
+    flow = perturb(FACTORIES[kind](4))
     x = torch.randn(32, 4)
     (flow.log_prob(x).sum() + flow.rsample_and_log_prob(16)[1].sum()).backward()
     for name, p in flow.named_parameters():
@@ -123,7 +116,7 @@ def test_gradients_reach_every_parameter(kind):
 
 @pytest.mark.parametrize("kind", list(FACTORIES))
 def test_state_dict_round_trip(kind):
-    flow = _perturb(FACTORIES[kind](3))
+    flow = perturb(FACTORIES[kind](3))
     buf = io.BytesIO()
     torch.save(flow.state_dict(), buf)
     buf.seek(0)
@@ -136,7 +129,7 @@ def test_state_dict_round_trip(kind):
 
 @pytest.mark.parametrize("kind", list(FACTORIES))
 def test_float32_and_float64(kind):
-    flow = _perturb(FACTORIES[kind](3))
+    flow = perturb(FACTORIES[kind](3))
     x64 = torch.randn(10, 3)
     lp64 = flow.log_prob(x64)
     flow32 = flow.float()

@@ -9,6 +9,7 @@ from pyro.ops.integrator import potential_grad
 from test_kernels import _assert_within_mcse, gauss_chains, gauss_target, moment_series
 
 import pyro_ebm
+from conftest import perturb
 from pyro_ebm.flows import AffineFlow, fit_reverse_kl
 from pyro_ebm.infer import FlowHMC, FlowNUTS, LatentPotential
 from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
@@ -20,20 +21,12 @@ MODEL_ARGS = (
 )
 
 
-def _perturbed(flow, scale=0.3):
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return flow
-
-
 @pytest.mark.parametrize("full, couplings", [(True, 0), (False, 0), (True, 2)])
 def test_affine_flow_inverse_logdet_and_identity_at_init(full, couplings):
     flow = AffineFlow(4, full=full, num_coupling_layers=couplings, hidden=(8,))
     z = torch.randn(16, 4)
     assert torch.equal(flow.forward(z)[0], z) and torch.equal(flow.forward(z)[1], torch.zeros(16))
-    _perturbed(flow)
+    perturb(flow, 0.3)
     x, ladj = flow.forward(z)
     z2, ladj_inv = flow.inverse(x)
     assert torch.allclose(z2, z, atol=1e-10) and torch.allclose(ladj_inv, -ladj, atol=1e-10)
@@ -67,7 +60,7 @@ def test_jit_latent_potential_matches_the_python_one_and_pickles(target):
         dim = 10
     else:
         potential, dim = gauss_target()[0].energy, 2
-    flow = _perturbed(AffineFlow(dim, num_coupling_layers=2, hidden=(8,)), 0.1)
+    flow = perturb(AffineFlow(dim, num_coupling_layers=2, hidden=(8,)), 0.1)
     flow.requires_grad_(False)
     plain = LatentPotential(potential, flow)
     jitted = LatentPotential(potential, flow, jit_compile=True)
