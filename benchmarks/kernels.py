@@ -234,7 +234,10 @@ def bench_adaptive_robustness(seeds, args) -> None:
         for seed in range(seeds):
             pyro.set_rng_seed(seed)
             kernel = AdaptiveFlowMCMC(
-                eight_schools_noncentered, num_particles=32, production_local_steps=local_steps
+                eight_schools_noncentered,
+                num_particles=32,
+                production_local_steps=local_steps,
+                defensive=args.robust_defensive,
             )
             mcmc, secs = _timed_run(kernel, 10 * args.es_samples, 400, args=model_args)
             ess = _min_ess(mcmc)
@@ -264,6 +267,7 @@ def main() -> None:
     parser.add_argument("--overhead-steps", type=int, default=2000)
     parser.add_argument("--robust-seeds", type=int, default=8)
     parser.add_argument("--robust-local-steps", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--robust-defensive", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -59,8 +59,8 @@ class EBFlowTrainer:
     :param lr: Adam learning rate.
     :param lr_schedule: ``"cosine"`` (default: the rate decays to 0 over the steps of each
         :meth:`fit` call) or ``"constant"``. On MNIST (FC model, lr 1e-3, 6000 steps) the decay
-        gave plain SSM a test NLL of 1509 against 1777 with the constant rate; DSM at ``sigma=0.5``
-        drifted upward with both (``benchmarks/RESULTS.md``).
+        gave plain SSM a test NLL of 1509 against 1776 with the constant rate; DSM at
+        ``sigma=0.5`` was poor with both (1971 / 1893) (``benchmarks/RESULTS.md``).
     :param sigma: DSM noise level. Default: 1.0 for images under MaP (in the logit space, where
         the pixels spread over about [-14, 14]; on MNIST, FC model, 6000 steps, sigma 1.0 gave a
         test NLL of 1186 nats against 1378 for 2.0 and 1971 for 0.5), 0.1 otherwise.
