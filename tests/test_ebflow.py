@@ -412,6 +412,11 @@ def test_ssm_by_jets_and_dsm_by_explicit_score_equal_the_double_backward(make):
         for a, b in zip(fast_grads, torch.autograd.grad(slow, params), strict=True):
             assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
     e, d1, d2 = model.energy_jet(x, v[0])
+    # with the score, the trailing linear layers are folded into the score pass: same values
+    *with_score, s = model.energy_jet(x, v[0], with_score=True)
+    for a, b in zip(with_score, (e, d1, d2), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(s, model.score(x), rtol=1e-10, atol=1e-10)
     line = [model.energy(x + t * v[0]) for t in (-1e-4, 0.0, 1e-4)]
     assert torch.allclose(e, line[1], atol=1e-12)
     assert torch.allclose(d1, (line[2] - line[0]) / 2e-4, rtol=1e-5, atol=1e-5)

@@ -104,15 +104,24 @@ class EBFlow(EnergyModel):
         apply their matrix to ``x``, ``u`` and ``w`` at once), so that the training step
         back-propagates once instead of through a double backward pass. With ``with_score`` the
         score :math:`s(x)` (:meth:`score`) is appended, sharing the forward pass.
+
+        With the score, the trailing linear layers ``A`` (the last Dense of the FC model) do not
+        carry the second-order term ``w``: the term :math:`z \cdot A w` of the second derivative
+        is computed as :math:`(A^\top z) \cdot w`, and :math:`A^\top z` is the first step of the
+        score's backward pass anyway (one matrix product fewer, forward and backward).
         """
         x = self.check_input(x)
         u, w = v, None
         ld = ld1 = ld2 = x.new_zeros(x.shape[:-1])
         saved = []
-        for layer in self.layers:
+        fold = self._trailing_linear() if with_score else len(self.layers)
+        for i, layer in enumerate(self.layers):
             if layer.linear:
                 saved.append(None)
-                x, u, w, *_ = layer.jet(x, u, w)
+                if i < fold:
+                    x, u, w, *_ = layer.jet(x, u, w)
+                else:  # w stays at the input of the trailing linear layers
+                    x, u, *_ = layer.jet(x, u, None)
                 continue
             derivatives = layer._derivatives(x)
             saved.append(derivatives[1:3])  # f', f'' for the score
@@ -121,11 +130,21 @@ class EBFlow(EnergyModel):
         energy = 0.5 * x.pow(2).sum(-1) + 0.5 * self.dim * _LOG_2PI - ld
         d1 = (x * u).sum(-1) - ld1
         d2 = u.pow(2).sum(-1) - ld2
+        g = x  # the gradient of |z|^2 / 2, pulled back through the folded layers
+        for layer in reversed(self.layers[fold:]):
+            g = layer._rmatvec(g)
         if w is not None:
-            d2 = d2 + (x * w).sum(-1)
+            d2 = d2 + (g * w).sum(-1)
         if with_score:
-            return energy, d1, d2, self._score_backward(x, saved)
+            return energy, d1, d2, self._score_backward(g, saved[:fold])
         return energy, d1, d2
+
+    def _trailing_linear(self) -> int:
+        """The index of the first layer of the trailing run of linear layers."""
+        i = len(self.layers)
+        while i > 0 and self.layers[i - 1].linear:
+            i -= 1
+        return i
 
     def score(self, x: Tensor) -> Tensor:
         r"""The model score :math:`s(x) = -\nabla_x E(x)`, ``(batch, D)``, by an explicit
@@ -144,10 +163,11 @@ class EBFlow(EnergyModel):
                 saved.append((d1, d2))
         return self._score_backward(x, saved)
 
-    def _score_backward(self, z: Tensor, saved: list) -> Tensor:
-        """``-grad E`` from the output ``z`` and each non-linear layer's ``(f', f'')``."""
-        g = z  # gradient of |z|^2 / 2
-        for layer, d in zip(reversed(self.layers), reversed(saved), strict=True):
+    def _score_backward(self, g: Tensor, saved: list) -> Tensor:
+        """``-grad E`` from ``g``, the gradient of :math:`|z|^2 / 2` with respect to the output of
+        layer ``len(saved) - 1``, and the first ``len(saved)`` layers' ``(f', f'')`` (``None``
+        for linear layers)."""
+        for layer, d in zip(reversed(self.layers[: len(saved)]), reversed(saved), strict=True):
             g = layer._rmatvec(g) if d is None else d[0] * g - d[1] / d[0]
         return -g
 
