@@ -533,3 +533,49 @@ def test_trainer_checkpoint_resumes_exactly_and_is_written_on_interrupt(tmp_path
     d = make()
     d.load(tmp_path / "c.pt")
     assert d.step == 3 and len(d.losses) == 3
+
+
+def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_alone():
+    """With ``validation``, the held-out NLL is recorded every ``eval_every`` steps and at the
+    end, the EMA weights of the lowest are restored, and the training itself (weights, losses)
+    is the same as without validation."""
+    from pyro_ebm.ebflow import EBFlowTrainer
+
+    data = torch.randint(0, 256, (64, 4), dtype=torch.uint8)
+    val = torch.randint(0, 256, (32, 4), dtype=torch.uint8)
+
+    def make():
+        return EBFlowTrainer(fc_ebflow((4,)), "ssm", lr=1e-2, seed=0)
+
+    a = make()
+    # the selection logic, on a prescribed sequence of validation figures
+    figures = iter([5.0, 3.0, 4.0, 6.0])
+    snapshots = []
+
+    def fake_nll(_data, batch_size=1000):
+        snapshots.append({k: v.clone() for k, v in a.ema_model.state_dict().items()})
+        return next(figures)
+
+    a.nll = fake_nll
+    a.fit(data, num_steps=35, batch_size=8, progress=False, validation=val, eval_every=10)
+    assert a.validation_nll == [(10, 5.0), (20, 3.0), (30, 4.0), (35, 6.0)]
+    for k, v in a.ema_model.state_dict().items():
+        assert torch.equal(v, snapshots[1][k])
+    assert not torch.equal(a.ema_model.layers[0].weight, snapshots[-1]["layers.0.weight"])
+    b = make()  # seeds the global generator again
+    b.fit(data, num_steps=35, batch_size=8, progress=False)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert a.losses == b.losses
+
+    c = make()  # the real figures: the restored weights give the best recorded NLL
+    c.fit(data, num_steps=30, batch_size=8, progress=False, validation=val, eval_every=10)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        assert c.nll(val) == pytest.approx(min(v for _, v in c.validation_nll), rel=1e-12)
+    with pytest.raises(ValueError, match="validation must be a"):
+        c.fit(data, num_steps=1, progress=False, validation=val[:, :3])
+    with pytest.raises(ValueError, match="validation must be of the same kind"):
+        c.fit(data, num_steps=1, progress=False, validation=val.float())
+    with pytest.raises(ValueError, match="data must be a"):
+        c.fit(data[:, :3], num_steps=1, progress=False)
