@@ -535,10 +535,11 @@ def test_trainer_checkpoint_resumes_exactly_and_is_written_on_interrupt(tmp_path
     assert d.step == 3 and len(d.losses) == 3
 
 
-def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_alone():
+def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_alone(tmp_path):
     """With ``validation``, the held-out NLL is recorded every ``eval_every`` steps and at the
-    end, the EMA weights of the lowest are restored, and the training itself (weights, losses)
-    is the same as without validation."""
+    end, the EMA weights of the lowest are restored (also when interrupted, before the
+    checkpoint is written), and the training itself (weights, losses) is the same as without
+    validation."""
     from pyro_ebm.ebflow import EBFlowTrainer
 
     data = torch.randint(0, 256, (64, 4), dtype=torch.uint8)
@@ -547,18 +548,23 @@ def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_a
     def make():
         return EBFlowTrainer(fc_ebflow((4,)), "ssm", lr=1e-2, seed=0)
 
-    a = make()
-    # the selection logic, on a prescribed sequence of validation figures
-    figures = iter([5.0, 3.0, 4.0, 6.0])
-    snapshots = []
+    def prescribe(trainer, figures):
+        """Make ``trainer.nll`` return ``figures`` in turn; returns the EMA weights it saw."""
+        figures, snapshots = iter(figures), []
 
-    def fake_nll(_data, batch_size=1000):
-        snapshots.append({k: v.clone() for k, v in a.ema_model.state_dict().items()})
-        return next(figures)
+        def fake_nll(_data, batch_size=1000):
+            snapshots.append({k: v.clone() for k, v in trainer.ema_model.state_dict().items()})
+            return next(figures)
 
-    a.nll = fake_nll
+        trainer.nll = fake_nll
+        return snapshots
+
+    a = make()  # the selection logic, on prescribed figures (a non-finite one is never best)
+    snapshots = prescribe(a, [math.nan, 3.0, 4.0, 6.0])
     a.fit(data, num_steps=35, batch_size=8, progress=False, validation=val, eval_every=10)
-    assert a.validation_nll == [(10, 5.0), (20, 3.0), (30, 4.0), (35, 6.0)]
+    assert [r[0] for r in a.validation_nll] == [10, 20, 30, 35]
+    assert math.isnan(a.validation_nll[0][1])
+    assert a.validation_nll[1:] == [(20, 3.0), (30, 4.0), (35, 6.0)]
     for k, v in a.ema_model.state_dict().items():
         assert torch.equal(v, snapshots[1][k])
     assert not torch.equal(a.ema_model.layers[0].weight, snapshots[-1]["layers.0.weight"])
@@ -573,6 +579,24 @@ def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_a
     with torch.random.fork_rng():
         torch.manual_seed(0)
         assert c.nll(val) == pytest.approx(min(v for _, v in c.validation_nll), rel=1e-12)
+    d = make()  # interrupted after three evaluations: the best weights kept and checkpointed
+    snapshots = prescribe(d, [5.0, 3.0, 4.0])
+    loss_fn = d.loss_fn
+
+    def interrupting(model, x):
+        if d.step == 32:
+            raise KeyboardInterrupt
+        return loss_fn(model, x)
+
+    d.loss_fn = interrupting
+    with pytest.raises(KeyboardInterrupt):
+        d.fit(data, 40, 8, progress=False, validation=val, eval_every=10, checkpoint=tmp_path / "d")
+    e = make()
+    e.load(tmp_path / "d")
+    assert e.step == 32 and e.validation_nll == [(10, 5.0), (20, 3.0), (30, 4.0)]
+    for k, v in e.ema_model.state_dict().items():
+        assert torch.equal(v, snapshots[1][k])
+
     with pytest.raises(ValueError, match="validation must be a"):
         c.fit(data, num_steps=1, progress=False, validation=val[:, :3])
     with pytest.raises(ValueError, match="validation must be of the same kind"):

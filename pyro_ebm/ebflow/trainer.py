@@ -175,8 +175,9 @@ class EBFlowTrainer:
         schedule spans these steps); returns the losses of all steps so far.
 
         :param checkpoint: file the whole trainer (:meth:`save`) is written to, atomically, every
-            ``checkpoint_every`` steps, at the end, and when the run is interrupted
-            (``KeyboardInterrupt``, re-raised after the write); :meth:`load` restores it.
+            ``checkpoint_every`` steps, at the end, and when the run stops on an exception
+            (``KeyboardInterrupt`` included, re-raised after the write); :meth:`load` restores
+            it.
         :param validation: held-out data of the same kind as ``data``. Every ``eval_every``
             steps and at the end, :meth:`nll` of the EMA weights on it (with a fixed
             dequantisation draw, outside the training's random stream) is appended to
@@ -210,20 +211,17 @@ class EBFlowTrainer:
                 self._train_step(data, batch_size, i, num_steps)
                 if validation is not None and ((i + 1) % eval_every == 0 or i + 1 == num_steps):
                     nll = self._validate(validation)
-                    if best is None or nll < best[0]:
+                    if best is None or nll < best[0]:  # (a non-finite NLL counts as +inf)
                         best = (nll, copy.deepcopy(self.ema_model.state_dict()))
                     if progress:
                         steps.set_postfix(val_nll=f"{nll:.4g}", best=f"{best[0]:.4g}")
                 if checkpoint is not None and (i + 1) % checkpoint_every == 0:
                     self.save(checkpoint)
-        except KeyboardInterrupt:
+        finally:  # also when interrupted: the best weights are kept, then saved
+            if best is not None:
+                self.ema_model.load_state_dict(best[1])
             if checkpoint is not None:
                 self.save(checkpoint)
-            raise
-        if best is not None:
-            self.ema_model.load_state_dict(best[1])
-        if checkpoint is not None:
-            self.save(checkpoint)
         return self.losses
 
     def _check_data(self, name: str, data: Tensor) -> None:
@@ -238,7 +236,7 @@ class EBFlowTrainer:
             torch.manual_seed(0)
             nll = self.nll(data)
         self.validation_nll.append((self.step, nll))
-        return nll
+        return nll if math.isfinite(nll) else math.inf
 
     def _train_step(self, data: Tensor, batch_size: int, i: int, num_steps: int) -> None:
         if self.lr_schedule == "cosine":
