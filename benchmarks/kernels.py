@@ -11,6 +11,10 @@
    (a Pyro model for both), and of FlowIMH on a bare ``potential_fn``.
 4. Robustness of AdaptiveFlowMCMC (pure i-SIR after warmup) on eight schools over many seeds:
    min bulk ESS, distinct draws and the acceptance of the flow kept at the end of warmup.
+5. Targets no test uses, with every option at its default (as a new user would run them):
+   AdaptiveFlowMCMC and NUTS, 500 warmup steps + 2000 draws, on a Gaussian with scales 0.01 to
+   100, a banana, Neal's funnel (10-D) and a logistic regression on scikit-learn's breast-cancer
+   data (10 standardised features); summaries next to the truth (NUTS's for the regression).
 
 Run from the repository root (``torch.set_num_threads(1)``; medians over seeds/repeats)::
 
@@ -250,9 +254,94 @@ def bench_adaptive_robustness(seeds, args) -> None:
             )
 
 
+# -- 5. targets no test uses, default settings ------------------------------------------------
+_SCALES = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0])
+
+
+def _scales_model():
+    pyro.sample("x", dist.Normal(torch.zeros(5), _SCALES).to_event(1))
+
+
+def _banana_model():
+    x1 = pyro.sample("x1", dist.Normal(0.0, 1.0))
+    pyro.sample("x2", dist.Normal(x1**2, 0.5))
+
+
+def _funnel_model(dim: int = 10):
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    pyro.sample("x", dist.Normal(torch.zeros(dim - 1), torch.exp(v / 2)).to_event(1))
+
+
+def _logistic_model(features, labels):
+    w = pyro.sample("w", dist.Normal(torch.zeros(features.shape[1]), 1.0).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 5.0))
+    with pyro.plate("n", len(labels)):
+        pyro.sample("y", dist.Bernoulli(logits=features @ w + b), obs=labels)
+
+
+def bench_unseen_targets(args) -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    features, labels = load_breast_cancer(return_X_y=True)
+    features = features[:, :10]
+    features = torch.tensor((features - features.mean(0)) / features.std(0), dtype=torch.float32)
+    labels = torch.tensor(labels, dtype=torch.float32)
+
+    def sd(name, i=None):
+        return lambda s: float((s[name] if i is None else s[name][:, i]).std())
+
+    def mean(name, i=None):
+        return lambda s: float((s[name] if i is None else s[name][:, i]).mean())
+
+    targets = {  # name: (model, args, {summary: (function of the draws, truth or None)})
+        "scales (5-D)": (
+            _scales_model,
+            (),
+            {"sd x[0] (0.01)": (sd("x", 0), 0.01), "sd x[4] (100)": (sd("x", 4), 100.0)},
+        ),
+        "banana (2-D)": (
+            _banana_model,
+            (),
+            {"mean x2": (mean("x2"), 1.0), "sd x2": (sd("x2"), 1.5)},
+        ),
+        "funnel (10-D)": (_funnel_model, (), {"mean v": (mean("v"), 0.0), "sd v": (sd("v"), 3.0)}),
+        "logistic (11-D)": (
+            _logistic_model,
+            (features, labels),
+            {
+                "sd w[0]": (sd("w", 0), None),
+                "sd w[2]": (sd("w", 2), None),
+                "mean b": (mean("b"), None),
+            },
+        ),
+    }
+    print("\n## 5. Targets no test uses, default settings (500 warmup + 2000 draws)\n")
+    print("| target | kernel | s | min bulk ESS | summaries (truth; NUTS's for the regression) |")
+    print("|---|---|---|---|---|")
+    for name, (model, model_args, summaries) in targets.items():
+        reference = {}
+        for kernel_name, make in (("NUTS", NUTS), ("AdaptiveFlowMCMC", AdaptiveFlowMCMC)):
+            pyro.set_rng_seed(args.unseen_seed)
+            mcmc, secs = _timed_run(make(model), 2000, 500, args=model_args)
+            draws = mcmc.get_samples()
+            cells = []
+            for label, (fn, truth) in summaries.items():
+                value = fn(draws)
+                if kernel_name == "NUTS":
+                    reference[label] = value
+                truth = reference[label] if truth is None else truth
+                cells.append(f"{label}: {value:.3g} ({truth:.3g})")
+            print(
+                f"| {name} | {kernel_name} | {secs:.0f} | {_min_ess(mcmc):.0f} | "
+                + "; ".join(cells)
+                + " |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--num-particles", type=int, default=64)
@@ -269,6 +358,7 @@ def main() -> None:
     parser.add_argument("--robust-local-steps", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--robust-defensive", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--unseen-seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if 1 in args.only:
@@ -279,6 +369,8 @@ def main() -> None:
         bench_overhead(args.repeats, args)
     if 4 in args.only:
         bench_adaptive_robustness(args.robust_seeds, args)
+    if 5 in args.only:
+        bench_unseen_targets(args)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ class AdaptiveFlowMCMC(WalkerKernel):
     flow more to learn from and the chain a way off flow-density holes: in 64 dimensions
     ``num_walkers=128, num_local_steps=5, warmup_steps=600, production_local_steps=1`` recovered
     the weights of ``imbalanced_pair(64)`` to 0.015, where pure i-SIR chains
-    (``production_local_steps=0``) got stuck (``benchmarks/RESULTS.md``).
+    (``production_local_steps=0``) got stuck (``benchmarks/RESULTS.md``). Funnel-shaped
+    posteriors (Neal's funnel, centred hierarchical models) are beyond it: the flow does not learn
+    the funnel's neck, the chain never goes there and its ESS does not show it; non-centre such
+    models first (as for NUTS).
 
     :param model: a Pyro model, or ``None``.
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
