@@ -5,7 +5,8 @@
    ratios ml / objective are measured in one run (medians over repeats, objectives interleaved).
    ``ssm`` is the variance-reduced form the trainer uses; ``ssm, no VR`` the plain one.
 
-2. Test NLL (nats per image, [0, 256) scale) of the FC EBFlow after the same number of steps
+2. Test NLL (nats per image, [0, 256) scale) of the FC EBFlow (``--model cnn``: the CNN one)
+   after the same number of steps
    for each objective, with MaP, plus SSM without MaP: on scikit-learn's digits (1400 train /
    397 test) and, with ``--mnist DIR`` (a folder with ``t10k-images-idx3-ubyte[.gz]``), on the
    10k MNIST test images split 8k train / 2k test. With ``--validation F`` the last fraction F
@@ -28,6 +29,8 @@ Run from the repository root::
         --validation 0.125
     python benchmarks/ebflow.py --only from-ml --steps 6000 --mnist ../shared/data/mnist \
         --validation 0.125
+    python benchmarks/ebflow.py --only nll --steps 3000 --model cnn --validation 0.125 \
+        --objectives ml ssm dsm
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from functools import partial
 
 import torch
 
-from pyro_ebm.ebflow import EBFlowTrainer, fc_ebflow
+from pyro_ebm.ebflow import EBFlowTrainer, cnn_ebflow, fc_ebflow
 from pyro_ebm.ebflow.data import load_digits, read_idx
 from pyro_ebm.ebflow.objectives import OBJECTIVES
 from pyro_ebm.ebflow.trainer import make_adam
@@ -95,10 +98,24 @@ def _mnist(folder: str) -> torch.Tensor:
     raise FileNotFoundError(f"no t10k-images-idx3-ubyte[.gz] in {folder}")
 
 
+def _model(kind: str, dim: int):
+    """The FC EBFlow, or the CNN one on square one-channel images of ``dim`` pixels."""
+    if kind == "fc":
+        return fc_ebflow((dim,))
+    side = math.isqrt(dim)
+    return cnn_ebflow((side, side))
+
+
 def bench_nll(
-    datasets: dict, steps: int, seed: int, objectives, trainer_kwargs: dict, eval_every: int
+    datasets: dict,
+    steps: int,
+    seed: int,
+    objectives,
+    trainer_kwargs: dict,
+    eval_every: int,
+    model: str = "fc",
 ) -> None:
-    print(f"\n## 2. Test NLL (nats per image) after {steps} steps, FC EBFlow, batch 100\n")
+    print(f"\n## 2. Test NLL (nats per image) after {steps} steps, {model} EBFlow, batch 100\n")
     print("| data | objective | test NLL | bits/dim | ratio to ml | best step | s | paper |")
     print("|---|---|---|---|---|---|---|---|")
     runs = {
@@ -114,7 +131,7 @@ def bench_nll(
         for objective, use_map in runs:
             label = objective if use_map else f"{objective}, no MaP"
             trainer = EBFlowTrainer(
-                fc_ebflow((train.shape[1],)),
+                _model(model, train.shape[1]),
                 objective=objective,
                 map=use_map,
                 seed=seed,
@@ -189,6 +206,7 @@ def main() -> None:
         help="hold out this fraction of the training examples; keep each run's best weights",
     )
     parser.add_argument("--eval-every", type=int, default=250, help="validation interval")
+    parser.add_argument("--model", default="fc", choices=["fc", "cnn"], help="NLL runs' model")
     parser.add_argument("--sm-steps", type=int, default=3000, help="from-ml: score-matching steps")
     parser.add_argument("--sm-lr", type=float, default=1e-4, help="from-ml: its constant rate")
     args = parser.parse_args()
@@ -210,7 +228,15 @@ def main() -> None:
         trainer_kwargs["variance_reduction"] = not args.plain_ssm
         if args.sigma is not None:
             trainer_kwargs["sigma"] = args.sigma
-        bench_nll(datasets, args.steps, args.seed, args.objectives, trainer_kwargs, args.eval_every)
+        bench_nll(
+            datasets,
+            args.steps,
+            args.seed,
+            args.objectives,
+            trainer_kwargs,
+            args.eval_every,
+            args.model,
+        )
     if "from-ml" in args.only:
         if not args.mnist or not args.validation:
             parser.error("--only from-ml needs --mnist DIR and --validation F")
