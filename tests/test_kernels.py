@@ -721,6 +721,8 @@ def test_adaptive_with_defensive_proposal_targets_correlated_gaussian():
     assert isinstance(kernel.sampler._proposal, DefensiveProposal)
     with pytest.raises(ValueError, match="defensive"):
         AdaptiveFlowMCMC(potential_fn=gauss_target()[0], defensive=1.0)
+    with pytest.raises(ValueError, match="defensive_scale"):  # at construction, not at freeze
+        AdaptiveFlowMCMC(potential_fn=gauss_target()[0], defensive=0.1, defensive_scale=0.0)
 
 
 def run_two_to_one(seed):

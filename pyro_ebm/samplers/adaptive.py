@@ -86,6 +86,9 @@ class AdaptiveFlowSampler:
     :param defensive_scale: width of that Gaussian relative to the flow's spread.
     """
 
+    #: number of training cycles over which the global acceptance is averaged
+    _WINDOW = 5
+
     def __init__(
         self,
         potential_fn: PotentialFn,
@@ -113,6 +116,8 @@ class AdaptiveFlowSampler:
             raise ValueError(f"num_particles must be >= 2, got {num_particles}")
         if not 0.0 <= defensive < 1.0:
             raise ValueError(f"defensive must lie in [0, 1), got {defensive!r}")
+        if not defensive_scale > 0:
+            raise ValueError(f"defensive_scale must be positive, got {defensive_scale!r}")
         self.potential_fn = potential_fn
         self.flow = flow
         self.defensive = defensive
@@ -230,11 +235,10 @@ class AdaptiveFlowSampler:
             self._best_flow = self._candidate
         self._candidate = None
 
-    _WINDOW = 5
-
     @property
     def recent_global_accept(self) -> float | None:
-        """Mean global acceptance of the last 5 training cycles (``None`` before any)."""
+        """Mean global acceptance of the last :attr:`_WINDOW` training cycles (``None`` before
+        any)."""
         recent = self._accepts[-self._WINDOW :]
         return sum(recent) / len(recent) if recent else None
 
@@ -247,10 +251,11 @@ class AdaptiveFlowSampler:
         """End the training phase: fix the step size and stop updating the flow. If the global
         acceptance of the last 5 cycles has fallen below half of the best 5-cycle mean seen in
         training, the flow of that best stretch is restored: flow training with a constant
-        learning rate can blow up late (on eight schools a flow at 0.95 acceptance fell to 0.001
-        in the last 40 of 100 cycles, freezing a chain for good). Otherwise the final flow is
-        kept (early flows can score well on a walker ensemble that has not spread out yet). The
-        choice depends on the training phase only, so the chain after it is a valid MCMC chain.
+        learning rate can blow up late (it froze one eight-schools chain of three for good,
+        ``benchmarks/RESULTS.md``; ``tests/test_adaptive.py`` injects such a blow-up). Otherwise
+        the final flow is kept (early flows can score well on a walker ensemble that has not
+        spread out yet). The choice depends on the training phase only, so the chain after it is
+        a valid MCMC chain.
 
         :param num_local_steps: local moves per cycle from now on (default: unchanged). With a
             good flow, pure i-SIR (0) is the cheapest per effective draw; local moves matter
