@@ -302,6 +302,23 @@ class Conv2d(LinearLayer):
             return 0.0
         return self.bias[:, None].expand(self.shape[0], self.shape[1] * self.shape[2]).reshape(-1)
 
+    @torch.no_grad()
+    def data_init_(self, y: Tensor) -> Tensor:
+        """Data-dependent initialisation from this layer's outputs ``y`` on a batch: scale each
+        output channel's kernel (and shift its bias) so that the channel has mean 0 and
+        standard deviation 1 over the batch and the pixels, as Glow's ActNorm initialisation
+        (Kingma & Dhariwal 2018) folded into the convolution. Returns the new outputs. Without
+        a bias only the scale is set (unit root mean square)."""
+        c = self.shape[0]
+        yc = y.reshape(len(y), c, -1).transpose(0, 1).reshape(c, -1)
+        mean = yc.mean(1) if self.bias is not None else torch.zeros_like(yc[:, 0])
+        scale = (yc - mean[:, None]).pow(2).mean(1).sqrt().clamp_min(1e-6)
+        self.weight.div_(scale[:, None, None, None])
+        if self.bias is not None:
+            self.bias.sub_(mean).div_(scale)
+        shape = (1, c, 1)
+        return ((y.reshape(len(y), c, -1) - mean.view(shape)) / scale.view(shape)).reshape(y.shape)
+
     def inverse(self, y: Tensor) -> Tensor:
         return torch.linalg.solve(self.matrix(), (y - self._offset()).T).T
 

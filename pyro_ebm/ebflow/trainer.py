@@ -71,6 +71,12 @@ class EBFlowTrainer:
     :param energy_reg: weight :math:`\lambda` of the optional energy regulariser
         :math:`\lambda \cdot \overline{E(x)}` added to the loss (score matching leaves the level
         of the energy free; this keeps it from drifting). 0 (default) computes nothing.
+    :param data_init: at the first step of a fresh trainer, :meth:`EBFlow.initialize
+        <pyro_ebm.ebflow.model.EBFlow.initialize>` the model on up to 1000 training examples
+        (pre-processed), unless it is :attr:`~pyro_ebm.ebflow.model.EBFlow.initialized`
+        already. It sets the convolutions of :func:`~pyro_ebm.ebflow.cnn_ebflow` to unit
+        output variance per channel and leaves the FC and coupling models alone. Pass
+        ``False`` to continue from trained weights that were not initialised this way.
     :param seed: seeds torch's global generator.
 
     Example::
@@ -98,6 +104,7 @@ class EBFlowTrainer:
         max_grad_norm: float | None = None,
         energy_reg: float = 0.0,
         lam: float = 1e-6,
+        data_init: bool = True,
         seed: int | None = None,
     ) -> None:
         if not isinstance(model, EBFlow):
@@ -116,6 +123,7 @@ class EBFlowTrainer:
         self.map = bool(map)
         self.ema = ema
         self.lam = lam
+        self.data_init = bool(data_init)
         self.max_grad_norm = max_grad_norm
         if energy_reg < 0:
             raise ValueError(f"energy_reg must be non-negative, got {energy_reg!r}")
@@ -200,6 +208,8 @@ class EBFlowTrainer:
                     "validation must be of the same kind as data (uint8 images or floats)"
                 )
         self._setup_for(data.dtype == torch.uint8)
+        if self.data_init and self.step == 0 and not bool(self.model.initialized):
+            self._initialize(data)
         steps = range(num_steps)
         if progress:
             from tqdm.auto import trange
@@ -223,6 +233,18 @@ class EBFlowTrainer:
             if checkpoint is not None:
                 self.save(checkpoint)
         return self.losses
+
+    def _initialize(self, data: Tensor, n: int = 1000) -> None:
+        """Data-dependent initialisation on ``n`` random training examples (the EMA weights
+        start from the initialised ones). Models without such layers are left alone, and the
+        random stream untouched."""
+        if not any(hasattr(layer, "data_init_") for layer in self.model.layers):
+            return
+        with torch.no_grad():
+            x = self._prepare(data[torch.randperm(len(data))[:n]])
+        self.model.initialize(x)
+        if self.ema_model is not self.model:
+            self.ema_model.load_state_dict(self.model.state_dict())
 
     def _check_data(self, name: str, data: Tensor) -> None:
         if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[1] != self.model.dim:
