@@ -29,6 +29,7 @@ __all__ = [
     "Logit",
     "SmoothLeakyReLU",
     "Squeeze",
+    "zca_whitening",
 ]
 
 
@@ -118,6 +119,32 @@ class ElementwiseLayer(EBFlowLayer):
         if w is not None:
             ld2 = ld2 + r * w
         return y, d1 * u, w_out, d1.log().sum(-1), (r * u).sum(-1), ld2.sum(-1)
+
+
+def zca_whitening(y: Tensor, shrinkage: float = 1e-3) -> tuple[Tensor, Tensor]:
+    r"""The mean :math:`\mu` and whitening matrix :math:`M` of the rows of ``y`` (``(n, D)``), so
+    that :math:`M (y - \mu)` has covariance about ``I``: ZCA-cor whitening (Kessy, Lewin,
+    Strimmer 2018), :math:`M = R_\epsilon^{-1/2} S^{-1}` with :math:`S` the standard deviations
+    and :math:`R` the correlation matrix, the whitening closest to the standardised data. The
+    ``shrinkage`` is added to every eigenvalue of :math:`R` (whose mean is 1), which bounds the
+    amplification of directions the rows barely cover (nearly collinear features, fewer rows
+    than dimensions) independently of the features' units.
+
+    Example::
+
+        >>> y = torch.randn(5000, 2) @ torch.tensor([[2.0, 0.0], [1.0, 0.5]]) + 3.0
+        >>> mean, m = zca_whitening(y)
+        >>> torch.allclose(torch.cov(((y - mean) @ m.T).T), torch.eye(2), atol=1e-2)
+        True
+    """
+    mean = y.mean(0)
+    centred = (y - mean).double()
+    sd = (centred.pow(2).sum(0) / max(len(y) - 1, 1)).sqrt()
+    sd = sd.clamp_min(torch.finfo(y.dtype).eps * float(sd.max().clamp_min(1.0)))
+    standard = centred / sd
+    lam, u = torch.linalg.eigh(standard.T @ standard / max(len(y) - 1, 1))
+    lam = lam.clamp_min(0.0) + shrinkage
+    return mean, (((u * lam.rsqrt()) @ u.T) / sd).to(y.dtype)
 
 
 class Dense(LinearLayer):
@@ -256,7 +283,8 @@ class Conv2d(LinearLayer):
     r"""Convolution with ``C`` input and output channels, a ``k x k`` kernel (``k`` odd), stride 1
     and zero "same" padding, on flattened images of shape ``(C, H, W)``: a linear map of
     :math:`\mathbb R^{CHW}`. Initialised at the negated identity kernel (``-dirac``, as in the
-    paper) with zero bias.
+    paper) with zero bias; with ``data_init`` (default) it takes part in :meth:`EBFlow.initialize
+    <pyro_ebm.ebflow.model.EBFlow.initialize>` (:meth:`data_init_`).
 
     Its log-determinant (evaluation only) is that of the dense ``CHW x CHW`` matrix of the map
     (the doubly block-Toeplitz matrix), built by convolving the standard basis: exact, and
@@ -271,9 +299,12 @@ class Conv2d(LinearLayer):
         (True, 0.0)
     """
 
-    def __init__(self, shape: Sequence[int], kernel_size: int = 7, bias: bool = True) -> None:
+    def __init__(
+        self, shape: Sequence[int], kernel_size: int = 7, bias: bool = True, data_init: bool = True
+    ) -> None:
         super().__init__()
         self.shape = _check_image_shape("shape", shape)
+        self.data_init = bool(data_init)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
         c = self.shape[0]

@@ -70,9 +70,9 @@ class EBFlow(EnergyModel):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> EBFlow:
         """Data-dependent initialisation on a batch ``x`` (in the space the model is trained
-        on, e.g. after the logit under MaP): the layers that support it (those with a
-        ``data_init_`` method: :class:`~pyro_ebm.ebflow.layers.Conv2d`) are set, in order, so
-        that their outputs on ``x`` have zero mean and unit variance per channel. Other layers
+        on, e.g. after the logit under MaP): the layers with ``data_init`` set
+        (:class:`~pyro_ebm.ebflow.layers.Conv2d`, by default) are set, in order, so that
+        their outputs on ``x`` have zero mean and unit variance per channel. Other layers
         are left as they are, so this does nothing on the FC and coupling models. Sets
         :attr:`initialized`; returns the model. :class:`~pyro_ebm.ebflow.EBFlowTrainer` calls
         it on the first batch (``data_init=True``).
@@ -88,7 +88,7 @@ class EBFlow(EnergyModel):
         x = self.check_input(x)
         for layer in self.layers:
             x = layer(x)[0]
-            if hasattr(layer, "data_init_"):
+            if getattr(layer, "data_init", False):
                 x = layer.data_init_(x)
         self.initialized.fill_(True)
         self._cached_log_z = None
