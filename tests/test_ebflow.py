@@ -252,11 +252,14 @@ def test_trainer_fits_digits_better_than_at_init(objective):
     assert torch.isfinite(trainer.sample(3)).all()
 
 
-def test_impute_gaussian_conditional():
+@pytest.mark.parametrize("whitened", [False, True])
+def test_impute_gaussian_conditional(whitened):
     """A linear EBFlow is a Gaussian: MALA imputation of coordinate 1 given coordinate 0 matches
     the exact conditional mean (0.56) and sd (0.5) within 5 standard errors (2000 independent
     walkers). Seeds 0-19 pass. A bug that ignores the observed pixel would give mean 0: 50
-    standard errors off."""
+    standard errors off. With a whitening map ``M`` (which mixes the coordinates) the data-space
+    precision is :math:`M^T W^T W M`; a chain run in the whitened coordinates would condition on
+    the wrong variable."""
     from pyro_ebm.ebflow import EBFlowTrainer
 
     torch.manual_seed(0)
@@ -265,9 +268,13 @@ def test_impute_gaussian_conditional():
         model.layers[0].weight.copy_(torch.tensor([[1.0, 0.0], [-1.6, 2.0]]))
     trainer = EBFlowTrainer(model, objective="ml", ema=None)
     W = model.layers[0].weight.detach()
-    prec = W.T @ W
+    mean, M = torch.zeros(2), torch.eye(2)
+    if whitened:
+        mean, M = torch.tensor([0.2, -0.1]), torch.tensor([[1.0, 0.3], [0.0, 0.8]])
+        trainer._whitening = (mean, M, float(torch.linalg.slogdet(M)[1]))
+    prec = M.T @ W.T @ W @ M
     x0 = 0.7
-    cond_mean = -prec[1, 0] / prec[1, 1] * x0
+    cond_mean = mean[1] - prec[1, 0] / prec[1, 1] * (x0 - mean[0])
     cond_sd = prec[1, 1].rsqrt()
     data = torch.tensor([[x0, 0.0]]).expand(2000, 2).clone()
     out = trainer.impute(data, torch.tensor([False, True]), num_steps=300, step_size=0.1)
