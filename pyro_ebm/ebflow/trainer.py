@@ -7,9 +7,11 @@ Data: ``uint8`` images in ``[0, 255]`` (shape ``(n, D)``) are dequantised,
   :math:`y = \operatorname{logit}(\lambda + (1 - 2\lambda) x)` *outside* the model, which is
   trained on ``y``; without MaP the logit is the model's first (non-linear) layer, so the
   objective matches scores of ``x`` itself, which the paper found unstable.
-- **Whitening** (``whiten=True``, under MaP): after the logit (images) or as is (vectors), the
-  data go through a fixed affine map :math:`y = M (x - \mu)`, :math:`M` the ZCA whitening
-  matrix of the first :meth:`~EBFlowTrainer.fit`'s training data (with shrinkage), with
+- **Whitening** (under MaP; by default for ill-conditioned vectors, see ``whiten``): after the
+  logit (images) or as is (vectors), the data go through a fixed affine map
+  :math:`y = M (x - \mu)`, :math:`M` the ZCA-cor whitening matrix
+  (:func:`~pyro_ebm.ebflow.layers.zca_whitening`) of the first :meth:`~EBFlowTrainer.fit`'s
+  training data, with
   :math:`\log|\det M|` added back for the NLL. Score matching minimises a Fisher divergence,
   which weighs each direction by its precision: on nearly collinear features it spends
   everything on the thinnest directions. Matching after whitening weighs them evenly.
