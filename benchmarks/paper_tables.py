@@ -57,7 +57,9 @@ SAMPLER_KWARGS = {
 }
 
 
-def train(name: str, sampler: str, seed: int, steps: int | None = None, **ds_kwargs):
+def train(
+    name: str, sampler: str, seed: int, steps: int | None = None, lr: float = 1e-3, **ds_kwargs
+):
     cfg = CONFIG[name]
     target = load(name, **ds_kwargs)
     data = target.sample(cfg["num_data"], torch.Generator().manual_seed(1000 + seed)).float()
@@ -66,7 +68,7 @@ def train(name: str, sampler: str, seed: int, steps: int | None = None, **ds_kwa
         MLPEnergy(target.dim, hidden=cfg["hidden"]),
         sampler=sampler,
         num_walkers=cfg["walkers"],
-        lr=1e-3,
+        lr=lr,
         target=target,
         sampler_kwargs=SAMPLER_KWARGS[sampler],
         seed=seed,
@@ -140,7 +142,7 @@ def _plot_curves(histories, samplers, seeds, truth, path) -> None:
     print(f"\ncurves: {path}")
 
 
-def bench_density(seeds, samplers, steps, datasets=("eight_gaussians", "rings")) -> None:
+def bench_density(seeds, samplers, steps, datasets=("eight_gaussians", "rings"), lr=1e-3) -> None:
     print("\n## Table 1: median squared log-density error\n")
     print("| data set | sampler | per seed | median | paper | s per run |")
     print("|---|---|---|---|---|---|")
@@ -148,13 +150,13 @@ def bench_density(seeds, samplers, steps, datasets=("eight_gaussians", "rings"))
         for sampler in samplers:
             errs, secs = [], []
             for seed in seeds:
-                trainer, target, t = train(name, sampler, seed, steps)
+                trainer, target, t = train(name, sampler, seed, steps, lr=lr)
                 errs.append(log_density_error(trainer.model, target))
                 secs.append(t)
             paper = PAPER[name].get(sampler, "-")
             print(
-                f"| {name} | {sampler} | {', '.join(f'{e:.2f}' for e in errs)} | "
-                f"{statistics.median(errs):.2f} | {paper} | {statistics.median(secs):.0f} |",
+                f"| {name} | {sampler} | {', '.join(f'{e:.3g}' for e in errs)} | "
+                f"{statistics.median(errs):.3g} | {paper} | {statistics.median(secs):.0f} |",
                 flush=True,
             )
 
@@ -211,12 +213,13 @@ def main() -> None:
     parser.add_argument(
         "--datasets", nargs="*", default=["eight_gaussians", "rings"], help="Table 1 data sets"
     )
+    parser.add_argument("--lr", type=float, default=1e-3, help="Table 1: rate of EBM and flow")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "line4" in args.only:
         bench_line4(args.seeds, args.samplers, args.chain_steps, args.steps)
     if "density" in args.only:
-        bench_density(args.seeds, args.samplers, args.steps, args.datasets)
+        bench_density(args.seeds, args.samplers, args.steps, args.datasets, args.lr)
     if "rhat" in args.only:
         bench_rhat(args.dims, args.seeds, args.samplers, args.chain_steps, args.steps)
     if "fig1" in args.only:
