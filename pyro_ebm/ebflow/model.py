@@ -88,11 +88,16 @@ class EBFlow(EnergyModel):
         x = self.check_input(x)
         for layer in self.layers:
             x = layer(x)[0]
-            if getattr(layer, "data_init", False):
+            if _takes_data_init(layer):
                 x = layer.data_init_(x)
         self.initialized.fill_(True)
         self._cached_log_z = None
         return self
+
+    @property
+    def has_data_init(self) -> bool:
+        """Whether :meth:`initialize` would change any layer."""
+        return any(_takes_data_init(layer) for layer in self.layers)
 
     def _energy_from(self, x: Tensor, start: int = 0) -> Tensor:
         """The energy, applying the layers from index ``start`` on to ``x``."""
@@ -227,6 +232,10 @@ class EBFlow(EnergyModel):
         for layer in reversed(self.layers):
             z = layer.inverse(z)
         return z
+
+
+def _takes_data_init(layer: EBFlowLayer) -> bool:
+    return bool(getattr(layer, "data_init", False))
 
 
 def fc_ebflow(shape: Sequence[int], num_blocks: int = 1) -> EBFlow:

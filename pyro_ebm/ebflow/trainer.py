@@ -200,14 +200,14 @@ class EBFlowTrainer:
         """The whitening map of up to ``n`` random training examples (after :meth:`_elementwise`),
         at the first fit of a fresh trainer under MaP when ``whiten`` says so (by default:
         vectors whose covariance has a condition number above :attr:`WHITEN_CONDITION`)."""
-        images = data.dtype == torch.uint8
-        if not self.map or self.whiten is False or self._whitening is not None or self.step > 0:
+        auto = self.whiten is None
+        if not self.map or self._whitening is not None or self.step > 0:
             return
-        if self.whiten is None and images:
+        if self.whiten is False or (auto and data.dtype == torch.uint8):
             return
         with torch.no_grad():
             x = self._elementwise(data[torch.randperm(len(data))[:n]])
-        if self.whiten is None:
+        if auto:
             lam = torch.linalg.eigvalsh(torch.cov(x.T.double()).reshape(x.shape[1], -1))
             if lam[-1] <= self.WHITEN_CONDITION * lam[0].clamp_min(0.0):
                 return
@@ -298,7 +298,7 @@ class EBFlowTrainer:
         """Data-dependent initialisation on ``n`` random training examples (the EMA weights
         start from the initialised ones). Models without such layers are left alone, and the
         random stream untouched."""
-        if not any(getattr(layer, "data_init", False) for layer in self.model.layers):
+        if not self.model.has_data_init:
             return
         with torch.no_grad():
             x = self._prepare(data[torch.randperm(len(data))[:n]])
