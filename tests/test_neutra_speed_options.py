@@ -21,11 +21,17 @@ MODEL_ARGS = (
 )
 
 
-@pytest.mark.parametrize("full, couplings", [(True, 0), (False, 0), (True, 2)])
-def test_affine_flow_inverse_logdet_and_identity_at_init(full, couplings):
-    flow = AffineFlow(4, full=full, num_coupling_layers=couplings, hidden=(8,))
+@pytest.mark.parametrize(
+    "full, couplings, sas", [(True, 0, False), (False, 0, False), (True, 2, False), (True, 0, True)]
+)
+def test_affine_flow_inverse_logdet_and_identity_at_init(full, couplings, sas):
+    flow = AffineFlow(4, full=full, num_coupling_layers=couplings, hidden=(8,), sinh_arcsinh=sas)
     z = torch.randn(16, 4)
-    assert torch.equal(flow.forward(z)[0], z) and torch.equal(flow.forward(z)[1], torch.zeros(16))
+    x, ladj = flow.forward(z)
+    if sas:  # sinh(asinh(z)) is z up to rounding
+        assert torch.allclose(x, z, atol=1e-12) and ladj.abs().max() < 1e-12
+    else:
+        assert torch.equal(x, z) and torch.equal(ladj, torch.zeros(16))
     perturb(flow, 0.3)
     x, ladj = flow.forward(z)
     z2, ladj_inv = flow.inverse(x)
@@ -38,7 +44,7 @@ def test_affine_flow_inverse_logdet_and_identity_at_init(full, couplings):
     assert torch.equal(tril, tril.tril()) and (tril.diagonal() > 0).all()
     if not full:
         assert torch.equal(tril, torch.diag(tril.diagonal()))
-    if couplings == 0:  # then x = loc + L z exactly
+    if couplings == 0 and not sas:  # then x = loc + L z exactly
         assert torch.allclose(x, flow.loc + z @ tril.T, atol=1e-12)
 
 
@@ -123,3 +129,27 @@ def test_jit_flow_nuts_on_a_model_with_a_constrained_site():
     assert set(draws[1]) == {"theta_trans", "mu", "tau"} and (draws[1]["tau"] > 0).all()
     for k in draws[0]:
         assert torch.allclose(draws[0][k], draws[1][k], atol=1e-6), k
+
+
+def test_sinh_arcsinh_affine_flow_fits_a_skewed_target_better_than_a_gaussian():
+    """The log of a Gamma(2, 1) variable, density ``exp(2 y - e^y) / Gamma(2)`` (skewed, with a
+    long left tail): fitted by reverse KL, the sinh-arcsinh flow's KL (log Z = 0 known, so the
+    loss is the KL itself, averaged on 20000 fresh draws) is well below the Gaussian's, and the
+    layer stays finite far out in the tails."""
+    torch.manual_seed(0)
+
+    def potential(y):
+        return (torch.exp(y) - 2.0 * y).sum(-1)  # log Gamma(2) = 0
+
+    kls = {}
+    for sas in (False, True):
+        flow = AffineFlow(1, sinh_arcsinh=sas)
+        fit_reverse_kl(flow, potential, num_steps=1500, num_samples=256, lr=2e-2)
+        with torch.no_grad():
+            y, log_q = flow.sample_and_log_prob(20000)
+            kls[sas] = float((log_q + potential(y)).mean())
+    # Gaussian KL here is about 0.03 nats; a sinh-arcsinh fit is within Monte Carlo noise of 0
+    assert kls[False] > 0.02 and kls[True] < 0.3 * kls[False], kls
+    far = torch.tensor([[-1e4], [1e4]])
+    x, ladj = flow.forward(far)
+    assert torch.isfinite(ladj).all() and not torch.isnan(x).any()
