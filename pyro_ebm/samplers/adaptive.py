@@ -145,7 +145,7 @@ class AdaptiveFlowSampler:
         self._accepts: list[float] = []  # global acceptance of each training cycle
         self.best_global_accept: float | None = None
         self._best_flow: dict | None = None
-        #: global acceptance (5-cycle mean) of the flow kept at :meth:`freeze`
+        #: global acceptance (mean over :attr:`_WINDOW` cycles) of the flow kept at :meth:`freeze`
         self.final_global_accept: float | None = None
 
     # -- moves ------------------------------------------------------------------------------
@@ -249,8 +249,8 @@ class AdaptiveFlowSampler:
 
     def freeze(self, num_local_steps: int | None = None) -> None:
         """End the training phase: fix the step size and stop updating the flow. If the global
-        acceptance of the last 5 cycles has fallen below half of the best 5-cycle mean seen in
-        training, the flow of that best stretch is restored: flow training with a constant
+        acceptance of the last :attr:`_WINDOW` cycles has fallen below half of the best such mean
+        seen in training, the flow of that best stretch is restored: flow training with a constant
         learning rate can blow up late (it froze one eight-schools chain of three for good,
         ``benchmarks/RESULTS.md``; ``tests/test_adaptive.py`` injects such a blow-up). Otherwise
         the final flow is kept (early flows can score well on a walker ensemble that has not
