@@ -433,9 +433,11 @@ def _log_cosh(a: Tensor) -> Tensor:
 
 
 class _SinhArcsinhLayer(nn.Module):
-    r"""Elementwise sinh-arcsinh map ``x = sinh(exp(t) asinh(z) - s)`` (Jones & Pewsey 2009):
-    per coordinate, ``s`` skews and ``t`` makes the tails heavier (``t < 0``) or lighter than
-    Gaussian; the identity at ``s = t = 0``."""
+    r"""Elementwise normalised sinh-arcsinh map (Jones & Pewsey 2009), :math:`f(z) =
+    (\sinh(\delta \operatorname{asinh} z - s) + \sinh s) / (\delta \cosh s)`, so that
+    :math:`f(0) = 0` and :math:`f'(0) = 1` (without this, :math:`\delta` also scales the centre
+    and a reverse-KL fit spends it as a scale); :math:`\delta = e^{\max(t, 0)}` keeps tails as
+    heavy as Gaussian or heavier (see :class:`AffineFlow`). The identity at ``s = t = 0``."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -443,14 +445,16 @@ class _SinhArcsinhLayer(nn.Module):
         self.log_tail = nn.Parameter(torch.zeros(dim))
 
     def forward(self, z: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
-        tail = self.log_tail.exp()
+        tail, s = self.log_tail.clamp(min=0.0).exp(), self.skew
+        norm = tail * torch.cosh(s)
         if inverse:
-            a = (torch.asinh(z) + self.skew) / tail
-            ladj = _log_cosh(a) - self.log_tail - 0.5 * torch.log1p(z * z)
-        else:
-            a = tail * torch.asinh(z) - self.skew
-            ladj = _log_cosh(a) + self.log_tail - 0.5 * torch.log1p(z * z)
-        return torch.sinh(a), ladj.sum(-1)
+            a = torch.asinh(z * norm - torch.sinh(s))
+            out = torch.sinh((a + s) / tail)
+            ladj = _log_cosh(s) - _log_cosh(a) + 0.5 * torch.log1p(out * out)
+            return out, ladj.sum(-1)
+        a = tail * torch.asinh(z) - s
+        ladj = _log_cosh(a) - _log_cosh(s) - 0.5 * torch.log1p(z * z)
+        return (torch.sinh(a) + torch.sinh(s)) / norm, ladj.sum(-1)
 
 
 class AffineFlow(Flow):
@@ -472,10 +476,14 @@ class AffineFlow(Flow):
     :param hidden: hidden widths of each coupling layer's MLP.
     :param base_scale: standard deviation of the Gaussian base.
     :param log_scale_bound: bound of the couplings' soft-clamped log-scale.
-    :param sinh_arcsinh: apply the elementwise sinh-arcsinh map
-        :math:`z_i \mapsto \sinh(e^{t_i} \operatorname{asinh}(z_i) - s_i)` (Jones & Pewsey 2009,
+    :param sinh_arcsinh: apply an elementwise sinh-arcsinh map (Jones & Pewsey 2009,
         "Sinh-arcsinh distributions", Biometrika 96) to ``z`` (after the couplings) before the
-        affine map, with learnable skew ``s`` and log tail weight ``t``.
+        affine map, :math:`z_i \mapsto (\sinh(\delta_i \operatorname{asinh} z_i - s_i) +
+        \sinh s_i) / (\delta_i \cosh s_i)`, with learnable skew :math:`s_i` and tail weight
+        :math:`\delta_i = e^{\max(t_i, 0)} \ge 1` (tails as heavy as Gaussian or heavier: a
+        flow with lighter tails than the target makes NeuTra's latent potential heavy-tailed,
+        and a reverse-KL fit from a too-wide start drifts there); :math:`f(0) = 0` and
+        :math:`f'(0) = 1`, so location and scale stay with the affine map.
 
     Example:
 

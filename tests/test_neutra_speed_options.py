@@ -153,3 +153,21 @@ def test_sinh_arcsinh_affine_flow_fits_a_skewed_target_better_than_a_gaussian():
     far = torch.tensor([[-1e4], [1e4]])
     x, ladj = flow.forward(far)
     assert torch.isfinite(ladj).all() and not torch.isnan(x).any()
+
+
+def test_sinh_arcsinh_keeps_gaussian_tails_when_fitted_from_a_too_wide_start():
+    """Reverse KL from the unit Gaussian to N(0, 0.1^2 I): the fit must shrink the flow tenfold,
+    and thin tails are its quickest way to drop far-out draws. The tail weight is clamped to
+    Gaussian-or-heavier, so the fit ends Gaussian (importance-sampling efficiency > 0.9; without
+    the clamp it ended at 0.56-0.74 over seeds 0-3 with log tail weight -1.05)."""
+    torch.manual_seed(0)
+
+    def potential(x):
+        return 0.5 * (x / 0.1).square().sum(-1)
+
+    flow = AffineFlow(3, sinh_arcsinh=True)
+    fit_reverse_kl(flow, potential, num_steps=300, num_samples=256, lr=2e-2)
+    with torch.no_grad():
+        x, log_q = flow.sample_and_log_prob(20000)
+        w = torch.softmax(-potential(x) - log_q, 0)
+    assert float(1 / w.square().sum() / len(w)) > 0.9
