@@ -402,8 +402,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--unseen-seed", type=int, default=0)
     parser.add_argument("--logistic-draws", type=int, default=4000)
-    parser.add_argument("--logistic-nuts-seeds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--logistic-adaptive-seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--logistic-nuts-seeds", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--logistic-adaptive-seeds", type=int, nargs="*", default=[1, 2, 3])
     args = parser.parse_args()
     torch.set_num_threads(1)
     if 1 in args.only:
