@@ -177,21 +177,26 @@ def bench_from_ml(
     best = min(v for _, v in ml.validation_nll)
     torch.manual_seed(1234)
     print(f"ml, {steps} steps: best validation NLL {best:.1f}, test NLL {ml.nll(test):.1f}\n")
-    print("| objective | validation NLL every", sm_steps // 6, "steps | test NLL at the end |")
-    print("|---|---|---|")
+    print(
+        "| objective | validation NLL every",
+        sm_steps // 6,
+        "steps | mean training loss over each stretch | test NLL at the end |",
+    )
+    print("|---|---|---|---|")
     for objective in objectives:
         sm = EBFlowTrainer(
             copy.deepcopy(ml.ema_model), objective, lr=sm_lr, lr_schedule="constant", seed=seed
         )
-        trajectory = []
+        trajectory, losses = [], []
         for _ in range(6):  # constant rate: six fits in a row are one run
             sm.fit(train, sm_steps // 6, 100, progress=False)
+            losses.append(f"{statistics.fmean(sm.losses[-(sm_steps // 6) :]):.4g}")
             with torch.random.fork_rng():
                 torch.manual_seed(0)  # the dequantisation draw of the trainer's validation
                 trajectory.append(f"{sm.nll(val):.1f}")
-        trajectory = " ".join(trajectory)
+        trajectory, losses = " ".join(trajectory), " ".join(losses)
         torch.manual_seed(1234)
-        print(f"| {objective} | {trajectory} | {sm.nll(test):.1f} |", flush=True)
+        print(f"| {objective} | {trajectory} | {losses} | {sm.nll(test):.1f} |", flush=True)
 
 
 def _tabular_sets() -> dict:
