@@ -36,6 +36,7 @@ from pyro_ebm import MLPEnergy
 from pyro_ebm.datasets import load
 from pyro_ebm.metrics import log_density_error, max_rhat, mode_weights
 from pyro_ebm.train import EBMTrainer
+from pyro_ebm.train.trainer import base_scale
 
 PAPER = {
     "line4": {"adaptive-flow": (4.29e-4, 3.12e-5), "neutra-mala": (9.87e-4, 3.85e-4)},
@@ -91,14 +92,14 @@ def train(
 
 def train_exact_ml(name: str, seed: int, steps: int | None = None, lr: float = 1e-3):
     """The ``train`` reference without negatives: the tilted MLP energy of the trainer
-    (``E(x) - log rho(x)``, rho the Gaussian of the data's RMS scale) fitted by exact maximum
+    (``E(x) - log rho(x)``, rho the default flow's base) fitted by exact maximum
     likelihood, log Z by grid quadrature, Adam with the trainer's cosine decay. 2-D data only."""
     cfg = CONFIG[name]
     target = load(name)
     data = target.sample(cfg["num_data"], torch.Generator().manual_seed(1000 + seed)).float()
     torch.manual_seed(seed)
     energy = MLPEnergy(target.dim, hidden=cfg["hidden"])
-    rho = torch.distributions.Normal(0.0, float(data.std(0).pow(2).mean().sqrt()))
+    rho = torch.distributions.Normal(0.0, base_scale(data))  # the trainer's tilt
     g = torch.linspace(-5, 5, 200)
     grid = torch.cartesian_prod(g, g)
     log_cell, log_rho_grid = 2 * math.log(float(g[1] - g[0])), rho.log_prob(grid).sum(-1)

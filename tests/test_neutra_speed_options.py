@@ -135,7 +135,8 @@ def test_sinh_arcsinh_affine_flow_fits_a_skewed_target_better_than_a_gaussian():
     """The log of a Gamma(2, 1) variable, density ``exp(2 y - e^y) / Gamma(2)`` (skewed, with a
     long left tail): fitted by reverse KL, the sinh-arcsinh flow's KL (log Z = 0 known, so the
     loss is the KL itself, averaged on 20000 fresh draws) is well below the Gaussian's, and the
-    layer stays finite far out in the tails."""
+    layer stays finite far out in the tails. (Seeds 0-4: KL 0.0026-0.0046 against the
+    Gaussian's 0.038-0.046.)"""
     torch.manual_seed(0)
 
     def potential(y):
@@ -158,8 +159,8 @@ def test_sinh_arcsinh_affine_flow_fits_a_skewed_target_better_than_a_gaussian():
 def test_sinh_arcsinh_keeps_gaussian_tails_when_fitted_from_a_too_wide_start():
     """Reverse KL from the unit Gaussian to N(0, 0.1^2 I): the fit must shrink the flow tenfold,
     and thin tails are its quickest way to drop far-out draws. The tail weight is clamped to
-    Gaussian-or-heavier, so the fit ends Gaussian (importance-sampling efficiency > 0.9; without
-    the clamp it ended at 0.56-0.74 over seeds 0-3 with log tail weight -1.05)."""
+    Gaussian-or-heavier, so the fit ends Gaussian (importance-sampling efficiency 0.972-0.986
+    over seeds 0-3, bound 0.9; without the clamp 0.56-0.74, log tail weight -1.05)."""
     torch.manual_seed(0)
 
     def potential(x):

@@ -102,6 +102,12 @@ class _Base(torch.nn.Module):
         return self.flow.base_log_prob(x)
 
 
+def base_scale(data: Tensor) -> float:
+    """The sd of the default flow's Gaussian base, hence of the tilt rho: the data's RMS
+    per-coordinate standard deviation."""
+    return float(data.std(0).pow(2).mean().sqrt())
+
+
 class EBMTrainer:
     r"""Train an energy-based model by maximum likelihood with persistent, flow-assisted negatives.
 
@@ -246,10 +252,9 @@ class EBMTrainer:
 
     def _setup(self, data: Tensor) -> None:
         if self.flow is None:
-            scale = float(data.std(0).pow(2).mean().sqrt())
             width = max(64, 2 * self.energy.dim)
             self.flow = RealNVP(
-                self.energy.dim, num_layers=6, hidden=(width, width), base_scale=scale
+                self.energy.dim, num_layers=6, hidden=(width, width), base_scale=base_scale(data)
             ).to(device=self.device, dtype=self.dtype)
         self.energy_opt = torch.optim.Adam(self.energy.parameters(), lr=self.lr)
         self.flow_opt = torch.optim.Adam(self.flow.parameters(), lr=self.flow_lr)
