@@ -473,9 +473,9 @@ class ModelEnergy(EnergyModel):
         x = self.check_input(x)
         if self._vectorized is None and x.shape[0] > 1:
             self._vectorized = self._check_vectorized(x[:3])
-        if self._vectorized:
+        if self._vectorized and x.shape[0] > 1:
             return self._batched_energy(x)
-        return self._looped_energy(x)
+        return self._looped_energy(x)  # one row: one plain model execution, no outer plate
 
     def _looped_energy(self, x: Tensor) -> Tensor:
         return torch.stack([self._potential(self.unflatten(row)) for row in x])

@@ -251,10 +251,12 @@ class Flow(nn.Module):
     # ---------------------------------------------------------------- bijection
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         r"""Map latents to samples: returns ``x = T(z)`` and :math:`\log|\det J_T(z)|`."""
-        ladj = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+        ladj = None
         for layer in self.layers:
             z, l = layer(z)
-            ladj = ladj + l
+            ladj = l if ladj is None else ladj + l
+        if ladj is None:
+            ladj = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
         return z, ladj
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -262,10 +264,12 @@ class Flow(nn.Module):
 
         Fed a batch ``(..., dim)``, returns ``(..., dim)`` and ``(...)``.
         """
-        ladj = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+        ladj = None
         for layer in reversed(self.layers):
             x, l = layer(x, inverse=True)
-            ladj = ladj + l
+            ladj = l if ladj is None else ladj + l
+        if ladj is None:
+            ladj = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
         return x, ladj
 
     @property
@@ -392,6 +396,31 @@ class RealNVP(Flow):
         self.layers.extend(_couplings(dim, num_layers, hidden, activation, log_scale_bound))
 
 
+def _cached_while_frozen(method: Callable[[nn.Module], tuple]) -> Callable[[nn.Module], tuple]:
+    r"""Cache what a layer derives from its parameters (scales, triangular factors) while none
+    of them requires gradients, as in the frozen copy of a flow that FlowHMC/FlowNUTS/FlowIMH
+    sample with: one less chain of small operations in every call, and constants rather than
+    operations in a :func:`torch.jit.trace` of a latent potential (~6% of a FlowNUTS gradient
+    on eight schools). The cache is keyed on each parameter's storage and version counter, so
+    in-place updates (``load_state_dict``, an optimizer step) and moves to another device
+    invalidate it."""
+
+    def wrapper(self: nn.Module) -> tuple:
+        params = tuple(self.parameters())
+        if any(p.requires_grad for p in params):
+            return method(self)
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        cache = self.__dict__.get("_frozen_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, method(self))
+            self.__dict__["_frozen_cache"] = cache
+        return cache[1]
+
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
 class _AffineLayer(nn.Module):
     """``x = loc + L z`` with ``L`` lower-triangular (or diagonal), positive diagonal ``exp(s)``."""
 
@@ -412,18 +441,25 @@ class _AffineLayer(nn.Module):
             return eye_part
         return eye_part.index_put((self.rows, self.cols), self.off_diag)
 
+    @_cached_while_frozen
+    def _derived(self) -> tuple[Tensor, Tensor]:
+        """``(L^T, log|det L|)`` for a full layer, ``(diag L, log|det L|)`` for a diagonal one."""
+        scale = self.scale_tril().T if self.full else self.log_diag.exp()
+        return scale, self.log_diag.sum()
+
     def forward(self, z: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
-        ladj = self.log_diag.sum().expand(z.shape[:-1])
+        scale, log_det = self._derived()
+        ladj = log_det.expand(z.shape[:-1])
         if not self.full:
-            scale = self.log_diag.exp()
             if inverse:
                 return (z - self.loc) / scale, -ladj
             return self.loc + z * scale, ladj
-        tril = self.scale_tril()
         if inverse:
-            out = torch.linalg.solve_triangular(tril, (z - self.loc).unsqueeze(-1), upper=False)
-            return out.squeeze(-1), -ladj
-        return self.loc + z @ tril.T, ladj
+            out = torch.linalg.solve_triangular(
+                scale, (z - self.loc).unsqueeze(-2), upper=True, left=False
+            )
+            return out.squeeze(-2), -ladj
+        return self.loc + z @ scale, ladj
 
 
 def _log_cosh(a: Tensor) -> Tensor:
@@ -444,17 +480,22 @@ class _SinhArcsinhLayer(nn.Module):
         self.skew = nn.Parameter(torch.zeros(dim))
         self.log_tail = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, z: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
+    @_cached_while_frozen
+    def _derived(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Tail weight, normaliser, ``sinh s`` and ``log cosh s``."""
         tail, s = self.log_tail.clamp(min=0.0).exp(), self.skew
-        norm = tail * torch.cosh(s)
+        return tail, tail * torch.cosh(s), torch.sinh(s), _log_cosh(s)
+
+    def forward(self, z: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor]:
+        (tail, norm, sinh_s, log_cosh_s), s = self._derived(), self.skew
         if inverse:
-            a = torch.asinh(z * norm - torch.sinh(s))
+            a = torch.asinh(z * norm - sinh_s)
             out = torch.sinh((a + s) / tail)
-            ladj = _log_cosh(s) - _log_cosh(a) + 0.5 * torch.log1p(out * out)
+            ladj = log_cosh_s - _log_cosh(a) + 0.5 * torch.log1p(out * out)
             return out, ladj.sum(-1)
         a = tail * torch.asinh(z) - s
-        ladj = _log_cosh(a) - _log_cosh(s) - 0.5 * torch.log1p(z * z)
-        return (torch.sinh(a) + torch.sinh(s)) / norm, ladj.sum(-1)
+        ladj = _log_cosh(a) - log_cosh_s - 0.5 * torch.log1p(z * z)
+        return (torch.sinh(a) + sinh_s) / norm, ladj.sum(-1)
 
 
 class AffineFlow(Flow):

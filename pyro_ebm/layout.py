@@ -45,12 +45,12 @@ class SiteLayout:
         r"""Split flat ``(..., dim)`` vectors into ``{site: (..., *shape)}``."""
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (..., {self.dim}), got {tuple(x.shape)}")
-        out, start, batch = {}, 0, x.shape[:-1]
-        for name in self.site_names:
-            size = self.site_sizes[name]
-            out[name] = x[..., start : start + size].reshape(batch + self.site_shapes[name])
-            start += size
-        return out
+        batch = x.shape[:-1]
+        parts = torch.split(x, [self.site_sizes[k] for k in self.site_names], dim=-1)
+        return {
+            k: v.reshape(batch + self.site_shapes[k])
+            for k, v in zip(self.site_names, parts, strict=True)
+        }
 
     def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
         r"""Inverse of :meth:`unflatten`: ``{site: (..., *shape)}`` to ``(..., dim)``."""
