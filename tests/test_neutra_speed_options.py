@@ -11,7 +11,8 @@ from test_kernels import _assert_within_mcse, gauss_chains, gauss_target, moment
 import pyro_ebm
 from conftest import perturb
 from pyro_ebm.flows import AffineFlow, fit_reverse_kl
-from pyro_ebm.infer import FlowHMC, FlowNUTS, LatentPotential
+from pyro_ebm.infer import FlowHMC, FlowNUTS, LatentPotential, compile_value_and_grad
+from pyro_ebm.infer.neutra import _AutogradValueAndGrad
 from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 
 MODEL_ARGS = (
@@ -76,11 +77,62 @@ def test_jit_latent_potential_matches_the_python_one_and_pickles(target):
         g1, u1 = potential_grad(jitted, {"z": z})
         assert torch.allclose(u0, u1, atol=1e-10)
         assert torch.allclose(g0["z"], g1["z"], atol=1e-10)
-    assert jitted._compiled is not None
+    # the whole gradient was compiled, not the value alone (the fallback)
+    assert not isinstance(jitted._compiled, _AutogradValueAndGrad)
     clone = pickle.loads(pickle.dumps(jitted))
     assert clone._compiled is None and clone.jit_compile
     z = torch.randn(dim)
     assert torch.allclose(clone({"z": z}), plain({"z": z}), atol=1e-10)
+
+
+def test_compiled_gradient_of_an_energy_still_being_trained():
+    """An MLP energy whose parameters require gradients (a trainer's model): the compiled graph
+    holds them as constants, and gradient and value equal autograd's at new points."""
+    energy = pyro_ebm.MLPEnergy(3, hidden=(16, 16))
+    assert all(p.requires_grad for p in energy.parameters())
+    fn = lambda z: energy(z[None])[0]  # noqa: E731
+    compiled = compile_value_and_grad(fn, torch.randn(3))
+    assert not isinstance(compiled, _AutogradValueAndGrad)
+    for _ in range(3):
+        z = torch.randn(3, requires_grad=True)
+        (grad,) = torch.autograd.grad(fn(z), z)
+        g, u = compiled(z.detach())
+        assert torch.allclose(u, fn(z).detach(), atol=1e-12)
+        assert torch.allclose(g, grad, atol=1e-12)
+
+
+def test_compiled_gradient_falls_back_to_autograd_with_a_warning(caplog):
+    """A function that reads a tensor as a Python number cannot be recorded as one graph of
+    operations: the value is traced alone and differentiated by autograd, with a warning."""
+
+    def fn(z):
+        return (z**2).sum() * float(z.abs().max().item() > -1.0)
+
+    with caplog.at_level("WARNING", logger="pyro_ebm.infer.neutra"):
+        compiled = compile_value_and_grad(fn, torch.ones(2))
+    assert isinstance(compiled, _AutogradValueAndGrad)
+    assert "compiling the gradient failed" in caplog.text
+    g, u = compiled(torch.tensor([1.0, -2.0]))
+    assert torch.allclose(g, torch.tensor([2.0, -4.0])) and torch.allclose(u, torch.tensor(5.0))
+
+
+@pytest.mark.parametrize("sas", [False, True])
+def test_frozen_affine_flow_caches_its_constants_and_notices_updates(sas):
+    """A frozen AffineFlow reuses its derived scales; ``load_state_dict`` (an in-place update)
+    invalidates them, and a flow that requires gradients never caches."""
+    flow = perturb(AffineFlow(3, sinh_arcsinh=sas), 0.3).requires_grad_(False)
+    other = perturb(AffineFlow(3, sinh_arcsinh=sas), 0.6)
+    z = torch.randn(5, 3)
+    before = flow.forward(z)
+    assert "_frozen_cache" in flow.layers[-1].__dict__
+    flow.load_state_dict(other.state_dict())
+    after, expected = flow.forward(z), other.forward(z)
+    assert torch.allclose(after[0], expected[0]) and torch.allclose(after[1], expected[1])
+    assert not torch.allclose(before[0], after[0])
+    assert "_frozen_cache" not in other.layers[-1].__dict__
+    x, _ = other.forward(z)
+    x.sum().backward()  # gradients still reach every parameter of a trainable flow
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in other.parameters())
 
 
 def _rough_affine():

@@ -10,7 +10,7 @@ from .adaptive import AdaptiveFlowMCMC
 from .arviz import to_arviz
 from .base import SAMPLE_STATS, TargetKernel, WalkerKernel
 from .kernels import MALA, FlowIMH, FlowISIR
-from .neutra import FlowHMC, FlowNUTS, LatentPotential
+from .neutra import FlowHMC, FlowNUTS, LatentPotential, compile_value_and_grad
 
 __all__ = [
     "MALA",
@@ -23,5 +23,6 @@ __all__ = [
     "FlowNUTS",
     "LatentPotential",
     "WalkerKernel",
+    "compile_value_and_grad",
     "to_arviz",
 ]
