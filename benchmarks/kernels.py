@@ -106,6 +106,17 @@ def _weight_row(mcmc, target, secs):
 
 
 # -- 2. eight schools --------------------------------------------------------------------------
+# the flows of FlowHMC/FlowNUTS, (builder, reverse-KL learning rate): a 4-layer RealNVP; a
+# Gaussian x = mean + L z (one matmul per gradient); the same after 2 small coupling layers;
+# the affine map after an elementwise sinh-arcsinh (per-coordinate skew and tails)
+_ES_FLOWS = {
+    "realnvp": (lambda dim: RealNVP(dim, num_layers=4, hidden=(32, 32)), 5e-3),
+    "affine": (lambda dim: AffineFlow(dim), 2e-2),
+    "affine+2": (lambda dim: AffineFlow(dim, num_coupling_layers=2, hidden=(16, 16)), 2e-2),
+    "sas": (lambda dim: AffineFlow(dim, sinh_arcsinh=True), 2e-2),
+}
+
+
 def bench_eight_schools(seeds, args) -> None:
     from pyro_ebm.flows import fit_reverse_kl
     from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
@@ -114,6 +125,10 @@ def bench_eight_schools(seeds, args) -> None:
     model_args = (data["J"], torch.tensor(data["y"]), torch.tensor(data["sigma"]))
     print("\n## 2. eight schools (non-centered): bulk ESS/s, min over parameters\n")
     results: dict[str, list[float]] = {}
+
+    def wanted(name: str) -> bool:  # the two NUTS baselines always run
+        return not args.es_variants or name in args.es_variants
+
     for seed in range(seeds):
         pyro.set_rng_seed(seed)
         energy = pyro_ebm.ModelEnergy(eight_schools_noncentered, model_args)
@@ -128,37 +143,29 @@ def bench_eight_schools(seeds, args) -> None:
             args.es_warmup,
             args=model_args,
         )
-        start = time.perf_counter()
-        flow = RealNVP(energy.dim, num_layers=4, hidden=(32, 32))
-        fit_reverse_kl(flow, energy, num_steps=args.es_flow_steps, num_samples=256, lr=5e-3)
-        flow_secs = time.perf_counter() - start
-        # a cheap flow: a Gaussian, x = mean + L z (L lower-triangular), one matmul per gradient
-        start = time.perf_counter()
-        cheap = AffineFlow(energy.dim)
-        fit_reverse_kl(cheap, energy, num_steps=args.es_cheap_flow_steps, num_samples=256, lr=2e-2)
-        cheap_secs = time.perf_counter() - start
-        # the same after 2 small coupling layers (for FlowNUTS)
-        start = time.perf_counter()
-        cheap2 = AffineFlow(energy.dim, num_coupling_layers=2, hidden=(16, 16))
-        fit_reverse_kl(cheap2, energy, num_steps=args.es_cheap_flow_steps, num_samples=256, lr=2e-2)
-        cheap2_secs = time.perf_counter() - start
-        # the affine map after an elementwise sinh-arcsinh (per-coordinate skew and tails)
-        start = time.perf_counter()
-        sas = AffineFlow(energy.dim, sinh_arcsinh=True)
-        fit_reverse_kl(sas, energy, num_steps=args.es_cheap_flow_steps, num_samples=256, lr=2e-2)
-        sas_secs = time.perf_counter() - start
+        fitted: dict[str, tuple] = {}  # flow key -> (flow, seconds of its fit)
         jit = {"jit_compile": True}
         variants = (
-            ("FlowNUTS", FlowNUTS, flow, flow_secs, {}),
-            ("FlowHMC", FlowHMC, flow, flow_secs, {}),
-            ("FlowHMC, AffineFlow", FlowHMC, cheap, cheap_secs, {}),
-            ("FlowHMC jit, AffineFlow", FlowHMC, cheap, cheap_secs, jit),
-            ("FlowNUTS jit, AffineFlow", FlowNUTS, cheap, cheap_secs, jit),
-            ("FlowNUTS jit, AffineFlow+2 couplings", FlowNUTS, cheap2, cheap2_secs, jit),
-            ("FlowHMC jit, AffineFlow+sinh-arcsinh", FlowHMC, sas, sas_secs, jit),
-            ("FlowNUTS jit, AffineFlow+sinh-arcsinh", FlowNUTS, sas, sas_secs, jit),
+            ("FlowNUTS", FlowNUTS, "realnvp", {}),
+            ("FlowHMC", FlowHMC, "realnvp", {}),
+            ("FlowHMC, AffineFlow", FlowHMC, "affine", {}),
+            ("FlowHMC jit, AffineFlow", FlowHMC, "affine", jit),
+            ("FlowNUTS jit, AffineFlow", FlowNUTS, "affine", jit),
+            ("FlowNUTS jit, AffineFlow+2 couplings", FlowNUTS, "affine+2", jit),
+            ("FlowHMC jit, AffineFlow+sinh-arcsinh", FlowHMC, "sas", jit),
+            ("FlowNUTS jit, AffineFlow+sinh-arcsinh", FlowNUTS, "sas", jit),
         )
-        for name, cls, fl, fit_secs, kwargs in variants:
+        for name, cls, key, kwargs in variants:
+            if not wanted(name):
+                continue
+            if key not in fitted:  # fitted once per seed by reverse KL, that time counted
+                build, lr = _ES_FLOWS[key]
+                steps = args.es_flow_steps if key == "realnvp" else args.es_cheap_flow_steps
+                start = time.perf_counter()
+                fl = build(energy.dim)
+                fit_reverse_kl(fl, energy, num_steps=steps, num_samples=256, lr=lr)
+                fitted[key] = (fl, time.perf_counter() - start)
+            fl, fit_secs = fitted[key]
             if cls is FlowHMC:
                 # a trajectory near 2 avoids the ~2π period of a whitened Gaussian
                 kwargs = {"trajectory_length": 2.0, **kwargs}
@@ -169,10 +176,13 @@ def bench_eight_schools(seeds, args) -> None:
                 args=model_args,
             )
             runs[f"{name} (incl. {fit_secs:.1f} s flow fit)"] = (mcmc, secs + fit_secs)
-        kernel = AdaptiveFlowMCMC(
-            eight_schools_noncentered, num_particles=32, production_local_steps=0
-        )
-        runs["AdaptiveFlowMCMC"] = _timed_run(kernel, 10 * args.es_samples, 400, args=model_args)
+        if wanted("AdaptiveFlowMCMC"):
+            kernel = AdaptiveFlowMCMC(
+                eight_schools_noncentered, num_particles=32, production_local_steps=0
+            )
+            runs["AdaptiveFlowMCMC"] = _timed_run(
+                kernel, 10 * args.es_samples, 400, args=model_args
+            )
         for name, (mcmc, secs) in runs.items():
             ess = _min_ess(mcmc)
             print(f"seed {seed}: {name}: {secs:.1f} s, min bulk ESS {ess:.0f}", flush=True)
@@ -180,12 +190,16 @@ def bench_eight_schools(seeds, args) -> None:
     base = statistics.median(results["Pyro NUTS"])
     base_jit = statistics.median(results["Pyro NUTS (jit)"])
     print("\n| method | ESS/s per seed | median min bulk ESS/s | ratio to NUTS", end="")
-    print(" | ratio to NUTS (jit) |")
-    print("|---|---|---|---|---|")
+    print(" | ratio to NUTS (jit) | per-seed ratios to the same seed's NUTS |")
+    print("|---|---|---|---|---|---|")
     for name, v in results.items():
         med = statistics.median(v)
         per_seed = " ".join(f"{x:.1f}" for x in v)
-        print(f"| {name} | {per_seed} | {med:.1f} | {med / base:.2f} | {med / base_jit:.2f} |")
+        paired = " ".join(f"{x / b:.2f}" for x, b in zip(v, results["Pyro NUTS"], strict=True))
+        print(
+            f"| {name} | {per_seed} | {med:.1f} | {med / base:.2f} | {med / base_jit:.2f}", end=""
+        )
+        print(f" | {paired} |")
 
 
 def _min_ess(mcmc) -> float:
@@ -438,6 +452,13 @@ def main() -> None:
     parser.add_argument("--es-warmup", type=int, default=500)
     parser.add_argument("--es-flow-steps", type=int, default=1000)
     parser.add_argument("--es-cheap-flow-steps", type=int, default=300)
+    parser.add_argument(
+        "--es-variants",
+        nargs="*",
+        default=[],
+        help="section 2: the rows to run besides the two NUTS baselines, by exact name "
+        "(e.g. 'FlowNUTS jit, AffineFlow+sinh-arcsinh' AdaptiveFlowMCMC); all when empty",
+    )
     parser.add_argument("--overhead-steps", type=int, default=2000)
     parser.add_argument("--robust-seeds", type=int, default=8)
     parser.add_argument("--robust-local-steps", type=int, nargs="+", default=[0, 1])

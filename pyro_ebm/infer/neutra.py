@@ -257,12 +257,13 @@ class FlowHMC(_NeuTraKernel):
         ``num_steps`` nor ``trajectory_length`` is given, ``trajectory_length=2`` replaces Pyro's
         default 2π, which is a full period of the standard Gaussian a good flow's latent space
         resembles (the chain would come back where it started). ``jit_compile=True`` (and
-        ``jit_options``) traces the whole latent potential, model and flow, with
-        :func:`torch.jit.trace` (see :class:`LatentPotential`); Pyro's own option would be
-        ignored, since the inner kernel gets a ``potential_fn``. On small models the Python of
-        Pyro's model trace dominates each gradient (~1 ms for eight schools, ~0.25 ms traced),
-        so this is the main speed option; compare with Pyro's NUTS with ``jit_compile=True``.
-        With it, a cheap flow beats an expressive one: on eight schools
+        ``jit_options``) compiles the whole latent potential, model and flow, together with its
+        gradient, into one traced graph (see :class:`LatentPotential` and
+        :func:`compile_value_and_grad`); Pyro's own option would be ignored, since the inner
+        kernel gets a ``potential_fn``. On small models the Python of Pyro's model trace and
+        autograd's bookkeeping dominate each gradient, so this is the main speed option: on
+        eight schools a compiled FlowNUTS gradient costs less than one of Pyro's NUTS with
+        ``jit_compile=True``. With it, a cheap flow beats an expressive one: on eight schools
         ``AffineFlow(dim, sinh_arcsinh=True)`` fitted by 300 steps of
         :func:`~pyro_ebm.flows.fit_reverse_kl` gave the most effective draws per second
         (``benchmarks/RESULTS.md``).
