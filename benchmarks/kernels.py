@@ -19,6 +19,9 @@
    AdaptiveFlowMCMC over seeds (is a gap between the two a bias or Monte Carlo error?).
 7. A negative-binomial regression (a positive dispersion, skewed on the log scale): NUTS
    against FlowNUTS/FlowHMC with ``AffineFlow(sinh_arcsinh=True)`` and ``jit_compile=True``.
+8. The cost of one gradient of the potential on eight schools (each leapfrog step pays it):
+   Pyro's own jit-compiled potential against FlowNUTS's latent potential in Python, traced and
+   differentiated by autograd, and compiled with its gradient (``jit_compile=True``).
 
 Run from the repository root (``torch.set_num_threads(1)``; medians over seeds/repeats)::
 
@@ -38,6 +41,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import MCMC, NUTS, RandomWalkKernel
+from pyro.util import ignore_jit_warnings
 
 import pyro_ebm
 from pyro_ebm.datasets import imbalanced_pair
@@ -438,9 +442,72 @@ def bench_neutra_negbin(args) -> None:
         print(f"| {name} | {secs:.1f} | {_min_ess(mcmc):.0f} | {cells} |", flush=True)
 
 
+# -- 8. cost of one latent gradient ---------------------------------------------------------
+def bench_gradient_cost(args) -> None:
+    """Microseconds per call of Pyro's ``potential_grad`` (what each leapfrog step of HMC/NUTS
+    pays) on eight schools: Pyro's own jit-compiled potential (NUTS with ``jit_compile=True``)
+    and FlowNUTS's latent potential (model + ``AffineFlow(10, sinh_arcsinh=True)`` fitted by
+    300 reverse-KL steps) in three forms: plain Python, the potential traced and differentiated
+    by autograd (the form ``jit_compile=True`` took before ``compile_value_and_grad``), and
+    value and gradient compiled together (``jit_compile=True`` now). Rounds interleaved."""
+    from pyro.infer.mcmc.util import initialize_model
+    from pyro.ops.integrator import potential_grad
+
+    from pyro_ebm.flows import fit_reverse_kl
+    from pyro_ebm.infer import LatentPotential
+    from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
+
+    data = EIGHT_SCHOOLS_DATA
+    model_args = (data["J"], torch.tensor(data["y"]), torch.tensor(data["sigma"]))
+    pyro.set_rng_seed(0)
+    init, pyro_jit, _, _ = initialize_model(
+        eight_schools_noncentered, model_args, jit_compile=True, skip_jit_warnings=True
+    )
+    flow = AffineFlow(10, sinh_arcsinh=True)
+    fit_reverse_kl(
+        flow, pyro_ebm.ModelEnergy(eight_schools_noncentered, model_args), 300, 256, lr=2e-2
+    )
+    flow.requires_grad_(False)  # frozen, as the kernels sample with it
+    energy = pyro_ebm.ModelEnergy(eight_schools_noncentered, model_args)
+    plain = LatentPotential(energy, flow)
+    z = flow.base_dist.sample()
+    with pyro.validation_enabled(False):
+        traced = torch.jit.trace(
+            ignore_jit_warnings()(plain._latent_potential), (z,), check_trace=False
+        )
+    compiled = LatentPotential(energy, flow, jit_compile=True)
+    x0 = {k: v.detach() for k, v in init.items()}
+    forms = {
+        "Pyro NUTS potential, jit_compile=True": (pyro_jit, x0),
+        "FlowNUTS latent potential, Python": (plain, {"z": z}),
+        "FlowNUTS latent potential, traced + autograd (before)": (
+            lambda p: traced(p["z"]),
+            {"z": z},
+        ),
+        "FlowNUTS latent potential, jit_compile=True (compiled gradient)": (compiled, {"z": z}),
+    }
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for _ in range(args.grad_rounds):
+        for name, (fn, params) in forms.items():
+            calls = 50 if "Python" in name else 300
+            for _ in range(10):
+                potential_grad(fn, params)
+            start = time.perf_counter()
+            for _ in range(calls):
+                potential_grad(fn, params)
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
+    base = statistics.median(times["Pyro NUTS potential, jit_compile=True"])
+    print("\n## 8. Microseconds per potential_grad call, eight schools\n")
+    print("| form | median us | min us | median / Pyro's jit |")
+    print("|---|---|---|---|")
+    for name, v in times.items():
+        med = statistics.median(v)
+        print(f"| {name} | {med:.0f} | {min(v):.0f} | {med / base:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7])
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--num-particles", type=int, default=64)
@@ -464,6 +531,7 @@ def main() -> None:
     parser.add_argument("--robust-local-steps", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--robust-defensive", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grad-rounds", type=int, default=15)
     parser.add_argument("--unseen-seed", type=int, default=0)
     parser.add_argument("--logistic-draws", type=int, default=4000)
     parser.add_argument("--logistic-nuts-seeds", type=int, nargs="*", default=[1, 2])
@@ -484,6 +552,8 @@ def main() -> None:
         bench_logistic_sds(args)
     if 7 in args.only:
         bench_neutra_negbin(args)
+    if 8 in args.only:
+        bench_gradient_cost(args)
 
 
 if __name__ == "__main__":

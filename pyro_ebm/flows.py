@@ -400,10 +400,9 @@ def _cached_while_frozen(method: Callable[[nn.Module], tuple]) -> Callable[[nn.M
     r"""Cache what a layer derives from its parameters (scales, triangular factors) while none
     of them requires gradients, as in the frozen copy of a flow that FlowHMC/FlowNUTS/FlowIMH
     sample with: one less chain of small operations in every call, and constants rather than
-    operations in a :func:`torch.jit.trace` of a latent potential (~6% of a FlowNUTS gradient
-    on eight schools). The cache is keyed on each parameter's storage and version counter, so
-    in-place updates (``load_state_dict``, an optimizer step) and moves to another device
-    invalidate it."""
+    operations in a compiled latent potential. The cache is keyed on each parameter's storage
+    and version counter, so in-place updates (``load_state_dict``, an optimizer step) and moves
+    to another device invalidate it."""
 
     def wrapper(self: nn.Module) -> tuple:
         params = tuple(self.parameters())

@@ -81,7 +81,8 @@ class LatentPotential:
                 self._latent_potential, z.detach(), self.jit_options
             )
         grad, value = self._compiled(z.detach())
-        # the value itself (z - z.detach() is exactly 0), with gradient `grad` with respect to z
+        # the value itself (z - z.detach() is exactly 0), with gradient `grad` with respect to z;
+        # a non-finite gradient makes the value NaN, so Pyro rejects the point as divergent
         return value + (grad * (z - z.detach())).sum()
 
     def __getstate__(self) -> dict:
@@ -99,10 +100,10 @@ def compile_value_and_grad(
     :func:`torch.func.grad_and_value` of ``fn`` at ``z`` (the backward pass written out as
     ordinary operations), and :func:`torch.jit.trace` turns that graph into one TorchScript
     call. On small models each call then costs about what the forward and backward operations
-    themselves cost: on eight schools, a FlowNUTS gradient (model and sinh-arcsinh affine flow)
-    took about 0.45-0.55 ms against 0.95-1.15 ms for a traced potential differentiated by
-    autograd, and 0.6-0.8 ms for Pyro's own ``jit_compile`` of the model alone (one-off
-    micro-benchmark, medians over rounds; ``benchmarks/RESULTS.md`` has the whole-run figures).
+    themselves cost, without autograd's bookkeeping: on eight schools a FlowNUTS gradient
+    (model and sinh-arcsinh affine flow) costs about half as much as the traced potential
+    differentiated by autograd, and less than Pyro's own ``jit_compile`` of the model alone
+    (``python benchmarks/kernels.py --only 8``; figures in ``benchmarks/RESULTS.md``).
     Like any trace, the graph is only valid when ``fn`` has no data-dependent control flow.
     Falls back to a :func:`torch.jit.trace` of ``fn`` alone, differentiated by autograd, when
     ``fn`` cannot be recorded this way.
