@@ -101,9 +101,9 @@ def compile_value_and_grad(
     ordinary operations), and :func:`torch.jit.trace` turns that graph into one TorchScript
     call. On small models each call then costs about what the forward and backward operations
     themselves cost, without autograd's bookkeeping: on eight schools a FlowNUTS gradient
-    (model and sinh-arcsinh affine flow) costs about half as much as the traced potential
-    differentiated by autograd, and less than Pyro's own ``jit_compile`` of the model alone
-    (``python benchmarks/kernels.py --only 8``; figures in ``benchmarks/RESULTS.md``).
+    (model and sinh-arcsinh affine flow) costs about 60% of the traced potential
+    differentiated by autograd, and about what Pyro's own ``jit_compile`` of the model alone
+    costs (``python benchmarks/kernels.py --only 8``; figures in ``benchmarks/RESULTS.md``).
     Like any trace, the graph is only valid when ``fn`` has no data-dependent control flow.
     Falls back to a :func:`torch.jit.trace` of ``fn`` alone, differentiated by autograd, when
     ``fn`` cannot be recorded this way.
@@ -263,11 +263,11 @@ class FlowHMC(_NeuTraKernel):
         :func:`compile_value_and_grad`); Pyro's own option would be ignored, since the inner
         kernel gets a ``potential_fn``. On small models the Python of Pyro's model trace and
         autograd's bookkeeping dominate each gradient, so this is the main speed option: on
-        eight schools a compiled FlowNUTS gradient costs less than one of Pyro's NUTS with
-        ``jit_compile=True``. With it, a cheap flow beats an expressive one: on eight schools
-        ``AffineFlow(dim, sinh_arcsinh=True)`` fitted by 300 steps of
-        :func:`~pyro_ebm.flows.fit_reverse_kl` gave the most effective draws per second
-        (``benchmarks/RESULTS.md``).
+        eight schools a compiled FlowNUTS gradient, model and flow, costs about as much as one
+        of Pyro's NUTS with ``jit_compile=True``, model alone. With it, a cheap flow beats an
+        expressive one: on eight schools ``AffineFlow(dim, sinh_arcsinh=True)`` fitted by 300
+        steps of :func:`~pyro_ebm.flows.fit_reverse_kl` gave the most effective draws per
+        second (``benchmarks/RESULTS.md``).
 
     Example::
 
