@@ -99,6 +99,34 @@ def test_compiled_gradient_of_an_energy_still_being_trained():
         g, u = compiled(z.detach())
         assert torch.allclose(u, fn(z).detach(), atol=1e-12)
         assert torch.allclose(g, grad, atol=1e-12)
+        # the parameters are constants of the graph: no autograd bookkeeping in a call
+        assert not (g.requires_grad or u.requires_grad)
+
+
+def test_compiled_gradient_of_a_model_with_a_pyro_param():
+    """A model reading a ``pyro.param`` (a tensor that requires grad, not an ``nn.Parameter``):
+    compiled, not the fallback, and equal to the Python latent potential; the param keeps
+    requiring grad."""
+    pyro.clear_param_store()
+
+    def model(y):
+        s = pyro.param("s", torch.tensor(1.5), constraint=pyro.distributions.constraints.positive)
+        m = pyro.sample("m", pyro.distributions.Normal(0.0, s))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", pyro.distributions.Normal(m, 1.0), obs=y)
+
+    energy = pyro_ebm.ModelEnergy(model, (torch.randn(20),))
+    flow = perturb(AffineFlow(1, sinh_arcsinh=True), 0.3).requires_grad_(False)
+    plain, compiled = LatentPotential(energy, flow), LatentPotential(energy, flow, jit_compile=True)
+    for _ in range(3):
+        z = torch.randn(1)
+        g0, u0 = potential_grad(plain, {"z": z})
+        g1, u1 = potential_grad(compiled, {"z": z})
+        assert torch.allclose(u0, u1, atol=1e-10) and torch.allclose(g0["z"], g1["z"], atol=1e-10)
+    assert not isinstance(compiled._compiled, _AutogradValueAndGrad)
+    g, u = compiled._compiled(torch.randn(1))  # the param is a constant of the graph
+    assert not (g.requires_grad or u.requires_grad)
+    assert pyro.param("s").unconstrained().requires_grad
 
 
 def test_compiled_gradient_falls_back_to_autograd_with_a_warning(caplog):

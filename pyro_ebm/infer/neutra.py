@@ -129,13 +129,17 @@ def compile_value_and_grad(
     try:
         with pyro.validation_enabled(False), torch.no_grad():
             graph = make_fx(torch.func.grad_and_value(scalar_fn))(z)
-        # parameters of an energy still being trained are recorded as parameters of the graph:
-        # held as constants (buffers) instead, the user's own tensors left as they are
-        for name, param in list(graph.named_parameters()):
-            prefix, _, leaf = name.rpartition(".")
-            owner = graph.get_submodule(prefix)
-            del owner._parameters[leaf]
-            owner.register_buffer(leaf, param.detach())
+        # tensors that require grad (an energy still being trained, a model's pyro.param) are
+        # recorded as attributes of the graph: held as detached buffers, the user's own tensors
+        # left as they are
+        for node in graph.graph.nodes:
+            if node.op == "get_attr":
+                prefix, _, leaf = node.target.rpartition(".")
+                owner = graph.get_submodule(prefix)
+                value = getattr(owner, leaf)
+                if isinstance(value, Tensor) and value.requires_grad:
+                    delattr(owner, leaf)
+                    owner.register_buffer(leaf, value.detach())
         return torch.jit.trace(graph, (z,), **options)
     except Exception as error:  # not recordable (e.g. .item() or numpy inside fn)
         logger.warning("compiling the gradient failed (%s); tracing the value only", error)
