@@ -406,7 +406,11 @@ def _cached_while_frozen(method: Callable[[nn.Module], tuple]) -> Callable[[nn.M
 
     def wrapper(self: nn.Module) -> tuple:
         params = tuple(self.parameters())
-        if any(p.requires_grad for p in params):
+        # no cache for trainable parameters, nor inside inference mode or for inference
+        # tensors (no version counter; results unusable by autograd outside that mode)
+        if torch.is_inference_mode_enabled() or any(
+            p.requires_grad or p.is_inference() for p in params
+        ):
             return method(self)
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
         cache = self.__dict__.get("_frozen_cache")

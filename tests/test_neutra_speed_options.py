@@ -161,6 +161,16 @@ def test_frozen_affine_flow_caches_its_constants_and_notices_updates(sas):
     x, _ = other.forward(z)
     x.sum().backward()  # gradients still reach every parameter of a trainable flow
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in other.parameters())
+    # inference mode neither fills the cache nor breaks a flow made inside it
+    fresh = perturb(AffineFlow(3, sinh_arcsinh=sas), 0.3).requires_grad_(False)
+    with torch.inference_mode():
+        fresh.forward(z)
+        made_inside = AffineFlow(3, sinh_arcsinh=sas).requires_grad_(False)
+        made_inside.forward(z)
+    assert "_frozen_cache" not in fresh.layers[-1].__dict__
+    zg = z.clone().requires_grad_()
+    fresh.forward(zg)[0].sum().backward()  # the cache, filled now, works with autograd
+    assert zg.grad is not None
 
 
 def _rough_affine():
