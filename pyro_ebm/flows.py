@@ -17,6 +17,7 @@ identity (Pyro's spline pads its boundary slopes with ``1 - 1e-3``, so it never 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -404,6 +405,7 @@ def _cached_while_frozen(method: Callable[[nn.Module], tuple]) -> Callable[[nn.M
     and version counter, so in-place updates (``load_state_dict``, an optimizer step) and moves
     to another device invalidate it."""
 
+    @functools.wraps(method)
     def wrapper(self: nn.Module) -> tuple:
         params = tuple(self.parameters())
         # no cache for trainable parameters, nor inside inference mode or for inference
@@ -420,7 +422,6 @@ def _cached_while_frozen(method: Callable[[nn.Module], tuple]) -> Callable[[nn.M
             self.__dict__["_frozen_cache"] = cache
         return cache[1]
 
-    wrapper.__doc__ = method.__doc__
     return wrapper
 
 
