@@ -34,6 +34,7 @@ __all__ = [
     "Flow",
     "RealNVP",
     "SplineFlow",
+    "Standardized",
     "ZukoFlow",
     "fit_forward_kl",
     "fit_reverse_kl",
@@ -685,6 +686,88 @@ class ZukoFlow(Flow):
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.flow().transform.call_and_ladj(x)
+
+
+class Standardized(Flow):
+    r"""A flow in standardized coordinates: :math:`x = m + s \odot T(z)`, with :math:`T` the
+    wrapped flow and the location :math:`m` and scale :math:`s` fixed buffers (not trained),
+    set from data by :meth:`standardize_`.
+
+    A flow started at the identity learns a target a hundred times narrower (or wider, or far
+    off) than its base only slowly, by the gradient steps that move its scale; in standardized
+    coordinates its layers only ever see data of unit scale near the origin. flowMC fits its
+    flows this way, on the chains' mean and standard deviation;
+    :class:`~pyro_ebm.samplers.AdaptiveFlowSampler` re-standardizes on its history before each
+    fit. ``loc`` and ``scale`` are in the ``state_dict``, so a saved or restored flow keeps them.
+
+    :param flow: the flow :math:`T` (a :class:`Flow`; any object with ``dim``,
+        ``sample_and_log_prob`` and ``log_prob`` serves for sampling and densities).
+
+    Example:
+
+    >>> flow = Standardized(RealNVP(2, num_layers=2)).standardize_(
+    ...     5.0 + 0.01 * torch.randn(1000, 2, dtype=torch.get_default_dtype()))
+    >>> x = flow.sample(2000)
+    >>> bool((x.mean(0) - 5.0).abs().max() < 0.01), bool((x.std(0) - 0.01).abs().max() < 0.002)
+    (True, True)
+    """
+
+    def __init__(self, flow: nn.Module) -> None:
+        dim = getattr(flow, "dim", None)
+        if not isinstance(dim, int):
+            raise TypeError(f"flow must have an integer `dim`, got {type(flow).__name__}")
+        nn.Module.__init__(self)  # no base of its own: the wrapped flow's is used
+        self.dim = dim
+        self.flow = flow
+        ref = next(iter([*flow.parameters(), *flow.buffers()]), torch.zeros(()))
+        self.register_buffer("loc", torch.zeros(dim, dtype=ref.dtype, device=ref.device))
+        self.register_buffer("scale", torch.ones(dim, dtype=ref.dtype, device=ref.device))
+
+    @torch.no_grad()
+    def standardize_(self, x: Tensor) -> Standardized:
+        """Set ``loc`` and ``scale`` to the mean and standard deviation of ``x`` ``(n, dim)``
+        (a scale is floored at ``sqrt(eps) * (1 + |loc|)``); returns ``self``."""
+        _check_samples(self, x, "x")
+        loc = x.mean(0)
+        sd = x.std(0) if x.shape[0] > 1 else torch.ones_like(loc)
+        floor = torch.finfo(x.dtype).eps ** 0.5 * (1 + loc.abs())
+        self.loc.copy_(loc)
+        self.scale.copy_(torch.maximum(sd, floor))
+        return self
+
+    def _log_scale(self) -> Tensor:
+        return self.scale.log().sum()
+
+    @property
+    def base_dist(self) -> torch.distributions.Distribution:
+        return self.flow.base_dist
+
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        return self.flow.base_log_prob(z)
+
+    def base_rsample(self, n: int) -> Tensor:
+        return self.flow.base_rsample(n)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        u, ladj = self.flow.forward(z)
+        return self.loc + self.scale * u, ladj + self._log_scale()
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z, ladj = self.flow.inverse((x - self.loc) / self.scale)
+        return z, ladj - self._log_scale()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        self._check_x(x)
+        return self.flow.log_prob((x - self.loc) / self.scale) - self._log_scale()
+
+    def rsample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        u, log_q = self.flow.rsample_and_log_prob(n)
+        return self.loc + self.scale * u, log_q - self._log_scale()
+
+    @torch.no_grad()
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        u, log_q = self.flow.sample_and_log_prob(n)
+        return self.loc + self.scale * u, log_q - self._log_scale()
 
 
 # -------------------------------------------------------------------- fitting

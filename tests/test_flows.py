@@ -12,6 +12,7 @@ from pyro_ebm.flows import (
     Flow,
     RealNVP,
     SplineFlow,
+    Standardized,
     ZukoFlow,
     fit_forward_kl,
     fit_reverse_kl,
@@ -24,8 +25,16 @@ def _zuko_flow(dim):
     return ZukoFlow(zuko.flows.NSF(dim, passes=2, transforms=3, hidden_features=(16, 16)))
 
 
+def _standardized_flow(dim):
+    """A RealNVP standardized on data centred at 1.5 with sds 0.3-3 (a non-trivial loc/scale)."""
+    gen = torch.Generator().manual_seed(2)
+    data = 1.5 + torch.randn(500, dim, generator=gen) * torch.linspace(0.3, 3.0, dim)
+    return Standardized(RealNVP(dim, num_layers=4, hidden=(16, 16))).standardize_(data)
+
+
 FACTORIES = {
     "realnvp": lambda dim: RealNVP(dim, num_layers=4, hidden=(16, 16)),
+    "standardized": _standardized_flow,
     "spline": lambda dim: SplineFlow(dim, num_layers=3, hidden=(16, 16), count_bins=6, bound=4.0),
     "zuko": _zuko_flow,
 }
@@ -153,6 +162,37 @@ def test_base_scale(kind):
     assert torch.allclose(flow.log_prob(x), expected, atol=1e-12)
     s = flow.sample(20000)
     assert abs(s.std().item() - 2.5) < 0.05
+
+
+def test_standardized_moments_and_density():
+    inner = perturb(RealNVP(3, num_layers=2, hidden=(8,)))
+    flow = Standardized(inner)
+    x = torch.randn(20, 3)
+    assert torch.allclose(flow.log_prob(x), inner.log_prob(x), atol=1e-12)  # identity at first
+    data = torch.tensor([-2.0, 4.0, 1.0]) + torch.randn(4000, 3) * torch.tensor([0.01, 1.0, 50.0])
+    assert flow.standardize_(data) is flow
+    assert torch.allclose(flow.loc, data.mean(0)) and torch.allclose(flow.scale, data.std(0))
+    u = (x - flow.loc) / flow.scale
+    expected = inner.log_prob(u) - flow.scale.log().sum()
+    assert torch.allclose(flow.log_prob(x), expected, atol=1e-12)
+    # draws are the inner flow's draws, moved and scaled
+    torch.manual_seed(5)
+    xs, log_q = flow.sample_and_log_prob(6)
+    torch.manual_seed(5)
+    us, log_q_inner = inner.sample_and_log_prob(6)
+    assert torch.allclose(xs, flow.loc + flow.scale * us, atol=1e-12)
+    assert torch.allclose(log_q, log_q_inner - flow.scale.log().sum(), atol=1e-12)
+    # a constant coordinate gets a floored, positive scale rather than 0
+    data[:, 1] = 4.0
+    flow.standardize_(data)
+    assert 0 < flow.scale[1] < 1e-6 and torch.isfinite(flow.log_prob(data)).all()
+    # buffers follow the inner flow's dtype, and travel in the state_dict
+    assert Standardized(RealNVP(2).float()).loc.dtype == torch.float32
+    assert {"loc", "scale"} <= set(flow.state_dict())
+    with pytest.raises(ValueError, match="x must have shape"):
+        flow.standardize_(torch.randn(10, 2))
+    with pytest.raises(TypeError, match="dim"):
+        Standardized(torch.nn.Linear(2, 2))
 
 
 def test_plain_flow_is_its_base():
