@@ -36,7 +36,12 @@ class AdaptiveFlowMCMC(WalkerKernel):
 
     No flow is needed: by default a RealNVP sized for the dimension is built for each chain
     (a given ``flow`` is deep-copied per chain, so chains stay independent and the argument is
-    not modified; the last chain's trained flow is :attr:`flow_`). Warmup must be long enough for
+    not modified; the last chain's trained flow is :attr:`flow_`, ready for
+    :class:`~pyro_ebm.infer.FlowISIR` or :class:`~pyro_ebm.infer.FlowNUTS`). The flow is fitted
+    in coordinates standardized by the walkers' mean and standard deviation (it is wrapped in
+    :class:`~pyro_ebm.flows.Standardized`; ``standardize=False`` keeps a flow already fitted to
+    the target in its own coordinates), so a posterior far narrower than the start is learned
+    as fast as a wide one. Warmup must be long enough for
     the flow to learn the target: about 100 global-local cycles, i.e. ``warmup_steps`` of
     ``100 * (num_local_steps + 1)``, is a good start in up to ~16 dimensions. Above that, give the
     flow more to learn from and the chain a way off flow-density holes: in 64 dimensions
@@ -70,7 +75,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
         did not remove the occasional sticky stretches and cut the median ESS threefold.
     :param sampler_kwargs: further options of :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`
         (``flow_lr``, ``flow_steps``, ``flow_batch_size``, ``history``, ``block_size``,
-        ``target_accept``, ``num_leapfrog``, ``defensive_scale``).
+        ``target_accept``, ``num_leapfrog``, ``defensive_scale``, ``standardize``).
 
     Example::
 
