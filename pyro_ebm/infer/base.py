@@ -34,8 +34,16 @@ class TargetKernel(MCMCKernel):
     :param potential_fn: a Pyro ``potential_fn`` (``dict -> scalar``), e.g.
         :func:`pyro_ebm.potential_fn`, or ``None``. Exactly one of ``model`` and
         ``potential_fn`` must be given.
-    :param init_strategy: Pyro init strategy for models (default ``init_to_uniform``).
+    :param init_strategy: Pyro init strategy for models (default ``init_to_uniform``; kernels
+        with a user-given flow start from a draw of the flow instead, see
+        :attr:`_starts_from_flow`).
     """
+
+    #: without ``initial_params`` or ``init_strategy``, start a model's chain from a draw of the
+    #: kernel's flow rather than from Pyro's ``init_to_uniform``: a uniform start in ``[-2, 2]``
+    #: of the unconstrained space is far out in the flow's tails, where the importance weight of
+    #: an independent proposal's current point can be so large that the chain never leaves it
+    _starts_from_flow = False
 
     def __init__(
         self,
@@ -76,6 +84,7 @@ class TargetKernel(MCMCKernel):
             kwargs,
             self.init_strategy,
             dim=getattr(getattr(self, "flow", None), "dim", None),
+            model_init=not self._starts_from_flow,
         )
         if self.model is not None:
             self.transforms = self.target.transforms

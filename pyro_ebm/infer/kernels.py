@@ -53,7 +53,10 @@ class FlowIMH(WalkerKernel):
     flow's base scale), which bounds the weights from above: a floor on the proposal density.
 
     :param flow: proposal with ``sample_and_log_prob`` and ``log_prob`` over the flat
-        unconstrained space (``dim`` = total size of the latent sites).
+        unconstrained space (``dim`` = total size of the latent sites). Without
+        ``initial_params`` (or, for a model, an ``init_strategy``) each chain starts from a draw
+        of the flow, not from Pyro's ``init_to_uniform``, whose points lie far out in a trained
+        flow's tails.
     :param block_size: steps of proposals drawn at once.
     :param defensive: weight of the defensive Gaussian component (0 disables it).
     :param defensive_scale: its scale relative to the flow's base scale.
@@ -72,6 +75,7 @@ class FlowIMH(WalkerKernel):
     """
 
     _num_proposals = 1
+    _starts_from_flow = True
 
     def __init__(
         self,

@@ -164,6 +164,7 @@ class _AutogradValueAndGrad:
 
 class _NeuTraKernel(TargetKernel):
     _inner_cls: type = HMC
+    _starts_from_flow = True
 
     def __init__(
         self,
@@ -256,7 +257,9 @@ class FlowHMC(_NeuTraKernel):
 
     :param model: a Pyro model, or ``None``.
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
-    :param flow: a :class:`pyro_ebm.flows.Flow` over the flat unconstrained space.
+    :param flow: a :class:`pyro_ebm.flows.Flow` over the flat unconstrained space. Without
+        ``initial_params`` (or, for a model, an ``init_strategy``) each chain starts from a draw
+        of the flow.
     :param kwargs: options of :class:`~pyro.infer.mcmc.HMC` (``step_size``, ``num_steps``,
         ``trajectory_length``, ``adapt_step_size``, ``adapt_mass_matrix``, ...). When neither
         ``num_steps`` nor ``trajectory_length`` is given, ``trajectory_length=2`` replaces Pyro's

@@ -92,6 +92,7 @@ def make_target(
     model_kwargs: dict | None = None,
     init_strategy: Callable | None = None,
     dim: int | None = None,
+    model_init: bool = True,
 ) -> FlatTarget:
     r"""Build the :class:`FlatTarget` of a Pyro model or of a ``potential_fn``.
 
@@ -104,13 +105,16 @@ def make_target(
 
     :param dim: the flat dimension when the caller knows it (e.g. from a flow), used for an
         :class:`EnergyPotential` whose energy has no ``dim`` attribute and no ``initial_params``.
+    :param model_init: with a model and neither ``initial_params`` nor ``init_strategy``, start
+        from Pyro's default init strategy (``True``) or leave ``initial`` ``None`` (``False``),
+        for kernels that start from a draw of their flow.
     """
     if (model is None) == (potential_fn is None):
         raise ValueError("exactly one of `model` and `potential_fn` must be given")
     if model is not None:
         kwargs = {} if init_strategy is None else {"init_strategy": init_strategy}
         energy = ModelEnergy(model, model_args, model_kwargs, **kwargs)
-        initial = energy.initial_params
+        initial = energy.initial_params if model_init or init_strategy is not None else None
         if initial_params is not None:
             initial = energy.flatten(initial_params).detach()
         return FlatTarget(energy, energy.layout, energy.transforms, initial)
