@@ -22,6 +22,9 @@
 8. The cost of one gradient of the potential on eight schools (each leapfrog step pays it):
    Pyro's own jit-compiled potential against FlowNUTS's latent potential in Python, traced and
    differentiated by autograd, and compiled with its gradient (``jit_compile=True``).
+9. A Pyro model with a label-switching posterior (``pyro_ebm.models.label_switching_mixture``,
+   two symmetric modes of mass 1/2 each): the weight of each mode with its MCSE and the wall time
+   for AdaptiveFlowMCMC (one chain) and Pyro's NUTS (one chain, and 4 chains), over seeds.
 
 Run from the repository root (``torch.set_num_threads(1)``; medians over seeds/repeats)::
 
@@ -505,9 +508,46 @@ def bench_gradient_cost(args) -> None:
         print(f"| {name} | {med:.0f} | {min(v):.0f} | {med / base:.2f} |")
 
 
+# -- 9. label switching --------------------------------------------------------------------------
+def bench_label_switching(seeds, args) -> None:
+    from pyro_ebm.models import label_switching_data, label_switching_mixture
+
+    y = label_switching_data(100, seed=0)
+    a, b = float(y[:50].mean()), float(y[50:].mean())
+    modes = torch.tensor([[a, b], [b, a]])
+    print("\n## 9. Label switching: weight of the mode mu[0] < mu[1] (truth 0.5), one model\n")
+    print("| method | weight per seed | max abs err | median mcse | median s |")
+    print("|---|---|---|---|---|")
+    methods = {
+        "AdaptiveFlowMCMC (1 chain)": lambda: (
+            AdaptiveFlowMCMC(label_switching_mixture, num_walkers=32, production_local_steps=0),
+            1,
+        ),
+        "Pyro NUTS (1 chain)": lambda: (NUTS(label_switching_mixture), 1),
+        "Pyro NUTS (4 chains)": lambda: (NUTS(label_switching_mixture), 4),
+    }
+    for name, build in methods.items():
+        rows = []
+        for seed in range(seeds):
+            pyro.set_rng_seed(seed)
+            kernel, chains = build()
+            mcmc, secs = _timed_run(
+                kernel, args.ls_samples, args.ls_warmup, num_chains=chains, args=(y,)
+            )
+            mu = mcmc.get_samples(group_by_chain=True)["mu"]
+            # the nearest of the two modes: (a, b) has mu[0] < mu[1]
+            w, se = mode_weights_mcse(mu, modes)
+            rows.append((float(w[0]), float(se[0]), secs))
+        weights = " ".join(f"{w:.3f}" for w, _, _ in rows)
+        err = max(abs(w - 0.5) for w, _, _ in rows)
+        mcse = statistics.median(s for _, s, _ in rows)
+        secs = statistics.median(t for _, _, t in rows)
+        print(f"| {name} | {weights} | {err:.3f} | {mcse:.4f} | {secs:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8, 9])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--num-particles", type=int, default=64)
@@ -536,6 +576,9 @@ def main() -> None:
     parser.add_argument("--logistic-draws", type=int, default=4000)
     parser.add_argument("--logistic-nuts-seeds", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--logistic-adaptive-seeds", type=int, nargs="*", default=[1, 2, 3])
+    parser.add_argument("--ls-seeds", type=int, default=5)
+    parser.add_argument("--ls-samples", type=int, default=1000)
+    parser.add_argument("--ls-warmup", type=int, default=240)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if 1 in args.only:
@@ -554,6 +597,8 @@ def main() -> None:
         bench_neutra_negbin(args)
     if 8 in args.only:
         bench_gradient_cost(args)
+    if 9 in args.only:
+        bench_label_switching(args.ls_seeds, args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ __all__ = [
     "fit_forward_kl",
     "fit_reverse_kl",
     "forward_kl_step",
+    "reverse_kl_step",
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -949,12 +950,36 @@ def fit_reverse_kl(
     optimizer = torch.optim.Adam(flow.parameters(), lr=_check_positive("lr", lr))
     if max_grad_norm is not None:
         _check_positive("max_grad_norm", max_grad_norm)
-    losses: list[float] = []
-    for _ in _range(num_steps, progress, "fit_reverse_kl"):
-        x, log_q = flow.rsample_and_log_prob(num_samples)
-        u = potential_fn(x)
-        if not isinstance(u, Tensor) or u.shape != (num_samples,):
-            shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
-            raise ValueError(f"potential_fn must return shape ({num_samples},), got {shape}")
-        losses.append(_step(flow, optimizer, log_q + u, None, max_grad_norm))
-    return losses
+    return [
+        reverse_kl_step(flow, optimizer, potential_fn, num_samples, max_grad_norm)
+        for _ in _range(num_steps, progress, "fit_reverse_kl")
+    ]
+
+
+def reverse_kl_step(
+    flow: Flow,
+    optimizer: torch.optim.Optimizer,
+    potential_fn: Callable[[Tensor], Tensor],
+    num_samples: int = 256,
+    max_grad_norm: float | None = 10.0,
+) -> float:
+    r"""One optimizer step of :math:`E_q[\log q(x) + U(x)]` (reverse KL up to
+    :math:`\log Z`) on ``num_samples`` reparameterised draws; draws with a non-finite value are
+    left out (see :func:`fit_reverse_kl`).
+
+    :return: the loss estimate before the step (NaN if no draw was finite).
+
+    Example:
+
+    >>> flow = RealNVP(2, num_layers=2, hidden=(8,))
+    >>> opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    >>> loss = reverse_kl_step(flow, opt, lambda x: 0.5 * (x**2).sum(-1), num_samples=64)
+    >>> isinstance(loss, float)
+    True
+    """
+    x, log_q = flow.rsample_and_log_prob(num_samples)
+    u = potential_fn(x)
+    if not isinstance(u, Tensor) or u.shape != (num_samples,):
+        shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"potential_fn must return shape ({num_samples},), got {shape}")
+    return _step(flow, optimizer, log_q + u, None, max_grad_norm)

@@ -67,6 +67,22 @@ def narrow_zscores(run, loc, scale):
     return (x.mean((0, 1)) - loc).abs() / (scale / ess.sqrt())
 
 
+def run_correlated_reverse_kl(seed: int, reverse_kl_steps: int = 3):
+    """A 2-D Gaussian with correlation 0.995, 8 walkers, the flow fitted by reverse KL only."""
+    torch.manual_seed(seed)
+    prec = torch.linalg.inv(torch.tensor([[1.0, 0.995], [0.995, 1.0]]))
+    potential = lambda x: 0.5 * ((x @ prec) * x).sum(-1)  # noqa: E731
+    sampler = AdaptiveFlowSampler(
+        potential,
+        num_particles=8,
+        num_local_steps=1,
+        flow_steps=0,
+        reverse_kl_steps=reverse_kl_steps,
+        reverse_kl_samples=128,
+    )
+    return sampler.run(2.0 * torch.randn(8, 2), num_adapt_steps=60, num_samples=40)
+
+
 def _check(w, se, truth):
     assert torch.isfinite(se).all(), f"a mode was never entered or never left: w={w}"
     z = ((w - truth).abs() / se).max()
@@ -112,6 +128,19 @@ def test_adaptive_standardized_flow_learns_a_narrow_offset_target():
     assert z.max() < Z, f"|z| of the means: {z}"
 
 
+def test_adaptive_reverse_kl_steps_train_the_flow():
+    """With no forward-KL steps (``flow_steps=0``), the reverse-KL steps alone teach the flow a
+    correlation of 0.995 that the standardized base does not have: production global
+    acceptance 0.83-0.87 on seeds 0-19, against 0.16-0.37 when they are not taken
+    (``reverse_kl_steps=0``, the bug this guards against)."""
+    run = run_correlated_reverse_kl(0)
+    assert float(run.global_accept[60:].mean()) > 0.6
+    with pytest.raises(ValueError, match="reverse_kl_steps"):
+        AdaptiveFlowSampler(two_to_one().potential, reverse_kl_steps=-1)
+    with pytest.raises(ValueError, match="flow_steps"):
+        AdaptiveFlowSampler(two_to_one().potential, flow_steps=1.5)
+
+
 def test_adaptive_driver_survives_nonfinite_potential():
     """Potential is nan on a slab between the modes: no walker ever sits there, weights stay
     right, and the flow (trained on the history) never sees a nan."""
@@ -145,6 +174,11 @@ if __name__ == "__main__":  # seed validation: python tests/test_adaptive.py 30
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+    for steps in (3, 0):
+        acc = [
+            float(run_correlated_reverse_kl(s, steps).global_accept[60:].mean()) for s in range(n)
+        ]
+        print(f"reverse_kl_steps={steps}: acceptance {min(acc):.3f}-{max(acc):.3f}")
     for standardize in (True, False):
         acc, zs = [], []
         for seed in range(n):

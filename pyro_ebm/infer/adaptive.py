@@ -75,7 +75,9 @@ class AdaptiveFlowMCMC(WalkerKernel):
         did not remove the occasional sticky stretches and cut the median ESS threefold.
     :param sampler_kwargs: further options of :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`
         (``flow_lr``, ``flow_steps``, ``flow_batch_size``, ``history``, ``block_size``,
-        ``target_accept``, ``num_leapfrog``, ``defensive_scale``, ``standardize``).
+        ``target_accept``, ``num_leapfrog``, ``defensive_scale``, ``standardize``, and
+        ``reverse_kl_steps``/``reverse_kl_samples`` to add reverse-KL steps to the forward-KL
+        fit of each cycle).
 
     Example::
 

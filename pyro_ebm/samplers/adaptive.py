@@ -5,7 +5,8 @@ during a *training phase* every iteration makes one global flow move (i-SIR or I
 ``num_local_steps`` local moves (MALA or HMC) for all walkers, adapts the local step size, stores
 the walkers in a history buffer and takes a few maximum-likelihood (forward KL) gradient steps of
 the flow on that history (in coordinates standardized by the history's mean and standard deviation,
-as flowMC does). The walkers start spread out, so between them they find modes that no
+as flowMC does), optionally followed by reverse-KL steps on the flow's own draws, which need no
+walkers. The walkers start spread out, so between them they find modes that no
 single local chain would visit; the global moves then move mass between modes so that the
 history, and so the flow, come to carry the right relative weights. In the *production phase*
 the flow and the step size are frozen and the same moves form a valid (time-homogeneous) MCMC
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..flows import RealNVP, Standardized, forward_kl_step
+from ..flows import RealNVP, Standardized, forward_kl_step, reverse_kl_step
 from .adaptation import StepSizeAdapter
 from .composite import GlobalLocalInfo, stack_infos
 from .flow_moves import DefensiveProposal, FlowProposals, imh_step, isir_step
@@ -78,6 +79,13 @@ class AdaptiveFlowSampler:
     :param flow_lr: Adam learning rate of the flow.
     :param flow_steps: flow gradient steps per training iteration.
     :param flow_batch_size: minibatch size of each flow step, drawn from the history.
+    :param reverse_kl_steps: reverse-KL gradient steps (:func:`~pyro_ebm.flows.reverse_kl_step`,
+        :math:`E_q[\log q + U]` on ``reverse_kl_samples`` reparameterised flow draws) after the
+        forward-KL steps of each training cycle; 0 (default) fits by forward KL only. Reverse KL
+        needs a differentiable potential; it teaches the flow the target's shape where the
+        walkers are too few to show it (a strong correlation, say), but is mode-seeking, so
+        forward KL stays the part that weighs the modes.
+    :param reverse_kl_samples: flow draws per reverse-KL step.
     :param history: number of past iterations of walker positions the flow is fitted on.
     :param block_size: global-move proposals are drawn and scored this many steps at a time.
     :param defensive: after :meth:`freeze`, propose from the flow mixed with a broad Gaussian of
@@ -112,6 +120,8 @@ class AdaptiveFlowSampler:
         flow_lr: float = 5e-3,
         flow_steps: int = 5,
         flow_batch_size: int = 1024,
+        reverse_kl_steps: int = 0,
+        reverse_kl_samples: int = 256,
         history: int = 50,
         block_size: int = 16,
         defensive: float = 0.0,
@@ -128,6 +138,13 @@ class AdaptiveFlowSampler:
             raise ValueError(f"defensive must lie in [0, 1), got {defensive!r}")
         if not defensive_scale > 0:
             raise ValueError(f"defensive_scale must be positive, got {defensive_scale!r}")
+        for name, value, low in [
+            ("flow_steps", flow_steps, 0),
+            ("reverse_kl_steps", reverse_kl_steps, 0),
+            ("reverse_kl_samples", reverse_kl_samples, 1),
+        ]:
+            if int(value) != value or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.potential_fn = potential_fn
         self.standardize = bool(standardize)
         if flow is not None and self.standardize and not isinstance(flow, Standardized):
@@ -147,6 +164,8 @@ class AdaptiveFlowSampler:
         self.step_size = step_size
         self.flow_steps = flow_steps
         self.flow_batch_size = flow_batch_size
+        self.reverse_kl_steps = reverse_kl_steps
+        self.reverse_kl_samples = reverse_kl_samples
         self.history = history
         self.block_size = block_size
         self.flow_lr = flow_lr
@@ -237,6 +256,8 @@ class AdaptiveFlowSampler:
         for _ in range(self.flow_steps):
             idx = torch.randint(0, data.shape[0], (min(self.flow_batch_size, data.shape[0]),))
             forward_kl_step(self.flow, self.optimizer, data[idx])
+        for _ in range(self.reverse_kl_steps):
+            reverse_kl_step(self.flow, self.optimizer, self.potential_fn, self.reverse_kl_samples)
         self._proposals.reset()
         self._candidate = copy.deepcopy(self.flow.state_dict())
 
