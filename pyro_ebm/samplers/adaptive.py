@@ -147,12 +147,10 @@ class AdaptiveFlowSampler:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.potential_fn = potential_fn
         self.standardize = bool(standardize)
-        if flow is not None and self.standardize and not isinstance(flow, Standardized):
-            flow = Standardized(flow)
-        self.flow = flow
+        self.flow = None if flow is None else self._wrap(flow)
         self.defensive = defensive
         self.defensive_scale = defensive_scale
-        self._proposal = flow  # the flow, or after freeze its defensive mixture
+        self._proposal = self.flow  # the flow, or after freeze its defensive mixture
         self.global_move = global_move
         self.num_particles = num_particles
         self.local_move = local_move
@@ -180,15 +178,18 @@ class AdaptiveFlowSampler:
         #: global acceptance (mean over :attr:`_WINDOW` cycles) of the flow kept at :meth:`freeze`
         self.final_global_accept: float | None = None
 
+    def _wrap(self, flow: nn.Module) -> nn.Module:
+        if self.standardize and not isinstance(flow, Standardized):
+            return Standardized(flow)
+        return flow
+
     # -- moves ------------------------------------------------------------------------------
     def init(self, x0: Tensor) -> WalkerState:
         """Initial state of walkers at ``x0`` ``(C, D)``; resets the history buffer (the flow and
         the step size are kept, so this also moves a trained sampler to new walkers)."""
         self._buffer = None
         if self.flow is None:
-            self.flow = default_flow(x0.shape[-1]).to(x0)
-            if self.standardize:
-                self.flow = Standardized(self.flow)
+            self.flow = self._wrap(default_flow(x0.shape[-1]).to(x0))
             self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.flow_lr)
         if not self.frozen:
             self._proposal = self.flow
