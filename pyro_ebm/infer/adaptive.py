@@ -38,10 +38,12 @@ class AdaptiveFlowMCMC(WalkerKernel):
     (a given ``flow`` is deep-copied per chain, so chains stay independent and the argument is
     not modified; the last chain's trained flow is :attr:`flow_`, ready for
     :class:`~pyro_ebm.infer.FlowISIR` or :class:`~pyro_ebm.infer.FlowNUTS`). The flow is fitted
-    in coordinates standardized by the walkers' mean and standard deviation (it is wrapped in
-    :class:`~pyro_ebm.flows.Standardized`; ``standardize=False`` keeps a flow already fitted to
-    the target in its own coordinates), so a posterior far narrower than the start is learned
-    as fast as a wide one. Warmup must be long enough for
+    in coordinates standardized by the walkers' mean and a per-coordinate scale, the width of
+    the modes that the potential's gradients measure (it is wrapped in
+    :class:`~pyro_ebm.flows.Standardized`, see
+    :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`; ``standardize=False`` keeps a flow already
+    fitted to the target in its own coordinates), so a posterior far narrower than the start is
+    learned as fast as a wide one. Warmup must be long enough for
     the flow to learn the target: about 100 global-local cycles, i.e. ``warmup_steps`` of
     ``100 * (num_local_steps + 1)``, is a good start in up to ~16 dimensions. Above that, give the
     flow more to learn from and the chain a way off flow-density holes: in 64 dimensions
