@@ -48,7 +48,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
     ``100 * (num_local_steps + 1)``, is a good start in up to ~16 dimensions. Above that, give the
     flow more to learn from and the chain a way off flow-density holes: in 64 dimensions
     ``num_walkers=128, num_local_steps=5, warmup_steps=600, production_local_steps=1`` recovered
-    the weights of ``imbalanced_pair(64)`` to 0.015, where pure i-SIR chains
+    the weights of ``imbalanced_pair(64)`` to 0.011, where pure i-SIR chains
     (``production_local_steps=0``) got stuck (``benchmarks/RESULTS.md``). Funnel-shaped
     posteriors (Neal's funnel, centred hierarchical models) are beyond it: the flow does not learn
     the funnel's neck, the chain never goes there and its ESS does not show it; non-centre such
