@@ -16,6 +16,7 @@ from .energy import (
     GaussianEnergy,
     MLPEnergy,
     ModelEnergy,
+    StandardizedEnergy,
     TiltedEnergy,
     potential_fn,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "GaussianEnergy",
     "MLPEnergy",
     "ModelEnergy",
+    "StandardizedEnergy",
     "TiltedEnergy",
     "datasets",
     "flows",

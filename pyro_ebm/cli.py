@@ -95,9 +95,9 @@ def _write_outputs(trainer, data, target, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     trainer.history.to_json(out / "history.json")
     trainer.history.to_csv(out / "history.csv")
-    atomic_save(
-        {"energy": trainer.energy.state_dict(), "flow": trainer.flow.state_dict()}, out / "model.pt"
-    )
+    model = {"energy": trainer.energy.state_dict(), "flow": trainer.flow.state_dict()}
+    model["standardization"] = trainer.standardization
+    atomic_save(model, out / "model.pt")
     if getattr(target, "weights", None) is not None:
         ax = plot_mode_weights(trainer.history, truth=target.weights)
         ax.figure.savefig(out / "mode_weights.png", dpi=120, bbox_inches="tight")

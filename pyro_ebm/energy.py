@@ -41,6 +41,7 @@ __all__ = [
     "GaussianEnergy",
     "MLPEnergy",
     "ModelEnergy",
+    "StandardizedEnergy",
     "TiltedEnergy",
     "potential_fn",
 ]
@@ -243,6 +244,48 @@ class TiltedEnergy(EnergyModel):
     def energy(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
         return self.inner.energy(x) - self.base_log_prob(x)
+
+
+class StandardizedEnergy(EnergyModel):
+    r"""An energy over standardized coordinates read as an energy over the data's:
+
+    .. math:: E_x(x) = E\big((x - m) / s\big) + \textstyle\sum_i \log s_i,
+
+    so that :math:`e^{-E_x}` is the density of :math:`x = m + s \odot z` when :math:`e^{-E}` is
+    that of :math:`z` (the constant keeps normalised quantities such as log-likelihoods right).
+    :class:`~pyro_ebm.train.EBMTrainer` trains on standardized data when the data are far from
+    centred and unit-scaled, and returns its model this way.
+
+    :param EnergyModel energy: the energy :math:`E` on standardized coordinates.
+    :param Tensor loc: :math:`m`, ``(dim,)``. :param Tensor scale: :math:`s > 0`, ``(dim,)``.
+
+    Example::
+
+        >>> E = StandardizedEnergy(GaussianEnergy(torch.zeros(1)), torch.tensor([5.0]),
+        ...                        torch.tensor([2.0]))
+        >>> x = torch.tensor([[5.0], [7.0]])
+        >>> torch.allclose(E(x), -torch.distributions.Normal(5.0, 2.0).log_prob(x)[:, 0]
+        ...                - E.inner.log_normalizer())
+        True
+    """
+
+    def __init__(self, energy: EnergyModel, loc: Tensor, scale: Tensor) -> None:
+        if not isinstance(energy, EnergyModel):
+            raise TypeError(f"energy must be an EnergyModel, got {type(energy).__name__}")
+        super().__init__(energy.dim)
+        for name, t in (("loc", loc), ("scale", scale)):
+            if not isinstance(t, Tensor) or t.shape != (energy.dim,):
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a tensor of shape ({energy.dim},), got {shape}")
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("scale must be finite and positive")
+        self.inner = energy
+        self.register_buffer("loc", loc.detach().clone())
+        self.register_buffer("scale", scale.detach().clone())
+
+    def energy(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        return self.inner.energy((x - self.loc) / self.scale) + self.scale.log().sum()
 
 
 class EnergyPotential:

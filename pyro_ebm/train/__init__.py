@@ -17,7 +17,7 @@ from .negatives import (
     ShortRunNegatives,
     ULANegatives,
 )
-from .trainer import EBMTrainer, contrastive_loss
+from .trainer import EBMTrainer, contrastive_loss, needs_standardization
 
 __all__ = [
     "SAMPLERS",
@@ -30,4 +30,5 @@ __all__ = [
     "ShortRunNegatives",
     "ULANegatives",
     "contrastive_loss",
+    "needs_standardization",
 ]
