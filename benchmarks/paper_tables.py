@@ -1,8 +1,8 @@
 """Reproduction of the tables of Grenioux, Moulines, Gabrié (2023), "Balanced Training of
 Energy-Based Models with Adaptive Flow Sampling" (arXiv 2306.00684), at CPU scale, with
 ``pyro_ebm.train.EBMTrainer``: the paper's method (``adaptive-flow``) and the baselines
-(``neutra-mala`` = NT-EBM, ``ula`` = ULA-EBM) under the same number of training steps, batch and
-walkers. Printed as markdown next to the paper's numbers.
+(``neutra-mala`` = NT-EBM, ``ula`` = ULA-EBM, ``coopflow`` = CoopFlow) under the same number of
+training steps, batch and walkers. Printed as markdown next to the paper's numbers.
 
 - ``line4`` (Table 3): mode-weight MSE of the EBM against the truth (grid quadrature) and of the
   negatives against the EBM (negatives counted over ``--chain-steps`` states of every walker,
@@ -59,6 +59,7 @@ SAMPLER_KWARGS = {
     "adaptive-flow": {"num_particles": 16, "num_mala_steps": 3},
     "neutra-mala": {"num_steps": 4},  # same number of gradient evaluations as 3 MALA + 1 i-SIR
     "ula": {"num_steps": 4},
+    "coopflow": {"num_steps": 4},  # Langevin from fresh flow draws, the flow fitted to them
 }
 
 

@@ -221,6 +221,8 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int, output: str) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-ebm`` console script."""
+    from .train.negatives import SAMPLERS
+
     parser = argparse.ArgumentParser(prog="pyro-ebm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train an EBM on line4 with adaptive flow vs ULA sampling")
@@ -230,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument(
         "--sampler",
         default="adaptive-flow",
-        choices=["adaptive-flow", "ula", "neutra-mala", "cd", "short-run"],
+        choices=sorted(SAMPLERS),
     )
     train.add_argument(
         "--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt if it exists"

@@ -478,3 +478,25 @@ def test_off_centre_data_are_learned_only_when_standardized():
 
     assert walker_error(None) < 0.5
     assert walker_error(False) > 10.0
+
+
+def test_coopflow_revises_fresh_flow_draws_and_trains_the_flow():
+    """CoopFlow's negatives are fresh draws of the flow moved by Langevin steps (with a
+    vanishing step they are the flow's draws themselves, drawn anew at every step), and the
+    trainer fits the flow to them."""
+    from pyro_ebm.train import CoopFlowNegatives
+
+    flow = RealNVP(2, num_layers=2, hidden=(8,))
+    sampler = CoopFlowNegatives(num_steps=1, step_size=1e-12)
+    assert sampler.uses_flow and not sampler.persistent
+    sampler.init(lambda x: 0.5 * (x**2).sum(-1), flow, 16)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected = flow.sample(16)
+        torch.manual_seed(seed)
+        negatives, _ = sampler.sample(lambda x: 0.5 * (x**2).sum(-1), flow, None)
+        assert torch.allclose(negatives, expected, atol=1e-5)
+    trainer = EBMTrainer(MLPEnergy(2, hidden=(8,)), flow=flow, sampler="coopflow", num_walkers=16)
+    before = [p.clone() for p in flow.parameters()]
+    trainer.fit(two_to_one().sample(100), num_steps=3, batch_size=16, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))

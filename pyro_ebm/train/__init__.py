@@ -2,7 +2,7 @@ r"""Training energy-based models by maximum likelihood with flow-assisted negati
 
 - :class:`EBMTrainer`: the trainer (Grenioux, Moulines, Gabrié 2023, Alg. 1, and baselines).
 - :mod:`~pyro_ebm.train.negatives`: the negative samplers (``"adaptive-flow"``, ``"ula"``,
-  ``"neutra-mala"``, ``"cd"``, ``"short-run"``).
+  ``"neutra-mala"``, ``"cd"``, ``"short-run"``, ``"coopflow"``).
 - :class:`History`: per-evaluation metrics, saved as JSON/CSV; checkpoints are atomic.
 - :mod:`~pyro_ebm.train.plots`: density, mode weights over training, negatives.
 """
@@ -12,6 +12,7 @@ from .negatives import (
     SAMPLERS,
     AdaptiveFlowNegatives,
     CDNegatives,
+    CoopFlowNegatives,
     NegativeSampler,
     NeutraMALANegatives,
     ShortRunNegatives,
@@ -23,6 +24,7 @@ __all__ = [
     "SAMPLERS",
     "AdaptiveFlowNegatives",
     "CDNegatives",
+    "CoopFlowNegatives",
     "EBMTrainer",
     "History",
     "NegativeSampler",

@@ -23,6 +23,8 @@ Samplers (the names accepted by :class:`pyro_ebm.train.EBMTrainer`):
                    data batch (Hinton 2002).
 ``short-run``      :class:`ShortRunNegatives`: ``K`` Langevin steps from the base density,
                    restarted every step (Nijkamp et al. 2019).
+``coopflow``       :class:`CoopFlowNegatives`: ``K`` Langevin steps from fresh flow samples,
+                   the flow trained on the revised samples (CoopFlow; Xie et al. 2022).
 =================  =====================================================================
 
 References:
@@ -33,6 +35,8 @@ References:
   energy-based model", https://arxiv.org/abs/1904.09770
 - Nijkamp, Gao, Hill, Han, Zhu, Wu (2022), "MCMC should mix: learning energy-based model with
   neural transport latent space MCMC", https://arxiv.org/abs/2006.06897
+- Xie, Zhu, Li, Nijkamp, Wu, Zhu (2022), "A Tale of Two Flows: Cooperative Learning of Langevin
+  Flow and Normalizing Flow Toward Energy-Based Model", https://arxiv.org/abs/2205.06924
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ __all__ = [
     "SAMPLERS",
     "AdaptiveFlowNegatives",
     "CDNegatives",
+    "CoopFlowNegatives",
     "NegativeSampler",
     "NeutraMALANegatives",
     "ShortRunNegatives",
@@ -212,6 +217,25 @@ class ShortRunNegatives(ULANegatives):
         return self.walkers, stats
 
 
+class CoopFlowNegatives(ULANegatives):
+    r"""CoopFlow (Xie et al. 2022): every training step draws ``num_walkers`` fresh samples from
+    the flow and revises them by ``num_steps`` Langevin steps on the model; the revised samples
+    are the negatives, and the trainer's flow step fits the flow to them (forward KL), so that
+    the flow learns to do the Langevin revision's work (not persistent). Unlike the paper's
+    untilted EBM, the Langevin steps run on the tilted model :math:`E_\theta - \log\rho` of
+    :class:`~pyro_ebm.train.EBMTrainer`; like the paper's, they are unadjusted.
+    """
+
+    uses_flow = True
+    persistent = False
+
+    def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
+        with torch.no_grad():
+            x = flow.sample(self.num_walkers)
+        self.walkers, stats = self._langevin(potential_fn, x)
+        return self.walkers, stats
+
+
 class NeutraMALANegatives(NegativeSampler):
     r"""Persistent MALA in the flow's latent space (NT-EBM): each training step maps the walkers
     to :math:`z = T^{-1}(x)` with the current flow, runs ``num_steps`` MALA steps on
@@ -257,6 +281,7 @@ SAMPLERS: dict[str, type[NegativeSampler]] = {
     "neutra-mala": NeutraMALANegatives,
     "cd": CDNegatives,
     "short-run": ShortRunNegatives,
+    "coopflow": CoopFlowNegatives,
 }
 """Registry of the negative samplers: name -> class."""
 

@@ -138,7 +138,7 @@ class EBMTrainer:
         first :meth:`fit`, with a base scale equal to the data's root-mean-square standard
         deviation, so that :math:`\rho` roughly covers the data.
     :param sampler: ``"adaptive-flow"`` (default), ``"ula"``, ``"neutra-mala"``, ``"cd"``,
-        ``"short-run"``, or a :class:`~pyro_ebm.train.negatives.NegativeSampler`.
+        ``"short-run"``, ``"coopflow"``, or a :class:`~pyro_ebm.train.negatives.NegativeSampler`.
     :param num_walkers: persistent walkers (negatives per block).
     :param lr: Adam learning rate of the energy.
     :param flow_lr: Adam learning rate of the flow (default ``lr``, as in the paper).
