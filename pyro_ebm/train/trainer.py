@@ -115,9 +115,11 @@ def needs_standardization(data: Tensor) -> bool:
     data sets of :mod:`pyro_ebm.datasets` (means within 0.7 RMS sd, RMS sds 0.7-3.4).
 
     Why: the tilt :math:`\rho` is centred at 0 with the RMS sd, and the energy's and flow's
-    networks see the raw coordinates. On two moons shifted to (50, -25) and scaled by 0.5, 600
-    steps left the walkers' mean 1.2 away (3 sds) with the flow's global acceptance at 0, and
-    centring the tilt alone did not help; standardized, they match the data.
+    networks see the raw coordinates. On ``two_to_one`` moved to (50, -25) and halved, 150
+    steps left the walkers 54-58 data sds away from the data on the raw coordinates and within
+    0.2 sd standardized (seeds 0-2, ``tests/test_train.py``); centring the tilt alone did not
+    help (a one-off run of 600 steps on two moons moved there: the flow's global acceptance
+    fell to 0 and the walkers ended 2 sds off).
     """
     sd = data.std(0)
     rms = float(sd.pow(2).mean().sqrt())
