@@ -223,7 +223,9 @@ class CoopFlowNegatives(ULANegatives):
     are the negatives, and the trainer's flow step fits the flow to them (forward KL), so that
     the flow learns to do the Langevin revision's work (not persistent). Unlike the paper's
     untilted EBM, the Langevin steps run on the tilted model :math:`E_\theta - \log\rho` of
-    :class:`~pyro_ebm.train.EBMTrainer`; like the paper's, they are unadjusted.
+    :class:`~pyro_ebm.train.EBMTrainer`; like the paper's, they are unadjusted. Non-persistent
+    chains from a flow that lags the model can diverge: on ``line4`` with 4 steps of 0.01 the
+    energy ran away and the model put its mass on one mode (``benchmarks/RESULTS.md``).
     """
 
     uses_flow = True
