@@ -727,3 +727,29 @@ def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_a
         c.fit(data, num_steps=1, progress=False, validation=val.float())
     with pytest.raises(ValueError, match="data must be a"):
         c.fit(data[:, :3], num_steps=1, progress=False)
+
+
+def test_data_errors_and_the_quantised_float_warning():
+    """Images not flattened get a hint; non-finite floats are refused; floats that look like
+    images scaled to [0, 1] get a warning (only uint8 images are dequantised), continuous floats
+    and uint8 images do not."""
+    import warnings
+
+    from pyro_ebm.ebflow import EBFlowTrainer
+
+    trainer = EBFlowTrainer(fc_ebflow((4,)), objective="ml", seed=0)
+    with pytest.raises(ValueError, match=r"flatten the examples: data.reshape\(len\(data\), -1\)"):
+        trainer.fit(torch.zeros(10, 2, 2), num_steps=1, progress=False)
+    bad = torch.randn(10, 4)
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="data must be finite"):
+        trainer.fit(bad, num_steps=1, progress=False)
+    images = torch.randint(0, 256, (400, 4), dtype=torch.uint8)
+    with pytest.warns(UserWarning, match=r"Pass \(data \* 255\).round\(\).to\(torch.uint8\)"):
+        EBFlowTrainer(fc_ebflow((4,)), objective="ml").fit(
+            images.float() / 255, num_steps=1, progress=False
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for data in (torch.rand(400, 4), images, torch.rand(20, 4).round()):
+            EBFlowTrainer(fc_ebflow((4,)), objective="ml").fit(data, num_steps=1, progress=False)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from functools import partial
 
 import torch
@@ -54,6 +55,15 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr)
+
+
+def _looks_quantised(data: Tensor, n: int = 10_000) -> bool:
+    """Floats in [0, 1] taking at most 256 distinct values among at least 1024 (in up to ``n``
+    examples)."""
+    sample = data[:n]
+    if sample.numel() < 1024 or float(sample.min()) < 0.0 or float(sample.max()) > 1.0:
+        return False
+    return torch.unique(sample).numel() <= 256
 
 
 class EBFlowTrainer:
@@ -259,9 +269,9 @@ class EBFlowTrainer:
         check_int("batch_size", batch_size, 1)
         check_int("checkpoint_every", checkpoint_every, 1)
         check_int("eval_every", eval_every, 1)
-        self._check_data("data", data)
+        data = self._check_data("data", data, warn_quantised=True)
         if validation is not None:
-            self._check_data("validation", validation)
+            validation = self._check_data("validation", validation)
             if (validation.dtype == torch.uint8) != (data.dtype == torch.uint8):
                 raise ValueError(
                     "validation must be of the same kind as data (uint8 images or floats)"
@@ -306,10 +316,27 @@ class EBFlowTrainer:
         if self.ema_model is not self.model:
             self.ema_model.load_state_dict(self.model.state_dict())
 
-    def _check_data(self, name: str, data: Tensor) -> None:
+    def _check_data(self, name: str, data: Tensor, warn_quantised: bool = False) -> Tensor:
+        """``data`` checked; floats are returned in the model's dtype."""
         if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[1] != self.model.dim:
             shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-            raise ValueError(f"{name} must be a (n, {self.model.dim}) tensor, got {shape}")
+            hint = ""
+            if isinstance(data, Tensor) and data.dim() > 2 and data[0].numel() == self.model.dim:
+                hint = f" (flatten the examples: {name}.reshape(len({name}), -1))"
+            raise ValueError(f"{name} must be a (n, {self.model.dim}) tensor, got {shape}{hint}")
+        if data.dtype == torch.uint8:
+            return data
+        if not torch.isfinite(data).all():
+            raise ValueError(f"{name} must be finite (found nan or inf)")
+        if warn_quantised and _looks_quantised(data):
+            warnings.warn(
+                "data are floats in [0, 1] with at most 256 distinct values, like images "
+                "scaled from [0, 255]: only uint8 images are dequantised (and logit-transformed "
+                "under MaP); as floats, their NLL is not per image on [0, 256) and score "
+                "matching sees point masses. Pass (data * 255).round().to(torch.uint8).",
+                stacklevel=3,  # the user's fit() call
+            )
+        return data.to(next(self.model.parameters()).dtype)
 
     def _validate(self, data: Tensor) -> float:
         """:meth:`nll` on ``data`` with a fixed dequantisation draw, recorded in
@@ -391,6 +418,7 @@ class EBFlowTrainer:
     def nll(self, data: Tensor, batch_size: int = 1000) -> float:
         """Mean negative log-likelihood in nats per example on the original scale (EMA
         weights); for images on ``[0, 256)``, with one dequantisation draw."""
+        data = self._check_data("data", data)
         model = self.ema_model.eval()
         images = data.dtype == torch.uint8
         total = 0.0
@@ -439,6 +467,7 @@ class EBFlowTrainer:
         """
         from pyro_ebm.samplers import StepSizeAdapter, init_state, mala_step
 
+        data = self._check_data("data", data)
         missing = torch.as_tensor(missing, dtype=torch.bool)
         if missing.shape != (self.model.dim,):
             raise ValueError(f"missing must be a ({self.model.dim},) boolean mask")
