@@ -6,7 +6,10 @@ with persistent unadjusted Langevin (ULA-EBM), prints the learnt mode weights of
 truth, and writes the histories and plots to an output folder.
 
 ``pyro-ebm train`` exposes the trainer's settings (data set, sampler, steps, device, output,
-resume).
+resume); ``--data FILE`` trains on the user's own points instead of a built-in data set (a
+``(n, d)`` array in ``.npy``, ``.pt``, ``.csv`` or whitespace-separated ``.txt``; data far from
+centred and unit-scaled are standardized by the trainer, see
+:func:`pyro_ebm.train.needs_standardization`).
 
 ``pyro-ebm sample`` samples the imbalanced two-mode mixture of
 :func:`pyro_ebm.datasets.imbalanced_pair` (weights 0.2 / 0.8, modes at -4 and +4 times the
@@ -111,7 +114,7 @@ def _write_outputs(trainer, data, target, out: Path) -> None:
         plt.close(ax.figure)
 
 
-def _make_trainer(args: argparse.Namespace, sampler: str, target):
+def _make_trainer(args: argparse.Namespace, sampler: str, target, dim: int):
     from .energy import MLPEnergy
     from .train import EBMTrainer
 
@@ -121,7 +124,7 @@ def _make_trainer(args: argparse.Namespace, sampler: str, target):
         kwargs = {"num_particles": args.num_particles, "num_mala_steps": args.num_mala_steps}
     torch.manual_seed(args.seed)
     return EBMTrainer(
-        MLPEnergy(target.dim, hidden=hidden),
+        MLPEnergy(dim, hidden=hidden),
         sampler=sampler,
         num_walkers=args.num_walkers,
         lr=args.lr,
@@ -132,9 +135,33 @@ def _make_trainer(args: argparse.Namespace, sampler: str, target):
     )
 
 
+def read_points(path: str | Path) -> torch.Tensor:
+    """A ``(n, d)`` float tensor from a ``.npy``, ``.pt``, ``.csv`` or ``.txt`` file."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--data: no such file {str(path)!r}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        x = torch.as_tensor(np.load(path))
+    elif suffix == ".pt":
+        x = torch.as_tensor(torch.load(path, map_location="cpu", weights_only=True))
+    elif suffix in (".csv", ".txt"):
+        x = torch.as_tensor(np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2))
+    else:
+        raise ValueError(f"--data must be a .npy, .pt, .csv or .txt file, got {str(path)!r}")
+    if x.dim() != 2 or len(x) < 2 or x.is_complex():
+        shape = f"{tuple(x.shape)} {x.dtype}"
+        raise ValueError(f"--data must hold a real (n, d) array of n >= 2 points, got {shape}")
+    return x.to(torch.get_default_dtype())
+
+
 def _load_data(args: argparse.Namespace):
     from .datasets import load
 
+    if getattr(args, "data", None):
+        return None, read_points(args.data)
     kwargs = {"dim": args.dim} if args.dim is not None else {}
     target = load(args.dataset, **kwargs)
     data = target.sample(args.num_data, torch.Generator().manual_seed(10_000 + args.seed))
@@ -149,7 +176,7 @@ def _weights_row(name: str, w, truth, seconds: float | None = None) -> str:
 
 
 def _fit(args, sampler: str, target, data, out: Path):
-    trainer = _make_trainer(args, sampler, target)
+    trainer = _make_trainer(args, sampler, target, data.shape[1])
     trainer.fit(
         data,
         num_steps=args.steps,
@@ -167,7 +194,11 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.output)
     trainer = _fit(args, args.sampler, target, data, out)
     rec = trainer.history.last
-    if "model_weights" in rec:
+    if target is None:
+        print(f"{args.data}: {len(data)} points in {data.shape[1]} dimensions")
+        if trainer.standardization is not None:
+            print("trained on the data standardized coordinate-wise (mean and sd saved with it)")
+    elif "model_weights" in rec:
         truth = target.weights.double()
         print(f"{args.dataset}: mode weights of the trained model ({args.sampler})")
         print(_weights_row("truth", truth.tolist(), truth))
@@ -227,8 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train an EBM on line4 with adaptive flow vs ULA sampling")
     _add_training_args(demo, steps=2500, output="pyro-ebm-demo")
-    train = sub.add_parser("train", help="train an EBM on a built-in data set")
+    train = sub.add_parser("train", help="train an EBM on a built-in data set or your points")
     _add_training_args(train, steps=4000, output="pyro-ebm-run")
+    train.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="train on the points of FILE, an (n, d) array (.npy, .pt, .csv, .txt), instead "
+        "of --dataset",
+    )
     train.add_argument(
         "--sampler",
         default="adaptive-flow",

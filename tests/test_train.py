@@ -500,3 +500,18 @@ def test_coopflow_revises_fresh_flow_draws_and_trains_the_flow():
     before = [p.clone() for p in flow.parameters()]
     trainer.fit(two_to_one().sample(100), num_steps=3, batch_size=16, progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
+
+
+def test_density_plot_is_drawn_around_data_outside_the_default_square():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pyro_ebm.train.plots import plot_density_2d
+
+    data = torch.tensor([50.0, -25.0]) + torch.randn(100, 2)
+    ax = plot_density_2d(lambda x: 0.5 * ((x - data.mean(0)) ** 2).sum(-1), data, resolution=20)
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    assert x0 < float(data[:, 0].min()) and float(data[:, 0].max()) < x1 < 60
+    assert y0 < float(data[:, 1].min()) and float(data[:, 1].max()) < y1 < -15
+    ax = plot_density_2d(lambda x: 0.5 * (x**2).sum(-1), torch.randn(100, 2), resolution=20)
+    assert ax.get_xlim() == (-5.0, 5.0)

@@ -33,15 +33,28 @@ def _scatter(ax, x: Tensor, max_points: int, **kwargs) -> None:
     ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, **kwargs)
 
 
+def _box_around(x: Tensor, margin: float = 0.1) -> tuple[tuple[float, float], ...]:
+    """Per-axis ``(low, high)`` of the first two coordinates of ``x``, padded by ``margin``."""
+    box = []
+    for lo, hi in zip(x[:, :2].min(0).values.tolist(), x[:, :2].max(0).values.tolist()):
+        pad = margin * (hi - lo) or 1.0
+        box.append((lo - pad, hi + pad))
+    return tuple(box)
+
+
 def plot_density_2d(
     potential_fn: Callable[[Tensor], Tensor],
     data: Tensor | None = None,
-    bounds: tuple[float, float] = (-5.0, 5.0),
+    bounds: tuple | None = None,
     resolution: int = 200,
     max_points: int = 2000,
     ax=None,
 ):
     """The model density :math:`e^{-U}/Z` on a grid, with data points on top.
+
+    :param bounds: ``(low, high)`` for both axes or ``((xlow, xhigh), (ylow, yhigh))``; by
+        default ``(-5, 5)``, or, for data outside that square, the data's range on each axis
+        with a 10% margin.
 
     Example::
 
@@ -51,13 +64,17 @@ def plot_density_2d(
         'model density'
     """
     ax = _axes(ax)
+    if bounds is None:
+        inside = data is None or float(data[:, :2].abs().max()) <= 5.0
+        bounds = (-5.0, 5.0) if inside else _box_around(data)
     pts, logp, _ = grid_log_density(potential_fn, bounds, resolution)
     img = logp.exp().reshape(resolution, resolution).T.cpu().numpy()
-    ax.imshow(img, origin="lower", extent=(*bounds, *bounds), cmap="viridis", aspect="equal")
+    xb, yb = (bounds, bounds) if isinstance(bounds[0], (int, float)) else bounds
+    ax.imshow(img, origin="lower", extent=(*xb, *yb), cmap="viridis", aspect="equal")
     if data is not None:
         _scatter(ax, data, max_points, c="white", alpha=0.3)
-    ax.set_xlim(*bounds)
-    ax.set_ylim(*bounds)
+    ax.set_xlim(*xb)
+    ax.set_ylim(*yb)
     ax.set_title("model density")
     return ax
 
