@@ -36,7 +36,8 @@ def _scatter(ax, x: Tensor, max_points: int, **kwargs) -> None:
 def _box_around(x: Tensor, margin: float = 0.1) -> tuple[tuple[float, float], ...]:
     """Per-axis ``(low, high)`` of the first two coordinates of ``x``, padded by ``margin``."""
     box = []
-    for lo, hi in zip(x[:, :2].min(0).values.tolist(), x[:, :2].max(0).values.tolist()):
+    lows, highs = x[:, :2].min(0).values.tolist(), x[:, :2].max(0).values.tolist()
+    for lo, hi in zip(lows, highs, strict=True):
         pad = margin * (hi - lo) or 1.0
         box.append((lo - pad, hi + pad))
     return tuple(box)
