@@ -210,14 +210,18 @@ class ShortRunNegatives(ULANegatives):
 
     persistent = False
 
+    def _start(self, flow) -> Tensor:
+        """Where this step's chains start."""
+        return flow.base_rsample(self.num_walkers)
+
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
         with torch.no_grad():
-            z = flow.base_rsample(self.num_walkers)
-        self.walkers, stats = self._langevin(potential_fn, z)
+            x = self._start(flow)
+        self.walkers, stats = self._langevin(potential_fn, x)
         return self.walkers, stats
 
 
-class CoopFlowNegatives(ULANegatives):
+class CoopFlowNegatives(ShortRunNegatives):
     r"""CoopFlow (Xie et al. 2022): every training step draws ``num_walkers`` fresh samples from
     the flow and revises them by ``num_steps`` Langevin steps on the model; the revised samples
     are the negatives, and the trainer's flow step fits the flow to them (forward KL), so that
@@ -229,13 +233,9 @@ class CoopFlowNegatives(ULANegatives):
     """
 
     uses_flow = True
-    persistent = False
 
-    def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
-        with torch.no_grad():
-            x = flow.sample(self.num_walkers)
-        self.walkers, stats = self._langevin(potential_fn, x)
-        return self.walkers, stats
+    def _start(self, flow) -> Tensor:
+        return flow.sample(self.num_walkers)
 
 
 class NeutraMALANegatives(NegativeSampler):
