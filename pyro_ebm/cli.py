@@ -135,7 +135,7 @@ def _make_trainer(args: argparse.Namespace, sampler: str, target, dim: int):
     )
 
 
-def read_points(path: str | Path) -> torch.Tensor:
+def _read_points(path: str | Path) -> torch.Tensor:
     """A ``(n, d)`` float tensor from a ``.npy``, ``.pt``, ``.csv`` or ``.txt`` file."""
     import numpy as np
 
@@ -161,7 +161,7 @@ def _load_data(args: argparse.Namespace):
     from .datasets import load
 
     if getattr(args, "data", None):
-        return None, read_points(args.data)
+        return None, _read_points(args.data)
     kwargs = {"dim": args.dim} if args.dim is not None else {}
     target = load(args.dataset, **kwargs)
     data = target.sample(args.num_data, torch.Generator().manual_seed(10_000 + args.seed))
