@@ -515,3 +515,17 @@ def test_density_plot_is_drawn_around_data_outside_the_default_square():
     assert y0 < float(data[:, 1].min()) and float(data[:, 1].max()) < y1 < -15
     ax = plot_density_2d(lambda x: 0.5 * (x**2).sum(-1), torch.randn(100, 2), resolution=20)
     assert ax.get_xlim() == (-5.0, 5.0)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_runs_on_standardized_data(name):
+    """Off-centre data are standardized for every sampler: the walkers and the chains of
+    ``run_sampler`` come back in the data's coordinates."""
+    x = torch.tensor([50.0, -25.0]) + 0.5 * _standard_rows(300, 2)
+    trainer = EBMTrainer(MLPEnergy(2, hidden=(8,)), sampler=name, num_walkers=32, seed=0)
+    trainer.fit(x, num_steps=3, batch_size=32, progress=False)
+    assert trainer.standardization is not None
+    chain = trainer.run_sampler(2, data=x[:32] if name == "cd" else None)
+    for w in (trainer.walkers, chain[-1]):
+        assert torch.isfinite(w).all() and ((w - x.mean(0)).abs() < 5.0).all()
+    assert torch.isfinite(trainer.model(x[:5])).all()
