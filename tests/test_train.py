@@ -529,3 +529,11 @@ def test_every_sampler_runs_on_standardized_data(name):
     for w in (trainer.walkers, chain[-1]):
         assert torch.isfinite(w).all() and ((w - x.mean(0)).abs() < 5.0).all()
     assert torch.isfinite(trainer.model(x[:5])).all()
+
+
+def test_constant_coordinates_get_a_warning():
+    x = torch.randn(200, 3)
+    x[:, 1] = 4.0
+    trainer = EBMTrainer(MLPEnergy(3, hidden=(8,)), num_walkers=8, seed=0)
+    with pytest.warns(UserWarning, match=r"data are constant in coordinates \[1\]"):
+        trainer.fit(x, num_steps=1, batch_size=8, progress=False)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +330,14 @@ class EBMTrainer:
 
     def _setup(self, data: Tensor) -> None:
         """Build what the first fit needs, from the data (in the data's coordinates)."""
+        constant = (data.std(0) == 0).nonzero().flatten().tolist()
+        if constant:
+            warnings.warn(
+                f"data are constant in coordinates {constant[:10]}"
+                f"{' ...' if len(constant) > 10 else ''}: maximum likelihood then drives the "
+                "model toward a point mass there; drop those coordinates or add a little noise",
+                stacklevel=3,  # the user's fit() call
+            )
         use = self.standardize
         if use is None:
             use = self.flow is None and needs_standardization(data)
