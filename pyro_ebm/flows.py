@@ -44,6 +44,8 @@ __all__ = [
 
 _LOG_2PI = math.log(2 * math.pi)
 _CHI2_1_MEDIAN = 0.4549364231195724  # median of a chi-square with one degree of freedom
+#: the score-based scale of :meth:`Standardized.standardize_` shrinks the sd by at most this
+_MAX_SCORE_SHRINK = 3.0
 
 
 def _mlp(
@@ -731,13 +733,17 @@ class Standardized(Flow):
         deviation, or, given the gradients ``grad`` ``(n, dim)`` of the potential at ``x``, to
         the smaller of that and the score-based scale :math:`\sqrt{m_1 /
         \mathrm{median}(\partial_i U^2)}`, :math:`m_1 \approx 0.455` the median of
-        :math:`\chi^2_1`. At stationarity :math:`E[\partial_i U^2] = E[\partial_i^2 U]`, so for a
-        Gaussian this is the conditional sd :math:`(\Sigma^{-1})_{ii}^{-1/2}`; for a mixture of
-        separated modes it is the modes' width, where the sd is their distance, which a flow
-        then has to shrink by as much in every dimension (at d = 64 it did not within a
-        warmup). The median ignores walkers still far out, whose gradients are huge; rows whose
-        gradient is not finite (a walker started where the potential is not) are left out.
-        A scale is floored at ``sqrt(eps) * (1 + |loc|)``. Returns ``self``."""
+        :math:`\chi^2_1`, but not below a third of the sd. At stationarity
+        :math:`E[\partial_i U^2] = E[\partial_i^2 U]`, so for a Gaussian the score-based scale
+        is the conditional sd :math:`(\Sigma^{-1})_{ii}^{-1/2}`; for a mixture of separated
+        modes it is the modes' width, where the sd is their distance, which a flow then has to
+        shrink by as much in every dimension (on ``imbalanced_pair(64)``, sd / width = 3.4, it
+        did not within a warmup). The floor at a third of the sd keeps the modes near the
+        flow's base: on a three-mode mixture with sd / width = 5 the unfloored scale left the
+        flow with global acceptance 0 (``tests/test_adaptive.py``). The median ignores walkers
+        still far out, whose gradients are huge; rows whose gradient is not finite (a walker
+        started where the potential is not) are left out. A scale is floored at
+        ``sqrt(eps) * (1 + |loc|)``. Returns ``self``."""
         _check_samples(self, x, "x")
         loc = x.mean(0)
         sd = x.std(0) if x.shape[0] > 1 else torch.ones_like(loc)
@@ -748,6 +754,7 @@ class Standardized(Flow):
             g2 = grad.pow(2)
             g2 = torch.where(torch.isfinite(grad).all(-1, keepdim=True), g2, torch.nan)
             score_scale = (_CHI2_1_MEDIAN / g2.nanmedian(0).values).sqrt()
+            score_scale = torch.maximum(score_scale, sd / _MAX_SCORE_SHRINK)
             sd = torch.where(torch.isfinite(score_scale), torch.minimum(sd, score_scale), sd)
         floor = torch.finfo(x.dtype).eps ** 0.5 * (1 + loc.abs())
         self.loc.copy_(loc)

@@ -77,9 +77,11 @@ class AdaptiveFlowMCMC(WalkerKernel):
         did not remove the occasional sticky stretches and cut the median ESS threefold.
     :param sampler_kwargs: further options of :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`
         (``flow_lr``, ``flow_steps``, ``flow_batch_size``, ``history``, ``block_size``,
-        ``target_accept``, ``num_leapfrog``, ``defensive_scale``, ``standardize``, and
-        ``reverse_kl_steps``/``reverse_kl_samples`` to add reverse-KL steps to the forward-KL
-        fit of each cycle).
+        ``target_accept``, ``num_leapfrog``, ``defensive_scale``, ``standardize``,
+        ``precondition``, ``local_only_cycles``, and ``reverse_kl_steps``/``reverse_kl_samples``
+        to add reverse-KL steps to the forward-KL fit of each cycle). The first two cycles of
+        warmup make local moves only (``local_only_cycles``), so that the first global move is
+        proposed by a flow fitted on the walkers.
 
     Example::
 
