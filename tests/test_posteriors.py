@@ -352,10 +352,10 @@ def test_eight_schools_check_catches_dropped_log_q(eight_schools_flow, monkeypat
 def test_eight_schools_adaptive_flow_mcmc():
     """AdaptiveFlowMCMC (32 warmup walkers, 60 training cycles, then pure i-SIR): ~5-7 s.
     Seeds 0-19: 20/20 pass (max |z| 3.61; min ESS 33-665 of 1000) with the local moves
-    preconditioned and the first two training cycles local only; 20/20 before that (max |z|
-    3.51; min ESS 12-603) with the score-based standardization; 20/20 before it (max |z| 3.73, min ESS 14-602), with the
-    flow fitted on the standardized history (before that, 19/20: seed 6 had |z| 4.03;
-    before freeze() learned to restore a collapsed flow, seed 14 failed)."""
+    preconditioned and the first two training cycles local only; 20/20 before that (max |z| 3.51;
+    min ESS 12-603) with the score-based standardization; 20/20 before it (max |z| 3.73, min ESS
+    14-602), with the flow fitted on the standardized history (before that, 19/20: seed 6 had |z|
+    4.03; before freeze() learned to restore a collapsed flow, seed 14 failed)."""
     mcmc, _ = eight_schools_adaptive(0)
     check_moments(eight_schools_draws(mcmc), EIGHT_SCHOOLS_REF)
 
@@ -422,17 +422,16 @@ def test_gauss_mix_adaptive_then_flow_isir(shared_dir):
     """AdaptiveFlowMCMC (100 training cycles, local MALA moves kept in production; ~25 s),
     then FlowISIR with the flow it trained (``kernel.flow_``, ~5 s).
 
-    The posterior is 15-70x narrower than the walkers' start in the unconstrained space. Seeds
-    0-9 pass (max |z| 3.24 for AdaptiveFlowMCMC, min ESS 133-317 of 1000; 2.91 for FlowISIR,
-    min ESS 512-849; global acceptance at freeze 0.79-0.93, with the local moves
-    preconditioned and two local-only training cycles; before that 2.94, 166-215, 2.90,
-    492-814, 0.85-0.93 with the score-based standardization; before it 2.96, 164-240, 2.88, 601-807 and 0.93 on every seed; with
+    The posterior is 15-70x narrower than the walkers' start in the unconstrained space. Seeds 0-9
+    pass (max |z| 3.24 for AdaptiveFlowMCMC, min ESS 133-317 of 1000; 2.91 for FlowISIR, min ESS
+    512-849; global acceptance at freeze 0.79-0.93, with the local moves preconditioned and two
+    local-only training cycles; before that 2.94, 166-215, 2.90, 492-814, 0.85-0.93 with the
+    score-based standardization; before it 2.96, 164-240, 2.88, 601-807 and 0.93 on every seed; with
     ``production_local_steps=0`` too, max |z| 2.73, min ESS 591-840). Two bugs this caught, each
-    failing when put back: (1) the flow fitted in its own unit-scale coordinates rather than on
-    the standardized history (``AdaptiveFlowSampler(standardize=False)``): seed 0 fails (|z|
-    4.11, ESS 16) and seeds 4 and 6 reach ESS 14-15; (2) FlowISIR started from Pyro's
-    ``init_to_uniform`` instead of a flow draw: on seeds 0 and 3-6 the chain hardly moved (ESS
-    1-5, |z| 11-3790)."""
+    failing when put back: (1) the flow fitted in its own unit-scale coordinates rather than on the
+    standardized history (``AdaptiveFlowSampler(standardize=False)``): seed 0 fails (|z| 4.11, ESS
+    16) and seeds 4 and 6 reach ESS 14-15; (2) FlowISIR started from Pyro's ``init_to_uniform``
+    instead of a flow draw: on seeds 0 and 3-6 the chain hardly moved (ESS 1-5, |z| 11-3790)."""
     y = load_gauss_mix_data(shared_dir)
     mcmc, _, kernel = gauss_mix_adaptive(0, y)
     check_moments(gauss_mix_draws(mcmc), GAUSS_MIX_REF)
