@@ -184,6 +184,34 @@ def test_adaptive_local_only_cycles_keep_every_mode_s_walkers():
     _check(*run_anisotropic_modes(0))
 
 
+def test_local_only_cycles_make_no_global_move_and_report_none():
+    """In the first ``local_only_cycles`` training cycles no global move is made and
+    :meth:`step` reports the global move's acceptance as nan and nothing accepted; from the
+    next cycle on, and outside training, each cycle starts with a global move. The count is
+    checked like the other integer options, and the local moves use the standardization's
+    squared scales as their preconditioner (none with ``precondition=False``)."""
+    torch.manual_seed(0)
+    target = two_to_one()
+    sampler = AdaptiveFlowSampler(target.potential, num_particles=4, local_only_cycles=2)
+    state = sampler.init(torch.randn(16, 2))
+    calls = []
+    original = sampler._global
+    sampler._global = lambda st: calls.append(1) or original(st)
+    for cycle in range(4):
+        state, info = sampler.step(state, adapt=cycle < 3)
+        g = info.global_info
+        if cycle < 2:
+            assert torch.isnan(g.accept_prob).all() and not g.accepted.any() and not calls
+        else:
+            assert torch.isfinite(g.accept_prob).all() and len(calls) == cycle - 1
+    assert torch.equal(sampler._inverse_mass(), sampler.flow.scale.pow(2))
+    unconditioned = AdaptiveFlowSampler(target.potential, precondition=False)
+    unconditioned.init(torch.randn(16, 2))
+    assert unconditioned._inverse_mass() is None
+    with pytest.raises(ValueError, match="local_only_cycles"):
+        AdaptiveFlowSampler(target.potential, local_only_cycles=-1)
+
+
 def test_adaptive_reverse_kl_steps_train_the_flow():
     """With no forward-KL steps (``flow_steps=0``), the reverse-KL steps alone teach the flow a
     correlation of 0.995 that the standardized base does not have: production global

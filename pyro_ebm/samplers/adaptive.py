@@ -293,8 +293,9 @@ class AdaptiveFlowSampler:
             kinds.append(is_global)
         first = infos[0]
         if not kinds[0]:
-            no = torch.zeros_like(first.accepted)
-            first = MoveInfo(torch.full_like(first.accept_prob, math.nan), no, first[2], no)
+            no = torch.zeros_like(first.accepted)  # no global move was made
+            nan = torch.full_like(first.accept_prob, math.nan)
+            first = first._replace(accept_prob=nan, accepted=no, nonfinite=no)
         return state, GlobalLocalInfo(first, stack_infos(infos[1:], like=infos[0]))
 
     def _push(self, state: WalkerState) -> None:
