@@ -108,3 +108,35 @@ def test_grid_bounds_are_checked():
         grid_log_density(lambda x: x.sum(-1), bounds=(1.0, -1.0))
     with pytest.raises(ValueError, match="resolution"):
         grid_log_density(lambda x: x.sum(-1), resolution=1)
+
+
+def test_grid_metrics_take_the_dtype_and_device_of_a_bound_method_s_owner():
+    """``trainer.potential`` is a bound method with no parameters of its own: the grid takes the
+    dtype and device of the trainer it belongs to. Before, it took the default dtype on the
+    CPU, so a float64 model under a float32 default failed in its first ``Linear`` during the
+    trainer's evaluation, and ``pyro-ebm train --device cuda`` failed the same way on a GPU
+    (mat1 on the CPU). An explicit ``device`` wins."""
+    from pyro_ebm import MLPEnergy
+    from pyro_ebm.datasets import two_to_one
+    from pyro_ebm.metrics.density import _dtype_device
+    from pyro_ebm.train import EBMTrainer
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(0)
+        ds = two_to_one()
+        trainer = EBMTrainer(
+            MLPEnergy(2, hidden=(8,)).double(),
+            num_walkers=16,
+            target=ds,
+            sampler_kwargs={"num_particles": 4, "num_mala_steps": 1},
+        )
+        trainer.fit(ds.sample(256).double(), num_steps=2, batch_size=32, progress=False)
+        assert len(trainer.history.last["model_weights"]) == 2
+        pts, _, _ = grid_log_density(trainer.potential, resolution=20)
+        assert pts.dtype == torch.float64 and pts.device == trainer.device
+        assert _dtype_device(trainer.potential, "meta") == (torch.float64, torch.device("meta"))
+        assert _dtype_device(lambda x: x) == (torch.float32, torch.device("cpu"))
+    finally:
+        torch.set_default_dtype(old)

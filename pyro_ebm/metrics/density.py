@@ -10,7 +10,10 @@ Two ways to integrate :math:`e^{-U}`:
 - in any dimension, self-normalised importance sampling with a flow ``q`` close to the model:
   :math:`w_i = e^{-U(x_i)} / q(x_i)`, :math:`x_i \sim q`.
 
-``potential_fn`` is a batched potential ``(n, D) -> (n,)``, e.g. ``trainer.model``.
+``potential_fn`` is a batched potential ``(n, D) -> (n,)``, e.g. ``trainer.model``. The grid is
+built with the dtype and on the device of its parameters (a module's, or those of the object a
+bound method belongs to, e.g. ``trainer.potential``); for a plain function of a model on a GPU,
+pass ``device``.
 
 Reference: Grenioux, Moulines, Gabrié (2023), "Balanced Training of Energy-Based Models with
 Adaptive Flow Sampling", https://arxiv.org/abs/2306.00684 (Tables 1 and 3).
@@ -39,11 +42,23 @@ PotentialFn = Callable[[Tensor], Tensor]
 Bounds = tuple[float, float] | tuple[tuple[float, float], tuple[float, float]]
 
 
-def _dtype_device(potential_fn: Any) -> tuple[torch.dtype, torch.device]:
-    params = list(potential_fn.parameters()) if hasattr(potential_fn, "parameters") else []
-    if params:
-        return params[0].dtype, params[0].device
-    return torch.get_default_dtype(), torch.device("cpu")
+def _dtype_device(potential_fn: Any, device: Any = None) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device to evaluate ``potential_fn`` at: those of its parameters, or of the
+    object a bound method belongs to (its parameters, or its ``dtype``/``device`` attributes,
+    as :class:`~pyro_ebm.train.EBMTrainer` has), else the default dtype on the CPU; an explicit
+    ``device`` wins."""
+    dtype, found = torch.get_default_dtype(), torch.device("cpu")
+    for obj in (potential_fn, getattr(potential_fn, "__self__", None)):
+        params = list(obj.parameters()) if hasattr(obj, "parameters") else []
+        if params:
+            dtype, found = params[0].dtype, params[0].device
+            break
+        if isinstance(getattr(obj, "device", None), torch.device):
+            found = obj.device
+            if isinstance(getattr(obj, "dtype", None), torch.dtype):
+                dtype = obj.dtype
+            break
+    return dtype, found if device is None else torch.device(device)
 
 
 @torch.no_grad()
@@ -73,12 +88,14 @@ def grid_log_density(
     bounds: Bounds = (-5.0, 5.0),
     resolution: int = 400,
     chunk_size: int = 65536,
+    device: str | torch.device | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     r"""Normalised log-density of a 2-D model on a grid (midpoint quadrature).
 
     :param potential_fn: batched 2-D potential :math:`U`.
     :param bounds: ``(lo, hi)`` for both axes, or ``((xlo, xhi), (ylo, yhi))``.
     :param resolution: cells per axis.
+    :param device: where to build the grid (default: the potential's parameters' device).
     :returns: ``(points, log_density, cell_area)``: the ``(resolution**2, 2)`` cell centres,
         :math:`\log p = -U - \log \sum_j e^{-U_j} \Delta`, and :math:`\Delta`.
 
@@ -91,13 +108,15 @@ def grid_log_density(
         >>> round(float(logp.max()), 2)  # -log(2 pi) near the origin
         -1.84
     """
-    pts, lw, cell = _grid_log_weights(potential_fn, bounds, resolution, chunk_size)
+    pts, lw, cell = _grid_log_weights(potential_fn, bounds, resolution, chunk_size, device)
     return pts, lw - torch.logsumexp(lw, 0) - math.log(cell), cell
 
 
-def _grid_log_weights(potential_fn, bounds, resolution, chunk_size) -> tuple[Tensor, Tensor, float]:
+def _grid_log_weights(
+    potential_fn, bounds, resolution, chunk_size, device=None
+) -> tuple[Tensor, Tensor, float]:
     """Grid points, ``-U`` on them (``-inf`` where not finite) and the cell area."""
-    dtype, device = _dtype_device(potential_fn)
+    dtype, device = _dtype_device(potential_fn, device)
     pts, cell = _grid(bounds, resolution, dtype, device)
     u = _evaluate(potential_fn, pts, chunk_size)
     return pts, torch.where(torch.isfinite(u), -u, torch.full_like(u, -torch.inf)), cell
@@ -130,6 +149,7 @@ def model_mode_weights(
     bounds: Bounds = (-5.0, 5.0),
     resolution: int = 400,
     chunk_size: int = 65536,
+    device: str | torch.device | None = None,
 ) -> Tensor:
     r"""The weight of each mode under the model, :math:`\int_{A_k} p(x)\,dx` over the
     nearest-mode cells :math:`A_k` (or the data set's own partition).
@@ -142,7 +162,8 @@ def model_mode_weights(
         with ``flow``) or ``"auto"`` (grid in 2-D, else SNIS).
     :param num_samples: flow draws for SNIS.
     :param bounds, resolution: the grid for quadrature.
-    :returns: ``(K,)`` weights summing to one.
+    :param device: where to build the grid (default: the potential's parameters' device).
+    :returns: ``(K,)`` weights summing to one, on the CPU.
 
     Example::
 
@@ -161,7 +182,7 @@ def model_mode_weights(
     if method == "grid":
         if dim != 2:
             raise ValueError(f"method='grid' needs 2-D modes, got dimension {dim}")
-        x, logp, cell = grid_log_density(potential_fn, bounds, resolution, chunk_size)
+        x, logp, cell = grid_log_density(potential_fn, bounds, resolution, chunk_size, device)
         w = (logp + math.log(cell)).exp()
     else:
         x, lw = _snis_log_weights(potential_fn, flow, num_samples, chunk_size)
@@ -178,6 +199,7 @@ def log_density_error(
     bounds: Bounds = (-5.0, 5.0),
     resolution: int = 400,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> float:
     r"""Median squared error of the normalised log-density of a 2-D model against the truth,
     :math:`\operatorname{median}_i (\log p(x_i) - \log p^*(x_i))^2` (Grenioux et al. 2023,
@@ -191,6 +213,7 @@ def log_density_error(
 
     :param potential_fn: batched potential of the model.
     :param dataset: a 2-D data set of :mod:`pyro_ebm.datasets` (``sample``, ``log_prob``).
+    :param device: where to evaluate the model (default: its parameters' device).
     :returns: a Python float.
 
     Example::
@@ -200,14 +223,14 @@ def log_density_error(
         >>> log_density_error(ds.potential, ds) < 1e-6
         True
     """
-    pts, lw, cell = _grid_log_weights(potential_fn, bounds, resolution, 65536)
+    pts, lw, cell = _grid_log_weights(potential_fn, bounds, resolution, 65536, device)
     log_z_model = torch.logsumexp(lw, 0) + math.log(cell)
-    true_lp = dataset.log_prob(pts.to(torch.float64))
+    true_lp = dataset.log_prob(pts.cpu().double())  # the data set's tensors live on the CPU
     log_z_true = torch.logsumexp(true_lp, 0) + math.log(cell)
-    x = dataset.sample(num_points, torch.Generator().manual_seed(seed)).to(pts)
+    x = dataset.sample(num_points, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        model_lp = -potential_fn(x) - log_z_model
-    err = (model_lp.double() - (dataset.log_prob(x.double()) - log_z_true.double())) ** 2
+        model_lp = (-potential_fn(x.to(pts)) - log_z_model).cpu()
+    err = (model_lp.double() - (dataset.log_prob(x.double()) - log_z_true)) ** 2
     return float(err.median())
 
 
