@@ -28,6 +28,7 @@
 Run from the repository root::
 
     python benchmarks/ebflow.py --only timing --dims 784 3072 --repeats 5
+    python benchmarks/ebflow.py --only timing --device cuda --timing-steps 50  # on a GPU
     python benchmarks/ebflow.py --only nll --steps 6000 --mnist ../shared/data/mnist
     python benchmarks/ebflow.py --only nll --steps 20000 --mnist ../shared/data/mnist \
         --no-digits --objectives ml ssm
@@ -63,24 +64,33 @@ CPU_REFERENCE = {
 }
 
 
+#: the paper's speed-ups over ml (MNIST-FC, D = 784, on a GPU), as quoted in issue 5
+PAPER_GPU_784 = {"ssm": 4.1, "dsm": 8.3, "fdssm": 16.3}
+
+
 def step_time(model, opt, loss_fn, x, steps: int) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         loss_fn(model, x).backward()
         opt.step()
+    sync()
     return (time.perf_counter() - start) / steps
 
 
-def bench_timing(dims, repeats: int, steps: int) -> None:
+def bench_timing(dims, repeats: int, steps: int, device: str = "cpu") -> None:
+    gpu = torch.device(device).type == "cuda"
+    ref_name = "paper (GPU) ratio" if gpu else "CPU reference ratio"
     print("\n## 1. Time per training step, FC EBFlow, batch 100 (ratio: ml time / objective)\n")
-    print("| D | objective | median ms/step | ratio to ml | CPU reference ratio |")
+    print(f"| D | objective | median ms/step | ratio to ml | {ref_name} |")
     print("|---|---|---|---|---|")
     for dim in dims:
         torch.manual_seed(0)
-        model = fc_ebflow((dim,))
+        model = fc_ebflow((dim,)).to(device)
         opt = make_adam(model.parameters(), lr=1e-4)  # the trainer's optimizer
-        x = torch.randn(100, dim)
+        x = torch.randn(100, dim, device=device)
         losses = dict(OBJECTIVES)
         losses["ssm, no VR"] = partial(OBJECTIVES["ssm"], variance_reduction=False)
         times = {n: [] for n in losses}
@@ -92,7 +102,8 @@ def bench_timing(dims, repeats: int, steps: int) -> None:
         ml = statistics.median(times["ml"])
         for n in losses:
             t = statistics.median(times[n])
-            ref = CPU_REFERENCE.get(dim, {}).get(n, "-")
+            refs = ({784: PAPER_GPU_784} if gpu else CPU_REFERENCE).get(dim, {})
+            ref = refs.get(n, "-")
             print(f"| {dim} | {n} | {1e3 * t:.1f} | {ml / t:.2f} | {ref} |", flush=True)
 
 
@@ -258,6 +269,7 @@ def main() -> None:
     parser.add_argument("--dims", nargs="*", type=int, default=[784, 3072])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timing-steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="timing only: cpu or cuda")
     parser.add_argument("--steps", type=int, default=2000, help="training steps for the NLL runs")
     parser.add_argument("--mnist", default=None, help="folder with the MNIST t10k IDX images")
     parser.add_argument(
@@ -287,7 +299,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "timing" in args.only:
-        bench_timing(args.dims, args.repeats, args.timing_steps)
+        bench_timing(args.dims, args.repeats, args.timing_steps, args.device)
     if "nll" in args.only:
         digits = load_digits()
         perm = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
