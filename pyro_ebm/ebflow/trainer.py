@@ -190,7 +190,8 @@ class EBFlowTrainer:
     def _elementwise(self, data: Tensor) -> Tensor:
         """Dequantise images and apply the logit under MaP; floats pass through."""
         if data.dtype == torch.uint8:
-            x = (data.to(torch.get_default_dtype()) + torch.rand(data.shape)) / 256.0
+            noise = torch.rand(data.shape, device=data.device)
+            x = (data.to(torch.get_default_dtype()) + noise) / 256.0
             return self._logit(x)[0] if self.map else x
         return data
 
@@ -317,15 +318,17 @@ class EBFlowTrainer:
             self.ema_model.load_state_dict(self.model.state_dict())
 
     def _check_data(self, name: str, data: Tensor, warn_quantised: bool = False) -> Tensor:
-        """``data`` checked; floats are returned in the model's dtype."""
+        """``data`` checked and moved to the model's device; floats are returned in the model's
+        dtype."""
         if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[1] != self.model.dim:
             shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
             hint = ""
             if isinstance(data, Tensor) and data.dim() > 2 and data[0].numel() == self.model.dim:
                 hint = f" (flatten the examples: {name}.reshape(len({name}), -1))"
             raise ValueError(f"{name} must be a (n, {self.model.dim}) tensor, got {shape}{hint}")
+        param = next(self.model.parameters())
         if data.dtype == torch.uint8:
-            return data
+            return data.to(param.device)
         if not torch.isfinite(data).all():
             raise ValueError(f"{name} must be finite (found nan or inf)")
         if warn_quantised and _looks_quantised(data):
@@ -336,12 +339,13 @@ class EBFlowTrainer:
                 "matching sees point masses. Pass (data * 255).round().to(torch.uint8).",
                 stacklevel=3,  # the user's fit() call
             )
-        return data.to(next(self.model.parameters()).dtype)
+        return data.to(device=param.device, dtype=param.dtype)
 
     def _validate(self, data: Tensor) -> float:
         """:meth:`nll` on ``data`` with a fixed dequantisation draw, recorded in
         :attr:`validation_nll`; the training's random stream is left untouched."""
-        with torch.random.fork_rng(devices=[]):
+        device = next(self.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)
             nll = self.nll(data)
         self.validation_nll.append((self.step, nll))
@@ -424,7 +428,8 @@ class EBFlowTrainer:
         total = 0.0
         for chunk in data.split(batch_size):
             if images:
-                x = (chunk.to(torch.get_default_dtype()) + torch.rand(chunk.shape)) / 256.0
+                noise = torch.rand(chunk.shape, device=chunk.device)
+                x = (chunk.to(torch.get_default_dtype()) + noise) / 256.0
                 if self.map:
                     y, ld = self._logit(x)
                     lp = self._log_prob(model, y) + ld
@@ -471,13 +476,14 @@ class EBFlowTrainer:
         missing = torch.as_tensor(missing, dtype=torch.bool)
         if missing.shape != (self.model.dim,):
             raise ValueError(f"missing must be a ({self.model.dim},) boolean mask")
+        missing = missing.to(data.device)
         model = self.ema_model
         with torch.no_grad():
             full = self._elementwise(data)
         observed = full[:, ~missing]
 
         def assemble(x_missing: Tensor) -> Tensor:
-            x = torch.empty(len(x_missing), self.model.dim, dtype=x_missing.dtype)
+            x = x_missing.new_empty(len(x_missing), self.model.dim)
             x[:, ~missing] = observed
             x[:, missing] = x_missing
             return x
@@ -486,7 +492,7 @@ class EBFlowTrainer:
             return model.energy(self._whiten(assemble(x_missing)))
 
         start = full[:, missing].mean() + full[:, ~missing].std() * torch.randn(
-            len(full), int(missing.sum()), dtype=full.dtype
+            len(full), int(missing.sum()), dtype=full.dtype, device=full.device
         )
         state = init_state(potential, start)
         adapter = StepSizeAdapter(step_size, target_accept)
