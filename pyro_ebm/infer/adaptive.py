@@ -153,7 +153,9 @@ class AdaptiveFlowMCMC(WalkerKernel):
         self.sampler = AdaptiveFlowSampler(self.target.potential, flow, **self.sampler_options)
         if x0 is None:
             x0 = torch.zeros(1, dim)
-        walkers = x0 + self.init_scale * torch.randn(self.num_walkers, dim, dtype=x0.dtype)
+        walkers = x0 + self.init_scale * torch.randn(
+            self.num_walkers, dim, dtype=x0.dtype, device=x0.device
+        )
         walkers[0] = x0[0]
         self._ensemble = self.sampler.init(walkers)
         self.flow_ = self.sampler.flow

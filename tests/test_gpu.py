@@ -1,0 +1,128 @@
+"""The GPU paths: each piece a user would move to ``cuda`` runs there and keeps its tensors there.
+
+Skipped where no CUDA device is present (CI, most machines); run on a GPU with
+``python -m pytest tests/test_gpu.py``. The eighth session ran them on a lent NVIDIA H200, where
+``pyro-ebm train --device cuda`` had first failed in the trainer's grid quadrature (built on the
+CPU) and ``EBFlowTrainer`` had drawn its dequantisation noise on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_adaptive_flow_sampler_on_the_gpu():
+    from pyro_ebm.datasets import imbalanced_pair
+    from pyro_ebm.samplers import AdaptiveFlowSampler
+
+    torch.manual_seed(0)
+    target = imbalanced_pair(8)
+    sampler = AdaptiveFlowSampler(target.potential, num_particles=16)
+    run = sampler.run(2.0 * torch.randn(64, 8, device=CUDA), num_adapt_steps=60, num_samples=60)
+    assert run.samples.device.type == "cuda" and torch.isfinite(run.samples).all()
+    assert next(sampler.flow.parameters()).device.type == "cuda"
+    heavy = float((target.mode_index(run.samples) == 1).float().mean())
+    assert 0.6 < heavy < 0.95, heavy  # truth 0.8; a loose check that both modes are held
+
+
+def test_ebm_trainer_and_its_grid_metrics_on_the_gpu():
+    from pyro_ebm import MLPEnergy
+    from pyro_ebm.datasets import two_to_one
+    from pyro_ebm.metrics import model_mode_weights
+    from pyro_ebm.train import EBMTrainer
+
+    ds = two_to_one()
+    trainer = EBMTrainer(
+        MLPEnergy(2, hidden=(32, 32)),
+        num_walkers=64,
+        target=ds,
+        seed=0,
+        device="cuda",
+        sampler_kwargs={"num_particles": 8, "num_mala_steps": 2},
+    )
+    trainer.fit(ds.sample(2000), num_steps=20, batch_size=128, progress=False)
+    assert trainer.walkers.device.type == "cuda"
+    assert len(trainer.history.last["model_weights"]) == 2
+    w = model_mode_weights(trainer.potential, ds)
+    assert w.device.type == "cpu" and torch.isclose(w.sum(), torch.tensor(1.0, dtype=w.dtype))
+
+
+@pytest.mark.parametrize("objective", ["ml", "ssm", "dsm", "fdssm"])
+def test_ebflow_trainer_on_the_gpu(objective):
+    from pyro_ebm.ebflow import EBFlowTrainer, fc_ebflow
+    from pyro_ebm.ebflow.data import load_digits
+
+    pytest.importorskip("sklearn")
+    torch.manual_seed(0)
+    x = load_digits()  # uint8 on the CPU: the trainer moves it
+    trainer = EBFlowTrainer(fc_ebflow((64,)).to(CUDA), objective=objective)
+    trainer.fit(x[:1400], num_steps=20, progress=False, validation=x[1400:1600], eval_every=10)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in trainer.losses)
+    nll = trainer.nll(x[1600:])
+    assert torch.isfinite(torch.tensor(nll))
+    missing = torch.zeros(64, dtype=torch.bool)
+    missing[:32] = True
+    filled = trainer.impute(x[1600:1610], missing, num_steps=5)
+    assert filled.device.type == "cuda" and torch.isfinite(filled).all()
+    assert trainer.sample(4).device.type == "cuda"
+
+
+def test_adaptive_flow_mcmc_through_pyro_on_the_gpu():
+    from pyro.infer import MCMC
+
+    import pyro_ebm
+    from pyro_ebm.datasets import two_to_one
+    from pyro_ebm.infer import AdaptiveFlowMCMC
+
+    torch.manual_seed(0)
+    target = two_to_one()
+    kernel = AdaptiveFlowMCMC(potential_fn=pyro_ebm.potential_fn(target.potential), num_walkers=16)
+    mcmc = MCMC(
+        kernel,
+        num_samples=100,
+        warmup_steps=100,
+        initial_params={"x": torch.zeros(2, device=CUDA)},
+        disable_progbar=True,
+    )
+    mcmc.run()
+    x = mcmc.get_samples()["x"]
+    assert x.device.type == "cuda" and x.shape == (100, 2) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("name", ["MALA", "FlowIMH", "FlowISIR", "FlowHMC"])
+def test_kernels_through_pyro_on_the_gpu(name):
+    from pyro.infer import MCMC
+
+    import pyro_ebm
+    import pyro_ebm.infer as infer
+    from pyro_ebm.flows import RealNVP
+
+    torch.manual_seed(0)
+    energy = pyro_ebm.GaussianEnergy(torch.zeros(2), torch.ones(2)).to(CUDA)
+    potential = pyro_ebm.potential_fn(energy)
+    kwargs = {} if name == "MALA" else {"flow": RealNVP(2, num_layers=2).to(CUDA)}
+    if name == "FlowHMC":
+        kwargs.update(step_size=0.5, num_steps=4)
+    mcmc = MCMC(
+        getattr(infer, name)(potential_fn=potential, **kwargs),
+        num_samples=50,
+        warmup_steps=50,
+        initial_params={"x": torch.zeros(2, device=CUDA)},
+        disable_progbar=True,
+    )
+    mcmc.run()
+    x = mcmc.get_samples()["x"]
+    assert x.device.type == "cuda" and x.shape == (50, 2) and torch.isfinite(x).all()
