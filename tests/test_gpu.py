@@ -3,7 +3,8 @@
 Skipped where no CUDA device is present (CI, most machines); run on a GPU with
 ``python -m pytest tests/test_gpu.py``. The eighth session ran them on a lent NVIDIA H200, where
 ``pyro-ebm train --device cuda`` had first failed in the trainer's grid quadrature (built on the
-CPU) and ``EBFlowTrainer`` had drawn its dequantisation noise on the CPU.
+CPU), and the first run of this file failed on ``AdaptiveFlowMCMC`` spreading its walkers on
+the CPU.
 """
 
 from __future__ import annotations
