@@ -524,7 +524,7 @@ class EBMTrainer:
         try:
             while self.step < num_steps:
                 # what an interruption in the middle of this step must roll back to
-                snapshot, done = (torch.get_rng_state(), self.sampler.state_dict()), self.step
+                snapshot, done = (self._rng_states(), self.sampler.state_dict()), self.step
                 start = time.perf_counter()
                 factor = self._train_step(data, batch_size, num_steps)
                 self._update_average(num_steps)
@@ -541,7 +541,7 @@ class EBMTrainer:
                     bar.update(1)
         except KeyboardInterrupt:
             if snapshot is not None and self.step == done:  # interrupted mid-step: roll back
-                torch.set_rng_state(snapshot[0])
+                self._set_rng_states(snapshot[0])
                 self.sampler.load_state_dict(snapshot[1])
             if checkpoint is not None:
                 self.save(checkpoint)
@@ -586,7 +586,7 @@ class EBMTrainer:
         """The full training state: models, optimizers, sampler, RNG, step, history."""
         if not self._ready:
             raise RuntimeError("nothing to save before the first fit()")
-        state = {
+        return {
             "step": self.step,
             "elapsed": self.elapsed,
             "energy": self.energy.state_dict(),
@@ -598,11 +598,20 @@ class EBMTrainer:
             "window": (self._window, self._neg_counts),
             "average": (self._average, self._average_count),
             "standardization": self.standardization,
-            "rng": torch.get_rng_state(),
+            **self._rng_states(),
         }
+
+    def _rng_states(self) -> dict:
+        """torch's random states: the CPU's, and the GPU's when training on one."""
+        states = {"rng": torch.get_rng_state()}
         if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
+            states["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def _set_rng_states(self, states: dict) -> None:
+        torch.set_rng_state(states["rng"].cpu())
+        if "cuda_rng" in states and self.device.type == "cuda":
+            torch.cuda.set_rng_state(states["cuda_rng"].cpu(), self.device)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`state_dict` to ``path`` atomically."""
@@ -628,6 +637,4 @@ class EBMTrainer:
         self._loc, self._scale = state.get("standardization") or (None, None)
         self.step = state["step"]
         self.elapsed = state["elapsed"]
-        torch.set_rng_state(state["rng"].cpu())
-        if "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        self._set_rng_states(state)
