@@ -372,8 +372,10 @@ class EBFlowTrainer:
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict:
         """Everything needed to continue training: weights, EMA weights, optimizer, step,
-        losses, the kind of data seen, the DSM noise level and torch's RNG state."""
-        return {
+        losses, the kind of data seen, the DSM noise level and torch's RNG states (the CPU's,
+        and the model's GPU's when it is on one)."""
+        device = next(self.model.parameters()).device
+        state = {
             "model": self.model.state_dict(),
             "ema_model": None if self.ema_model is self.model else self.ema_model.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -385,6 +387,9 @@ class EBFlowTrainer:
             "whitening": self._whitening,
             "rng": torch.get_rng_state(),
         }
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` into a trainer built with the same model and options."""
@@ -396,11 +401,17 @@ class EBFlowTrainer:
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.losses = state["step"], list(state["losses"])
         self.validation_nll = [tuple(v) for v in state.get("validation_nll", [])]
-        self._whitening = state.get("whitening")
+        device = next(self.model.parameters()).device
+        whitening = state.get("whitening")
+        if whitening is not None:  # onto this trainer's device (a GPU checkpoint on a CPU)
+            whitening = (whitening[0].to(device), whitening[1].to(device), whitening[2])
+        self._whitening = whitening
         if self.objective == "dsm" and state["sigma"] is not None:
             self.sigma = state["sigma"]
             self.loss_fn = partial(OBJECTIVES["dsm"], sigma=self.sigma)
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (never a half-written file)."""
