@@ -122,8 +122,7 @@ def needs_standardization(data: Tensor) -> bool:
     help (a one-off run of 600 steps on two moons moved there: the flow's global acceptance
     fell to 0 and the walkers ended 2 sds off).
     """
-    sd = data.std(0)
-    rms = float(sd.pow(2).mean().sqrt())
+    sd, rms = data.std(0), base_scale(data)
     if not 0.1 <= rms <= 10.0:
         return True
     if float(data.mean(0).abs().max()) > 2.0 * rms:
@@ -308,10 +307,9 @@ class EBMTrainer:
         return None if w is None else self._to_x(w)
 
     def potential(self, x: Tensor) -> Tensor:
-        r"""The model's potential :math:`U(x) = E_\theta(x) - \log\rho(x)`, batched."""
-        if self._loc is None:
-            return self._potential(x)
-        return self._potential(self._to_z(x)) + self._scale.log().sum()
+        r"""The model's potential :math:`U(x) = E_\theta(x) - \log\rho(x)` in the data's
+        coordinates, batched (``model.energy``)."""
+        return self.model.energy(x)
 
     def _potential(self, z: Tensor) -> Tensor:
         """The potential in the coordinates training works in (the sampler's)."""
