@@ -57,6 +57,12 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+def _dequantise(images: Tensor) -> Tensor:
+    """uint8 pixels ``k`` to ``(k + u) / 256`` in (0, 1), ``u ~ U(0, 1)`` drawn on their device."""
+    noise = torch.rand(images.shape, device=images.device)
+    return (images.to(torch.get_default_dtype()) + noise) / 256.0
+
+
 def _looks_quantised(data: Tensor, n: int = 10_000) -> bool:
     """Floats in [0, 1] taking at most 256 distinct values among at least 1024 (in up to ``n``
     examples)."""
@@ -190,8 +196,7 @@ class EBFlowTrainer:
     def _elementwise(self, data: Tensor) -> Tensor:
         """Dequantise images and apply the logit under MaP; floats pass through."""
         if data.dtype == torch.uint8:
-            noise = torch.rand(data.shape, device=data.device)
-            x = (data.to(torch.get_default_dtype()) + noise) / 256.0
+            x = _dequantise(data)
             return self._logit(x)[0] if self.map else x
         return data
 
@@ -439,8 +444,7 @@ class EBFlowTrainer:
         total = 0.0
         for chunk in data.split(batch_size):
             if images:
-                noise = torch.rand(chunk.shape, device=chunk.device)
-                x = (chunk.to(torch.get_default_dtype()) + noise) / 256.0
+                x = _dequantise(chunk)
                 if self.map:
                     y, ld = self._logit(x)
                     lp = self._log_prob(model, y) + ld
