@@ -35,6 +35,7 @@ Run from the repository root (``torch.set_num_threads(1)``; medians over seeds/r
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -87,11 +88,14 @@ def bench_imbalanced(dims, seeds, args) -> None:
                 num_particles=args.num_particles,
                 num_local_steps=5 if high else 3,
                 production_local_steps=1 if high else 0,
+                **args.adaptive_kwargs,
             )
             warmup, samples = (600, 16000) if high else (args.warmup_steps, args.num_samples)
             mcmc, secs = _timed_run(kernel, samples, warmup, {"x": torch.zeros(d)})
             rows["AdaptiveFlowMCMC"].append(_weight_row(mcmc, target, secs))
 
+            if args.skip_nuts:
+                continue
             pyro.set_rng_seed(seed)
             x0 = 2.0 * torch.randn(4, d)
             mcmc, secs = _timed_run(
@@ -99,6 +103,8 @@ def bench_imbalanced(dims, seeds, args) -> None:
             )
             rows["Pyro NUTS (4 chains)"].append(_weight_row(mcmc, target, secs))
         for name, r in rows.items():
+            if not r:
+                continue
             weights = " ".join(f"{w:.3f}" for w, _, _ in r)
             err = max(abs(w - 0.8) for w, _, _ in r)
             mcse = statistics.median(s for _, s, _ in r)
@@ -553,6 +559,13 @@ def main() -> None:
     parser.add_argument("--num-particles", type=int, default=64)
     parser.add_argument("--warmup-steps", type=int, default=400)
     parser.add_argument("--num-samples", type=int, default=24000)
+    parser.add_argument(
+        "--adaptive-kwargs",
+        type=json.loads,
+        default={},
+        help='section 1: more AdaptiveFlowMCMC options, JSON (e.g. {"precondition": false})',
+    )
+    parser.add_argument("--skip-nuts", action="store_true", help="section 1: no NUTS rows")
     parser.add_argument("--nuts-samples", type=int, default=500)
     parser.add_argument("--es-seeds", type=int, default=3)
     parser.add_argument("--es-samples", type=int, default=1000)
