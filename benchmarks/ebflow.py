@@ -20,6 +20,18 @@
    NLL along the way shows whether the objective's own optimum in this model family has the ML
    solution's likelihood (MNIST only).
 
+5. ``--only diagnose``: why score matching stays behind ml on MNIST (``--mnist``,
+   ``--validation``). (a) Each objective is trained to the end on the training split; on the
+   held-out split the table gives each model's NLL and the values of the SSM-VR and DSM
+   (sigma 1) objectives, so one sees which model each objective prefers. (b) A well-specified
+   control: the ml model of (a) is the teacher; ml and ssm are trained on ``--teacher-sizes``
+   samples from it (its logit space, no whitening; 1000 validation samples, best weights kept)
+   and compared with the teacher's own NLL on 2000 test samples.
+   ``--only quantised-control``: the same teacher (trained again, the same seed), its samples
+   taken to pixels and quantised to ``uint8`` images like MNIST's, then ml and ssm trained on
+   them as on MNIST (dequantisation, logit): the teacher's smooth density plus the edges that
+   quantisation and uniform dequantisation give each pixel in the logit space.
+
 4. ``--only tabular``: the FC EBFlow on float vectors a user might bring (scikit-learn's
    breast cancer, 30-D, and wine, 13-D, raw and standardised, 80/20 split; an 8-D Gaussian with
    standard deviations 0.01-3.2 along random axes), each objective with the trainer's default
@@ -39,6 +51,10 @@ Run from the repository root::
     python benchmarks/ebflow.py --only nll --steps 3000 --model cnn --validation 0.125 \
         --objectives ml ssm dsm
     python benchmarks/ebflow.py --only tabular
+    python benchmarks/ebflow.py --only diagnose --steps 6000 --mnist ../shared/data/mnist \
+        --validation 0.125 --objectives ml ssm dsm
+    python benchmarks/ebflow.py --only quantised-control --steps 6000 \
+        --mnist ../shared/data/mnist --validation 0.125 --teacher-sizes 7000
 """
 
 from __future__ import annotations
@@ -210,6 +226,106 @@ def bench_from_ml(
         print(f"| {objective} | {trajectory} | {losses} | {sm.nll(test):.1f} |", flush=True)
 
 
+def _heldout_objectives(trainer: EBFlowTrainer, data: torch.Tensor, draws: int = 4) -> dict:
+    """Mean SSM-VR and DSM (sigma 1) objective values of the trainer's EMA model on ``data``,
+    pre-processed as in training, over ``draws`` draws of the dequantisation and the noise
+    (a fixed random stream, so every model sees the same draws)."""
+    model, totals = trainer.ema_model, {"ssm": 0.0, "dsm": 0.0}
+    fns = {"ssm": OBJECTIVES["ssm"], "dsm": partial(OBJECTIVES["dsm"], sigma=1.0)}
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        for _ in range(draws):
+            for chunk in data.split(250):
+                x = trainer._prepare(chunk)
+                for name, fn in fns.items():
+                    totals[name] += float(fn(model, x).detach()) * len(chunk)
+    return {k: v / (draws * len(data)) for k, v in totals.items()}
+
+
+def _teacher(train, steps: int, seed: int) -> EBFlowTrainer:
+    """The ml trainer of section 5a (the same seed, so the same weights on a CPU)."""
+    trainer = EBFlowTrainer(fc_ebflow((train.shape[1],)), objective="ml", seed=seed)
+    trainer.fit(train, steps, 100, progress=False)
+    return trainer
+
+
+def _teacher_samples(teacher: EBFlowTrainer, n: int) -> torch.Tensor:
+    """``n`` samples of the teacher's EMA model in its (logit) space, a fixed stream."""
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(99)
+        return teacher.ema_model.eval().sample(n)
+
+
+def bench_diagnose(train, val, steps: int, seed: int, objectives, teacher_sizes) -> None:
+    print(f"\n## 5a. Held-out NLL and objective values after {steps} steps (no selection)\n")
+    print("| trained by | train NLL (first 1000) | held-out NLL | held-out SSM-VR | held-out DSM |")
+    print("|---|---|---|---|---|")
+    trainers = {}
+    for objective in objectives:
+        trainer = EBFlowTrainer(fc_ebflow((train.shape[1],)), objective=objective, seed=seed)
+        trainer.fit(train, steps, 100, progress=False)
+        trainers[objective] = trainer
+        nlls = []
+        for data in (train[:1000], val):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                nlls.append(trainer.nll(data))
+        values = _heldout_objectives(trainer, val)
+        cells = [objective, *(f"{v:.1f}" for v in nlls), f"{values['ssm']:.2f}"]
+        print("| " + " | ".join(cells) + f" | {values['dsm']:.2f} |", flush=True)
+    if "ml" not in trainers:
+        return
+    teacher = trainers["ml"]
+    print(f"\n## 5b. Well-specified control: samples of the ml model, {steps} steps\n")
+    print(
+        "| training samples | objective | test NLL | teacher's NLL | ratio to teacher "
+        "| ratio to ml | best step | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for n in teacher_sizes:
+        y = _teacher_samples(teacher, n + 3000)
+        with torch.no_grad():
+            truth = float(-teacher.ema_model.log_prob(y[:2000]).mean())
+        test, held_out, samples = y[:2000], y[2000:3000], y[3000:]
+        ml = None
+        for objective in ("ml", "ssm"):
+            trainer = EBFlowTrainer(
+                fc_ebflow((y.shape[1],)), objective=objective, whiten=False, seed=seed
+            )
+            start = time.perf_counter()
+            trainer.fit(samples, steps, 100, progress=False, validation=held_out, eval_every=500)
+            t = time.perf_counter() - start
+            best = min(trainer.validation_nll, key=lambda r: r[1])[0]
+            nll = trainer.nll(test)
+            ml = nll if objective == "ml" else ml
+            cells = [n, objective, f"{nll:.1f}", f"{truth:.1f}", f"{nll / truth:.3f}"]
+            cells += [f"{nll / ml:.3f}", best, f"{t:.0f}"]
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+
+
+def bench_quantised_control(train, steps: int, seed: int, teacher_sizes) -> None:
+    teacher = _teacher(train, steps, seed)
+    print(f"\n## 5c. The teacher's samples as uint8 images, {steps} steps\n")
+    print("| training images | objective | test NLL | ratio to ml | best step | s |")
+    print("|---|---|---|---|---|---|")
+    for n in teacher_sizes:
+        y = _teacher_samples(teacher, n + 3000)
+        images = (256.0 * teacher._logit.inverse(y)).floor().clamp(0, 255).to(torch.uint8)
+        test, held_out, samples = images[:2000], images[2000:3000], images[3000:]
+        ml = None
+        for objective in ("ml", "ssm"):
+            trainer = EBFlowTrainer(fc_ebflow((y.shape[1],)), objective=objective, seed=seed)
+            start = time.perf_counter()
+            trainer.fit(samples, steps, 100, progress=False, validation=held_out, eval_every=500)
+            t = time.perf_counter() - start
+            best = min(trainer.validation_nll, key=lambda r: r[1])[0]
+            torch.manual_seed(1234)
+            nll = trainer.nll(test)
+            ml = nll if objective == "ml" else ml
+            cells = [n, objective, f"{nll:.1f}", f"{nll / ml:.3f}", best, f"{t:.0f}"]
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+
+
 def _tabular_sets() -> dict:
     from sklearn.datasets import load_breast_cancer, load_wine
 
@@ -296,6 +412,9 @@ def main() -> None:
     parser.add_argument("--model", default="fc", choices=["fc", "cnn"], help="NLL runs' model")
     parser.add_argument("--sm-steps", type=int, default=3000, help="from-ml: score-matching steps")
     parser.add_argument("--sm-lr", type=float, default=1e-4, help="from-ml: its constant rate")
+    parser.add_argument(
+        "--teacher-sizes", nargs="*", type=int, default=[7000, 60000], help="diagnose (b)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "timing" in args.only:
@@ -326,12 +445,17 @@ def main() -> None:
         )
     if "tabular" in args.only:
         bench_tabular(args.steps, args.seed)
-    if "from-ml" in args.only:
+    if {"from-ml", "diagnose", "quantised-control"} & set(args.only):
         if not args.mnist or not args.validation:
-            parser.error("--only from-ml needs --mnist DIR and --validation F")
+            parser.error(f"--only {' '.join(args.only)} needs --mnist DIR and --validation F")
         mnist = _mnist(args.mnist)
         n = 8000 - round(args.validation * 8000)
         train, val, test = mnist[:n], mnist[n:8000], mnist[8000:]
+    if "diagnose" in args.only:
+        bench_diagnose(train, val, args.steps, args.seed, args.objectives, args.teacher_sizes)
+    if "quantised-control" in args.only:
+        bench_quantised_control(train, args.steps, args.seed, args.teacher_sizes)
+    if "from-ml" in args.only:
         sm_objectives = [o for o in args.objectives if o in ("ssm", "dsm", "fdssm")]
         bench_from_ml(
             train,
