@@ -23,6 +23,13 @@ Data: ``uint8`` images in ``[0, 255]`` (shape ``(n, D)``) are dequantised,
 :meth:`save` / :meth:`load` write and restore the whole trainer atomically; ``fit(checkpoint=...)``
 does so during training and when interrupted.
 
+**What to expect.** Score matching is several times cheaper per step than maximum likelihood
+for large ``D``, but not free in likelihood: on 8k MNIST images the FC model trained by SSM or
+DSM has a test NLL about 10% above the ML one. The SM objectives, evaluated on held-out images,
+prefer those models to the ML one, so more steps do not close the gap; on data drawn from the
+model itself the gap is 3-4% (``benchmarks/RESULTS.md``, issue 5). Pass ``validation`` to
+:meth:`~EBFlowTrainer.fit` to keep the best weights by held-out likelihood.
+
 Reference: Chao et al. (2023), https://arxiv.org/abs/2305.15267
 """
 
