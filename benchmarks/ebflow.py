@@ -242,9 +242,10 @@ def _heldout_objectives(trainer: EBFlowTrainer, data: torch.Tensor, draws: int =
     return {k: v / (draws * len(data)) for k, v in totals.items()}
 
 
-def _teacher(train, steps: int, seed: int) -> EBFlowTrainer:
-    """The ml trainer of section 5a (the same seed, so the same weights on a CPU)."""
-    trainer = EBFlowTrainer(fc_ebflow((train.shape[1],)), objective="ml", seed=seed)
+def _fit(train, objective: str, steps: int, seed: int) -> EBFlowTrainer:
+    """The FC EBFlow trained by ``objective`` for ``steps`` steps, no selection (the same seed
+    gives the same weights on a CPU: section 5c's teacher is 5a's ml model)."""
+    trainer = EBFlowTrainer(fc_ebflow((train.shape[1],)), objective=objective, seed=seed)
     trainer.fit(train, steps, 100, progress=False)
     return trainer
 
@@ -256,15 +257,31 @@ def _teacher_samples(teacher: EBFlowTrainer, n: int) -> torch.Tensor:
         return teacher.ema_model.eval().sample(n)
 
 
+def _ml_and_ssm(data, steps: int, seed: int, **trainer_kwargs) -> list[tuple]:
+    """``(objective, test NLL, best step, seconds)`` of ml and ssm trained on ``data[3000:]``,
+    with ``data[2000:3000]`` held out (best weights kept) and ``data[:2000]`` as the test set."""
+    test, held_out, samples = data[:2000], data[2000:3000], data[3000:]
+    rows = []
+    for objective in ("ml", "ssm"):
+        trainer = EBFlowTrainer(
+            fc_ebflow((data.shape[1],)), objective=objective, seed=seed, **trainer_kwargs
+        )
+        start = time.perf_counter()
+        trainer.fit(samples, steps, 100, progress=False, validation=held_out, eval_every=500)
+        t = time.perf_counter() - start
+        best = min(trainer.validation_nll, key=lambda r: r[1])[0]
+        torch.manual_seed(1234)  # the dequantisation draw (images)
+        rows.append((objective, trainer.nll(test), best, t))
+    return rows
+
+
 def bench_diagnose(train, val, steps: int, seed: int, objectives, teacher_sizes) -> None:
     print(f"\n## 5a. Held-out NLL and objective values after {steps} steps (no selection)\n")
     print("| trained by | train NLL (first 1000) | held-out NLL | held-out SSM-VR | held-out DSM |")
     print("|---|---|---|---|---|")
     trainers = {}
     for objective in objectives:
-        trainer = EBFlowTrainer(fc_ebflow((train.shape[1],)), objective=objective, seed=seed)
-        trainer.fit(train, steps, 100, progress=False)
-        trainers[objective] = trainer
+        trainer = trainers[objective] = _fit(train, objective, steps, seed)
         nlls = []
         for data in (train[:1000], val):
             with torch.random.fork_rng():
@@ -286,43 +303,24 @@ def bench_diagnose(train, val, steps: int, seed: int, objectives, teacher_sizes)
         y = _teacher_samples(teacher, n + 3000)
         with torch.no_grad():
             truth = float(-teacher.ema_model.log_prob(y[:2000]).mean())
-        test, held_out, samples = y[:2000], y[2000:3000], y[3000:]
-        ml = None
-        for objective in ("ml", "ssm"):
-            trainer = EBFlowTrainer(
-                fc_ebflow((y.shape[1],)), objective=objective, whiten=False, seed=seed
-            )
-            start = time.perf_counter()
-            trainer.fit(samples, steps, 100, progress=False, validation=held_out, eval_every=500)
-            t = time.perf_counter() - start
-            best = min(trainer.validation_nll, key=lambda r: r[1])[0]
-            nll = trainer.nll(test)
-            ml = nll if objective == "ml" else ml
+        rows = _ml_and_ssm(y, steps, seed, whiten=False)
+        for objective, nll, best, t in rows:
             cells = [n, objective, f"{nll:.1f}", f"{truth:.1f}", f"{nll / truth:.3f}"]
-            cells += [f"{nll / ml:.3f}", best, f"{t:.0f}"]
+            cells += [f"{nll / rows[0][1]:.3f}", best, f"{t:.0f}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
 def bench_quantised_control(train, steps: int, seed: int, teacher_sizes) -> None:
-    teacher = _teacher(train, steps, seed)
+    teacher = _fit(train, "ml", steps, seed)
     print(f"\n## 5c. The teacher's samples as uint8 images, {steps} steps\n")
     print("| training images | objective | test NLL | ratio to ml | best step | s |")
     print("|---|---|---|---|---|---|")
     for n in teacher_sizes:
         y = _teacher_samples(teacher, n + 3000)
         images = (256.0 * teacher._logit.inverse(y)).floor().clamp(0, 255).to(torch.uint8)
-        test, held_out, samples = images[:2000], images[2000:3000], images[3000:]
-        ml = None
-        for objective in ("ml", "ssm"):
-            trainer = EBFlowTrainer(fc_ebflow((y.shape[1],)), objective=objective, seed=seed)
-            start = time.perf_counter()
-            trainer.fit(samples, steps, 100, progress=False, validation=held_out, eval_every=500)
-            t = time.perf_counter() - start
-            best = min(trainer.validation_nll, key=lambda r: r[1])[0]
-            torch.manual_seed(1234)
-            nll = trainer.nll(test)
-            ml = nll if objective == "ml" else ml
-            cells = [n, objective, f"{nll:.1f}", f"{nll / ml:.3f}", best, f"{t:.0f}"]
+        rows = _ml_and_ssm(images, steps, seed)
+        for objective, nll, best, t in rows:
+            cells = [n, objective, f"{nll:.1f}", f"{nll / rows[0][1]:.3f}", best, f"{t:.0f}"]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
