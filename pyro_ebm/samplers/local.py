@@ -53,11 +53,9 @@ def _langevin_proposal(
         raise ValueError("state.grad is None: build the state with init_state(..., with_grad=True)")
     _check_inverse_mass(inverse_mass, state.x)
     eps = _per_walker(step_size, state.x)
+    a = 1.0 if inverse_mass is None else inverse_mass
     noise = torch.randn_like(state.x)
-    if inverse_mass is None:
-        return state.x - eps * state.grad + (2 * eps).sqrt() * noise, eps
-    drift = eps * inverse_mass * state.grad
-    return state.x - drift + (2 * eps * inverse_mass).sqrt() * noise, eps
+    return state.x - eps * a * state.grad + (2 * eps * a).sqrt() * noise, eps
 
 
 def ula_step(
@@ -85,10 +83,8 @@ def _langevin_log_q(
     x_to: Tensor, x_from: Tensor, grad_from: Tensor, eps: Tensor, inverse_mass: Tensor | None
 ) -> Tensor:
     # log N(x_to; x_from - eps A grad, 2 eps A) up to a constant shared by both directions
-    if inverse_mass is None:
-        return -((x_to - x_from + eps * grad_from) ** 2).sum(-1) / (4 * eps[:, 0])
-    resid = x_to - x_from + eps * inverse_mass * grad_from
-    return -(resid**2 / inverse_mass).sum(-1) / (4 * eps[:, 0])
+    a = 1.0 if inverse_mass is None else inverse_mass
+    return -((x_to - x_from + eps * a * grad_from) ** 2 / a).sum(-1) / (4 * eps[:, 0])
 
 
 def mala_step(
