@@ -537,3 +537,28 @@ def test_constant_coordinates_get_a_warning():
     trainer = EBMTrainer(MLPEnergy(3, hidden=(8,)), num_walkers=8, seed=0)
     with pytest.warns(UserWarning, match=r"data are constant in coordinates \[1\]"):
         trainer.fit(x, num_steps=1, batch_size=8, progress=False)
+
+
+def test_rng_states_round_trip_and_the_gpu_branch(monkeypatch):
+    """The checkpoints' random states: the CPU's is restored exactly; a GPU device adds the
+    GPU's state and restores it onto that device (checked with torch.cuda's two calls
+    recorded, so the branch is exercised on a CPU); a GPU checkpoint on a CPU restores the
+    CPU's only."""
+    from pyro_ebm.train.checkpoint import rng_states, set_rng_states
+
+    cpu = torch.device("cpu")
+    states = rng_states(cpu)
+    assert set(states) == {"rng"}
+    a = torch.rand(3)
+    set_rng_states(states, cpu)
+    assert torch.equal(torch.rand(3), a)
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: calls.append(("get", d)) or a)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append(("set", d)))
+    gpu = torch.device("cuda", 1)
+    states = rng_states(gpu)
+    assert set(states) == {"rng", "cuda_rng"} and torch.equal(states["cuda_rng"], a)
+    set_rng_states(states, gpu)
+    set_rng_states(states, cpu)
+    assert calls == [("get", gpu), ("set", gpu)]

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from pyro_ebm._checks import check_int, check_positive
-from pyro_ebm.train.checkpoint import atomic_save, load_checkpoint
+from pyro_ebm.train.checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
 
 from .layers import Logit, zca_whitening
 from .model import EBFlow
@@ -386,8 +386,7 @@ class EBFlowTrainer:
         """Everything needed to continue training: weights, EMA weights, optimizer, step,
         losses, the kind of data seen, the DSM noise level and torch's RNG states (the CPU's,
         and the model's GPU's when it is on one)."""
-        device = next(self.model.parameters()).device
-        state = {
+        return {
             "model": self.model.state_dict(),
             "ema_model": None if self.ema_model is self.model else self.ema_model.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -397,11 +396,8 @@ class EBFlowTrainer:
             "images": self._images,
             "sigma": self.sigma,
             "whitening": self._whitening,
-            "rng": torch.get_rng_state(),
+            **rng_states(next(self.model.parameters()).device),
         }
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` into a trainer built with the same model and options."""
@@ -421,9 +417,7 @@ class EBFlowTrainer:
         if self.objective == "dsm" and state["sigma"] is not None:
             self.sigma = state["sigma"]
             self.loss_fn = partial(OBJECTIVES["dsm"], sigma=self.sigma)
-        torch.set_rng_state(state["rng"].cpu())
-        if "cuda_rng" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        set_rng_states(state, device)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (never a half-written file)."""

@@ -1,6 +1,7 @@
 r"""Atomic file writes: a checkpoint or a history file is either the old one or the new one,
 never half written (write to a temporary file in the same folder, flush, ``fsync``, then
-``os.replace``, which is atomic on POSIX and Windows)."""
+``os.replace``, which is atomic on POSIX and Windows). Also the random states a checkpoint
+holds, so that a resumed run continues the same random stream."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write", "load_checkpoint"]
+__all__ = ["atomic_save", "atomic_write", "load_checkpoint", "rng_states", "set_rng_states"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], binary: bool = False) -> Path:
@@ -54,3 +55,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def rng_states(device: torch.device) -> dict:
+    """torch's random states, ``{"rng": CPU state}``, plus ``"cuda_rng"`` when ``device`` is a
+    GPU (a run on a GPU draws there too: restoring only the CPU's state does not resume it
+    exactly)."""
+    states = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    """Restore :func:`rng_states` (a GPU state only onto a GPU ``device``; a GPU checkpoint
+    resumed on a CPU restores the CPU's)."""
+    torch.set_rng_state(states["rng"].cpu())
+    if "cuda_rng" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda_rng"].cpu(), device)

@@ -43,7 +43,7 @@ from pyro_ebm.energy import EnergyModel, StandardizedEnergy, TiltedEnergy
 from pyro_ebm.flows import Flow, RealNVP, Standardized, fit_reverse_kl, forward_kl_step
 from pyro_ebm.metrics import mode_weights, model_mode_weights
 
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
 from .history import History
 from .negatives import SAMPLERS, CDNegatives, NegativeSampler, make_sampler
 
@@ -522,7 +522,7 @@ class EBMTrainer:
         try:
             while self.step < num_steps:
                 # what an interruption in the middle of this step must roll back to
-                snapshot, done = (self._rng_states(), self.sampler.state_dict()), self.step
+                snapshot, done = (rng_states(self.device), self.sampler.state_dict()), self.step
                 start = time.perf_counter()
                 factor = self._train_step(data, batch_size, num_steps)
                 self._update_average(num_steps)
@@ -539,7 +539,7 @@ class EBMTrainer:
                     bar.update(1)
         except KeyboardInterrupt:
             if snapshot is not None and self.step == done:  # interrupted mid-step: roll back
-                self._set_rng_states(snapshot[0])
+                set_rng_states(snapshot[0], self.device)
                 self.sampler.load_state_dict(snapshot[1])
             if checkpoint is not None:
                 self.save(checkpoint)
@@ -596,20 +596,8 @@ class EBMTrainer:
             "window": (self._window, self._neg_counts),
             "average": (self._average, self._average_count),
             "standardization": self.standardization,
-            **self._rng_states(),
+            **rng_states(self.device),
         }
-
-    def _rng_states(self) -> dict:
-        """torch's random states: the CPU's, and the GPU's when training on one."""
-        states = {"rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            states["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return states
-
-    def _set_rng_states(self, states: dict) -> None:
-        torch.set_rng_state(states["rng"].cpu())
-        if "cuda_rng" in states and self.device.type == "cuda":
-            torch.cuda.set_rng_state(states["cuda_rng"].cpu(), self.device)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`state_dict` to ``path`` atomically."""
@@ -635,4 +623,4 @@ class EBMTrainer:
         self._loc, self._scale = state.get("standardization") or (None, None)
         self.step = state["step"]
         self.elapsed = state["elapsed"]
-        self._set_rng_states(state)
+        set_rng_states(state, self.device)
