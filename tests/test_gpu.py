@@ -5,6 +5,8 @@ Skipped where no CUDA device is present (CI, most machines); run on a GPU with
 ``pyro-ebm train --device cuda`` had first failed in the trainer's grid quadrature (built on the
 CPU), and runs of this file failed on ``AdaptiveFlowMCMC`` spreading its walkers on the CPU
 and on ``EBMTrainer``'s resume after an interrupt (the GPU's random state not rolled back).
+The ninth session merged the two Pyro MCMC set-ups into ``_pyro_mcmc_samples`` and ran the
+tests that use it on a CPU (this file with the device switched to ``cpu``), not on a GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,24 @@ def _float32():
     torch.set_default_dtype(torch.float32)
     yield
     torch.set_default_dtype(old)
+
+
+def _pyro_mcmc_samples(kernel, num: int) -> torch.Tensor:
+    """``num`` draws (after ``num`` warmup steps) of a 2-D kernel through Pyro's MCMC, started at
+    the origin on the GPU; checked to be finite and on the GPU."""
+    from pyro.infer import MCMC
+
+    mcmc = MCMC(
+        kernel,
+        num_samples=num,
+        warmup_steps=num,
+        initial_params={"x": torch.zeros(2, device=CUDA)},
+        disable_progbar=True,
+    )
+    mcmc.run()
+    x = mcmc.get_samples()["x"]
+    assert x.device.type == "cuda" and x.shape == (num, 2) and torch.isfinite(x).all()
+    return x
 
 
 def test_adaptive_flow_sampler_on_the_gpu():
@@ -82,8 +102,6 @@ def test_ebflow_trainer_on_the_gpu(objective):
 
 
 def test_adaptive_flow_mcmc_through_pyro_on_the_gpu():
-    from pyro.infer import MCMC
-
     import pyro_ebm
     from pyro_ebm.datasets import two_to_one
     from pyro_ebm.infer import AdaptiveFlowMCMC
@@ -91,22 +109,11 @@ def test_adaptive_flow_mcmc_through_pyro_on_the_gpu():
     torch.manual_seed(0)
     target = two_to_one()
     kernel = AdaptiveFlowMCMC(potential_fn=pyro_ebm.potential_fn(target.potential), num_walkers=16)
-    mcmc = MCMC(
-        kernel,
-        num_samples=100,
-        warmup_steps=100,
-        initial_params={"x": torch.zeros(2, device=CUDA)},
-        disable_progbar=True,
-    )
-    mcmc.run()
-    x = mcmc.get_samples()["x"]
-    assert x.device.type == "cuda" and x.shape == (100, 2) and torch.isfinite(x).all()
+    _pyro_mcmc_samples(kernel, 100)
 
 
 @pytest.mark.parametrize("name", ["MALA", "FlowIMH", "FlowISIR", "FlowHMC"])
 def test_kernels_through_pyro_on_the_gpu(name):
-    from pyro.infer import MCMC
-
     import pyro_ebm
     import pyro_ebm.infer as infer
     from pyro_ebm.flows import RealNVP
@@ -117,16 +124,7 @@ def test_kernels_through_pyro_on_the_gpu(name):
     kwargs = {} if name == "MALA" else {"flow": RealNVP(2, num_layers=2).to(CUDA)}
     if name == "FlowHMC":
         kwargs.update(step_size=0.5, num_steps=4)
-    mcmc = MCMC(
-        getattr(infer, name)(potential_fn=potential, **kwargs),
-        num_samples=50,
-        warmup_steps=50,
-        initial_params={"x": torch.zeros(2, device=CUDA)},
-        disable_progbar=True,
-    )
-    mcmc.run()
-    x = mcmc.get_samples()["x"]
-    assert x.device.type == "cuda" and x.shape == (50, 2) and torch.isfinite(x).all()
+    _pyro_mcmc_samples(getattr(infer, name)(potential_fn=potential, **kwargs), 50)
 
 
 def test_ebm_trainer_resumes_exactly_on_the_gpu(tmp_path):
