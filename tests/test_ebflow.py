@@ -203,6 +203,13 @@ def test_read_idx_plain_gzip_bigendian_and_errors(tmp_path):
         read_idx(tmp_path / "bad")
     with pytest.raises(FileNotFoundError):
         read_idx(tmp_path / "missing")
+    (tmp_path / "gz-without-suffix").write_bytes(gzip.compress(raw))
+    assert torch.equal(read_idx(tmp_path / "gz-without-suffix"), images)
+    (tmp_path / "empty").write_bytes(struct.pack(">HBB3I", 0, 0x08, 3, 0, 28, 28))
+    assert read_idx(tmp_path / "empty").shape == (0, 28, 28)
+    (tmp_path / "short-header").write_bytes(struct.pack(">HBB2I", 0, 0x08, 3, 2, 3))
+    with pytest.raises(ValueError, match="truncated header"):
+        read_idx(tmp_path / "short-header")
     digits = load_digits()
     assert digits.shape == (1797, 64) and digits.dtype == torch.uint8 and digits.max() == 255
 

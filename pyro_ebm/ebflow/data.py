@@ -43,20 +43,25 @@ def read_idx(path: str | os.PathLike) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"IDX file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    with open(path, "rb") as f:
         raw = f.read()
+    if raw[:2] == b"\x1f\x8b":  # gzip's magic bytes, whatever the file's suffix
+        raw = gzip.decompress(raw)
     if len(raw) < 4:
         raise ValueError(f"{path} is not an IDX file (too short)")
     zero, code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or code not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated header ({ndim} dimensions announced)")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     dtype = _IDX_DTYPES[code]
     data = raw[4 + 4 * ndim :]
-    expected = int(torch.tensor(shape).prod()) * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise ValueError(f"{path}: {len(data)} data bytes, expected {expected} for {shape}")
+    if not data:  # a valid file with no items
+        return torch.empty(shape, dtype=dtype)
     t = torch.frombuffer(bytearray(data), dtype=dtype)
     if dtype.itemsize > 1:  # IDX is big-endian
         t = t.view(torch.uint8).reshape(-1, dtype.itemsize).flip(-1).reshape(-1).view(dtype)
