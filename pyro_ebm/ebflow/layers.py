@@ -217,7 +217,7 @@ class SmoothLeakyReLU(ElementwiseLayer):
             fx, slope, _, _ = self._derivatives(x)
             step = (fx - y) / slope
             x = x - step
-            if step.abs().max() < 1e-12:
+            if step.numel() == 0 or step.abs().max() < 1e-12:
                 break
         return x
 
@@ -269,7 +269,9 @@ class Logit(ElementwiseLayer):
         return y, d1, d2, d3
 
     def inverse(self, y: Tensor) -> Tensor:
-        return (torch.sigmoid(y) - self.lam) / (1 - 2 * self.lam)
+        """Clamped to ``[0, 1]`` (where ``sigmoid`` rounds below ``lam`` or to 1), so that the
+        forward map stays finite on what comes back."""
+        return ((torch.sigmoid(y) - self.lam) / (1 - 2 * self.lam)).clamp(0.0, 1.0)
 
 
 def _check_image_shape(name: str, shape: Sequence[int]) -> tuple[int, int, int]:

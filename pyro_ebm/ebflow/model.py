@@ -45,8 +45,9 @@ class EBFlow(EnergyModel):
 
     - :meth:`energy` leaves out the linear layers' log-determinants (it plugs into
       :func:`pyro_ebm.potential_fn` and the kernels of :mod:`pyro_ebm.infer`);
-    - :meth:`log_prob` is exact: it adds :meth:`log_normalizer`, computed once with ``slogdet``
-      and cached while the model is in eval mode (recomputed in train mode);
+    - :meth:`log_prob` is exact: it adds :meth:`log_normalizer`, computed with ``slogdet`` and
+      cached while the model is in eval mode and its weights do not change (recomputed in
+      train mode, and after any change of the weights: an optimiser step, ``load_state_dict``);
     - :meth:`sample` inverts the layers (Newton's method for the smooth leaky ReLU).
 
     :param layers: the layers ``g_1, ..., g_L`` (applied in this order to ``x``).
@@ -63,7 +64,8 @@ class EBFlow(EnergyModel):
     def __init__(self, layers: Sequence[EBFlowLayer], dim: int) -> None:
         super().__init__(dim)
         self.layers = nn.ModuleList(layers)
-        self._cached_log_z: Tensor | None = None
+        #: ``(weights' versions, log Z)`` cached in eval mode (see :meth:`log_normalizer`)
+        self._cached_log_z: tuple[tuple, Tensor] | None = None
         #: whether :meth:`initialize` has run (saved with the weights)
         self.register_buffer("initialized", torch.tensor(False))
 
@@ -206,14 +208,18 @@ class EBFlow(EnergyModel):
         return -g
 
     def log_normalizer(self) -> Tensor:
-        r""":math:`\log Z = -\sum_{\text{linear}} \log|\det J|` (cached in eval mode)."""
+        r""":math:`\log Z = -\sum_{\text{linear}} \log|\det J|`, cached in eval mode until
+        a weight changes (each weight's storage, dtype and in-place version counter is the
+        cache's key)."""
+        key = tuple((p.data_ptr(), p.dtype, p._version) for p in self.parameters())
         if not self.training and self._cached_log_z is not None:
-            return self._cached_log_z
+            if self._cached_log_z[0] == key:
+                return self._cached_log_z[1]
         log_z = -sum(
             (layer.log_det() for layer in self.layers if layer.linear), start=torch.zeros(())
         )
         if not self.training:
-            self._cached_log_z = log_z.detach()
+            self._cached_log_z = (key, log_z.detach())
         return log_z
 
     def train(self, mode: bool = True) -> EBFlow:

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from pyro_ebm._checks import check_int, check_positive
 from pyro_ebm.train.checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
+from pyro_ebm.train.trainer import needs_standardization
 
 from .layers import Logit, zca_whitening
 from .model import EBFlow
@@ -64,19 +65,42 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
-def _dequantise(images: Tensor) -> Tensor:
-    """uint8 pixels ``k`` to ``(k + u) / 256`` in (0, 1), ``u ~ U(0, 1)`` drawn on their device."""
-    noise = torch.rand(images.shape, device=images.device)
-    return (images.to(torch.get_default_dtype()) + noise) / 256.0
+def _dequantise(images: Tensor, dtype: torch.dtype) -> Tensor:
+    """uint8 pixels ``k`` to ``(k + u) / 256`` in (0, 1) of ``dtype``, ``u ~ U(0, 1)`` drawn on
+    their device."""
+    noise = torch.rand(images.shape, device=images.device, dtype=dtype)
+    return (images.to(dtype) + noise) / 256.0
 
 
-def _looks_quantised(data: Tensor, n: int = 10_000) -> bool:
-    """Floats in [0, 1] taking at most 256 distinct values among at least 1024 (in up to ``n``
-    examples)."""
+def _quantisation_warning(data: Tensor, n: int = 10_000) -> str | None:
+    """Why non-``uint8`` training data look discrete (integer dtype; floats in [0, 1] with at
+    most 256 distinct values; integer-valued floats), judged on up to ``n`` examples with at
+    least 1024 values, or ``None``."""
+    if not data.is_floating_point():
+        return (
+            f"data have the integer dtype {data.dtype}: only uint8 images are dequantised; "
+            "these values are treated as continuous, so each is a point mass to the density. "
+            "Pass uint8 images, or add U(0, 1) noise to counts yourself."
+        )
     sample = data[:n]
-    if sample.numel() < 1024 or float(sample.min()) < 0.0 or float(sample.max()) > 1.0:
-        return False
-    return torch.unique(sample).numel() <= 256
+    if sample.numel() < 1024:
+        return None
+    if float(sample.min()) >= 0.0 and float(sample.max()) <= 1.0:
+        if torch.unique(sample).numel() <= 256:
+            return (
+                "data are floats in [0, 1] with at most 256 distinct values, like images "
+                "scaled from [0, 255]: only uint8 images are dequantised (and logit-transformed "
+                "under MaP); as floats, their NLL is not per image on [0, 256) and score "
+                "matching sees point masses. Pass (data * 255).round().to(torch.uint8)."
+            )
+        return None
+    if bool((sample == sample.round()).all()):
+        return (
+            "data are integer-valued floats: a density model sees each value as a point mass "
+            "(score matching and the NLL are then meaningless). Pass images in [0, 255] as "
+            "uint8 (they are dequantised), or add U(0, 1) noise to counts yourself."
+        )
+    return None
 
 
 class EBFlowTrainer:
@@ -86,16 +110,24 @@ class EBFlowTrainer:
     :param objective: ``"ml"``, ``"sml"``, ``"ssm"``, ``"dsm"`` or ``"fdssm"`` (see
         :mod:`pyro_ebm.ebflow.objectives`).
     :param map: match after pre-processing: images go through the logit outside the model
-        (and are whitened with ``whiten``); vectors are whitened with ``whiten``.
+        (and are whitened with ``whiten``); vectors are whitened with ``whiten``. With
+        ``map=False`` and images, the logit becomes the model's first layer: it is inserted
+        into ``model`` itself at the first :meth:`fit` (its ``state_dict`` then has the extra
+        layer); ``"dsm"`` and ``"fdssm"`` are refused there (their perturbations leave the
+        logit's domain).
     :param whiten: under MaP, whiten the (pre-processed) data with a fixed affine map fitted
         at the first :meth:`fit` (module docstring); :attr:`model` then models the whitened
         data, and :meth:`nll`, :meth:`sample` and :meth:`impute` work on the original scale.
         Default (``None``): vectors whose covariance has a condition number above
-        :attr:`WHITEN_CONDITION` (10) are whitened, images and well-conditioned vectors are
-        not. On tabular data (scikit-learn's breast cancer and wine) score matching without it
+        :attr:`WHITEN_CONDITION` (10), or that are far from centred and unit-scaled
+        (:func:`~pyro_ebm.train.trainer.needs_standardization`, the rule of
+        :class:`~pyro_ebm.train.EBMTrainer`), are whitened; images and other vectors are not.
+        On tabular data (scikit-learn's breast cancer and wine) score matching without it
         ended tens to thousands of nats from maximum likelihood; on the 2-D toys (condition
         numbers 1.4-3) it made SSM worse (sine: 6.7 against 4.8 nats), hence the threshold
-        (``benchmarks/RESULTS.md``).
+        (``benchmarks/RESULTS.md``). Data at mean 1000 and sd 0.01 (3-D, well conditioned)
+        ended thousands of nats off with every objective until the second rule was added:
+        Adam's steps cannot carry the biases that far.
     :param ema: EMA decay of the weights (``None``: no EMA).
     :param lr: Adam learning rate.
     :param lr_schedule: ``"cosine"`` (default: the rate decays to 0 over the steps of each
@@ -132,6 +164,8 @@ class EBFlowTrainer:
 
     #: vectors are whitened by default when their covariance's condition number exceeds this
     WHITEN_CONDITION = 10.0
+    #: :meth:`fit` stops when this many steps in a row had a non-finite loss
+    MAX_NONFINITE = 100
 
     def __init__(
         self,
@@ -160,6 +194,8 @@ class EBFlowTrainer:
             raise ValueError(f"ema must lie in (0, 1) or be None, got {ema!r}")
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if max_grad_norm is not None:
+            max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
         if seed is not None:
             torch.manual_seed(seed)
         self.objective = objective
@@ -191,6 +227,10 @@ class EBFlowTrainer:
         self.opt = make_adam(model.parameters(), check_positive("lr", lr))
         self.ema_model = copy.deepcopy(model) if ema is not None else model
         self.step = 0
+        #: the step at which the current (or last) :meth:`fit` call started
+        self._run_start = 0
+        #: ``(nll, EMA weights)`` of the best validation so far in the current :meth:`fit` call
+        self._best: tuple[float, dict] | None = None
         self.losses: list[float] = []
         #: ``(step, nll)`` of each evaluation on :meth:`fit`'s ``validation`` data
         self.validation_nll: list[tuple[int, float]] = []
@@ -203,7 +243,7 @@ class EBFlowTrainer:
     def _elementwise(self, data: Tensor) -> Tensor:
         """Dequantise images and apply the logit under MaP; floats pass through."""
         if data.dtype == torch.uint8:
-            x = _dequantise(data)
+            x = _dequantise(data, next(self.model.parameters()).dtype)
             return self._logit(x)[0] if self.map else x
         return data
 
@@ -222,7 +262,8 @@ class EBFlowTrainer:
     def _fit_whitening(self, data: Tensor, n: int = 10_000) -> None:
         """The whitening map of up to ``n`` random training examples (after :meth:`_elementwise`),
         at the first fit of a fresh trainer under MaP when ``whiten`` says so (by default:
-        vectors whose covariance has a condition number above :attr:`WHITEN_CONDITION`)."""
+        vectors whose covariance has a condition number above :attr:`WHITEN_CONDITION`, or far
+        from centred and unit-scaled by :func:`~pyro_ebm.train.trainer.needs_standardization`)."""
         auto = self.whiten is None
         if not self.map or self._whitening is not None or self.step > 0:
             return
@@ -230,7 +271,7 @@ class EBFlowTrainer:
             return
         with torch.no_grad():
             x = self._elementwise(data[torch.randperm(len(data))[:n]])
-        if auto:
+        if auto and not needs_standardization(x):
             lam = torch.linalg.eigvalsh(torch.cov(x.T.double()).reshape(x.shape[1], -1))
             if lam[-1] <= self.WHITEN_CONDITION * lam[0].clamp_min(0.0):
                 return
@@ -239,7 +280,19 @@ class EBFlowTrainer:
 
     def _setup_for(self, images: bool) -> None:
         """At the first fit, when the kind of data is known: without MaP the logit becomes the
-        model's first layer; the default DSM noise level is set."""
+        model's first layer; the default DSM noise level is set. Later fits must bring the same
+        kind of data."""
+        kinds = {True: "uint8 images", False: "float vectors"}
+        if self._images is not None and images != self._images:
+            raise ValueError(
+                f"data are {kinds[images]}, but this trainer was fitted on {kinds[self._images]}"
+            )
+        if images and not self.map and self.objective in ("dsm", "fdssm"):
+            raise ValueError(
+                f"objective={self.objective!r} with map=False perturbs the pixels in [0, 1], "
+                "outside the model's logit layer's domain (0, 1), so every loss is nan; use "
+                "map=True (the default) or objective='ssm'"
+            )
         if self._images is None:
             self._images = images
             if images and not self.map:
@@ -260,14 +313,22 @@ class EBFlowTrainer:
         checkpoint_every: int = 1000,
         validation: Tensor | None = None,
         eval_every: int = 500,
+        resume: bool = False,
     ) -> list[float]:
         """Train for ``num_steps`` more steps on minibatches drawn with replacement (the cosine
         schedule spans these steps); returns the losses of all steps so far.
+
+        A step whose loss is not finite is skipped (the weights do not move) with a warning;
+        after :attr:`MAX_NONFINITE` such steps in a row training stops with a ``RuntimeError``.
 
         :param checkpoint: file the whole trainer (:meth:`save`) is written to, atomically, every
             ``checkpoint_every`` steps, at the end, and when the run stops on an exception
             (``KeyboardInterrupt`` included, re-raised after the write); :meth:`load` restores
             it.
+        :param resume: with ``checkpoint``, load that file first if it exists and finish the
+            ``fit`` call that wrote it: ``num_steps`` then counts from that call's first step,
+            so re-running the same line after an interruption continues the run exactly (the
+            same schedule, random draws and, with ``validation``, best weights so far).
         :param validation: held-out data of the same kind as ``data``. Every ``eval_every``
             steps and at the end, :meth:`nll` of the EMA weights on it (with a fixed
             dequantisation draw, outside the training's random stream) is appended to
@@ -282,40 +343,86 @@ class EBFlowTrainer:
         check_int("batch_size", batch_size, 1)
         check_int("checkpoint_every", checkpoint_every, 1)
         check_int("eval_every", eval_every, 1)
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs a checkpoint path")
         data = self._check_data("data", data, warn_quantised=True)
+        if len(data) < 2:
+            raise ValueError(f"data must have at least 2 examples, got {len(data)}")
         if validation is not None:
             validation = self._check_data("validation", validation)
             if (validation.dtype == torch.uint8) != (data.dtype == torch.uint8):
                 raise ValueError(
                     "validation must be of the same kind as data (uint8 images or floats)"
                 )
+        if resume and os.path.isfile(checkpoint):
+            self.load(checkpoint)  # also restores where the interrupted call started
+        else:
+            self._run_start, self._best = self.step, None
         self._setup_for(data.dtype == torch.uint8)
         self._fit_whitening(data)
         if self.data_init and self.step == 0 and not bool(self.model.initialized):
             self._initialize(data)
-        steps = range(num_steps)
+        self.model.train()  # (log Z must not come from an eval-mode cache)
+        done = self.step - self._run_start
+        bar = None
         if progress:
-            from tqdm.auto import trange
+            from tqdm.auto import tqdm
 
-            steps = trange(num_steps, desc=f"EBFlow ({self.objective})")
-        best: tuple[float, dict] | None = None
+            bar = tqdm(total=num_steps, initial=done, desc=f"EBFlow ({self.objective})")
+        completed, nonfinite, skipped, snapshot = False, 0, 0, None
         try:
-            for i in steps:
-                self._train_step(data, batch_size, i, num_steps)
+            for i in range(done, num_steps):
+                snapshot = (rng_states(self._device), self.step)  # to roll back a cut step
+                if self._train_step(data, batch_size, i, num_steps):
+                    nonfinite = 0
+                else:
+                    nonfinite, skipped = nonfinite + 1, skipped + 1
+                    self._check_progress(nonfinite, skipped)
                 if validation is not None and ((i + 1) % eval_every == 0 or i + 1 == num_steps):
                     nll = self._validate(validation)
-                    if best is None or nll < best[0]:  # (a non-finite NLL counts as +inf)
-                        best = (nll, copy.deepcopy(self.ema_model.state_dict()))
-                    if progress:
-                        steps.set_postfix(val_nll=f"{nll:.4g}", best=f"{best[0]:.4g}")
+                    if self._best is None or nll < self._best[0]:  # (non-finite: +inf)
+                        self._best = (nll, copy.deepcopy(self.ema_model.state_dict()))
+                    if bar is not None:
+                        bar.set_postfix(val_nll=f"{nll:.4g}", best=f"{self._best[0]:.4g}")
                 if checkpoint is not None and (i + 1) % checkpoint_every == 0:
                     self.save(checkpoint)
-        finally:  # also when interrupted: the best weights are kept, then saved
-            if best is not None:
-                self.ema_model.load_state_dict(best[1])
-            if checkpoint is not None:
+                if bar is not None:
+                    bar.update(1)
+            completed = True
+        finally:
+            if bar is not None:
+                bar.close()
+            if not completed and snapshot is not None and self.step == snapshot[1]:
+                set_rng_states(snapshot[0], self._device)  # cut mid-step: as before the step
+            if checkpoint is not None and not completed:
+                self.save(checkpoint)  # the state to resume from, best weights alongside
+            if self._best is not None:  # the best EMA weights, kept also when interrupted
+                self.ema_model.load_state_dict(self._best[1])
+                self._best = None
+            if checkpoint is not None and completed:
                 self.save(checkpoint)
         return self.losses
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _check_progress(self, nonfinite: int, skipped: int) -> None:
+        """After a step with a non-finite loss (``nonfinite`` in a row, ``skipped`` in this
+        call): warn at the first of the call; stop after :attr:`MAX_NONFINITE` in a row."""
+        if skipped == 1:
+            warnings.warn(
+                f"step {self.step}: the loss is not finite; the step is skipped (the weights "
+                "do not move). A lower lr or max_grad_norm may help.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if nonfinite >= self.MAX_NONFINITE:
+            raise RuntimeError(
+                f"the loss was not finite at the last {nonfinite} steps (up to step "
+                f"{self.step}): training is not progressing. Check the data and the objective's "
+                "settings; a lower lr or max_grad_norm may help."
+            )
 
     def _initialize(self, data: Tensor, n: int = 1000) -> None:
         """Data-dependent initialisation on ``n`` random training examples (the EMA weights
@@ -329,9 +436,14 @@ class EBFlowTrainer:
         if self.ema_model is not self.model:
             self.ema_model.load_state_dict(self.model.state_dict())
 
-    def _check_data(self, name: str, data: Tensor, warn_quantised: bool = False) -> Tensor:
-        """``data`` checked and moved to the model's device; floats are returned in the model's
-        dtype."""
+    def _check_data(
+        self, name: str, data: Tensor, warn_quantised: bool = False, allow_nan: bool = False
+    ) -> Tensor:
+        """``data`` (a tensor or array) checked and moved to the model's device; ``uint8``
+        images are kept, anything else is returned in the model's dtype. ``warn_quantised``
+        (training data) warns about data that look discrete and about constant coordinates."""
+        if not isinstance(data, Tensor) and hasattr(data, "__array__"):
+            data = torch.as_tensor(data)
         if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[1] != self.model.dim:
             shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
             hint = ""
@@ -341,29 +453,34 @@ class EBFlowTrainer:
         param = next(self.model.parameters())
         if data.dtype == torch.uint8:
             return data.to(param.device)
-        if not torch.isfinite(data).all():
+        if data.is_floating_point() and not allow_nan and not torch.isfinite(data).all():
             raise ValueError(f"{name} must be finite (found nan or inf)")
-        if warn_quantised and _looks_quantised(data):
-            warnings.warn(
-                "data are floats in [0, 1] with at most 256 distinct values, like images "
-                "scaled from [0, 255]: only uint8 images are dequantised (and logit-transformed "
-                "under MaP); as floats, their NLL is not per image on [0, 256) and score "
-                "matching sees point masses. Pass (data * 255).round().to(torch.uint8).",
-                stacklevel=3,  # the user's fit() call
-            )
+        if warn_quantised:
+            message = _quantisation_warning(data)
+            if message is not None:
+                warnings.warn(message, stacklevel=3)  # the user's fit() call
+            sample = data[:10_000]
+            constant = (sample == sample[:1]).all(0).nonzero().flatten().tolist()
+            if len(data) > 1 and constant:
+                warnings.warn(
+                    f"{name} coordinates {constant[:10]} are constant: a density has no finite "
+                    "value on them (the NLL comes out arbitrary); drop them.",
+                    stacklevel=3,
+                )
         return data.to(device=param.device, dtype=param.dtype)
 
     def _validate(self, data: Tensor) -> float:
         """:meth:`nll` on ``data`` with a fixed dequantisation draw, recorded in
         :attr:`validation_nll`; the training's random stream is left untouched."""
-        device = next(self.model.parameters()).device
+        device = self._device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)
             nll = self.nll(data)
         self.validation_nll.append((self.step, nll))
         return nll if math.isfinite(nll) else math.inf
 
-    def _train_step(self, data: Tensor, batch_size: int, i: int, num_steps: int) -> None:
+    def _train_step(self, data: Tensor, batch_size: int, i: int, num_steps: int) -> bool:
+        """One optimiser step (skipped when the loss is not finite); whether it was taken."""
         if self.lr_schedule == "cosine":
             for group in self.opt.param_groups:
                 group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * i / num_steps))
@@ -372,7 +489,8 @@ class EBFlowTrainer:
         if self.energy_reg:
             loss = loss + self.energy_reg * self.model.energy(x).mean()
         self.opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if finite:
             loss.backward()
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
@@ -380,12 +498,14 @@ class EBFlowTrainer:
         self.step += 1
         self._update_ema()
         self.losses.append(float(loss.detach()))
+        return finite
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict:
         """Everything needed to continue training: weights, EMA weights, optimizer, step,
-        losses, the kind of data seen, the DSM noise level and torch's RNG states (the CPU's,
-        and the model's GPU's when it is on one)."""
+        losses, the kind of data seen, the DSM noise level, the whitening, where the current
+        :meth:`fit` call started and its best validated weights, and torch's RNG states (the
+        CPU's, and the model's GPU's when it is on one)."""
         return {
             "model": self.model.state_dict(),
             "ema_model": None if self.ema_model is self.model else self.ema_model.state_dict(),
@@ -396,7 +516,9 @@ class EBFlowTrainer:
             "images": self._images,
             "sigma": self.sigma,
             "whitening": self._whitening,
-            **rng_states(next(self.model.parameters()).device),
+            "run_start": self._run_start,
+            "best": self._best,
+            **rng_states(self._device),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -404,12 +526,24 @@ class EBFlowTrainer:
         if state["images"] is not None:
             self._setup_for(state["images"])  # the same layers (logit without MaP)
         self.model.load_state_dict(state["model"])
-        if state["ema_model"] is not None:
+        if state["ema_model"] is None:
+            if self.ema_model is not self.model:  # saved with ema=None: the EMA starts here
+                self.ema_model.load_state_dict(state["model"])
+        elif self.ema_model is self.model:
+            warnings.warn(
+                "the checkpoint has EMA weights, but this trainer has ema=None: they are "
+                "dropped (nll and sample use the training weights); build the trainer with ema "
+                "to keep them",
+                stacklevel=2,
+            )
+        else:
             self.ema_model.load_state_dict(state["ema_model"])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.losses = state["step"], list(state["losses"])
+        self._run_start = state.get("run_start", self.step)
+        self._best = state.get("best")
         self.validation_nll = [tuple(v) for v in state.get("validation_nll", [])]
-        device = next(self.model.parameters()).device
+        device = self._device
         whitening = state.get("whitening")
         if whitening is not None:  # onto this trainer's device (a GPU checkpoint on a CPU)
             whitening = (whitening[0].to(device), whitening[1].to(device), whitening[2])
@@ -445,7 +579,7 @@ class EBFlowTrainer:
         total = 0.0
         for chunk in data.split(batch_size):
             if images:
-                x = _dequantise(chunk)
+                x = _dequantise(chunk, next(model.parameters()).dtype)
                 if self.map:
                     y, ld = self._logit(x)
                     lp = self._log_prob(model, y) + ld
@@ -482,17 +616,24 @@ class EBFlowTrainer:
         space (an element-wise bijection, so conditioning there is conditioning on the pixels),
         before the whitening (which mixes coordinates; its Jacobian is constant).
 
-        :param data: ``(n, D)`` images (``uint8``) or vectors.
+        The chains start from the missing coordinates of exact model samples (by inversion),
+        whatever the values at those positions in ``data``.
+
+        :param data: ``(n, D)`` images (``uint8``) or vectors (``nan`` allowed where missing).
         :param missing: ``(D,)`` boolean mask of the missing coordinates (the same for all).
         :returns: ``(n, D)`` on the data scale (images: pixel values in ``[0, 256)``).
         """
         from pyro_ebm.samplers import StepSizeAdapter, init_state, mala_step
 
-        data = self._check_data("data", data)
+        data = self._check_data("data", data, allow_nan=True)
         missing = torch.as_tensor(missing, dtype=torch.bool)
         if missing.shape != (self.model.dim,):
             raise ValueError(f"missing must be a ({self.model.dim},) boolean mask")
         missing = missing.to(data.device)
+        if data.is_floating_point() and not torch.isfinite(data[:, ~missing]).all():
+            raise ValueError("data must be finite at the observed coordinates (~missing)")
+        if data.is_floating_point():
+            data = data.masked_fill(missing, 0.0)  # (nan there would poison the whitening)
         model = self.ema_model
         with torch.no_grad():
             full = self._elementwise(data)
@@ -507,9 +648,8 @@ class EBFlowTrainer:
         def potential(x_missing: Tensor) -> Tensor:
             return model.energy(self._whiten(assemble(x_missing)))
 
-        start = full[:, missing].mean() + full[:, ~missing].std() * torch.randn(
-            len(full), int(missing.sum()), dtype=full.dtype, device=full.device
-        )
+        with torch.no_grad():
+            start = self._unwhiten(model.sample(len(full)))[:, missing]
         state = init_state(potential, start)
         adapter = StepSizeAdapter(step_size, target_accept)
         eps = step_size
