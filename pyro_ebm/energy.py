@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import pyro
@@ -516,6 +517,15 @@ class ModelEnergy(EnergyModel):
         x = self.check_input(x)
         if self._vectorized is None and x.shape[0] > 1:
             self._vectorized = self._check_vectorized(x[:3])
+            if not self._vectorized and not self._enumerated:
+                warnings.warn(
+                    "ModelEnergy: the model does not broadcast over an extra batch dimension "
+                    "left of its plates, so batches of parameters (walkers, particles) are "
+                    "evaluated one model run each, which is slow. Write the model so that "
+                    "batched latents broadcast (e.g. (X * w[..., None, :]).sum(-1) instead of "
+                    "X @ w; see Pyro's tensor shapes tutorial).",
+                    stacklevel=2,
+                )
         if self._vectorized and x.shape[0] > 1:
             return self._batched_energy(x)
         return self._looped_energy(x)  # one row: one plain model execution, no outer plate
@@ -530,8 +540,8 @@ class ModelEnergy(EnergyModel):
         n, nest = x.shape[0], self._max_plate_nesting
         u = self.unflatten(x)
         c = {k: self.transforms[k].inv(v) for k, v in u.items()}
-        data = {
-            k: v.reshape((n,) + (1,) * (nest - self._batch_ranks[k]) + self.site_shapes[k])
+        data = {  # (constrained shapes: a simplex has one entry more than its coordinates)
+            k: v.reshape((n,) + (1,) * (nest - self._batch_ranks[k]) + v.shape[1:])
             for k, v in c.items()
         }
         with pyro.plate("_pyro_ebm_batch", n, dim=-(nest + 1)):
