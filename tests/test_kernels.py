@@ -247,6 +247,48 @@ def test_bad_numbers_of_particles_and_walkers():
         MALA(potential_fn=pot, step_size=0.0)
     with pytest.raises(ValueError, match="init_scale"):
         AdaptiveFlowMCMC(potential_fn=pot, init_scale=0.0)
+    # found by a new user's probe: each was accepted, then crashed, hung or froze the chain
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="num_local_steps"):
+            AdaptiveFlowMCMC(potential_fn=pot, num_local_steps=bad)
+    with pytest.raises(ValueError, match="block_size"):
+        AdaptiveFlowMCMC(potential_fn=pot, block_size=0)
+    with pytest.raises(ValueError, match="min_global_accept"):
+        AdaptiveFlowMCMC(potential_fn=pot, min_global_accept=1.5)
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="step_size"):
+            MALA(potential_fn=pot, step_size=bad)
+    for cls in (FlowHMC, FlowNUTS):
+        with pytest.raises(ValueError, match="step_size"):
+            cls(potential_fn=pot, flow=small_flow(), step_size=-1.0)
+    with pytest.raises(ValueError, match="num_steps"):
+        FlowHMC(potential_fn=pot, flow=small_flow(), num_steps=0)
+
+
+@pytest.mark.parametrize("name", ["MALA", "FlowHMC", "FlowNUTS"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_local_kernels_refuse_a_start_where_the_potential_is_not_finite(name, bad):
+    """MALA froze there silently, Pyro's HMC hangs and its NUTS fails obscurely."""
+    pot = pyro_ebm.potential_fn(HoleyGaussian(bad))
+    with pytest.raises(ValueError, match="not finite at the initial point"):
+        run(make_kernel(name, potential_fn=pot), initial_params={"x": torch.tensor([3.0, 0.0])})
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_potentials_of_the_wrong_shape_get_a_clear_error(name):
+    def vector_potential(params):
+        return 0.5 * params["x"] ** 2  # (2,) instead of a scalar
+
+    with pytest.raises(ValueError, match="potential_fn must return a scalar tensor, got \\(2,\\)"):
+        run(make_kernel(name, potential_fn=vector_potential), initial_params={"x": torch.zeros(2)})
+
+    class SummedEnergy(pyro_ebm.EnergyModel):
+        def energy(self, x):
+            return 0.5 * (x**2).sum()  # one value for the whole batch
+
+    pot = pyro_ebm.potential_fn(SummedEnergy(2))
+    with pytest.raises(ValueError, match="one value per row"):
+        run(make_kernel(name, potential_fn=pot), initial_params={"x": torch.zeros(2)})
 
 
 # --------------------------------------------------------------------------------------------

@@ -673,7 +673,9 @@ def test_flow_moves_never_take_nonfinite_proposals(move, bad):
             assert torch.equal(info.nonfinite, bad_draws[:, 0])
             assert not (info.accepted & info.nonfinite).any()
         else:
-            assert torch.equal(info.nonfinite, bad_draws.any(1))
+            # flagged only when no candidate was usable (on a target with restricted support
+            # some bad candidates are routine; flagging them marked every draw divergent)
+            assert torch.equal(info.nonfinite, bad_draws.all(1))
             # the walkers that moved went to one of their finite proposals
             rows = info.accepted.nonzero()[:, 0]
             hit = (state.x[rows, None] == draw.x[rows]).all(-1) & ~bad_draws[rows]

@@ -129,6 +129,8 @@ class AdaptiveFlowMCMC(WalkerKernel):
                 f"production_local_steps must be an integer >= 0, got {production_local_steps!r}"
             )
         self.production_local_steps = production_local_steps
+        if not 0.0 <= min_global_accept <= 1.0:
+            raise ValueError(f"min_global_accept must lie in [0, 1], got {min_global_accept!r}")
         self.min_global_accept = min_global_accept
         self.init_scale = init_scale
         self.sampler_options = dict(

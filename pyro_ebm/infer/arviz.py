@@ -51,7 +51,8 @@ def to_arviz(
       ``diagnostics()["sample_stats"]``, see :data:`pyro_ebm.infer.SAMPLE_STATS`):
       ``accept_prob``, ``accepted`` (bool), ``potential_energy``, ``lp`` (:math:`= -U`, the name
       ArviZ reads), ``is_global`` (bool: a flow/global move rather than a local one) and
-      ``diverging`` (bool: the proposal had a non-finite potential). For other kernels (Pyro's
+      ``diverging`` (bool: the proposal, for i-SIR every fresh candidate, had a non-finite
+      potential). For other kernels (Pyro's
       ``HMC``/``NUTS``) only ``diverging``, from ``diagnostics()["divergences"]``; no
       ``sample_stats`` group when the kernel reports neither.
     - ``observed_data`` / ``constant_data`` when given (tensors are converted to NumPy).

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
@@ -181,3 +182,13 @@ def check_flow(flow, dim: int) -> None:
     flow_dim = getattr(flow, "dim", dim)
     if flow_dim != dim:
         raise ValueError(f"flow has dim {flow_dim} but the target has {dim} unconstrained dims")
+
+
+def check_finite_start(potential_energy: Tensor) -> None:
+    """Raise if the potential at a local chain's start is not finite: MALA, HMC and NUTS cannot
+    move from there (Pyro's HMC would hang, its NUTS fail obscurely)."""
+    if not bool(torch.isfinite(torch.as_tensor(potential_energy)).all()):
+        raise ValueError(
+            "the potential is not finite at the initial point: pass initial_params (or an "
+            "init_strategy) where the potential is finite"
+        )

@@ -33,7 +33,7 @@ from ..samplers import (
     isir_step,
     mala_step,
 )
-from .base import WalkerKernel, check_flow
+from .base import WalkerKernel, check_finite_start, check_flow
 
 __all__ = ["MALA", "FlowIMH", "FlowISIR"]
 
@@ -183,7 +183,9 @@ class MALA(WalkerKernel):
         self._adapter.reset(self.initial_step_size)
         if x0 is None:
             x0 = torch.zeros(1, self.target.layout.dim)
-        return self._restart(x0)
+        state = self._restart(x0)
+        check_finite_start(state.potential_energy)
+        return state
 
     def _restart(self, x: Tensor) -> WalkerState:
         return init_state(self.target.potential, x)

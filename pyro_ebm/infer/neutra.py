@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import copy
+import math
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from pyro.util import ignore_jit_warnings
 from torch import Tensor
 
 from ..samplers import PullbackPotential
-from .base import SAMPLE_STATS, TargetKernel, check_flow
+from .base import SAMPLE_STATS, TargetKernel, check_finite_start, check_flow
 
 __all__ = ["FlowHMC", "FlowNUTS", "LatentPotential", "compile_value_and_grad"]
 
@@ -185,6 +186,13 @@ class _NeuTraKernel(TargetKernel):
             # Pyro's default trajectory (2π) is one full period of a standard Gaussian, which is
             # what a good flow's latent space looks like: the chain would return to its start
             kwargs["trajectory_length"] = 2.0
+        step_size = kwargs.get("step_size", 1.0)
+        if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
+            raise ValueError(f"step_size must be a positive finite number, got {step_size!r}")
+        if kwargs.get("num_steps") is not None and (
+            int(kwargs["num_steps"]) != kwargs["num_steps"] or kwargs["num_steps"] < 1
+        ):  # (Pyro's HMC hangs on a negative step size and takes num_steps=0)
+            raise ValueError(f"num_steps must be an integer >= 1, got {kwargs['num_steps']!r}")
         self.inner_kwargs = kwargs
         self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)  # validate the HMC/NUTS options
 
@@ -197,15 +205,14 @@ class _NeuTraKernel(TargetKernel):
                 z0 = self._frozen_flow.base_dist.sample((1,))
             else:
                 z0, _ = self._frozen_flow.inverse(self.target.initial[None])
-        self._inner = self._inner_cls(
-            potential_fn=LatentPotential(
-                self.target.potential,
-                self._frozen_flow,
-                jit_compile=self.inner_kwargs.get("jit_compile", False),
-                jit_options=self.inner_kwargs.get("jit_options"),
-            ),
-            **self.inner_kwargs,
+        latent = LatentPotential(
+            self.target.potential,
+            self._frozen_flow,
+            jit_compile=self.inner_kwargs.get("jit_compile", False),
+            jit_options=self.inner_kwargs.get("jit_options"),
         )
+        check_finite_start(latent({"z": z0[0]}).detach())
+        self._inner = self._inner_cls(potential_fn=latent, **self.inner_kwargs)
         self._inner.initial_params = {"z": z0[0]}
         self._inner.setup(warmup_steps)
         self._warmup_steps = warmup_steps

@@ -52,7 +52,11 @@ class _DictPotential:
         self.vectorized: bool | None = None
 
     def _one(self, row: Tensor) -> Tensor:
-        return self.potential_fn(self.layout.unflatten(row))
+        value = self.potential_fn(self.layout.unflatten(row))
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"potential_fn must return a scalar tensor, got {shape}")
+        return value.reshape(())
 
     def _loop(self, x: Tensor) -> Tensor:
         return torch.stack([self._one(row) for row in x])
@@ -81,7 +85,15 @@ class _EnergyOnSite:
         self.site_shape = site_shape
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.energy(x.reshape((-1,) + self.site_shape[-1:])).reshape(x.shape[0], -1).sum(1)
+        rows = x.reshape((-1,) + self.site_shape[-1:])
+        out = self.energy(rows)
+        if not isinstance(out, Tensor) or out.shape != rows.shape[:1]:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"the energy must return one value per row, shape ({len(rows)},) for input of "
+                f"shape {tuple(rows.shape)}, got {shape}"
+            )
+        return out.reshape(x.shape[0], -1).sum(1)
 
 
 def make_target(

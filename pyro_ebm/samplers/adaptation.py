@@ -47,8 +47,8 @@ class StepSizeAdapter:
         t0: float = 10.0,
         kappa: float = 0.75,
     ) -> None:
-        if not step_size > 0:
-            raise ValueError(f"step_size must be positive, got {step_size}")
+        if not (math.isfinite(step_size) and step_size > 0):
+            raise ValueError(f"step_size must be a positive finite number, got {step_size}")
         if not 0 < target_accept < 1:
             raise ValueError(f"target_accept must lie in (0, 1), got {target_accept}")
         self.target_accept = target_accept

@@ -165,6 +165,11 @@ class AdaptiveFlowSampler:
             raise ValueError(f"defensive_scale must be positive, got {defensive_scale!r}")
         for name, value, low in [
             ("local_only_cycles", local_only_cycles, 0),
+            ("num_local_steps", num_local_steps, 0),
+            ("num_leapfrog", num_leapfrog, 1),
+            ("block_size", block_size, 1),
+            ("history", history, 1),
+            ("flow_batch_size", flow_batch_size, 1),
             ("flow_steps", flow_steps, 0),
             ("reverse_kl_steps", reverse_kl_steps, 0),
             ("reverse_kl_samples", reverse_kl_samples, 1),

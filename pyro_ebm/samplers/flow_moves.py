@@ -268,5 +268,5 @@ def isir_step(
     new_state = _finish(
         WalkerState(x[rows, idx], u[rows, idx], None, log_q[rows, idx]), grad_potential_fn
     )
-    nonfinite = ~(torch.isfinite(u[:, 1:]) & torch.isfinite(log_q[:, 1:])).all(1)
+    nonfinite = ~(torch.isfinite(u[:, 1:]) & torch.isfinite(log_q[:, 1:])).any(1)
     return new_state, MoveInfo(1 - probs[:, 0], idx > 0, new_state.potential_energy, nonfinite)

@@ -54,7 +54,9 @@ class MoveInfo(NamedTuple):
         the probability of leaving the current point).
     :param accepted: whether the walker moved.
     :param potential_energy: potential energy after the move.
-    :param nonfinite: the proposal had a non-finite potential or gradient and was rejected.
+    :param nonfinite: the proposal had a non-finite potential or gradient and was rejected
+        (for i-SIR: every fresh candidate had; some non-finite candidates among valid ones are
+        the normal state of a target with restricted support and lose the resampling anyway).
     """
 
     accept_prob: Tensor
