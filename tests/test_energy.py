@@ -207,7 +207,7 @@ def test_energy_distribution_log_prob_expand_and_no_sampling():
         d.log_prob(torch.zeros(3))
 
 
-@pytest.mark.filterwarnings("ignore:ModelEnergy: the model does not broadcast")
+@pytest.mark.filterwarnings("ignore:ModelEnergy. the model does not broadcast")
 def test_model_energy_matches_pyro_potential():
     y = torch.randn(6) + 1.0
     E = ModelEnergy(model_normal_positive, model_args=(y,))

@@ -19,8 +19,8 @@ References:
 from __future__ import annotations
 
 import copy
-import math
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 
