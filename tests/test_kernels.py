@@ -924,3 +924,14 @@ def test_initial_params_without_the_chain_dimension_get_a_clear_error():
     with pytest.raises(ValueError, match=r"one start per chain, shape \(num_chains, 2\)"):
         make_target(None, pot, {"x": torch.tensor(0.0)})
     assert make_target(None, pot, {"x": torch.zeros(2)}).layout.dim == 2
+
+
+def test_initial_params_with_a_site_the_model_does_not_have_get_a_clear_error():
+    from pyro_ebm.infer.target import make_target
+
+    def model():
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"sites \['sigma'\] that are not latent sample sites"):
+        make_target(model, None, {"mu": torch.tensor(0.0), "sigma": torch.tensor(1.0)})
+    assert make_target(model, None, {"mu": torch.tensor(0.5)}).initial.tolist() == [0.5]

@@ -128,6 +128,12 @@ def make_target(
         energy = ModelEnergy(model, model_args, model_kwargs, **kwargs)
         initial = energy.initial_params if model_init or init_strategy is not None else None
         if initial_params is not None:
+            unknown = sorted(set(initial_params) - set(energy.site_names))
+            if unknown:
+                raise ValueError(
+                    f"initial_params has sites {unknown} that are not latent sample sites of "
+                    f"the model (those are {list(energy.site_names)})"
+                )
             initial = energy.flatten(initial_params).detach()
         return FlatTarget(energy, energy.layout, energy.transforms, initial)
     if isinstance(potential_fn, EnergyPotential):
