@@ -683,7 +683,9 @@ def test_trainer_checkpoint_resumes_exactly_and_is_written_on_interrupt(tmp_path
     # re-running the interrupted call with resume=True finishes it exactly as one run would
     # (the cosine schedule over its 10 steps, the random draws of the cut step rolled back)
     e = make()
-    e.fit(data, num_steps=10, batch_size=8, progress=False, checkpoint=tmp_path / "c.pt", resume=True)
+    e.fit(
+        data, num_steps=10, batch_size=8, progress=False, checkpoint=tmp_path / "c.pt", resume=True
+    )
     whole = make()
     whole.fit(data, num_steps=10, batch_size=8, progress=False)
     assert e.step == 10 and e.losses == whole.losses
@@ -897,7 +899,8 @@ def test_non_finite_losses_warn_and_stop_training():
     trainer.loss_fn = loss_fn
     trainer.step = 0  # (the skipped steps left the weights alone: they still train)
     trainer.fit(torch.randn(50, 2), num_steps=2, batch_size=10, progress=False)
-    assert any(not torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
+    after = list(trainer.model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(before, after, strict=True))
 
 
 def test_checkpoints_load_across_ema_settings_and_a_stale_log_z_is_never_used(tmp_path):
@@ -951,3 +954,59 @@ def test_impute_takes_nan_at_the_missing_coordinates_and_everything_missing():
     data[0, 0] = math.nan
     with pytest.raises(ValueError, match="finite at the observed"):
         trainer.impute(data, torch.tensor([False, True]))
+
+
+def test_a_real_ctrl_c_during_the_update_waits_for_the_step_to_end(tmp_path):
+    """SIGINT sent inside the optimiser step: the step (weights, EMA, step count, loss) finishes,
+    then KeyboardInterrupt; resuming from the checkpoint finishes the run exactly."""
+    import os
+    import signal
+
+    from pyro_ebm.ebflow import EBFlowTrainer
+
+    data = torch.randint(0, 256, (64, 4), dtype=torch.uint8)
+
+    def make():
+        return EBFlowTrainer(fc_ebflow((4,)), "ssm", lr=1e-2, seed=0)
+
+    first = make()
+    step = first.opt.step
+
+    def interrupted(*args, **kwargs):
+        if first.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args, **kwargs)
+
+    first.opt.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(data, 10, 8, progress=False, checkpoint=tmp_path / "c.pt")
+    assert first.step == 4 and len(first.losses) == 4
+    whole = make()  # (the seed is the global generator's: run one trainer at a time)
+    whole.fit(data, 10, 8, progress=False)
+    resumed = make()
+    resumed.fit(data, 10, 8, progress=False, checkpoint=tmp_path / "c.pt", resume=True)
+    assert resumed.losses == whole.losses
+    for p, q in zip(resumed.ema_model.parameters(), whole.ema_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_data_model_is_the_density_of_the_data_in_its_own_coordinates():
+    """Whitened vectors: ``data_model.log_prob`` is the exact density of the data (its mean is
+    minus the NLL), and its energy differs from that of the whitened model by the map only."""
+    from pyro_ebm.ebflow import EBFlowTrainer
+
+    torch.manual_seed(0)
+    data = torch.randn(400, 2) @ torch.tensor([[2.0, 0.0], [1.9, 0.3]]) + 7.0
+    trainer = EBFlowTrainer(fc_ebflow((2,)), "ml", seed=0)
+    trainer.fit(data, num_steps=20, batch_size=50, progress=False)
+    assert trainer._whitening is not None
+    model = trainer.data_model
+    assert float(-model.log_prob(data).mean()) == pytest.approx(trainer.nll(data), rel=1e-5)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-15, 30, 400)] * 2, indexing="ij"), -1)
+    cell = (45 / 399) ** 2
+    mass = float(model.log_prob(grid.reshape(-1, 2)).exp().sum() * cell)
+    assert mass == pytest.approx(1.0, abs=0.02)
+    images = EBFlowTrainer(fc_ebflow((4,)))
+    images.fit(torch.randint(0, 256, (20, 4), dtype=torch.uint8), 1, 4, progress=False)
+    with pytest.raises(ValueError, match="data_model is for float vectors"):
+        _ = images.data_model

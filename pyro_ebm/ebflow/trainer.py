@@ -45,14 +45,21 @@ import torch
 from torch import Tensor
 
 from pyro_ebm._checks import check_int, check_positive
-from pyro_ebm.train.checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
+from pyro_ebm.energy import EnergyModel
+from pyro_ebm.train.checkpoint import (
+    atomic_save,
+    deferred_interrupt,
+    load_checkpoint,
+    rng_states,
+    set_rng_states,
+)
 from pyro_ebm.train.trainer import needs_standardization
 
 from .layers import Logit, zca_whitening
 from .model import EBFlow
 from .objectives import OBJECTIVES
 
-__all__ = ["EBFlowTrainer", "make_adam"]
+__all__ = ["EBFlowTrainer", "WhitenedEnergy", "make_adam"]
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -103,6 +110,35 @@ def _quantisation_warning(data: Tensor, n: int = 10_000) -> str | None:
     return None
 
 
+class WhitenedEnergy(EnergyModel):
+    r"""An EBFlow fitted on whitened vectors :math:`y = M (x - \mu)`, read as a density of
+    :math:`x`: :math:`E_x(x) = E(M (x - \mu))` and :math:`\log Z_x = \log Z - \log|\det M|`,
+    so that :meth:`log_prob` is the exact log-density of the data (what
+    :attr:`EBFlowTrainer.data_model` returns when the trainer whitened).
+
+    :param model: the EBFlow on ``y``. :param mean, matrix, log_det: :math:`\mu`, :math:`M`,
+        :math:`\log|\det M|`.
+    """
+
+    def __init__(self, model: EBFlow, mean: Tensor, matrix: Tensor, log_det: float) -> None:
+        super().__init__(model.dim)
+        self.inner = model
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("matrix", matrix.detach().clone())
+        self.log_det = float(log_det)
+
+    def energy(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        return self.inner.energy((x - self.mean) @ self.matrix.T)
+
+    def log_normalizer(self) -> Tensor:
+        return self.inner.log_normalizer() - self.log_det
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log-density of ``x`` ``(batch,)``."""
+        return -self.energy(x) - self.log_normalizer()
+
+
 class EBFlowTrainer:
     r"""Fit an :class:`~pyro_ebm.ebflow.model.EBFlow`.
 
@@ -117,7 +153,8 @@ class EBFlowTrainer:
         logit's domain).
     :param whiten: under MaP, whiten the (pre-processed) data with a fixed affine map fitted
         at the first :meth:`fit` (module docstring); :attr:`model` then models the whitened
-        data, and :meth:`nll`, :meth:`sample` and :meth:`impute` work on the original scale.
+        data, and :meth:`nll`, :meth:`sample`, :meth:`impute` and :attr:`data_model` (the
+        density as an energy, for :func:`pyro_ebm.potential_fn`) work on the original scale.
         Default (``None``): vectors whose covariance has a condition number above
         :attr:`WHITEN_CONDITION` (10), or that are far from centred and unit-scaled
         (:func:`~pyro_ebm.train.trainer.needs_standardization`, the rule of
@@ -150,7 +187,10 @@ class EBFlowTrainer:
         already. It sets the convolutions of :func:`~pyro_ebm.ebflow.cnn_ebflow` to unit
         output variance per channel and leaves the FC and coupling models alone. Pass
         ``False`` to continue from trained weights that were not initialised this way.
-    :param seed: seeds torch's global generator.
+    :param seed: seeds torch's global generator at construction, and so every draw of the run
+        that follows. The ``model`` passed in was built before (the FC and CNN models start
+        from a fixed initialisation; a coupling model's networks do not): call
+        ``torch.manual_seed`` before building it for a run that repeats exactly.
 
     Example::
 
@@ -488,16 +528,17 @@ class EBFlowTrainer:
         loss = self.loss_fn(self.model, x)
         if self.energy_reg:
             loss = loss + self.energy_reg * self.model.energy(x).mean()
-        self.opt.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-            self.opt.step()
-        self.step += 1
-        self._update_ema()
-        self.losses.append(float(loss.detach()))
+        with deferred_interrupt():  # the updates below happen together or not at all
+            self.opt.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                self.opt.step()
+            self.step += 1
+            self._update_ema()
+            self.losses.append(float(loss.detach()))
         return finite
 
     # ------------------------------------------------------------------ saving
@@ -661,6 +702,22 @@ class EBFlowTrainer:
             x = 256.0 * (self._logit.inverse(x) if self.map else x)
             x[:, ~missing] = data[:, ~missing].to(x.dtype)
         return x
+
+    @property
+    def data_model(self) -> EnergyModel:
+        """The trained density (EMA weights) of float vectors in the data's own coordinates:
+        :attr:`ema_model` itself, or a :class:`WhitenedEnergy` over it when the trainer whitened
+        (:attr:`model` and :attr:`ema_model` then model the whitened vectors). Plugs into
+        :func:`pyro_ebm.potential_fn` and the kernels of :mod:`pyro_ebm.infer`; its
+        ``log_prob`` is exact. Images have no such model (their density is over dequantised
+        pixels): use :meth:`nll`, :meth:`sample` and :meth:`impute`."""
+        if self._images is None:
+            raise RuntimeError("the data's coordinates are known after the first fit()")
+        if self._images:
+            raise ValueError("data_model is for float vectors; for images use nll, sample, impute")
+        if self._whitening is None:
+            return self.ema_model
+        return WhitenedEnergy(self.ema_model, *self._whitening)
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
