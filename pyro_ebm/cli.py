@@ -118,7 +118,16 @@ def _make_trainer(args: argparse.Namespace, sampler: str, target, dim: int):
     from .energy import MLPEnergy
     from .train import EBMTrainer
 
-    hidden = tuple(int(h) for h in args.hidden.split(","))
+    try:
+        hidden = tuple(int(h) for h in args.hidden.split(","))
+    except ValueError:
+        hidden = ()
+    if not hidden or min(hidden) < 1:
+        raise ValueError(
+            f"--hidden must be positive integers separated by commas, got {args.hidden!r}"
+        )
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device")
     kwargs = None
     if sampler == "adaptive-flow":
         kwargs = {"num_particles": args.num_particles, "num_mala_steps": args.num_mala_steps}
@@ -148,7 +157,11 @@ def _read_points(path: str | Path) -> torch.Tensor:
     elif suffix == ".pt":
         x = torch.as_tensor(torch.load(path, map_location="cpu", weights_only=True))
     elif suffix in (".csv", ".txt"):
-        x = torch.as_tensor(np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2))
+        delimiter = "," if suffix == ".csv" else None
+        try:
+            x = torch.as_tensor(np.loadtxt(path, delimiter=delimiter, ndmin=2))
+        except ValueError:  # a header line (column names) first?
+            x = torch.as_tensor(np.loadtxt(path, delimiter=delimiter, ndmin=2, skiprows=1))
     else:
         raise ValueError(f"--data must be a .npy, .pt, .csv or .txt file, got {str(path)!r}")
     if x.dim() != 2 or len(x) < 2 or x.is_complex():
@@ -163,7 +176,10 @@ def _load_data(args: argparse.Namespace):
     if getattr(args, "data", None):
         return None, _read_points(args.data)
     kwargs = {"dim": args.dim} if args.dim is not None else {}
-    target = load(args.dataset, **kwargs)
+    try:
+        target = load(args.dataset, **kwargs)
+    except TypeError:
+        raise ValueError(f"--dim: the data set {args.dataset!r} has a fixed dimension") from None
     data = target.sample(args.num_data, torch.Generator().manual_seed(10_000 + args.seed))
     return target, data.to(torch.get_default_dtype())
 
@@ -177,12 +193,15 @@ def _weights_row(name: str, w, truth, seconds: float | None = None) -> str:
 
 def _fit(args, sampler: str, target, data, out: Path):
     trainer = _make_trainer(args, sampler, target, data.shape[1])
+    resume = getattr(args, "resume", False)
+    if not resume and (out / "checkpoint.pt").is_file():
+        print(f"{out}/ holds an earlier run: starting afresh (--resume continues it)")
     trainer.fit(
         data,
         num_steps=args.steps,
         batch_size=args.batch_size,
         checkpoint=out / "checkpoint.pt",
-        resume=getattr(args, "resume", False),
+        resume=resume,
         progress=not args.quiet,
     )
     _write_outputs(trainer, data, target, out)
@@ -284,13 +303,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "train":
-        return _train(args)
-    if args.command == "sample":
-        return _sample(args)
-    return 2  # pragma: no cover
+    commands = {"demo": _demo, "train": _train, "sample": _sample}
+    try:
+        return commands[args.command](args)
+    except ValueError as e:  # bad option values: argparse's usage message and exit status 2
+        parser.error(str(e))
+    except KeyboardInterrupt:
+        if args.command == "train":
+            print(
+                f"\ninterrupted: the checkpoint under {args.output}/ holds the last finished "
+                "step; run the same command with --resume to continue",
+                file=sys.stderr,
+            )
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -286,7 +286,9 @@ class StandardizedEnergy(EnergyModel):
 
     def energy(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        return self.inner.energy((x - self.loc) / self.scale) + self.scale.log().sum()
+        z = (x - self.loc) / self.scale  # in the wider of the two dtypes (float64 moments of
+        p = next(self.inner.parameters(), None)  # data at large offsets keep their precision)
+        return self.inner.energy(z if p is None else z.to(p.dtype)) + self.scale.log().sum()
 
 
 class EnergyPotential:

@@ -1,5 +1,7 @@
 """The ``pyro-ebm`` command."""
 
+import re
+
 import pytest
 import torch
 
@@ -116,12 +118,46 @@ def test_train_on_the_users_points(tmp_path, capsys, suffix):
         assert (out / name).is_file(), name
 
 
-def test_train_data_errors_name_the_argument(tmp_path):
-    with pytest.raises(ValueError, match="--data: no such file"):
-        main(["train", "--data", str(tmp_path / "missing.csv"), "--quiet"])
+def _usage_error(capsys, args: list[str], match: str) -> None:
+    """``main(args)`` exits with argparse's status 2 and a message matching ``match``."""
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 2
+    assert re.search(match, capsys.readouterr().err), match
+
+
+def test_train_data_errors_name_the_argument(tmp_path, capsys):
+    _usage_error(capsys, ["train", "--data", str(tmp_path / "missing.csv")], "--data: no such file")
     (tmp_path / "points.json").write_text("[]")
-    with pytest.raises(ValueError, match="--data must be a .npy, .pt, .csv or .txt file"):
-        main(["train", "--data", str(tmp_path / "points.json"), "--quiet"])
+    _usage_error(
+        capsys,
+        ["train", "--data", str(tmp_path / "points.json")],
+        r"--data must be a .npy, .pt, .csv or .txt file",
+    )
     torch.save(torch.zeros(5), tmp_path / "flat.pt")
-    with pytest.raises(ValueError, match=r"--data must hold a real \(n, d\) array"):
-        main(["train", "--data", str(tmp_path / "flat.pt"), "--quiet"])
+    _usage_error(
+        capsys, ["train", "--data", str(tmp_path / "flat.pt")], r"--data must hold a real \(n, d\)"
+    )
+    # found by a new user's probe (each was a Python traceback)
+    _usage_error(capsys, ["train", "--hidden", "128,,64"], "--hidden must be positive integers")
+    _usage_error(capsys, ["train", "--dataset", "line4", "--dim", "3"], "--dim: the data set")
+    _usage_error(capsys, ["train", "--steps", "0"], "num_steps must be an integer >= 1")
+    if not torch.cuda.is_available():
+        _usage_error(capsys, ["train", "--device", "cuda"], "no CUDA device")
+
+
+def test_train_on_one_dimensional_points_with_a_header_line(tmp_path, capsys):
+    """A CSV with column names first, and 1-D points: the run finishes and writes its plots
+    (the negatives plot failed on 1-D points)."""
+    gen = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(100, generator=gen) - 2, torch.randn(100, generator=gen) + 2])
+    path = tmp_path / "points.csv"
+    path.write_text("x\n" + "\n".join(f"{v:.6f}" for v in points.tolist()) + "\n")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(path), "--steps", "3", "--num-walkers", "16"]
+    args += ["--batch-size", "16", "--hidden", "8", "--output", str(out), "--quiet"]
+    assert main(args) == 0
+    assert "200 points in 1 dimensions" in capsys.readouterr().out
+    assert (out / "negatives.png").is_file() and (out / "history.json").is_file()
+    assert main(args) == 0  # again into the same folder: said, not silent
+    assert "holds an earlier run" in capsys.readouterr().out

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pyro_ebm import GaussianEnergy, MLPEnergy, TiltedEnergy
-from pyro_ebm.datasets import two_to_one
+from pyro_ebm.datasets import imbalanced_pair, two_to_one
 from pyro_ebm.flows import RealNVP
 from pyro_ebm.train import SAMPLERS, EBMTrainer, History, NegativeSampler, contrastive_loss
 
@@ -143,6 +143,10 @@ def test_unknown_sampler_and_bad_arguments_name_the_argument():
         EBMTrainer(E, flow=RealNVP(3, num_layers=1))
     with pytest.raises(ValueError, match="num_particles"):
         EBMTrainer(E, sampler_kwargs={"num_particles": 1})
+    with pytest.raises(ValueError, match="target has dim 6 but the energy has dim 2"):
+        EBMTrainer(E, target=imbalanced_pair(6))
+    with pytest.raises(TypeError, match="target must be a data set"):
+        EBMTrainer(E, target=torch.zeros(2, 2))  # (mode means were silently ignored)
     trainer = EBMTrainer(E)
     with pytest.raises(ValueError, match="data"):
         trainer.fit(torch.randn(10, 3), num_steps=1, progress=False)
@@ -257,6 +261,66 @@ def test_resume_continues_exactly(tmp_path):
     assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def _resume_and_compare(tmp_path, first, make, data, **fit):
+    """Run ``first`` (which gets interrupted) with a checkpoint, resume a fresh ``make()`` from
+    it, and compare with an uninterrupted ``make()``: parameters, walkers and history."""
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(data, checkpoint=ckpt, progress=False, **fit)
+    full, second = make(), make()
+    full.fit(data, progress=False, **fit)
+    second.fit(data, checkpoint=ckpt, resume=True, progress=False, **fit)
+    for a, b in zip(full.energy.parameters(), second.energy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(full.flow.parameters(), second.flow.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(full.walkers, second.walkers)
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in full.history]
+    assert strip == [{k: v for k, v in r.items() if k != "time"} for r in second.history]
+    return first
+
+
+def test_a_real_ctrl_c_during_the_updates_waits_for_the_step_to_end(tmp_path, monkeypatch):
+    """SIGINT sent while the flow is being updated (the energy already is): the step finishes,
+    then KeyboardInterrupt; the checkpoint is a step boundary and the resumed run is exact (a
+    new user's probe: the rollback left the updated energy and a half-updated flow at the old
+    step number)."""
+    import os
+    import signal
+
+    import pyro_ebm.train.trainer as trainer_module
+
+    data = two_to_one().sample(300, torch.Generator().manual_seed(0))
+    first = _trainer()
+    original = trainer_module.forward_kl_step
+
+    def interrupted(*args, **kwargs):
+        if first.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "forward_kl_step", interrupted)
+    fit = dict(num_steps=10, batch_size=32, eval_every=2)
+    _resume_and_compare(tmp_path, first, _trainer, data, **fit)
+    assert first.step == 5
+
+
+def test_an_interrupt_while_evaluating_loses_no_history_record(tmp_path):
+    data = two_to_one().sample(300, torch.Generator().manual_seed(0))
+    first = _trainer()
+    evaluate = first.evaluate
+
+    def interrupted(*args, **kwargs):
+        if first.step == 4:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    first.evaluate = interrupted
+    fit = dict(num_steps=10, batch_size=32, eval_every=2)
+    _resume_and_compare(tmp_path, first, _trainer, data, **fit)
+    assert first.step == 4 and first.history["step"] == [2]
+
+
 def test_interruption_writes_a_checkpoint(tmp_path):
     from pyro_ebm.train import AdaptiveFlowNegatives
 
@@ -332,6 +396,10 @@ def test_history_json_and_csv(tmp_path):
     back = json.loads((tmp_path / "h.json").read_text())
     assert back[1]["loss"] is None and back[0]["w"] == [0.25, 0.75]
     assert History.from_json(tmp_path / "h.json")["step"] == [1, 2]
+    h.append({"step": 3, "w": [float("nan"), 1.0]})
+    h.to_json(tmp_path / "h.json")
+    reread = History.from_json(tmp_path / "h.json")  # null back to nan: the plots take it
+    assert math.isnan(reread["loss"][1]) and math.isnan(reread["w"][2][0])
     h.to_csv(tmp_path / "h.csv")
     lines = (tmp_path / "h.csv").read_text().splitlines()
     assert lines[0] == "step,loss,w_0,w_1,acc"
@@ -437,6 +505,26 @@ def test_standardized_training_is_training_on_standardized_data():
     assert torch.allclose(on_x.data_flow.log_prob(m + s * probe), on_z.flow.log_prob(probe) - log_s)
     draws = on_x.data_flow.sample(4000)
     assert ((draws.mean(0) - m).abs() < 0.2 * s).all()
+
+
+@pytest.mark.parametrize(
+    "offset, sd, dtype",
+    [(1e4, 0.1, torch.float32), (1e3, 0.01, torch.float32), (1e4, 1e-3, torch.float64)],
+)
+def test_standardization_is_exact_at_large_offsets(offset, sd, dtype):
+    """The scale is the data's sd (a floor of sqrt(eps) (1 + |loc|) made it 24 times too large in
+    the first two cases, a new user's probe) and float64 data are standardized before the
+    energy's float32 (rounding first left 13 distinct values in a column)."""
+    x = offset + sd * _standard_rows(600, 2).to(dtype)
+    trainer = EBMTrainer(MLPEnergy(2, hidden=(8,)).float(), num_walkers=16, seed=0)
+    trainer.fit(x, num_steps=1, batch_size=16, progress=False)
+    loc, scale = trainer.standardization
+    assert loc.dtype == dtype and torch.allclose(scale.double(), x.double().std(0), rtol=1e-3)
+    z = trainer._to_z(x)
+    assert z.dtype == torch.float32  # every distinct value of the data stays distinct
+    assert torch.unique(z[:, 0]).numel() == torch.unique(x[:, 0]).numel()
+    assert torch.allclose(z.double().std(0), torch.ones(2, dtype=torch.float64), rtol=1e-3)
+    assert torch.allclose(trainer.walkers.double().mean(0), x.double().mean(0), atol=50 * sd)
 
 
 def test_standardization_argument_and_checkpoint(tmp_path):
@@ -562,3 +650,46 @@ def test_rng_states_round_trip_and_the_gpu_branch(monkeypatch):
     set_rng_states(states, gpu)
     set_rng_states(states, cpu)
     assert calls == [("get", gpu), ("set", gpu)]
+
+
+def test_history_mode_weights_of_a_2d_target_away_from_the_origin():
+    """two_to_one moved to (50, 50): the evaluation's quadrature covers the target (on the paper's
+    [-5, 5]^2 square the history said [1, 0], a new user's probe), and a 1-D run plots."""
+    from pyro_ebm.datasets import GaussianMixture
+    from pyro_ebm.train.plots import plot_negatives
+
+    base = two_to_one()
+    moved = GaussianMixture(base.means + 50.0, base.weights, covariance=base.covariance)
+    trainer = EBMTrainer(MLPEnergy(2, hidden=(8,)), num_walkers=16, target=moved, seed=0)
+    trainer.fit(moved.sample(500), num_steps=2, batch_size=16, eval_every=1, progress=False)
+    (lo_x, hi_x), (lo_y, hi_y) = trainer._grid_bounds()
+    assert lo_x < 48 and hi_x > 52 and lo_y < 48 and hi_y > 52
+    w = trainer.history.last["model_weights"]
+    assert min(w) > 0.05  # both modes carry mass (the untrained model is broad)
+    with pytest.raises(ValueError, match="eval_samples"):
+        trainer.fit(moved.sample(500), num_steps=3, eval_samples=0, progress=False)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = plot_negatives(torch.randn(50, 1), torch.randn(50, 1))
+    assert ax.get_title() == "negatives (orange) and data (grey)"
+
+
+def test_a_checkpoint_of_another_set_up_is_refused_before_anything_is_loaded(tmp_path):
+    data = two_to_one().sample(300, torch.Generator().manual_seed(0))
+    first = _trainer()
+    first.fit(data, num_steps=2, batch_size=32, checkpoint=tmp_path / "a.pt", progress=False)
+    other = _trainer(sampler="ula")
+    other.fit(data, num_steps=1, batch_size=32, progress=False)
+    before = [p.clone() for p in other.energy.parameters()]
+    with pytest.raises(ValueError, match="sampler='adaptive-flow', this trainer has sampler='ula'"):
+        other.load(tmp_path / "a.pt")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.energy.parameters(), strict=True))
+    torch.manual_seed(0)
+    fewer = EBMTrainer(
+        MLPEnergy(2, hidden=(16, 16)), flow=RealNVP(2, num_layers=2, hidden=(16,)), num_walkers=16
+    )
+    with pytest.raises(
+        ValueError, match="the checkpoint has 32 walkers, this trainer num_walkers=16"
+    ):
+        fewer.fit(data, 4, 32, checkpoint=tmp_path / "a.pt", resume=True, progress=False)

@@ -9,6 +9,7 @@ r"""Metrics of Grenioux, Moulines, Gabrié (2023) for samplers and trained energ
 
 from .convergence import max_rhat, rhat
 from .density import (
+    bounds_around,
     grid_log_density,
     log_density_error,
     log_normalizer,
@@ -18,6 +19,7 @@ from .density import (
 from .modes import mode_indicator_ess, mode_weight_mse, mode_weights, mode_weights_mcse
 
 __all__ = [
+    "bounds_around",
     "grid_log_density",
     "log_density_error",
     "log_normalizer",

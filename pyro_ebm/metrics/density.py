@@ -28,9 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_ebm._checks import check_int
+
 from .modes import _mode_index
 
 __all__ = [
+    "bounds_around",
     "grid_log_density",
     "log_density_error",
     "log_normalizer",
@@ -40,6 +43,29 @@ __all__ = [
 
 PotentialFn = Callable[[Tensor], Tensor]
 Bounds = tuple[float, float] | tuple[tuple[float, float], tuple[float, float]]
+
+
+def bounds_around(x: Tensor, margin: float = 0.1) -> Bounds:
+    """A 2-D grid's bounds for points ``x`` (first two coordinates): ``(-5, 5)``, the paper's
+    square, when they lie in it, else each axis's range padded by ``margin`` of its width (the
+    plots and the trainer's evaluation use this rule, so a target or data set away from the
+    origin is not integrated over the wrong square).
+
+    Example::
+
+        >>> bounds_around(torch.randn(100, 2).clamp(-3, 3))
+        (-5.0, 5.0)
+        >>> [round(v) for v in bounds_around(torch.tensor([[40.0, 0.0], [60.0, 10.0]]))[0]]
+        [38, 62]
+    """
+    if float(x[:, :2].abs().max()) <= 5.0:
+        return (-5.0, 5.0)
+    box = []
+    lows, highs = x[:, :2].min(0).values.tolist(), x[:, :2].max(0).values.tolist()
+    for lo, hi in zip(lows, highs, strict=True):
+        pad = margin * (hi - lo) or 1.0
+        box.append((lo - pad, hi + pad))
+    return tuple(box)  # type: ignore[return-value]
 
 
 def _dtype_device(potential_fn: Any, device: Any = None) -> tuple[torch.dtype, torch.device]:
@@ -174,6 +200,7 @@ def model_mode_weights(
     """
     if method not in ("auto", "grid", "snis"):
         raise ValueError(f"method must be 'auto', 'grid' or 'snis', got {method!r}")
+    check_int("num_samples", num_samples, 1)
     dim = means_or_dataset.dim if hasattr(means_or_dataset, "dim") else None
     if dim is None:
         dim = torch.as_tensor(means_or_dataset).shape[-1]

@@ -1,19 +1,30 @@
 r"""Atomic file writes: a checkpoint or a history file is either the old one or the new one,
 never half written (write to a temporary file in the same folder, flush, ``fsync``, then
 ``os.replace``, which is atomic on POSIX and Windows). Also the random states a checkpoint
-holds, so that a resumed run continues the same random stream."""
+holds, so that a resumed run continues the same random stream, and :func:`deferred_interrupt`,
+which keeps Ctrl-C from cutting a training step's updates in half."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write", "load_checkpoint", "rng_states", "set_rng_states"]
+__all__ = [
+    "atomic_save",
+    "atomic_write",
+    "deferred_interrupt",
+    "load_checkpoint",
+    "rng_states",
+    "set_rng_states",
+]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], binary: bool = False) -> Path:
@@ -73,3 +84,32 @@ def set_rng_states(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["rng"].cpu())
     if "cuda_rng" in states and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda_rng"].cpu(), device)
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (``SIGINT``) off for the block: a signal that arrives inside it is handed to
+    the previous handler when the block ends (``KeyboardInterrupt`` by default). The trainers
+    wrap a step's updates (weights, optimiser states, step count) in it, so an interrupt never
+    leaves a checkpoint with some updated and others not. Only in the main thread, where Python
+    handles signals; elsewhere the block just runs.
+
+    Example::
+
+        >>> with deferred_interrupt():
+        ...     pass
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt

@@ -73,7 +73,17 @@ class History:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> History:
-        return cls(json.loads(Path(path).read_text()))
+        """Read :meth:`to_json`'s file (its ``null`` back to ``nan``)."""
+
+        def restore(v):
+            if v is None:
+                return math.nan
+            if isinstance(v, list):
+                return [restore(u) for u in v]
+            return v
+
+        records = json.loads(Path(path).read_text())
+        return cls([{k: restore(v) for k, v in r.items()} for r in records])
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the records as CSV (atomically), list-valued metrics as numbered columns."""

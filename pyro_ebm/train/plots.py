@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from pyro_ebm.metrics import grid_log_density
+from pyro_ebm.metrics import bounds_around, grid_log_density
 
 from .history import History
 
@@ -31,16 +31,6 @@ def _scatter(ax, x: Tensor, max_points: int, **kwargs) -> None:
     if len(x) > max_points:
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_points]]
     ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, **kwargs)
-
-
-def _box_around(x: Tensor, margin: float = 0.1) -> tuple[tuple[float, float], ...]:
-    """Per-axis ``(low, high)`` of the first two coordinates of ``x``, padded by ``margin``."""
-    box = []
-    lows, highs = x[:, :2].min(0).values.tolist(), x[:, :2].max(0).values.tolist()
-    for lo, hi in zip(lows, highs, strict=True):
-        pad = margin * (hi - lo) or 1.0
-        box.append((lo - pad, hi + pad))
-    return tuple(box)
 
 
 def plot_density_2d(
@@ -66,8 +56,7 @@ def plot_density_2d(
     """
     ax = _axes(ax)
     if bounds is None:
-        inside = data is None or float(data[:, :2].abs().max()) <= 5.0
-        bounds = (-5.0, 5.0) if inside else _box_around(data)
+        bounds = (-5.0, 5.0) if data is None else bounds_around(data)
     pts, logp, _ = grid_log_density(potential_fn, bounds, resolution)
     img = logp.exp().reshape(resolution, resolution).T.cpu().numpy()
     xb, yb = (bounds, bounds) if isinstance(bounds[0], (int, float)) else bounds
@@ -126,11 +115,15 @@ def plot_mode_weights(
 def plot_negatives(
     walkers: Tensor,
     data: Tensor | None = None,
-    bounds: tuple[float, float] = (-5.0, 5.0),
+    bounds: tuple | None = None,
     max_points: int = 2000,
     ax=None,
 ):
-    """The negatives (walkers) over the data, first two coordinates.
+    """The negatives (walkers) over the data, first two coordinates; for 1-D points, their
+    histograms.
+
+    :param bounds: as in :func:`plot_density_2d`; by default ``(-5, 5)`` or, for points outside
+        that square, their range (:func:`~pyro_ebm.metrics.bounds_around`).
 
     Example::
 
@@ -138,13 +131,28 @@ def plot_negatives(
         >>> ax = plot_negatives(torch.randn(100, 2), torch.randn(100, 2))
         >>> ax.get_title()
         'negatives (orange) and data (grey)'
+        >>> ax = plot_negatives(torch.randn(100, 1) + 50, torch.randn(100, 1) + 50)  # 1-D
+        >>> bool(ax.get_xlim()[0] > 40)
+        True
     """
     ax = _axes(ax)
+    points = walkers if data is None else torch.cat([walkers, data.to(walkers)])
+    if walkers.shape[-1] == 1:
+        lo, hi = points.min().item(), points.max().item()
+        edges = torch.linspace(lo, hi, 41).tolist()
+        if data is not None:
+            ax.hist(data[:, 0].cpu().numpy(), bins=edges, density=True, color="0.6", alpha=0.5)
+        ax.hist(walkers[:, 0].cpu().numpy(), bins=edges, density=True, color="C1", alpha=0.6)
+        ax.set_title("negatives (orange) and data (grey)")
+        return ax
+    if bounds is None:
+        bounds = bounds_around(points)
+    xb, yb = (bounds, bounds) if isinstance(bounds[0], (int, float)) else bounds
     if data is not None:
         _scatter(ax, data, max_points, c="0.6", alpha=0.4)
     _scatter(ax, walkers, max_points, c="C1", alpha=0.6)
-    ax.set_xlim(*bounds)
-    ax.set_ylim(*bounds)
+    ax.set_xlim(*xb)
+    ax.set_ylim(*yb)
     ax.set_aspect("equal")
     ax.set_title("negatives (orange) and data (grey)")
     return ax

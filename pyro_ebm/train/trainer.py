@@ -41,9 +41,16 @@ from torch import Tensor
 from pyro_ebm._checks import check_int, check_positive
 from pyro_ebm.energy import EnergyModel, StandardizedEnergy, TiltedEnergy
 from pyro_ebm.flows import Flow, RealNVP, Standardized, fit_reverse_kl, forward_kl_step
-from pyro_ebm.metrics import mode_weights, model_mode_weights
+from pyro_ebm.metrics import bounds_around, mode_weights, model_mode_weights
+from pyro_ebm.metrics.density import Bounds
 
-from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
+from .checkpoint import (
+    atomic_save,
+    deferred_interrupt,
+    load_checkpoint,
+    rng_states,
+    set_rng_states,
+)
 from .history import History
 from .negatives import SAMPLERS, CDNegatives, NegativeSampler, make_sampler
 
@@ -164,7 +171,10 @@ class EBMTrainer:
         tilt, in the data's coordinates; ``True`` with a flow is an error). The energy, the
         flow and the sampler then work on :math:`z`; :attr:`model`, :attr:`walkers`,
         :meth:`potential`, :attr:`data_flow` and the metrics are in the data's coordinates.
-    :param seed: seeds torch's global generator at construction (and so the whole run).
+    :param seed: seeds torch's global generator at construction, and so every draw of the run
+        that follows (the flow's initialisation, the walkers, the minibatches). The ``energy``
+        passed in was initialised before: for a run that repeats exactly, call
+        ``torch.manual_seed`` before building it too.
     :param device: ``"cpu"``, ``"cuda"``, ... (default: where ``energy`` is).
 
     After :meth:`fit`, :attr:`model` is the trained density as an
@@ -238,11 +248,19 @@ class EBMTrainer:
         self._average: list[Tensor] | None = None
         self._average_count = 0
         self.flow_pretrain_steps = check_int("flow_pretrain_steps", flow_pretrain_steps, 0)
+        if target is not None and not (hasattr(target, "weights") and hasattr(target, "dim")):
+            raise TypeError(
+                "target must be a data set of pyro_ebm.datasets (with weights and mode_index), "
+                f"got {type(target).__name__}"
+            )
+        if target is not None and target.dim != energy.dim:
+            raise ValueError(f"target has dim {target.dim} but the energy has dim {energy.dim}")
         self.target = target
         self.standardize = standardize
         # the standardization z = (x - loc) / scale, or None (set at the first fit)
         self._loc: Tensor | None = None
         self._scale: Tensor | None = None
+        self._bounds: Bounds | None = None  # the evaluation's 2-D grid (see _grid_bounds)
         if seed is not None:
             torch.manual_seed(seed)
         if device is None:
@@ -271,10 +289,15 @@ class EBMTrainer:
         return None if self._loc is None else (self._loc, self._scale)
 
     def _to_z(self, x: Tensor) -> Tensor:
-        return x if self._loc is None else (x - self._loc) / self._scale
+        """Data to the training coordinates, in the energy's dtype (standardized in the
+        standardization's own dtype, the data's: float64 data at large offsets keep their
+        precision)."""
+        if self._loc is not None:
+            x = (x.to(self._loc.dtype) - self._loc) / self._scale
+        return x.to(self.dtype)
 
     def _to_x(self, z: Tensor) -> Tensor:
-        return z if self._loc is None else self._loc + self._scale * z
+        return z if self._loc is None else self._loc + self._scale * z.to(self._loc.dtype)
 
     @property
     def model(self) -> EnergyModel:
@@ -316,12 +339,17 @@ class EBMTrainer:
         return self.energy.energy(z) - self.flow.base_log_prob(z)
 
     def _check_data(self, data: Tensor) -> Tensor:
+        """``data`` (a tensor or array) checked and moved to the device; floating-point data
+        keep their dtype until :meth:`_to_z` (others take the energy's)."""
+        if not isinstance(data, Tensor) and hasattr(data, "__array__"):
+            data = torch.as_tensor(data)
         if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[1] != self.energy.dim:
             shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
             raise ValueError(f"data must be a (num_points, {self.energy.dim}) tensor, got {shape}")
         if data.shape[0] < 2:
             raise ValueError("data must hold at least 2 points")
-        data = data.to(device=self.device, dtype=self.dtype)
+        dtype = data.dtype if data.is_floating_point() else self.dtype
+        data = data.to(device=self.device, dtype=dtype)
         if not torch.isfinite(data).all():
             raise ValueError("data must be finite (found nan or inf)")
         return data
@@ -339,11 +367,12 @@ class EBMTrainer:
         use = self.standardize
         if use is None:
             use = self.flow is None and needs_standardization(data)
-        if use:
-            tiny = torch.finfo(data.dtype).eps ** 0.5
-            self._loc = data.mean(0)
-            self._scale = data.std(0).clamp(min=tiny * (1 + self._loc.abs()))
-            data = self._to_z(data)
+        if use:  # moments in float64, kept in the data's dtype; the floor only for constants
+            wide = data.double()
+            loc, scale = wide.mean(0), wide.std(0)
+            floor = 4 * torch.finfo(data.dtype).eps * (1 + loc.abs())
+            self._loc, self._scale = loc.to(data.dtype), scale.clamp(min=floor).to(data.dtype)
+        data = self._to_z(data)
         if self.flow is None:
             width = max(64, 2 * self.energy.dim)
             self.flow = RealNVP(
@@ -359,10 +388,12 @@ class EBMTrainer:
         self._ready = True
 
     # ------------------------------------------------------------------ training
-    def _lr_factor(self, num_steps: int) -> float:
+    def _lr_factor(self, num_steps: int, step: int | None = None) -> float:
+        """The learning-rate factor of step ``step`` (default: the next one)."""
         if self.lr_schedule == "constant":
             return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * self.step / num_steps))
+        step = self.step if step is None else step
+        return 0.5 * (1.0 + math.cos(math.pi * step / num_steps))
 
     def _train_step(self, data: Tensor, batch_size: int, num_steps: int) -> float:
         """One training step; returns the learning-rate factor it used."""
@@ -377,31 +408,32 @@ class EBMTrainer:
         loss, e_pos, e_neg = contrastive_loss(
             self.energy, x_pos, negatives, regularization=self.regularization
         )
-        self.energy_opt.zero_grad(set_to_none=True)
-        skipped = not torch.isfinite(loss)
-        if not skipped:
-            loss.backward()
-            params = [p for p in self.energy.parameters() if p.grad is not None]
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            skipped = not all(torch.isfinite(p.grad).all() for p in params)
+        with deferred_interrupt():  # the updates below happen together or not at all
+            self.energy_opt.zero_grad(set_to_none=True)
+            skipped = not torch.isfinite(loss)
             if not skipped:
-                self.energy_opt.step()
-        if self.sampler.uses_flow:
-            stats["flow_nll"] = forward_kl_step(self.flow, self.flow_opt, negatives)
-        stats.update(
-            loss=float(loss.detach()),
-            e_pos=float(e_pos.detach().mean()),
-            e_neg=float(e_neg.detach().mean()),
-            skipped=float(skipped),
-        )
-        for key, value in stats.items():
-            self._window.setdefault(key, []).append(value)
-        if self.target is not None and hasattr(self.target, "mode_index"):
-            idx = self.target.mode_index(self._to_x(negatives)).reshape(-1).cpu()
-            counts = torch.bincount(idx, minlength=self.target.weights.shape[0]).double()
-            self._neg_counts = counts if self._neg_counts is None else self._neg_counts + counts
-        self.step += 1
+                loss.backward()
+                params = [p for p in self.energy.parameters() if p.grad is not None]
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                skipped = not all(torch.isfinite(p.grad).all() for p in params)
+                if not skipped:
+                    self.energy_opt.step()
+            if self.sampler.uses_flow:
+                stats["flow_nll"] = forward_kl_step(self.flow, self.flow_opt, negatives)
+            stats.update(
+                loss=float(loss.detach()),
+                e_pos=float(e_pos.detach().mean()),
+                e_neg=float(e_neg.detach().mean()),
+                skipped=float(skipped),
+            )
+            for key, value in stats.items():
+                self._window.setdefault(key, []).append(value)
+            if self.target is not None and hasattr(self.target, "mode_index"):
+                idx = self.target.mode_index(self._to_x(negatives)).reshape(-1).cpu()
+                counts = torch.bincount(idx, minlength=self.target.weights.shape[0]).double()
+                self._neg_counts = counts if self._neg_counts is None else self._neg_counts + counts
+            self.step += 1
         return factor
 
     @torch.no_grad()
@@ -415,7 +447,11 @@ class EBMTrainer:
             return record
         truth = self.target.weights.double()
         w_model = model_mode_weights(
-            self.potential, self.target, flow=self.data_flow, num_samples=eval_samples
+            self.potential,
+            self.target,
+            flow=self.data_flow,
+            num_samples=check_int("eval_samples", eval_samples, 1),
+            bounds=self._grid_bounds(),
         ).double()
         record["model_weights"] = w_model.tolist()
         record["model_mse"] = float((w_model - truth).pow(2).mean())
@@ -423,6 +459,16 @@ class EBMTrainer:
             w_walk = mode_weights(self.walkers, self.target).double()
             record["walker_weights"] = w_walk.tolist()
         return record
+
+    def _grid_bounds(self) -> Bounds:
+        """The 2-D quadrature's square: :func:`~pyro_ebm.metrics.bounds_around` 2000 draws of
+        the target (a fixed generator), ``(-5, 5)`` when it cannot be sampled."""
+        if self._bounds is None:
+            self._bounds = (-5.0, 5.0)
+            if self.energy.dim == 2 and hasattr(self.target, "sample"):
+                draws = self.target.sample(2000, torch.Generator().manual_seed(0))
+                self._bounds = bounds_around(draws)
+        return self._bounds
 
     def run_sampler(self, num_steps: int, data: Tensor | None = None) -> Tensor:
         r"""Run the negative sampler on the current (frozen) model and flow, and return the
@@ -446,16 +492,20 @@ class EBMTrainer:
         return torch.stack(chain)
 
     def _record(self, eval_samples: int, lr_factor: float) -> dict:
+        """Append the history record of this step. The evaluation draws outside the training's
+        random stream, and the window of statistics is cleared only once the record is in:
+        an interrupt during the (slow) evaluation leaves the record to :meth:`fit`'s resume."""
         record: dict[str, Any] = {
             "step": self.step,
             "time": round(self.elapsed, 3),
             "lr": self.lr * lr_factor,
         }
-        counts, self._neg_counts = self._neg_counts, None
         for key, values in sorted(self._window.items()):
             record[key] = float(sum(values) / len(values))
-        self._window = {}
-        record.update(self.evaluate(eval_samples))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            record.update(self.evaluate(eval_samples))
+        counts, self._neg_counts, self._window = self._neg_counts, None, {}
         if counts is not None:
             w_neg = (counts / counts.sum()).tolist()
             record["neg_weights"] = w_neg
@@ -495,6 +545,7 @@ class EBMTrainer:
         """
         num_steps = check_int("num_steps", num_steps, 1)
         batch_size = check_int("batch_size", batch_size, 1)
+        check_int("eval_samples", eval_samples, 1)
         eval_every = (
             max(1, num_steps // 20)
             if eval_every is None
@@ -512,6 +563,10 @@ class EBMTrainer:
             self._setup(data)
         if resume and Path(checkpoint).is_file():
             self.load(checkpoint)
+            recorded = self.history.records[-1]["step"] if len(self.history) else 0
+            if self.step != recorded and (self.step % eval_every == 0 or self.step == num_steps):
+                # interrupted while evaluating: the record of the last step, as it would have been
+                self._record(eval_samples, self._lr_factor(num_steps, self.step - 1))
         data = self._to_z(data)
         bar = None
         if progress:
@@ -580,6 +635,22 @@ class EBMTrainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_compatible(self, state: dict) -> None:
+        """Raise, before anything is loaded, if the checkpoint's sampler or walkers do not fit
+        this trainer (the load used to fail half-way, or the next step)."""
+        name, mine = state.get("sampler_name"), self._sampler_name()
+        if name in SAMPLERS and mine in SAMPLERS and name != mine:  # (built-in samplers)
+            raise ValueError(
+                f"the checkpoint was written with sampler={name!r}, this trainer has "
+                f"sampler={mine!r}"
+            )
+        saved, walkers = state["sampler"].get("walkers"), self.sampler.walkers
+        if saved is not None and walkers is not None and saved.shape != walkers.shape:
+            raise ValueError(
+                f"the checkpoint has {saved.shape[0]} walkers, this trainer num_walkers="
+                f"{walkers.shape[0]}"
+            )
+
     def state_dict(self) -> dict:
         """The full training state: models, optimizers, sampler, RNG, step, history."""
         if not self._ready:
@@ -592,6 +663,7 @@ class EBMTrainer:
             "energy_opt": self.energy_opt.state_dict(),
             "flow_opt": self.flow_opt.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "sampler_name": self._sampler_name(),
             "history": self.history.records,
             "window": (self._window, self._neg_counts),
             "average": (self._average, self._average_count),
@@ -612,6 +684,7 @@ class EBMTrainer:
                 "call load() after the trainer has been set up by fit(), or use "
                 "fit(..., checkpoint=path, resume=True)"
             )
+        self._check_compatible(state)
         self.energy.load_state_dict(state["energy"])
         self.flow.load_state_dict(state["flow"])
         self.energy_opt.load_state_dict(state["energy_opt"])
