@@ -642,6 +642,19 @@ def test_bits_per_dim_is_the_nll_in_bits_per_coordinate():
     assert trainer.bits_per_dim(data) > 7
 
 
+def _interrupt_at(trainer, step: int) -> None:
+    """Make ``trainer``'s loss raise ``KeyboardInterrupt`` when ``trainer.step`` is ``step``
+    (in the middle of that step, after its random draws)."""
+    loss_fn = trainer.loss_fn
+
+    def interrupting(model, x):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return loss_fn(model, x)
+
+    trainer.loss_fn = interrupting
+
+
 def test_trainer_checkpoint_resumes_exactly_and_is_written_on_interrupt(tmp_path):
     """Train 6 steps, checkpoint, continue 4 more; a fresh trainer loaded from the checkpoint and
     continued the same way ends with identical weights. An interrupt at step 3 of a fit with a
@@ -665,16 +678,7 @@ def test_trainer_checkpoint_resumes_exactly_and_is_written_on_interrupt(tmp_path
     assert a.losses == b.losses and all(math.isfinite(v) for v in a.losses)
 
     c = make()
-    calls = {"n": 0}
-    loss_fn = c.loss_fn
-
-    def interrupting(model, x):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return loss_fn(model, x)
-
-    c.loss_fn = interrupting
+    _interrupt_at(c, 3)
     with pytest.raises(KeyboardInterrupt):
         c.fit(data, num_steps=10, batch_size=8, progress=False, checkpoint=tmp_path / "c.pt")
     d = make()
@@ -708,14 +712,7 @@ def test_resume_with_validation_keeps_the_best_weights_across_the_interruption(t
     whole = make()
     whole.fit(data, 30, **options)
     cut = make()
-    loss_fn = cut.loss_fn
-
-    def interrupting(model, x):
-        if cut.step == 17:
-            raise KeyboardInterrupt
-        return loss_fn(model, x)
-
-    cut.loss_fn = interrupting
+    _interrupt_at(cut, 17)
     with pytest.raises(KeyboardInterrupt):
         cut.fit(data, 30, checkpoint=tmp_path / "v.pt", **options)
     resumed = make()
@@ -774,14 +771,7 @@ def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_a
     d = make()  # interrupted after three evaluations: the best weights kept, and checkpointed
     # alongside the current state (to resume from)
     snapshots = prescribe(d, [5.0, 3.0, 4.0])
-    loss_fn = d.loss_fn
-
-    def interrupting(model, x):
-        if d.step == 32:
-            raise KeyboardInterrupt
-        return loss_fn(model, x)
-
-    d.loss_fn = interrupting
+    _interrupt_at(d, 32)
     with pytest.raises(KeyboardInterrupt):
         d.fit(data, 40, 8, progress=False, validation=val, eval_every=10, checkpoint=tmp_path / "d")
     for k, v in d.ema_model.state_dict().items():
