@@ -5,6 +5,7 @@ small matmuls many times slower). Tests that read ``../shared`` skip when it is 
 """
 
 import os
+import signal
 from pathlib import Path
 
 import pyro
@@ -24,6 +25,16 @@ def _float64_and_seed():
     pyro.clear_param_store()
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def ctrl_c():
+    """A function that sends this process Ctrl-C (SIGINT), with Python's default handler (which
+    raises KeyboardInterrupt) installed for the test: a process started in the background, as CI
+    may start pytest, ignores SIGINT otherwise."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield lambda: os.kill(os.getpid(), signal.SIGINT)
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

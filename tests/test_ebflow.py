@@ -946,12 +946,9 @@ def test_impute_takes_nan_at_the_missing_coordinates_and_everything_missing():
         trainer.impute(data, torch.tensor([False, True]))
 
 
-def test_a_real_ctrl_c_during_the_update_waits_for_the_step_to_end(tmp_path):
+def test_a_real_ctrl_c_during_the_update_waits_for_the_step_to_end(tmp_path, ctrl_c):
     """SIGINT sent inside the optimiser step: the step (weights, EMA, step count, loss) finishes,
     then KeyboardInterrupt; resuming from the checkpoint finishes the run exactly."""
-    import os
-    import signal
-
     from pyro_ebm.ebflow import EBFlowTrainer
 
     data = torch.randint(0, 256, (64, 4), dtype=torch.uint8)
@@ -964,7 +961,7 @@ def test_a_real_ctrl_c_during_the_update_waits_for_the_step_to_end(tmp_path):
 
     def interrupted(*args, **kwargs):
         if first.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            ctrl_c()
         return step(*args, **kwargs)
 
     first.opt.step = interrupted

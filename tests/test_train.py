@@ -280,14 +280,11 @@ def _resume_and_compare(tmp_path, first, make, data, **fit):
     return first
 
 
-def test_a_real_ctrl_c_during_the_updates_waits_for_the_step_to_end(tmp_path, monkeypatch):
+def test_a_real_ctrl_c_during_the_updates_waits_for_the_step_to_end(tmp_path, monkeypatch, ctrl_c):
     """SIGINT sent while the flow is being updated (the energy already is): the step finishes,
     then KeyboardInterrupt; the checkpoint is a step boundary and the resumed run is exact (a
     new user's probe: the rollback left the updated energy and a half-updated flow at the old
     step number)."""
-    import os
-    import signal
-
     import pyro_ebm.train.trainer as trainer_module
 
     data = two_to_one().sample(300, torch.Generator().manual_seed(0))
@@ -296,7 +293,7 @@ def test_a_real_ctrl_c_during_the_updates_waits_for_the_step_to_end(tmp_path, mo
 
     def interrupted(*args, **kwargs):
         if first.step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
+            ctrl_c()
         return original(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "forward_kl_step", interrupted)
