@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -876,6 +877,15 @@ def forward_kl_step(
     weights = _check_weights(weights, x.shape[0])
     if max_grad_norm is not None:
         _check_positive("max_grad_norm", max_grad_norm)
+    return _forward_kl(flow, optimizer, x, weights, max_grad_norm)
+
+
+def _forward_kl(flow, optimizer, x: Tensor, weights: Tensor | None, max_grad_norm) -> float:
+    """:func:`_step` on ``-log q(x)``, rows of ``x`` that are not finite left out before
+    ``log_prob`` (through it, their nan gradient would cancel the whole step)."""
+    keep = torch.isfinite(x).all(-1)
+    if not keep.all():
+        x, weights = x[keep], None if weights is None else weights[keep]
     return _step(flow, optimizer, -flow.log_prob(x), weights, max_grad_norm)
 
 
@@ -933,7 +943,7 @@ def fit_forward_kl(
         idx = order[pos : pos + batch_size]
         pos += batch_size
         w = None if weights is None else weights[idx]
-        losses.append(_step(flow, optimizer, -flow.log_prob(samples[idx]), w, max_grad_norm))
+        losses.append(_forward_kl(flow, optimizer, samples[idx], w, max_grad_norm))
     return losses
 
 
@@ -949,7 +959,11 @@ def fit_reverse_kl(
     r"""Fit a flow to :math:`p \propto e^{-U}` by minimising :math:`E_q[\log q(x) + U(x)]`.
 
     The loss equals :math:`\mathrm{KL}(q\,\|\,p) - \log Z`; it is estimated with ``num_samples``
-    reparameterised draws per step, leaving out draws with a non-finite value.
+    reparameterised draws per step, leaving out draws with a non-finite value. The target needs
+    full support: where :math:`U = +\infty` the KL of any ``q`` with mass there is infinite, and
+    leaving those draws out lets the flow drift out of the support while the loss still falls
+    (a warning says how many were left out); map a constrained target to an unconstrained space
+    first (e.g. :class:`~pyro_ebm.energy.ModelEnergy` for a Pyro model).
 
     :param flow: a :class:`Flow` (needs ``rsample_and_log_prob``).
     :param potential_fn: batched potential, ``(n, dim) -> (n,)``.
@@ -975,10 +989,21 @@ def fit_reverse_kl(
     optimizer = torch.optim.Adam(flow.parameters(), lr=_check_positive("lr", lr))
     if max_grad_norm is not None:
         _check_positive("max_grad_norm", max_grad_norm)
-    return [
-        reverse_kl_step(flow, optimizer, potential_fn, num_samples, max_grad_norm)
-        for _ in _range(num_steps, progress, "fit_reverse_kl")
-    ]
+    losses, dropped = [], 0
+    for _ in _range(num_steps, progress, "fit_reverse_kl"):
+        terms = _reverse_kl_terms(flow, potential_fn, num_samples)
+        dropped += int((~torch.isfinite(terms)).sum())
+        losses.append(_step(flow, optimizer, terms, None, max_grad_norm))
+    if dropped:
+        warnings.warn(
+            f"fit_reverse_kl: {dropped} of {num_steps * num_samples} draws "
+            f"({dropped / (num_steps * num_samples):.1%}) had a non-finite potential or density "
+            "and were left out, so the loss is not the reverse KL there (which is infinite for "
+            "a flow with mass outside the target's support); map the target to an unconstrained "
+            "space first",
+            stacklevel=2,
+        )
+    return losses
 
 
 def reverse_kl_step(
@@ -1002,9 +1027,16 @@ def reverse_kl_step(
     >>> isinstance(loss, float)
     True
     """
+    return _step(
+        flow, optimizer, _reverse_kl_terms(flow, potential_fn, num_samples), None, max_grad_norm
+    )
+
+
+def _reverse_kl_terms(flow: Flow, potential_fn: Callable, num_samples: int) -> Tensor:
+    r""":math:`\log q(x) + U(x)` on ``num_samples`` reparameterised draws."""
     x, log_q = flow.rsample_and_log_prob(num_samples)
     u = potential_fn(x)
     if not isinstance(u, Tensor) or u.shape != (num_samples,):
         shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
         raise ValueError(f"potential_fn must return shape ({num_samples},), got {shape}")
-    return _step(flow, optimizer, log_q + u, None, max_grad_norm)
+    return log_q + u

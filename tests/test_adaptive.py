@@ -255,6 +255,20 @@ def test_adaptive_bad_arguments():
         AdaptiveFlowSampler(two_to_one().potential, num_particles=1)
     with pytest.raises(ValueError, match="num_adapt_steps"):
         AdaptiveFlowSampler(two_to_one().potential).run(torch.zeros(4, 2), 0, 0)
+    # a new user's probe: one nan walker made the flow's standardization nan for every walker;
+    # freeze() before any flow existed crashed in run()
+    x0 = torch.zeros(4, 2)
+    x0[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x0 must be a finite"):
+        AdaptiveFlowSampler(two_to_one().potential).run(x0, 2, 2)
+    with pytest.raises(RuntimeError, match="freeze\\(\\) needs a flow"):
+        AdaptiveFlowSampler(two_to_one().potential).freeze()
+    state = init_state(two_to_one().potential, torch.zeros(4, 2))
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="step_size must be positive and finite"):
+            mala_step(state, two_to_one().potential, bad)
+    with pytest.raises(ValueError, match=r"potential_fn must return shape \(4,\)"):
+        init_state(lambda x: x, torch.zeros(4, 2), with_grad=False)
 
 
 if __name__ == "__main__":  # seed validation: python tests/test_adaptive.py 30

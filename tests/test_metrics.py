@@ -86,6 +86,11 @@ def test_bad_inputs():
         mode_weights_mcse(torch.zeros(10, 2), MEANS)
     with pytest.raises(ValueError, match="samples"):
         mode_indicator_ess(torch.zeros(3, 1, 2), MEANS)
+    # nan points were counted as the first mode's (a new user's probe)
+    with pytest.raises(ValueError, match="x must be finite"):
+        mode_weights(torch.full((5, 2), math.nan), MEANS)
+    with pytest.raises(ValueError, match="samples must be finite"):
+        mode_weights_mcse(torch.full((2, 5, 2), math.nan), MEANS)
 
 
 def test_mcse_iid_chains_is_binomial_sd():

@@ -45,6 +45,9 @@ def test_rhat_flags_chains_stuck_in_different_modes():
     # each coordinate's chain means are +-a (a = 1.39) around within-chain sd 1:
     # R-hat ~ sqrt(1 + a^2) / ... ~ 1.57 for chains spread evenly over the four modes
     assert max_rhat(stuck) > 1.4
+    stuck[0, 3, 0] = float("nan")  # (ranked as an ordinary value, nan gave R-hat 4.2)
+    with pytest.raises(ValueError, match="samples must be finite"):
+        max_rhat(stuck)
 
 
 def test_grid_mode_weights_and_log_density_error_of_the_truth():

@@ -28,6 +28,8 @@ def _check_chains(samples: Tensor) -> Tensor:
             "samples must have shape (num_chains, num_draws, dim) with num_draws >= 4, "
             f"got {tuple(samples.shape)}"
         )
+    if not torch.isfinite(samples).all():  # (ranked as ordinary values, nan gave R-hat 4.2)
+        raise ValueError("samples must be finite (found nan or inf)")
     return samples.to(torch.float64)
 
 

@@ -53,6 +53,8 @@ def _points(x: torch.Tensor, argname: str = "x") -> torch.Tensor:
         raise ValueError(f"{argname} must have shape (..., num_points, dim), got {tuple(x.shape)}")
     if not torch.is_floating_point(x):
         x = x.to(torch.get_default_dtype())
+    if not torch.isfinite(x).all():  # (a nan point would count as the first mode's)
+        raise ValueError(f"{argname} must be finite (found nan or inf)")
     return x
 
 
@@ -130,8 +132,7 @@ def _chain_indicators(samples: torch.Tensor, means_or_dataset: Any, chunk_size: 
             "samples must have shape (num_chains, num_draws, dim) with num_draws >= 2, "
             f"got {tuple(samples.shape)}"
         )
-    if not torch.is_floating_point(samples):
-        samples = samples.to(torch.get_default_dtype())
+    samples = _points(samples, "samples")
     idx, k = _mode_index(samples, means_or_dataset, chunk_size)  # (C, N)
     ind = torch.nn.functional.one_hot(idx, k).to(torch.float64)  # (C, N, K)
     return ind

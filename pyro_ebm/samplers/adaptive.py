@@ -226,6 +226,8 @@ class AdaptiveFlowSampler:
     def init(self, x0: Tensor) -> WalkerState:
         """Initial state of walkers at ``x0`` ``(C, D)``; resets the history buffer (the flow and
         the step size are kept, so this also moves a trained sampler to new walkers)."""
+        if x0.dim() != 2 or not torch.isfinite(x0).all():
+            raise ValueError("x0 must be a finite (num_walkers, dim) tensor")
         self._buffer = self._grad_buffer = None
         if self.flow is None:
             self.flow = self._wrap(default_flow(x0.shape[-1]).to(x0))
@@ -385,6 +387,8 @@ class AdaptiveFlowSampler:
             good flow, pure i-SIR (0) is the cheapest per effective draw; local moves matter
             where the flow is poor.
         """
+        if self.flow is None:
+            raise RuntimeError("freeze() needs a flow: run() (or init()) builds the default one")
         if num_local_steps is not None:
             if num_local_steps < 0:
                 raise ValueError(f"num_local_steps must be >= 0, got {num_local_steps}")

@@ -35,6 +35,8 @@ def _per_walker(step_size: float | Tensor, x: Tensor) -> Tensor:
         eps = eps.expand(x.shape[0])
     if eps.shape != x.shape[:1]:
         raise ValueError(f"step_size must be a float or a ({x.shape[0]},) tensor")
+    if not (torch.isfinite(eps) & (eps > 0)).all():
+        raise ValueError("step_size must be positive and finite")
     return eps[:, None]
 
 

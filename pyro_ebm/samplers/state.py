@@ -103,6 +103,9 @@ def init_state(potential_fn: PotentialFn, x: Tensor, with_grad: bool = True) -> 
         return WalkerState(x.detach(), u, g)
     with torch.no_grad():
         u = potential_fn(x)
+    if not isinstance(u, Tensor) or u.shape != x.shape[:1]:
+        shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"potential_fn must return shape ({x.shape[0]},), got {shape}")
     return WalkerState(x.detach(), u.detach())
 
 
