@@ -6,9 +6,12 @@ r"""pyro_ebm: energy-based models for Pyro.
   global-local, step-size adaptation, the adaptive flowMC driver).
 - :mod:`pyro_ebm.datasets`, :mod:`pyro_ebm.metrics`: the toy targets of Grenioux et al. (2023)
   and mode-weight metrics.
+- :mod:`pyro_ebm.infer`: the flow-assisted kernels for ``pyro.infer.mcmc.MCMC``.
+- :mod:`pyro_ebm.train`: balanced EBM training; :mod:`pyro_ebm.ebflow`: energy-based
+  normalizing flows trained by score matching.
 """
 
-from . import datasets, flows, metrics, samplers
+from . import datasets, ebflow, flows, infer, metrics, samplers, train
 from .energy import (
     EnergyDistribution,
     EnergyModel,
@@ -33,8 +36,11 @@ __all__ = [
     "StandardizedEnergy",
     "TiltedEnergy",
     "datasets",
+    "ebflow",
     "flows",
+    "infer",
     "metrics",
     "potential_fn",
     "samplers",
+    "train",
 ]

@@ -411,7 +411,8 @@ class EnergyDistribution(TorchDistribution):
         raise NotImplementedError(
             "EnergyDistribution is unnormalized and cannot be sampled directly: draw from it "
             "with MCMC (pyro_ebm.infer kernels or pyro.infer.mcmc.NUTS). Inside a Pyro model, "
-            "give NUTS/HMC max_plate_nesting and init_strategy=init_to_value(values={...})."
+            "give the kernel (any of them) init_strategy=init_to_value(values={site: start}), "
+            "and NUTS/HMC also max_plate_nesting."
         )
 
     def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
