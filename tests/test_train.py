@@ -690,3 +690,25 @@ def test_a_checkpoint_of_another_set_up_is_refused_before_anything_is_loaded(tmp
         ValueError, match="the checkpoint has 32 walkers, this trainer num_walkers=16"
     ):
         fewer.fit(data, 4, 32, checkpoint=tmp_path / "a.pt", resume=True, progress=False)
+
+
+def test_atomic_writes_leave_no_partial_file_and_the_usual_permissions(tmp_path):
+    """A failed write keeps the old file and leaves no temporary; a written file gets the
+    permissions of ``open()`` (mkstemp's 0600 made histories and models private)."""
+    import os
+
+    from pyro_ebm.train.checkpoint import atomic_write
+
+    path = tmp_path / "h.json"
+    atomic_write(path, lambda f: f.write("old"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def failing(f):
+        f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["h.json"]

@@ -46,6 +46,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], binary: bo
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)  # (read it: mkstemp makes the file private, 0600)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions of a file written with open()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
