@@ -257,12 +257,16 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int, output: str) -> N
     p.add_argument("--dim", type=int, default=None, help="dimension (mixture_hd, imbalanced_pair)")
     p.add_argument("--num-data", type=int, default=60_000, help="data points (default 60000)")
     p.add_argument("--steps", type=int, default=steps, help=f"training steps (default {steps})")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--num-walkers", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=1024, help="data points per step")
+    p.add_argument("--num-walkers", type=int, default=1024, help="persistent negatives")
     p.add_argument("--num-particles", type=int, default=16, help="i-SIR particles")
     p.add_argument("--num-mala-steps", type=int, default=3, help="MALA steps per i-SIR step")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--hidden", default="128,128", help="hidden widths of the MLP energy")
+    p.add_argument(
+        "--hidden",
+        default="128,128",
+        help="hidden widths of the MLP energy, comma-separated (default 128,128)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--output", default=output, help=f"output folder (default {output})")
@@ -273,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-ebm`` console script."""
     from .train.negatives import SAMPLERS
 
-    parser = argparse.ArgumentParser(prog="pyro-ebm", description=__doc__.split("\n\n")[0])
+    description = "Train and sample energy-based models with pyro_ebm."
+    parser = argparse.ArgumentParser(prog="pyro-ebm", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train an EBM on line4 with adaptive flow vs ULA sampling")
     _add_training_args(demo, steps=2500, output="pyro-ebm-demo")
@@ -290,9 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sampler",
         default="adaptive-flow",
         choices=sorted(SAMPLERS),
+        help="how the negatives are drawn (default adaptive-flow: i-SIR with a flow + MALA)",
     )
     train.add_argument(
-        "--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt if it exists"
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT/checkpoint.pt if it exists (with the same --steps, exactly "
+        "where it stopped; more steps stretch the learning-rate schedule)",
     )
     sample = sub.add_parser("sample", help="sample an imbalanced mixture with adaptive flow MCMC")
     sample.add_argument("--dim", type=int, default=16, help="dimension of the mixture (default 16)")
