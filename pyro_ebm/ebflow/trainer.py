@@ -704,6 +704,12 @@ class EBFlowTrainer:
         return x
 
     @property
+    def whitening(self) -> tuple[Tensor, Tensor, float] | None:
+        """``(mean, M, log|det M|)`` of the fixed map :math:`y = M (x - \\mu)` the trainer
+        matches after (see ``whiten``), or ``None`` when it works on the data as they are."""
+        return self._whitening
+
+    @property
     def data_model(self) -> EnergyModel:
         """The trained density (EMA weights) of float vectors in the data's own coordinates:
         :attr:`ema_model` itself, or a :class:`WhitenedEnergy` over it when the trainer whitened
