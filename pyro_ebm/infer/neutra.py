@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -30,6 +29,7 @@ from pyro.infer.mcmc import HMC, NUTS
 from pyro.util import ignore_jit_warnings
 from torch import Tensor
 
+from .._checks import check_int, check_positive
 from ..samplers import PullbackPotential
 from .base import SAMPLE_STATS, TargetKernel, check_finite_start, check_flow
 
@@ -186,13 +186,10 @@ class _NeuTraKernel(TargetKernel):
             # Pyro's default trajectory (2π) is one full period of a standard Gaussian, which is
             # what a good flow's latent space looks like: the chain would return to its start
             kwargs["trajectory_length"] = 2.0
-        step_size = kwargs.get("step_size", 1.0)
-        if not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
-            raise ValueError(f"step_size must be a positive finite number, got {step_size!r}")
-        if kwargs.get("num_steps") is not None and (
-            int(kwargs["num_steps"]) != kwargs["num_steps"] or kwargs["num_steps"] < 1
-        ):  # (Pyro's HMC hangs on a negative step size and takes num_steps=0)
-            raise ValueError(f"num_steps must be an integer >= 1, got {kwargs['num_steps']!r}")
+        # (Pyro's HMC hangs on a negative step size and takes num_steps=0)
+        check_positive("step_size", kwargs.get("step_size", 1.0))
+        if kwargs.get("num_steps") is not None:
+            check_int("num_steps", kwargs["num_steps"], 1)
         self.inner_kwargs = kwargs
         self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)  # validate the HMC/NUTS options
 

@@ -13,6 +13,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,13 +32,15 @@ __all__ = ["hmc_step", "mala_step", "ula_step"]
 
 
 def _per_walker(step_size: float | Tensor, x: Tensor) -> Tensor:
+    # a number is checked here; a tensor (an adapter's, per walker) is not: that would cost a
+    # device synchronisation every step
+    if not isinstance(step_size, Tensor) and not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"step_size must be positive and finite, got {step_size!r}")
     eps = torch.as_tensor(step_size, dtype=x.dtype, device=x.device)
     if eps.dim() == 0:
         eps = eps.expand(x.shape[0])
     if eps.shape != x.shape[:1]:
         raise ValueError(f"step_size must be a float or a ({x.shape[0]},) tensor")
-    if not (torch.isfinite(eps) & (eps > 0)).all():
-        raise ValueError("step_size must be positive and finite")
     return eps[:, None]
 
 
