@@ -211,20 +211,17 @@ class EBFlow(EnergyModel):
         r""":math:`\log Z = -\sum_{\text{linear}} \log|\det J|`, cached in eval mode until
         a weight changes (each weight's storage, dtype and in-place version counter is the
         cache's key)."""
+        if self.training:
+            return self._log_z()
         key = tuple((p.data_ptr(), p.dtype, p._version) for p in self.parameters())
-        if not self.training and self._cached_log_z is not None:
-            if self._cached_log_z[0] == key:
-                return self._cached_log_z[1]
-        log_z = -sum(
+        if self._cached_log_z is None or self._cached_log_z[0] != key:
+            self._cached_log_z = (key, self._log_z().detach())
+        return self._cached_log_z[1]
+
+    def _log_z(self) -> Tensor:
+        return -sum(
             (layer.log_det() for layer in self.layers if layer.linear), start=torch.zeros(())
         )
-        if not self.training:
-            self._cached_log_z = (key, log_z.detach())
-        return log_z
-
-    def train(self, mode: bool = True) -> EBFlow:
-        self._cached_log_z = None
-        return super().train(mode)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log-density ``(batch,)``."""
