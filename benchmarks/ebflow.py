@@ -399,6 +399,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=None, help="DSM noise (default: trainer's)")
     parser.add_argument("--xi", type=float, default=1e-2, help="FDSSM step")
     parser.add_argument("--plain-ssm", action="store_true", help="SSM without variance reduction")
+    parser.add_argument("--num-slices", type=int, default=1, help="SSM projections per step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--validation",
@@ -430,6 +431,7 @@ def main() -> None:
             datasets[name] = (train[:n], train[n:] if n < len(train) else None, test)
         trainer_kwargs = {"lr": args.lr, "lr_schedule": args.lr_schedule, "xi": args.xi}
         trainer_kwargs["variance_reduction"] = not args.plain_ssm
+        trainer_kwargs["num_slices"] = args.num_slices
         if args.sigma is not None:
             trainer_kwargs["sigma"] = args.sigma
         bench_nll(
