@@ -147,23 +147,27 @@ class AdaptiveFlowMCMC(WalkerKernel):
         self.flow_: torch.nn.Module | None = None
 
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
-        dim = self.target.layout.dim
+        dim, chains = self.target.layout.dim, self.num_chains
         flow = None
         if self.flow is not None:
             check_flow(self.flow, dim)
             flow = copy.deepcopy(self.flow)
         self.sampler = AdaptiveFlowSampler(self.target.potential, flow, **self.sampler_options)
-        if x0 is None:
+        if x0 is None and chains == 1:
             x0 = torch.zeros(1, dim)
-        walkers = x0 + self.init_scale * torch.randn(
-            self.num_walkers, dim, dtype=x0.dtype, device=x0.device
+        # the warmup ensemble: the chains, plus walkers around their starts up to num_walkers
+        n = max(self.num_walkers, chains)
+        centres = torch.zeros(1, dim) if x0 is None else x0
+        walkers = centres[torch.arange(n) % len(centres)] + self.init_scale * torch.randn(
+            n, dim, dtype=centres.dtype, device=centres.device
         )
-        walkers[0] = x0[0]
+        if x0 is not None:
+            walkers[:chains] = x0
         self._ensemble = self.sampler.init(walkers)
         self.flow_ = self.sampler.flow
         if self._warmup_steps == 0:
             return self._freeze(self._ensemble)
-        return _row(self._ensemble, 0)
+        return _rows(self._ensemble, chains)
 
     def _freeze(self, ensemble: WalkerState) -> WalkerState:
         self.sampler.freeze()  # may restore an earlier flow: see AdaptiveFlowSampler.freeze
@@ -183,20 +187,21 @@ class AdaptiveFlowMCMC(WalkerKernel):
         if local_steps is not None:
             self.sampler.num_local_steps = local_steps
         self._ensemble = None
-        return self.sampler.init(ensemble.x[:1])
+        return self.sampler.init(ensemble.x[: self.num_chains])
 
     def _restart(self, x: Tensor) -> WalkerState:
         if self._ensemble is not None:  # during warmup: move walker 0 only
             fresh = self.sampler.init(torch.cat([x, self._ensemble.x[1:]]))
             self._ensemble = fresh
-            return _row(fresh, 0)
+            return _rows(fresh, 1)
         return self.sampler.init(x)
 
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         if warmup:
             self._ensemble, info, is_global = self.sampler.move(self._ensemble, self._t, adapt=True)
-            state = _row(self._ensemble, 0)
-            info = MoveInfo(*(f[:1] for f in info))
+            chains = self.num_chains
+            state = _rows(self._ensemble, chains)
+            info = MoveInfo(*(f[:chains] for f in info))
             if self._t == self._warmup_steps - 1:
                 state = self._freeze(self._ensemble)
             return state, info, is_global
@@ -208,5 +213,6 @@ class AdaptiveFlowMCMC(WalkerKernel):
         return {"step size": f"{float(self.sampler.step_size):.2e}"}
 
 
-def _row(state: WalkerState, i: int) -> WalkerState:
-    return WalkerState(*(None if f is None else f[i : i + 1] for f in state))
+def _rows(state: WalkerState, n: int) -> WalkerState:
+    """The first ``n`` walkers of ``state``: the chains of an ensemble."""
+    return WalkerState(*(None if f is None else f[:n] for f in state))

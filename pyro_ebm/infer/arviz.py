@@ -172,7 +172,7 @@ def _sample_stats(mcmc: MCMC, num_chains: int, num_draws: int) -> dict[str, np.n
         names = [k for k in diags[0]["sample_stats"] if all(k in d["sample_stats"] for d in diags)]
         stats = {}
         for name in names:
-            rows = [list(d["sample_stats"][name]) for d in diags]
+            rows = [_to_numpy(d["sample_stats"][name]) for d in diags]
             if any(len(r) != num_draws for r in rows):
                 warnings.warn(
                     f"sample stat {name!r} does not have one entry per draw ({num_draws}); "
@@ -180,7 +180,7 @@ def _sample_stats(mcmc: MCMC, num_chains: int, num_draws: int) -> dict[str, np.n
                     stacklevel=3,
                 )
                 continue
-            stats[name] = np.asarray(rows, dtype=_STAT_DTYPES.get(name))
+            stats[name] = np.stack(rows).astype(_STAT_DTYPES.get(name, rows[0].dtype))
         if "potential_energy" in stats and "lp" not in stats:
             stats["lp"] = -stats["potential_energy"]
         return stats

@@ -1,12 +1,15 @@
-r"""The shared shell of the ``pyro_ebm`` kernels: Pyro's ``MCMCKernel`` over one walker.
+r"""The shared shell of the ``pyro_ebm`` kernels: Pyro's ``MCMCKernel`` over a batch of chains.
 
-:class:`WalkerKernel` handles what every kernel needs to plug into
-:class:`pyro.infer.mcmc.MCMC` (DESIGN.md §3): ``model`` xor ``potential_fn``, Pyro's transforms for
-constrained sites, initial parameters (user-given per chain, else from the model's init strategy,
-else from the subclass), per-chain reset in :meth:`setup` (``MCMC`` reuses the kernel object for
-sequential chains), counting warmup steps (``end_warmup`` is never called), ``logging()`` for the
-progress bar and ``diagnostics()`` with ``divergences`` and per-draw sample statistics. Subclasses
-implement one move on a ``(1, dim)`` walker state with the functions of :mod:`pyro_ebm.samplers`.
+:class:`WalkerKernel` handles what every kernel needs, both inside
+:class:`pyro.infer.mcmc.MCMC` (one chain per kernel call) and inside
+:class:`pyro_ebm.infer.MCMC` with ``chain_method="vectorized"`` (all chains advance as one
+``(num_chains, dim)`` tensor): ``model`` xor ``potential_fn``, Pyro's transforms for constrained
+sites, initial parameters (user-given per chain, else from the model's init strategy, else from
+the subclass), per-run reset in :meth:`setup` (Pyro's ``MCMC`` reuses the kernel object for
+sequential chains), counting warmup steps (``end_warmup`` is never called), ``logging()`` for
+the progress bar and ``diagnostics()`` with ``divergences`` and per-draw sample statistics kept
+in preallocated tensors. Subclasses implement one move of a ``(num_chains, dim)`` walker state
+with the functions of :mod:`pyro_ebm.samplers`.
 """
 
 from __future__ import annotations
@@ -18,13 +21,71 @@ import torch
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
+from .._checks import check_int
 from ..samplers import MoveInfo, WalkerState
 from .target import FlatTarget, make_target
 
-__all__ = ["SAMPLE_STATS", "TargetKernel", "WalkerKernel", "check_flow"]
+__all__ = ["SAMPLE_STATS", "DrawStats", "TargetKernel", "WalkerKernel", "check_flow"]
 
 #: per-draw statistics every kernel records (see :func:`pyro_ebm.infer.to_arviz`)
 SAMPLE_STATS = ("accept_prob", "accepted", "potential_energy", "is_global", "diverging")
+
+_STAT_DTYPES = {
+    "accept_prob": torch.float64,
+    "accepted": torch.bool,
+    "potential_energy": torch.float64,
+    "is_global": torch.bool,
+    "diverging": torch.bool,
+}
+
+
+class DrawStats:
+    r"""The per-draw statistics of :data:`SAMPLE_STATS` for ``num_chains`` chains, in
+    preallocated ``(num_chains, capacity)`` tensors (doubled when a run outgrows them).
+
+    :param num_chains: number of chains.
+    :param capacity: draws to allocate for (the number of samples when known).
+    """
+
+    def __init__(self, num_chains: int, capacity: int = 1024) -> None:
+        self.num_chains = num_chains
+        self.num_draws = 0
+        self._data = {
+            k: torch.zeros(num_chains, max(capacity, 1), dtype=d) for k, d in _STAT_DTYPES.items()
+        }
+
+    def record(self, info: MoveInfo, is_global: bool) -> None:
+        """Store one move's statistics for every chain."""
+        n = self.num_draws
+        if n == next(iter(self._data.values())).shape[1]:
+            self._data = {k: torch.cat([v, torch.zeros_like(v)], 1) for k, v in self._data.items()}
+        values = {
+            "accept_prob": info.accept_prob,
+            "accepted": info.accepted,
+            "potential_energy": info.potential_energy,
+            "diverging": info.nonfinite,
+        }
+        for name, value in values.items():
+            self._data[name][:, n] = value.detach().to("cpu", _STAT_DTYPES[name])
+        self._data["is_global"][:, n] = is_global
+        self.num_draws = n + 1
+
+    def chain(self, index: int) -> dict[str, Tensor]:
+        """``{stat: (num_draws,) tensor}`` of one chain (views, not copies)."""
+        return {k: v[index, : self.num_draws] for k, v in self._data.items()}
+
+    def diagnostics(self, index: int) -> dict:
+        r"""What ``MCMC`` reports for chain ``index``: ``divergences`` (indices of draws whose
+        proposal had a non-finite potential), the acceptance rate of global and local moves
+        (``nan`` when there were none), and ``sample_stats`` (:meth:`chain`)."""
+        stats = self.chain(index)
+        out: dict = {"divergences": torch.nonzero(stats["diverging"]).flatten().tolist()}
+        for kind, flag in (("global", True), ("local", False)):
+            probs = stats["accept_prob"][stats["is_global"] == flag]
+            rate = float(probs.mean()) if probs.numel() else float("nan")
+            out[f"{kind} acceptance rate"] = rate
+        out["sample_stats"] = stats
+        return out
 
 
 class TargetKernel(MCMCKernel):
@@ -74,9 +135,10 @@ class TargetKernel(MCMCKernel):
         self._user_initial = params
         self._initial_params = params
 
-    def _build_target(self, args: tuple, kwargs: dict) -> FlatTarget:
-        """Build this chain's target; consumes the user's initial params (the next chain draws
-        its own unless ``MCMC`` sets them again)."""
+    def _build_target(self, args: tuple, kwargs: dict, num_chains: int | None = None) -> FlatTarget:
+        """Build the target; consumes the user's initial params (the next run draws its own
+        unless ``MCMC`` sets them again). With ``num_chains``, initial params carry a leading
+        chain dimension and ``target.initial`` is ``(num_chains, dim)``; without, ``(dim,)``."""
         self.target = make_target(
             self.model,
             self.potential_fn,
@@ -86,6 +148,7 @@ class TargetKernel(MCMCKernel):
             self.init_strategy,
             dim=getattr(getattr(self, "flow", None), "dim", None),
             model_init=not self._starts_from_flow,
+            num_chains=num_chains,
         )
         if self.model is not None:
             self.transforms = self.target.transforms
@@ -94,30 +157,67 @@ class TargetKernel(MCMCKernel):
 
 
 class WalkerKernel(TargetKernel):
-    r"""Base class: a Pyro kernel whose chain is one walker of the vectorized core.
+    r"""Base class: a Pyro kernel whose chains are walkers of the vectorized core.
 
-    Takes the arguments of :class:`TargetKernel`.
+    In Pyro's :class:`~pyro.infer.mcmc.MCMC` each kernel call moves one chain; in
+    :class:`pyro_ebm.infer.MCMC` (``chain_method="vectorized"``) :meth:`setup_chains` and
+    :meth:`step_chains` move all chains at once. Takes the arguments of :class:`TargetKernel`.
     """
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
-        self._warmup_steps = warmup_steps
-        x0 = self._build_target(args, kwargs).initial
-        self._t = 0
-        self._stats = {k: [] for k in SAMPLE_STATS}
-        self._divergences: list[int] = []
-        self._accept_sums = {"global": [0.0, 0], "local": [0.0, 0]}  # running, for the progress bar
-        self._state = self._setup_chain(None if x0 is None else x0[None])
+        """Pyro's entry point: one chain (initial params without a chain dimension)."""
+        if self._user_initial is not None:
+            self._user_initial = {k: v[None] for k, v in self._user_initial.items()}
+        self.setup_chains(1, warmup_steps, args, kwargs)
         self._last = self.target.layout.unflatten(self._state.x[0])
         self._initial_params = self._last
 
-    def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        if params is not self._last:  # moved by someone else: restart from there
-            self._state = self._restart(self.target.layout.flatten(params).detach()[None])
+    def setup_chains(
+        self,
+        num_chains: int,
+        warmup_steps: int,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        num_samples: int | None = None,
+    ) -> None:
+        r"""Start ``num_chains`` chains.
+
+        :param num_chains: number of chains, advanced together.
+        :param warmup_steps: moves that adapt before the draws start.
+        :param args, kwargs: the model's arguments.
+        :param num_samples: draws after warmup, when known (to preallocate the statistics).
+
+        Initial params set before (``kernel.initial_params = ...``) carry a leading chain
+        dimension of size ``num_chains``.
+        """
+        self.num_chains = check_int("num_chains", num_chains, 1)
+        self._warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        x0 = self._build_target(tuple(args), dict(kwargs or {}), num_chains).initial
+        self._t = 0
+        self.stats = DrawStats(num_chains, 1024 if num_samples is None else num_samples)
+        self._accept_sums = {"global": [0.0, 0], "local": [0.0, 0]}  # for the progress bar
+        self._state = self._setup_chain(x0)
+
+    def step_chains(self) -> tuple[Tensor, MoveInfo, bool]:
+        r"""Move every chain once; returns the flat positions ``(num_chains, dim)``, the move's
+        :class:`~pyro_ebm.samplers.MoveInfo` and whether it was a global move. Statistics of
+        post-warmup moves are recorded in :attr:`stats`."""
         warmup = self._t < self._warmup_steps
         self._state, info, is_global = self._move(self._state, warmup)
-        self._record(info, is_global, warmup)
+        kind = self._accept_sums["global" if is_global else "local"]
+        kind[0] += float(info.accept_prob.mean())
+        kind[1] += 1
+        if not warmup:
+            self.stats.record(info, is_global)
         self._t += 1
-        self._last = self.target.layout.unflatten(self._state.x[0])
+        return self._state.x, info, is_global
+
+    def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Pyro's entry point: one move of the (single) chain."""
+        if params is not self._last:  # moved by someone else: restart from there
+            self._state = self._restart(self.target.layout.flatten(params).detach()[None])
+        x, _, _ = self.step_chains()
+        self._last = self.target.layout.unflatten(x[0])
         return self._last
 
     def logging(self) -> OrderedDict:
@@ -128,25 +228,22 @@ class WalkerKernel(TargetKernel):
         out.update(self._extra_logging())
         return out
 
-    def diagnostics(self) -> dict:
-        r"""Per chain: ``divergences`` (post-warmup draw indices whose proposal had a non-finite
-        potential), the post-warmup acceptance rate of global and local moves (``nan`` when there
-        were none), and ``sample_stats``: per-draw lists of :data:`SAMPLE_STATS`."""
-        acc = {}
-        for kind, flag in (("global", True), ("local", False)):
-            pairs = zip(self._stats["accept_prob"], self._stats["is_global"], strict=True)
-            probs = [a for a, g in pairs if g == flag]
-            acc[f"{kind} acceptance rate"] = sum(probs) / len(probs) if probs else float("nan")
-        return {"divergences": list(self._divergences), **acc, "sample_stats": self._stats}
+    def diagnostics(self, chain: int = 0) -> dict:
+        r"""Of chain ``chain`` (Pyro calls it with one chain): ``divergences`` (post-warmup draw
+        indices whose proposal had a non-finite potential), the post-warmup acceptance rate of
+        global and local moves (``nan`` when there were none), and ``sample_stats``:
+        per-draw tensors of :data:`SAMPLE_STATS`."""
+        return self.stats.diagnostics(chain)
 
     # -- subclass hooks ----------------------------------------------------------------------
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
-        """Reset per-chain state and return the initial state; ``x0`` is ``(1, dim)`` or
-        ``None`` when neither the user nor the model gave a start."""
+        """Reset per-run state and return the initial state of :attr:`num_chains` chains;
+        ``x0`` is ``(num_chains, dim)`` or ``None`` when neither the user nor the model gave a
+        start."""
         raise NotImplementedError
 
     def _restart(self, x: Tensor) -> WalkerState:
-        """A fresh state at ``x`` ``(1, dim)`` (the chain was moved from outside)."""
+        """A fresh state at ``x`` ``(1, dim)`` (Pyro's driver moved the chain)."""
         raise NotImplementedError
 
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
@@ -155,24 +252,6 @@ class WalkerKernel(TargetKernel):
 
     def _extra_logging(self) -> dict:
         return {}
-
-    # -- bookkeeping -------------------------------------------------------------------------
-    def _record(self, info: MoveInfo, is_global: bool, warmup: bool) -> None:
-        kind = "global" if is_global else "local"
-        acc = float(info.accept_prob[0])
-        self._accept_sums[kind][0] += acc
-        self._accept_sums[kind][1] += 1
-        if warmup:
-            return
-        draw = self._t - self._warmup_steps
-        diverging = bool(info.nonfinite[0])
-        if diverging:
-            self._divergences.append(draw)
-        self._stats["accept_prob"].append(acc)
-        self._stats["accepted"].append(bool(info.accepted[0]))
-        self._stats["potential_energy"].append(float(info.potential_energy[0]))
-        self._stats["is_global"].append(is_global)
-        self._stats["diverging"].append(diverging)
 
 
 def check_flow(flow, dim: int) -> None:

@@ -104,11 +104,11 @@ class FlowIMH(WalkerKernel):
             proposal = DefensiveProposal(self.flow, self.defensive, self.defensive_scale)
         self._proposal = proposal
         self._proposals = FlowProposals(
-            proposal, self.target.potential, 1, self._num_proposals, self.block_size
+            proposal, self.target.potential, self.num_chains, self._num_proposals, self.block_size
         )
         if x0 is None:
             with torch.no_grad():
-                x0 = self.flow.sample(1)
+                x0 = self.flow.sample(self.num_chains)
         return self._restart(x0)
 
     def _restart(self, x: Tensor) -> WalkerState:
@@ -182,7 +182,7 @@ class MALA(WalkerKernel):
         self.step_size = self.initial_step_size
         self._adapter.reset(self.initial_step_size)
         if x0 is None:
-            x0 = torch.zeros(1, self.target.layout.dim)
+            x0 = torch.zeros(self.num_chains, self.target.layout.dim)
         state = self._restart(x0)
         check_finite_start(state.potential_energy)
         return state

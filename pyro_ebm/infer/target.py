@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from pyro.infer.mcmc.util import initialize_model
 from torch import Tensor
 
 from ..energy import EnergyPotential, ModelEnergy
@@ -105,6 +106,7 @@ def make_target(
     init_strategy: Callable | None = None,
     dim: int | None = None,
     model_init: bool = True,
+    num_chains: int | None = None,
 ) -> FlatTarget:
     r"""Build the :class:`FlatTarget` of a Pyro model or of a ``potential_fn``.
 
@@ -120,13 +122,23 @@ def make_target(
     :param model_init: with a model and neither ``initial_params`` nor ``init_strategy``, start
         from Pyro's default init strategy (``True``) or leave ``initial`` ``None`` (``False``),
         for kernels that start from a draw of their flow.
+    :param num_chains: when given, ``initial_params`` carry a leading chain dimension of this
+        size, a model's init strategy draws one start per chain, and ``initial`` is
+        ``(num_chains, dim)``; when ``None``, one chain and ``initial`` is ``(dim,)``.
     """
     if (model is None) == (potential_fn is None):
         raise ValueError("exactly one of `model` and `potential_fn` must be given")
+    one = initial_params
+    if initial_params is not None and num_chains is not None:
+        one = _one_chain(initial_params, num_chains)
     if model is not None:
         kwargs = {} if init_strategy is None else {"init_strategy": init_strategy}
         energy = ModelEnergy(model, model_args, model_kwargs, **kwargs)
-        initial = energy.initial_params if model_init or init_strategy is not None else None
+        initial = None
+        if model_init or init_strategy is not None:
+            initial = energy.initial_params
+            if num_chains is not None:
+                initial = _model_starts(energy, num_chains, init_strategy)
         if initial_params is not None:
             unknown = sorted(set(initial_params) - set(energy.site_names))
             if unknown:
@@ -139,7 +151,7 @@ def make_target(
     if isinstance(potential_fn, EnergyPotential):
         dim = getattr(potential_fn.energy, "dim", dim)
         if initial_params is not None:
-            layout = SiteLayout.from_params(initial_params)
+            layout = SiteLayout.from_params(one)
         elif dim is not None:
             layout = SiteLayout({potential_fn.site: (dim,)})
         else:
@@ -168,7 +180,37 @@ def make_target(
                 "initial_params is required with a generic potential_fn: it tells the kernel "
                 "the names and shapes of the sites (or wrap an energy with pyro_ebm.potential_fn)"
             )
-        layout = SiteLayout.from_params(initial_params)
+        layout = SiteLayout.from_params(one)
         potential = _DictPotential(potential_fn, layout)
     initial = None if initial_params is None else layout.flatten(initial_params).detach()
     return FlatTarget(potential, layout, {}, initial)
+
+
+def _one_chain(initial_params: dict[str, Tensor], num_chains: int) -> dict[str, Tensor]:
+    """The first chain's initial params, after checking the leading chain dimension."""
+    if not isinstance(initial_params, dict) or not initial_params:
+        raise ValueError(f"initial_params must be a dict {{site: tensor}}, got {initial_params!r}")
+    for name, value in initial_params.items():
+        if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != num_chains:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"initial_params[{name!r}] must have a leading dimension of size "
+                f"num_chains={num_chains} (one start per chain), got shape {shape}"
+            )
+    return {k: v[0] for k, v in initial_params.items()}
+
+
+def _model_starts(energy: ModelEnergy, num_chains: int, init_strategy: Callable | None) -> Tensor:
+    """``(num_chains, dim)`` starts from the model's init strategy, one draw per chain."""
+    if num_chains == 1:
+        return energy.initial_params[None]
+    kwargs = {} if init_strategy is None else {"init_strategy": init_strategy}
+    params = initialize_model(
+        energy.model,
+        energy.model_args,
+        energy.model_kwargs,
+        max_plate_nesting=energy._max_plate_nesting,
+        num_chains=num_chains,
+        **kwargs,
+    )[0]
+    return energy.flatten(params).detach()
