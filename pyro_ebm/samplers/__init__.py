@@ -1,16 +1,18 @@
 r"""The one vectorized MCMC core of ``pyro_ebm``.
 
 Pure functions on a ``(num_walkers, dim)`` tensor, each returning ``(new_state, info)``: local
-moves (:func:`ula_step`, :func:`mala_step`, :func:`hmc_step`), global flow moves
-(:func:`imh_step`, :func:`isir_step` with :class:`FlowProposals` drawing proposals in blocks),
-their composition (:func:`global_local_step`), step-size adaptation (:class:`StepSizeAdapter`) and
-the adaptive flowMC driver (:class:`AdaptiveFlowSampler`). The Pyro kernels in
-:mod:`pyro_ebm.infer` and the trainer in :mod:`pyro_ebm.train` call these functions; the MCMC math
-lives here only.
+moves (:func:`ula_step`, :func:`mala_step`, :func:`hmc_step`; the many-chain ChEES-HMC step
+:func:`chees_hmc_step` also returns the statistics its :class:`ChEESAdapter` learns from), global
+flow moves (:func:`imh_step`, :func:`isir_step` with :class:`FlowProposals` drawing proposals in
+blocks), their composition (:func:`global_local_step`), step-size adaptation
+(:class:`StepSizeAdapter`) and the adaptive flowMC driver (:class:`AdaptiveFlowSampler`). The Pyro
+kernels in :mod:`pyro_ebm.infer` and the trainer in :mod:`pyro_ebm.train` call these functions;
+the MCMC math lives here only.
 """
 
 from .adaptation import StepSizeAdapter, TrackingStepSize
 from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
+from .chees import ChEESAdapter, ChEESProposal, chees_hmc_step, warmup_windows
 from .composite import GlobalLocalInfo, global_local_step, stack_infos
 from .flow_moves import (
     DefensiveProposal,
@@ -27,6 +29,8 @@ from .state import MoveInfo, WalkerState, accept_reject, init_state, potential_a
 __all__ = [
     "AdaptiveFlowSampler",
     "AdaptiveRun",
+    "ChEESAdapter",
+    "ChEESProposal",
     "DefensiveProposal",
     "FlowDraw",
     "FlowProposals",
@@ -37,6 +41,7 @@ __all__ = [
     "TrackingStepSize",
     "WalkerState",
     "accept_reject",
+    "chees_hmc_step",
     "default_flow",
     "global_local_step",
     "hmc_step",
@@ -48,4 +53,5 @@ __all__ = [
     "potential_and_grad",
     "stack_infos",
     "ula_step",
+    "warmup_windows",
 ]

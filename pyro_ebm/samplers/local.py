@@ -133,6 +133,35 @@ def mala_step(
     )
 
 
+def _leapfrog(
+    potential_fn: PotentialFn,
+    state: WalkerState,
+    p: Tensor,
+    eps: Tensor,
+    inv_m: Tensor,
+    num_steps: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""``num_steps`` leapfrog steps from ``(state.x, p)``, all walkers in one batched op.
+
+    Returns the end point ``(x, p, U(x), ∇U(x), ok)``, where ``ok`` ``(C,)`` is False for a
+    walker whose trajectory met a non-finite potential or gradient: from there on its gradient is
+    taken as zero (the walker coasts), so that ``nan`` does not spread through the arithmetic; its
+    proposal must be rejected. Shared by :func:`hmc_step` and the ChEES step.
+    """
+    x, g = state.x, state.grad
+    u = state.potential_energy
+    ok = torch.ones_like(u, dtype=torch.bool)
+    for _ in range(num_steps):
+        p = p - 0.5 * eps * g
+        x = x + eps * inv_m * p
+        u, g = potential_and_grad(potential_fn, x)
+        ok = ok & _finite_rows(u, g)
+        # freeze diverged walkers so that nan does not spread through arithmetic
+        g = torch.where(ok[:, None], g, torch.zeros_like(g))
+        p = p - 0.5 * eps * g
+    return x, p, u, g, ok
+
+
 def hmc_step(
     state: WalkerState,
     potential_fn: PotentialFn,
@@ -155,17 +184,7 @@ def hmc_step(
     inv_m = torch.ones_like(state.x[0]) if inverse_mass is None else inverse_mass
     p = torch.randn_like(state.x) / inv_m.sqrt()
     kinetic0 = 0.5 * (p**2 * inv_m).sum(-1)
-    x, g = state.x, state.grad
-    u = state.potential_energy
-    ok = torch.ones_like(u, dtype=torch.bool)
-    for _ in range(num_steps):
-        p = p - 0.5 * eps * g
-        x = x + eps * inv_m * p
-        u, g = potential_and_grad(potential_fn, x)
-        ok = ok & _finite_rows(u, g)
-        # freeze diverged walkers so that nan does not spread through arithmetic
-        g = torch.where(ok[:, None], g, torch.zeros_like(g))
-        p = p - 0.5 * eps * g
+    x, p, u, g, ok = _leapfrog(potential_fn, state, p, eps, inv_m, num_steps)
     kinetic1 = 0.5 * (p**2 * inv_m).sum(-1)
     log_ratio = state.potential_energy + kinetic0 - u - kinetic1
     return accept_reject(state._replace(log_q=None), WalkerState(x, u, g), log_ratio, ok)

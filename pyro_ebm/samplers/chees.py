@@ -1,0 +1,543 @@
+r"""ChEES-HMC: many-chain HMC whose trajectory length is adapted by the ChEES criterion.
+
+All ``C`` chains make the same number of leapfrog steps, so a transition is one batched tensor
+operation per leapfrog step (:func:`chees_hmc_step`). :class:`ChEESAdapter` tunes, during
+warmup and from the whole ensemble of chains at once,
+
+- the step size, by dual averaging on the harmonic mean of the chains' acceptance
+  probabilities;
+- the trajectory length :math:`T`, by stochastic gradient ascent on the ChEES criterion
+  (Change in the Estimator of the Expected Square)
+
+  .. math::
+
+      \mathrm{ChEES}(T) = \tfrac14\, \mathbb E\Big[\big(\lVert q' - \mathbb E q\rVert^2
+          - \lVert q - \mathbb E q\rVert^2\big)^2\Big],
+
+  with :math:`q` a chain's position before a transition and :math:`q'` its proposal;
+- a diagonal inverse mass matrix from the chains' variances, in Stan's windows.
+
+Each transition integrates for a jittered time :math:`uT`, with :math:`u \in (0, 1)` from a
+Halton sequence shared by the chains (jitter avoids the resonances of a fixed trajectory length,
+and is part of the sampler: it continues after warmup).
+
+References:
+
+- Hoffman, Radul, Sountsov (2021), "An Adaptive-MCMC Scheme for Setting Trajectory Lengths in
+  Hamiltonian Monte Carlo", AISTATS, http://proceedings.mlr.press/v130/hoffman21a.html
+- Hoffman, Gelman (2014), "The No-U-Turn Sampler", https://arxiv.org/abs/1111.4246 (dual
+  averaging).
+- Stan Reference Manual, "HMC algorithm parameters: automatic parameter tuning" (the warmup
+  windows).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int, check_positive
+from .adaptation import StepSizeAdapter
+from .local import _check_inverse_mass, _leapfrog, _per_walker
+from .state import MoveInfo, PotentialFn, WalkerState, accept_reject
+
+__all__ = ["ChEESAdapter", "ChEESProposal", "chees_hmc_step", "warmup_windows"]
+
+#: an energy error :math:`H(q', p') - H(q, p)` above this is a divergence (as in Stan and Pyro)
+MAX_ENERGY_ERROR = 1000.0
+
+
+class ChEESProposal(NamedTuple):
+    r"""What :class:`ChEESAdapter` needs from one transition of ``C`` chains.
+
+    :param x: proposed positions ``(C, D)`` (the end of each trajectory, accepted or not).
+    :param velocity: :math:`\dot q = M^{-1} p` at the end of each trajectory, ``(C, D)``.
+    :param x_init: positions at the start of the transition ``(C, D)``.
+    :param accept_prob: Metropolis-Hastings acceptance probability of each proposal ``(C,)``.
+    :param divergent: ``(C,)`` bool, the trajectory met a non-finite potential or gradient, or
+        its energy error exceeded :data:`MAX_ENERGY_ERROR` (such a proposal is rejected).
+    :param num_steps: the number of leapfrog steps of the transition.
+    """
+
+    x: Tensor
+    velocity: Tensor
+    x_init: Tensor
+    accept_prob: Tensor
+    divergent: Tensor
+    num_steps: int
+
+
+def chees_hmc_step(
+    state: WalkerState,
+    potential_fn: PotentialFn,
+    step_size: float | Tensor,
+    num_steps: int,
+    inverse_mass: Tensor | None = None,
+) -> tuple[WalkerState, MoveInfo, ChEESProposal]:
+    r"""One HMC transition of all chains with ``num_steps`` leapfrog steps each.
+
+    The momentum is :math:`p \sim \mathcal N(0, M)` with the diagonal mass
+    :math:`M = \mathrm{diag}(1 / \text{inverse\_mass})`; the proposal, the end of the leapfrog
+    trajectory, is accepted with probability :math:`\min\{1, e^{H(q, p) - H(q', p')}\}`,
+    :math:`H(q, p) = U(q) + \tfrac12 p^\top M^{-1} p`. The math is that of
+    :func:`~pyro_ebm.samplers.hmc_step` (the same random draws give the same chain), plus:
+
+    - a proposal whose energy error :math:`H(q', p') - H(q, p)` exceeds
+      :data:`MAX_ENERGY_ERROR` is a divergence and is rejected (its acceptance probability,
+      below :math:`e^{-1000}`, is set to 0);
+    - the step also returns a :class:`ChEESProposal`, what :meth:`ChEESAdapter.update` needs.
+
+    A trajectory that meets a non-finite potential or gradient is rejected and flagged in
+    ``info.nonfinite``; the other chains are unaffected.
+
+    :param state: current state, with ``grad`` (:func:`~pyro_ebm.samplers.init_state`).
+    :param potential_fn: batched potential ``U``, ``(C, D) -> (C,)``.
+    :param step_size: leapfrog step size, a number or a ``(C,)`` tensor.
+    :param num_steps: leapfrog steps, shared by all chains (jittered by
+        :meth:`ChEESAdapter.num_steps`).
+    :param inverse_mass: diagonal inverse mass matrix ``(D,)`` (identity when ``None``); moved
+        to the positions' device and dtype.
+    :returns: ``(new_state, info, proposal)``.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_ebm.samplers import chees_hmc_step, init_state
+        >>> U = lambda x: 0.5 * (x**2).sum(-1)
+        >>> state = init_state(U, torch.zeros(8, 2))
+        >>> state, info, proposal = chees_hmc_step(state, U, 0.5, 3)
+        >>> proposal.velocity.shape, proposal.divergent.any().item()
+        (torch.Size([8, 2]), False)
+    """
+    num_steps = check_int("num_steps", num_steps, 1)
+    if state.grad is None:
+        raise ValueError("state.grad is None: build the state with init_state(..., with_grad=True)")
+    _check_inverse_mass(inverse_mass, state.x)
+    eps = _per_walker(step_size, state.x)
+    if inverse_mass is None:
+        inv_m = torch.ones_like(state.x[0])
+    else:
+        inv_m = inverse_mass.to(dtype=state.x.dtype, device=state.x.device)
+    p = torch.randn_like(state.x) / inv_m.sqrt()
+    kinetic0 = 0.5 * (p**2 * inv_m).sum(-1)
+    x, p, u, g, ok = _leapfrog(potential_fn, state, p, eps, inv_m, num_steps)
+    kinetic1 = 0.5 * (p**2 * inv_m).sum(-1)
+    log_ratio = state.potential_energy + kinetic0 - u - kinetic1
+    too_large = -log_ratio > MAX_ENERGY_ERROR  # False where nan (those are not ok anyway)
+    log_ratio = torch.where(too_large, torch.full_like(log_ratio, -torch.inf), log_ratio)
+    new_state, info = accept_reject(state._replace(log_q=None), WalkerState(x, u, g), log_ratio, ok)
+    divergent = info.nonfinite | too_large
+    proposal = ChEESProposal(x, inv_m * p, state.x, info.accept_prob, divergent, num_steps)
+    return new_state, info, proposal
+
+
+def warmup_windows(
+    warmup_steps: int, init_buffer: int = 75, term_buffer: int = 50, base_window: int = 25
+) -> tuple[int, ...]:
+    r"""Iterations (0-based) at whose end the inverse mass matrix is updated, as in Stan.
+
+    Warmup is split into an initial fast window of ``init_buffer`` iterations (step size and
+    trajectory length only: the chains are still far from the typical set), slow windows whose
+    length doubles from ``base_window`` (each ends with an update of the mass matrix from the
+    samples of that window), and a terminal fast window of ``term_buffer`` iterations (the step
+    size settles for the final mass matrix). A slow window that would leave less than twice its
+    length before the terminal window is stretched to reach it. When the three do not fit in
+    ``warmup_steps``, Stan's fallback is used: 15% initial, 10% terminal, the rest one slow
+    window; with fewer than 20 warmup steps the mass matrix is not adapted (empty result).
+
+    :param warmup_steps: number of warmup iterations.
+    :param init_buffer: length of the initial fast window.
+    :param term_buffer: length of the terminal fast window.
+    :param base_window: length of the first slow window.
+    :returns: the last iteration of each slow window, increasing.
+
+    Example::
+
+        >>> warmup_windows(1000)
+        (99, 149, 249, 449, 949)
+        >>> warmup_windows(300)
+        (99, 249)
+    """
+    return tuple(
+        end for _, end in _slow_windows(warmup_steps, init_buffer, term_buffer, base_window)
+    )
+
+
+def _slow_windows(
+    warmup_steps: int, init_buffer: int, term_buffer: int, base_window: int
+) -> tuple[tuple[int, int], ...]:
+    r"""The slow windows of :func:`warmup_windows` as ``(first, last)`` iterations."""
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+    init_buffer = check_int("init_buffer", init_buffer, 0)
+    term_buffer = check_int("term_buffer", term_buffer, 0)
+    base_window = check_int("base_window", base_window, 1)
+    if warmup_steps < 20:
+        return ()
+    if init_buffer + base_window + term_buffer > warmup_steps:
+        init_buffer = int(0.15 * warmup_steps)
+        term_buffer = int(0.1 * warmup_steps)
+        base_window = warmup_steps - init_buffer - term_buffer
+    slow_end = warmup_steps - term_buffer
+    windows = []
+    start, size = init_buffer, base_window
+    while True:
+        end = start + size
+        if end + 2 * size >= slow_end:
+            end = slow_end
+        windows.append((start, end - 1))
+        if end == slow_end:
+            return tuple(windows)
+        start, size = end, 2 * size
+
+
+def _halton(n: int) -> float:
+    r"""The ``n``-th element (``n >= 1``) of the base-2 Halton (van der Corput) sequence, in
+    ``(0, 1)``: 1/2, 1/4, 3/4, 1/8, 5/8, ..."""
+    value, weight = 0.0, 0.5
+    while n:
+        value += weight * (n & 1)
+        n >>= 1
+        weight *= 0.5
+    return value
+
+
+class ChEESAdapter:
+    r"""Warmup adaptation of ChEES-HMC: step size, trajectory length and diagonal mass matrix.
+
+    Each iteration, run :func:`chees_hmc_step` with :attr:`step_size`, :meth:`num_steps` and
+    :attr:`inverse_mass`, then pass its :class:`ChEESProposal` to :meth:`update`. After
+    ``warmup_steps`` updates (or an explicit :meth:`freeze`) the parameters are frozen at their
+    final values and :meth:`update` only advances the jitter, which continues: the number of
+    leapfrog steps of iteration :math:`k` is
+
+    .. math:: L_k = \min\{L_{\max}, \max(1, \lceil u_k T / \epsilon \rceil)\},
+
+    with :math:`u_k` the :math:`k`-th element of the base-2 Halton sequence, shared by the chains.
+
+    *Step size.* Nesterov dual averaging (:class:`~pyro_ebm.samplers.StepSizeAdapter`) toward
+    ``target_accept`` on the harmonic mean :math:`(\frac1n \sum_c 1/a_c)^{-1}` of the acceptance
+    probabilities of the ``n`` non-divergent chains (the harmonic mean is dominated by the
+    chains that accept least, so no chain is left stuck); the final step size is the iterate
+    average. The dual averaging restarts, from the current step size, after each update of the
+    mass matrix.
+
+    *Trajectory length.* Stochastic gradient ascent on :math:`\log T`. With :math:`m` the mean of
+    the initial positions, :math:`m'` the mean of the proposals weighted by acceptance, and
+    :math:`v'` the velocity at the end of the trajectory, chain :math:`c` contributes
+
+    .. math::
+
+        g_c = u_k T \big(\lVert q'_c - m'\rVert^2 - \lVert q_c - m\rVert^2\big)
+              \,(q'_c - m')^\top v'_c,
+
+    an unbiased estimate of :math:`\partial\,\mathrm{ChEES}(u T) / \partial \log T`; the
+    gradient :math:`g = \sum_c a_c g_c / \sum_c a_c` (non-divergent chains) drives Adam
+    (``learning_rate``, :math:`\beta_1 = 0`, :math:`\beta_2 = 0.95`), each step clipped to
+    :math:`\pm 0.35`. :math:`T` is used clipped to :math:`[\epsilon, L_{\max}\epsilon]`; the
+    iterate itself is bounded from above only, so that the large step sizes the dual averaging
+    tries after a restart do not drag it up. The final :math:`T` is the exponential moving
+    average of :math:`\log T` with weight :math:`k^{-\text{decay}}` at update :math:`k`.
+
+    *Mass matrix.* At the end of each slow window of :func:`warmup_windows` the inverse mass
+    becomes the variance of the chains' positions at the start of each iteration, pooled over
+    the chains and the iterations of the window (``n`` samples), regularised as Stan does:
+    :math:`\frac{n}{n + 5}\hat\sigma^2 + 10^{-3}\frac{5}{n + 5}`. The trajectory length is
+    carried over to the new metric: going from inverse mass :math:`a` to :math:`a'`, coordinate
+    :math:`i` oscillates :math:`\sqrt{a'_i / a_i}` times faster, and ChEES weighs it by its
+    variance squared (about :math:`a_i'^2`), so
+
+    .. math::
+
+        \log T \leftarrow \log T + \tfrac12 \sum_i w_i \log(a_i / a'_i),
+        \qquad w_i = a_i'^2 / \textstyle\sum_j a_j'^2.
+
+    Without it, a :math:`T` learnt under the unit metric (ten times too long for the whitened
+    coordinates of a Gaussian with scales 0.1-10) stays near a local maximum of the oscillating
+    ChEES objective of the new metric: :math:`T \approx 20` instead of 2 on that Gaussian.
+
+    :param dim: dimension ``D`` of the positions.
+    :param warmup_steps: number of warmup iterations; the adapter freezes after as many
+        :meth:`update` calls.
+    :param step_size: initial step size.
+    :param trajectory_length: initial trajectory length :math:`T` (default: one step,
+        ``step_size``).
+    :param target_accept: harmonic-mean acceptance probability to aim for (0.651 is optimal
+        for HMC in high dimension).
+    :param max_num_steps: cap :math:`L_{\max}` on the leapfrog steps of one transition.
+    :param learning_rate: Adam's learning rate for :math:`\log T`.
+    :param decay: the moving average of :math:`\log T` gives weight :math:`k^{-\text{decay}}`
+        to update :math:`k` (in ``(0, 1]``; 1 averages all updates equally).
+    :param adapt_mass: adapt the diagonal inverse mass matrix.
+    :param adapt_step_size: adapt the step size (else it stays ``step_size``).
+    :param adapt_trajectory_length: adapt the trajectory length (else it stays
+        ``trajectory_length``, clipped to :math:`[\epsilon, L_{\max}\epsilon]`; the jitter
+        remains).
+    :param inverse_mass: initial inverse mass ``(D,)`` (default: ones).
+    :param init_buffer, term_buffer, base_window: Stan's warmup windows, see
+        :func:`warmup_windows`.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_ebm.samplers import ChEESAdapter, chees_hmc_step, init_state
+        >>> U = lambda x: 0.5 * (x**2).sum(-1)
+        >>> state = init_state(U, torch.randn(16, 3))
+        >>> adapter = ChEESAdapter(dim=3, warmup_steps=30, step_size=0.5)
+        >>> for _ in range(40):
+        ...     state, info, proposal = chees_hmc_step(
+        ...         state, U, adapter.step_size, adapter.num_steps(), adapter.inverse_mass
+        ...     )
+        ...     adapter.update(proposal)
+        >>> adapter.frozen, adapter.num_steps() <= adapter.max_num_steps
+        (True, True)
+    """
+
+    #: Adam's decay of the mean squared gradient (TFP's and the paper's)
+    _BETA2 = 0.95
+    #: bound on one update of log T (about log(2) / 2, TFP's)
+    _MAX_LOG_UPDATE = 0.35
+
+    def __init__(
+        self,
+        dim: int,
+        warmup_steps: int,
+        step_size: float = 0.1,
+        trajectory_length: float | None = None,
+        target_accept: float = 0.651,
+        max_num_steps: int = 1000,
+        learning_rate: float = 0.025,
+        decay: float = 0.5,
+        adapt_mass: bool = True,
+        adapt_step_size: bool = True,
+        adapt_trajectory_length: bool = True,
+        inverse_mass: Tensor | None = None,
+        init_buffer: int = 75,
+        term_buffer: int = 50,
+        base_window: int = 25,
+    ) -> None:
+        self.dim = check_int("dim", dim, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        step_size = check_positive("step_size", step_size)
+        if trajectory_length is None:
+            trajectory_length = step_size
+        trajectory_length = check_positive("trajectory_length", trajectory_length)
+        if not (isinstance(target_accept, float | int) and 0 < target_accept < 1):
+            raise ValueError(f"target_accept must lie in (0, 1), got {target_accept!r}")
+        self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
+        self.learning_rate = check_positive("learning_rate", learning_rate)
+        self.decay = check_positive("decay", decay)
+        if self.decay > 1:
+            raise ValueError(f"decay must lie in (0, 1], got {decay!r}")
+        if inverse_mass is None:
+            inverse_mass = torch.ones(self.dim)
+        elif not (
+            isinstance(inverse_mass, Tensor)
+            and inverse_mass.shape == (self.dim,)
+            and bool(torch.isfinite(inverse_mass).all() and (inverse_mass > 0).all())
+        ):
+            raise ValueError(
+                f"inverse_mass must be a ({self.dim},) tensor of positive finite numbers, "
+                f"got {inverse_mass!r}"
+            )
+        self.target_accept = float(target_accept)
+        self.adapt_mass = bool(adapt_mass)
+        self.adapt_step_size = bool(adapt_step_size)
+        self.adapt_trajectory_length = bool(adapt_trajectory_length)
+        windows = _slow_windows(self.warmup_steps, init_buffer, term_buffer, base_window)
+        self._windows = windows if self.adapt_mass else ()
+        #: iterations (0-based) at whose end the inverse mass is updated
+        self.mass_update_iterations = tuple(last for _, last in self._windows)
+        self._step_size0 = step_size
+        self._da = StepSizeAdapter(step_size, self.target_accept)
+        self._inverse_mass = inverse_mass.detach().clone()
+        self._log_t = self._clip_log_t(math.log(trajectory_length), step_size)
+        self._log_t_avg = self._log_t
+        self._sq_grad_avg = 0.0
+        self._num_updates = 0  # adaptation updates made (the Adam and averaging counter)
+        self._iteration = 0  # transitions made (the jitter index), warmup and after
+        self._frozen = False
+        self._final_step_size = step_size
+        self._final_log_t = self._log_t
+        self._reset_window()
+        #: harmonic-mean acceptance of the last update (nan before any)
+        self.harmonic_accept = math.nan
+        self._frozen = self.warmup_steps == 0  # no warmup: the parameters as given
+
+    # -- parameters -------------------------------------------------------------------------
+    @property
+    def frozen(self) -> bool:
+        r"""Whether adaptation has ended (after ``warmup_steps`` updates, or :meth:`freeze`)."""
+        return self._frozen
+
+    @property
+    def step_size(self) -> float:
+        r"""Step size for the next transition."""
+        return self._final_step_size if self._frozen else self._current_step_size()
+
+    @property
+    def trajectory_length(self) -> float:
+        r"""Trajectory length :math:`T` before jitter, for the next transition."""
+        if self._frozen:
+            return math.exp(self._final_log_t)
+        return math.exp(self._clip_log_t(self._log_t, self._current_step_size()))
+
+    @property
+    def inverse_mass(self) -> Tensor:
+        r"""Diagonal inverse mass matrix ``(D,)`` for the next transition."""
+        return self._inverse_mass
+
+    @property
+    def final_step_size(self) -> float:
+        r"""The step size :meth:`freeze` fixes (or fixed): the dual-averaging iterate average."""
+        return self._final_step_size if self._frozen else self._averaged_step_size()
+
+    @property
+    def final_trajectory_length(self) -> float:
+        r"""The trajectory length :meth:`freeze` fixes (or fixed): the moving average of
+        :math:`\log T`, clipped to :math:`[\epsilon, L_{\max}\epsilon]` for the final step
+        size."""
+        if self._frozen:
+            return math.exp(self._final_log_t)
+        return math.exp(self._clip_log_t(self._log_t_avg, self.final_step_size))
+
+    @property
+    def iteration(self) -> int:
+        r"""Number of :meth:`update` calls so far (warmup and after)."""
+        return self._iteration
+
+    def jitter(self) -> float:
+        r"""The jitter fraction :math:`u_k \in (0, 1)` of the next transition."""
+        return _halton(self._iteration + 1)
+
+    def num_steps(self) -> int:
+        r"""Leapfrog steps of the next transition,
+        :math:`\min\{L_{\max}, \max(1, \lceil u_k T / \epsilon \rceil)\}` (the same until
+        :meth:`update` is called)."""
+        steps = math.ceil(self.jitter() * self.trajectory_length / self.step_size)
+        return min(max(steps, 1), self.max_num_steps)
+
+    def freeze(self) -> None:
+        r"""End adaptation: fix :attr:`final_step_size`, :attr:`final_trajectory_length` and the
+        current inverse mass. Called by :meth:`update` at the end of warmup."""
+        if self._frozen:
+            return
+        self._final_step_size = self._averaged_step_size()
+        self._final_log_t = self._clip_log_t(self._log_t_avg, self._final_step_size)
+        self._frozen = True
+        self._reset_window()
+
+    # -- adaptation -------------------------------------------------------------------------
+    def update(self, proposal: ChEESProposal) -> None:
+        r"""Record one transition of all chains (the :class:`ChEESProposal` returned by
+        :func:`chees_hmc_step` run with this adapter's parameters) and adapt. Once frozen, only
+        advance the jitter."""
+        index = self._iteration
+        u, trajectory_length = self.jitter(), self.trajectory_length
+        self._iteration += 1
+        if self._frozen:
+            return
+        x0 = proposal.x_init.detach()
+        if x0.dim() != 2 or x0.shape[0] < 2 or x0.shape[1] != self.dim:
+            raise ValueError(
+                f"the proposal must hold at least 2 chains of dimension {self.dim}, "
+                f"got positions of shape {tuple(x0.shape)}"
+            )
+        self._num_updates += 1
+        grad, harmonic = self._statistics(proposal, u * trajectory_length)
+        self.harmonic_accept = harmonic if math.isfinite(harmonic) else 0.0  # all divergent: 0
+
+        # step size: dual averaging on the harmonic-mean acceptance
+        if self.adapt_step_size:
+            self._da.update(torch.tensor(self.harmonic_accept))
+        step_size = self._current_step_size()
+
+        # trajectory length: Adam (beta1 = 0) ascent on log T, clipped
+        if self.adapt_trajectory_length and math.isfinite(grad):
+            b2 = self._BETA2
+            self._sq_grad_avg = b2 * self._sq_grad_avg + (1 - b2) * grad**2
+            sq_grad = self._sq_grad_avg / (1 - b2**self._num_updates)
+            step = self.learning_rate * grad / math.sqrt(sq_grad + 1e-20)
+            step = min(max(step, -self._MAX_LOG_UPDATE), self._MAX_LOG_UPDATE)
+            # bounded above only: a transient leap of the dual averaging's step size must not
+            # drag T up with it (T is clipped from below where it is used)
+            self._log_t = min(self._log_t + step, math.log(self.max_num_steps * step_size))
+        weight = self._num_updates ** (-self.decay)
+        self._log_t_avg = weight * self._log_t + (1 - weight) * self._log_t_avg
+
+        # mass matrix: pool the window's positions; update at the window's end
+        if self.adapt_mass and self._in_slow_window(index):
+            self._accumulate(x0)
+        if index in self.mass_update_iterations:
+            n = self._window_n
+            var = self._window_m2 / (n - 1)
+            new_inverse_mass = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
+            if self.adapt_trajectory_length:
+                self._rescale_log_t(self._inverse_mass.to(new_inverse_mass), new_inverse_mass)
+            self._inverse_mass = new_inverse_mass
+            self._reset_window()
+            self._da.reset(step_size)
+
+        if self._iteration >= self.warmup_steps:
+            self.freeze()
+
+    def _statistics(self, proposal: ChEESProposal, time: float) -> tuple[float, float]:
+        r"""The ChEES gradient with respect to log T and the harmonic-mean acceptance (one
+        device synchronisation)."""
+        ok = ~proposal.divergent
+        accept = torch.where(ok, proposal.accept_prob, torch.zeros_like(proposal.accept_prob))
+        x1 = torch.where(ok[:, None], proposal.x, torch.zeros_like(proposal.x))
+        v1 = torch.where(ok[:, None], proposal.velocity, torch.zeros_like(proposal.velocity))
+        x0 = proposal.x_init
+        total = accept.sum()
+        c1 = x1 - (accept[:, None] * x1).sum(0) / (total + 1e-20)
+        c0 = x0 - x0.mean(0)
+        per_chain = (c1.pow(2).sum(-1) - c0.pow(2).sum(-1)) * (c1 * v1).sum(-1)
+        per_chain = torch.where(ok & per_chain.isfinite(), per_chain, torch.zeros_like(per_chain))
+        grad = time * (accept * per_chain).sum() / (total + 1e-20)
+        # harmonic mean over the non-divergent chains: 0 if one of them has probability 0
+        inv_mean = torch.where(ok, 1.0 / proposal.accept_prob, torch.zeros_like(accept)).sum()
+        harmonic = ok.sum() / inv_mean
+        grad, harmonic = torch.stack([grad, harmonic.to(grad.dtype)]).tolist()
+        return grad, harmonic
+
+    def _rescale_log_t(self, old: Tensor, new: Tensor) -> None:
+        r"""Carry T over a change of the inverse mass from ``old`` to ``new``: coordinate i
+        oscillates ``sqrt(new_i / old_i)`` times faster, and ChEES weighs it by its variance
+        squared, about ``new_i**2``."""
+        weight = new.pow(2) / new.pow(2).sum()
+        shift = float(0.5 * (weight * (old / new).log()).sum())
+        self._log_t += shift
+        self._log_t_avg += shift
+
+    def _current_step_size(self) -> float:
+        return float(self._da.step_size) if self.adapt_step_size else self._step_size0
+
+    def _averaged_step_size(self) -> float:
+        return float(self._da.final_step_size) if self.adapt_step_size else self._step_size0
+
+    def _clip_log_t(self, log_t: float, step_size: float) -> float:
+        low = math.log(step_size)
+        return min(max(log_t, low), low + math.log(self.max_num_steps))
+
+    def _in_slow_window(self, index: int) -> bool:
+        return any(first <= index <= last for first, last in self._windows)
+
+    def _accumulate(self, x: Tensor) -> None:
+        r"""Chan et al.'s pairwise update of the window's count, mean and sum of squares."""
+        n_b = x.shape[0]
+        mean_b = x.mean(0)
+        m2_b = (x - mean_b).pow(2).sum(0)
+        if self._window_n == 0:
+            self._window_n, self._window_mean, self._window_m2 = n_b, mean_b, m2_b
+            return
+        n = self._window_n + n_b
+        delta = mean_b - self._window_mean
+        self._window_mean = self._window_mean + delta * (n_b / n)
+        self._window_m2 = self._window_m2 + m2_b + delta.pow(2) * (self._window_n * n_b / n)
+        self._window_n = n
+
+    def _reset_window(self) -> None:
+        self._window_n, self._window_mean, self._window_m2 = 0, None, None
