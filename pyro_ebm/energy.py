@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import pyro
 import torch
@@ -422,15 +423,44 @@ class EnergyDistribution(TorchDistribution):
         self._no_sampling()
 
 
+@contextmanager
+def _validation_disabled() -> Iterator[None]:
+    """Turn off Pyro's validation and torch distributions' default argument/support checks (their
+    ``if not valid.all(): raise`` is data-dependent control flow, which vmap cannot run), then
+    restore both settings as they were."""
+    torch_default = torch.distributions.Distribution._validate_args
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(torch_default)
+
+
 def _guess_max_plate_nesting(
     model: Callable, args: tuple, kwargs: dict, init_strategy: Callable
 ) -> int:
     """Pyro guesses plate nesting by running the model with ``sample()``, which unnormalized
     sites such as :class:`EnergyDistribution` lack; run it under the init strategy instead."""
-    with poutine.block(), pyro.validation_enabled(False):
+    with poutine.block(), _validation_disabled():
         trace = poutine.trace(InitMessenger(init_strategy)(model)).get_trace(*args, **kwargs)
     nesting = [-f.dim for site in trace.nodes.values() for f in site.get("cond_indep_stack", ())]
     return max(nesting, default=0)
+
+
+def _agree(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` equal up to rounding, relative to the largest entry of ``b`` (a sum of
+    large terms that cancel carries the rounding of its terms)."""
+    if a.shape != b.shape:
+        return False
+    scale = 1.0 + float(b.detach().abs().nan_to_num(0.0, 0.0, 0.0).max())
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale, equal_nan=True)
+
+
+def _blocker(exc: Exception) -> str:
+    """An exception as ``Type: first line of its message``, for a warning."""
+    lines = str(exc).strip().splitlines()
+    msg = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
 
 
 class ModelEnergy(EnergyModel):
@@ -439,12 +469,30 @@ class ModelEnergy(EnergyModel):
     Uses :func:`pyro.infer.mcmc.util.initialize_model`: ``energy(x)`` equals Pyro's own HMC
     potential (``-log joint`` in unconstrained space, including the log-Jacobians of the
     transforms and any observed sites) at ``unflatten(x)``. Latent sites are laid out in the
-    order the model samples them, each flattened row-major. A batch is evaluated in one model
-    execution inside an extra outer ``pyro.plate`` when the model broadcasts correctly (checked
-    once against the loop on the first batch); otherwise, and for models with enumerated
-    discrete sites, with a Python loop, one model execution per row (``torch.func.vmap`` over
-    Pyro's potential fails: Pyro's ``EnumMessenger`` reads ``value.data``, which vmap forbids).
-    Parameters of the model (``pyro.param``) are not registered in this module.
+    order the model samples them, each flattened row-major. Parameters of the model
+    (``pyro.param``) are not registered in this module.
+
+    **Batches.** A batch of ``C > 1`` rows (chains, walkers, particles) is evaluated in the first
+    of these ways that works, chosen once on the first such batch and kept in :attr:`batching`:
+
+    - ``"plate"``: one model execution inside an extra outer ``pyro.plate`` left of the model's
+      own plates, for models that broadcast that way (as Pyro's vectorized ELBOs also require);
+    - ``"vmap"``: :func:`torch.func.vmap` of the per-row potential, which also runs the model's
+      Python once per batch. It covers models that do not broadcast over an outer plate (a
+      vector observed without a plate, ``.to_event``, ``X @ w``, ``torch.stack`` / ``torch.cat``
+      of latents, ...). It runs the model without Pyro's ``poutine.enum`` wrapper (which reads
+      ``value.data``, forbidden under vmap) and with Pyro's validation and torch distributions'
+      default ``validate_args`` off (their checks are data-dependent control flow), restoring
+      both afterwards;
+    - ``"loop"``: one model execution per row, typically 10-100x slower. Models with enumerated
+      discrete sites always use it; other models fall back to it when neither batched way
+      works, with one warning that names what blocked each (vmap cannot run ``.item()``,
+      Python ``if`` on a latent, in-place writes of a latent into another tensor, or boolean
+      mask indexing such as in ``Multinomial.log_prob``).
+
+    A batched way is kept only if it agrees with the loop on the first rows of that batch
+    (values; for vmap also the gradients, ``torch.autograd.grad`` of the sum with respect to the
+    batch, as the samplers take them). A single row is always one plain model execution.
 
     :param model: a Pyro model with continuous latents (discrete ones are enumerated out).
     :param tuple model_args: positional arguments of the model.
@@ -464,6 +512,18 @@ class ModelEnergy(EnergyModel):
         >>> x = torch.zeros(3, 2)
         >>> E(x).shape, E.constrain(x)["sigma"]
         (torch.Size([3]), tensor([1., 1., 1.]))
+        >>> E.batching  # plate-free scalar sites broadcast over an outer plate
+        'plate'
+        >>> def regression():  # X @ w does not broadcast over an outer plate
+        ...     w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        ...     pyro.sample("y", dist.Normal(torch.ones(5, 2) @ w, 1.0).to_event(1),
+        ...                 obs=torch.zeros(5))
+        >>> R = ModelEnergy(regression)
+        >>> R(torch.zeros(4, 2)).shape, R.batching
+        (torch.Size([4]), 'vmap')
+
+    :ivar batching: how batches of more than one row are evaluated: ``"plate"``, ``"vmap"`` or
+        ``"loop"`` (see above); ``None`` until the first such batch.
     """
 
     def __init__(
@@ -508,7 +568,7 @@ class ModelEnergy(EnergyModel):
             site["type"] == "sample" and site["infer"].get("enumerate")
             for site in trace.nodes.values()
         )
-        self._vectorized: bool | None = None  # decided on the first batch, see energy()
+        self.batching: str | None = None  # "plate", "vmap" or "loop", decided on the first batch
         self.register_buffer("initial_params", self.flatten(init).detach())
 
     @classmethod
@@ -518,19 +578,13 @@ class ModelEnergy(EnergyModel):
 
     def energy(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        if self._vectorized is None and x.shape[0] > 1:
-            self._vectorized = self._check_vectorized(x[:3])
-            if not self._vectorized and not self._enumerated:
-                warnings.warn(
-                    "ModelEnergy: the model does not broadcast over an extra batch dimension "
-                    "left of its plates, so batches of parameters (walkers, particles) are "
-                    "evaluated one model run each, which is slow. Write the model so that "
-                    "batched latents broadcast (e.g. (X * w[..., None, :]).sum(-1) instead of "
-                    "X @ w; see Pyro's tensor shapes tutorial).",
-                    stacklevel=2,
-                )
-        if self._vectorized and x.shape[0] > 1:
-            return self._batched_energy(x)
+        if x.shape[0] > 1:
+            if self.batching is None:
+                self.batching = self._choose_batching(x[:3])
+            if self.batching == "plate":
+                return self._batched_energy(x)
+            if self.batching == "vmap":
+                return self._vmapped_energy(x)
         return self._looped_energy(x)  # one row: one plain model execution, no outer plate
 
     def _looped_energy(self, x: Tensor) -> Tensor:
@@ -563,19 +617,62 @@ class ModelEnergy(EnergyModel):
             log_joint = log_joint - t.log_abs_det_jacobian(c[k], u[k]).reshape(n, -1).sum(1)
         return -log_joint
 
-    def _check_vectorized(self, x: Tensor) -> bool:
-        """Use one batched model execution if it agrees with the loop on a few rows."""
-        if self._enumerated:
-            return False
-        try:
-            with torch.no_grad():
-                batched = self._batched_energy(x)
-                looped = self._looped_energy(x)
-        except Exception:  # the model does not broadcast over an outer plate
-            return False
-        return batched.shape == looped.shape and torch.allclose(
-            batched, looped, rtol=1e-5, atol=1e-6
+    def _row_energy(self, row: Tensor) -> Tensor:
+        # Pyro's potential (see _PEMaker in pyro.infer.mcmc.util) without its poutine.enum
+        # wrapper, which only matters for enumerated sites and reads value.data (not under vmap)
+        u = self.unflatten(row)
+        c = {k: self.transforms[k].inv(v) for k, v in u.items()}
+        tr = poutine.trace(poutine.condition(self.model, c)).get_trace(
+            *self.model_args, **self.model_kwargs
         )
+        log_joint = tr.log_prob_sum()
+        for k, t in self.transforms.items():
+            log_joint = log_joint - t.log_abs_det_jacobian(c[k], u[k]).sum()
+        return -log_joint
+
+    def _vmapped_energy(self, x: Tensor) -> Tensor:
+        # one execution of the model's Python for the whole batch, per-row semantics
+        with _validation_disabled():
+            return torch.func.vmap(self._row_energy)(x)
+
+    def _choose_batching(self, x: Tensor) -> str:
+        """The first of plate, vmap that agrees with the loop on the rows ``x``, else loop."""
+        if self._enumerated:
+            return "loop"
+        with torch.inference_mode(False), torch.enable_grad():
+            rows = x.detach().clone().requires_grad_(True)
+            looped = self._looped_energy(rows)
+            try:
+                with torch.no_grad():
+                    ok = _agree(self._batched_energy(rows), looped.detach())
+                plate = None if ok else "results differ from the per-row model"
+            except Exception as e:  # the model does not broadcast over an outer plate
+                plate = _blocker(e)
+            if plate is None:
+                return "plate"
+            try:
+                vmapped = self._vmapped_energy(rows)
+                ok = _agree(vmapped.detach(), looped.detach())
+                if ok:  # the samplers differentiate the batch's energies
+                    (g_vmap,) = torch.autograd.grad(vmapped.sum(), rows)
+                    (g_loop,) = torch.autograd.grad(looped.sum(), rows)
+                    ok = _agree(g_vmap, g_loop)
+                vmap = None if ok else "results differ from the per-row model"
+            except Exception as e:  # .item(), control flow on a latent, in-place writes, ...
+                vmap = _blocker(e)
+            if vmap is None:
+                return "vmap"
+        warnings.warn(
+            "ModelEnergy: batches of parameters (walkers, particles) are evaluated one model "
+            "run per row, which is slow. The model does not broadcast over an extra batch "
+            f"dimension left of its plates ({plate}), and torch.func.vmap of its potential "
+            f"over the rows did not work ({vmap}). Write the model so that vmap can run it (no "
+            ".item() or Python control flow on latents, no in-place writes of latents into "
+            "other tensors) or so that batched latents broadcast (see Pyro's tensor shapes "
+            "tutorial).",
+            stacklevel=3,
+        )
+        return "loop"
 
     def unflatten(self, x: Tensor) -> dict[str, Tensor]:
         r"""Split flat unconstrained ``(..., dim)`` vectors into ``{site: (..., *shape)}``."""

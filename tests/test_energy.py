@@ -207,7 +207,6 @@ def test_energy_distribution_log_prob_expand_and_no_sampling():
         d.log_prob(torch.zeros(3))
 
 
-@pytest.mark.filterwarnings("ignore:ModelEnergy. the model does not broadcast")
 def test_model_energy_matches_pyro_potential():
     y = torch.randn(6) + 1.0
     E = ModelEnergy(model_normal_positive, model_args=(y,))
@@ -331,21 +330,23 @@ def _not_broadcastable():
 
 def test_model_energy_batches_in_one_execution_when_the_model_broadcasts():
     """A plated model is evaluated in one execution and agrees with Pyro's own potential row by
-    row; a model that does not broadcast over an outer plate falls back to the loop."""
+    row; a model that does not broadcast over an outer plate is batched with vmap instead."""
     y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
     sigma = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
     E = ModelEnergy(_eight_schools, (y, sigma))
+    assert E.batching is None
     x = torch.randn(50, E.dim)
     batched = E(x)
-    assert E._vectorized is True
+    assert E.batching == "plate"
     expected = torch.stack([E._potential(E.unflatten(row)) for row in x])
     assert torch.allclose(batched, expected, rtol=1e-10, atol=1e-10)
 
     E2 = ModelEnergy(_not_broadcastable)
     x2 = torch.randn(5, 3)
-    with pytest.warns(UserWarning, match="does not broadcast over an extra batch dimension"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         out = E2(x2)
-    assert E2._vectorized is False
+    assert E2.batching == "vmap"
     assert torch.allclose(out, torch.stack([E2._potential(E2.unflatten(r)) for r in x2]))
 
 
@@ -365,6 +366,172 @@ def test_model_energy_batches_sites_whose_constrained_shape_differs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         batched = E(x)
-    assert E.dim == 4 and E._vectorized is True
+    assert E.dim == 4 and E.batching == "plate"
     expected = torch.stack([E._potential(E.unflatten(row)) for row in x])
     assert torch.allclose(batched, expected, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------- ModelEnergy: plate, vmap or loop for a batch
+
+_Y = torch.tensor([0.3, -1.2, 0.8, 2.0, 0.1, -0.4, 1.1], dtype=torch.float64)
+_X = torch.linspace(-1.0, 1.0, 14, dtype=torch.float64).reshape(7, 2)
+
+
+def _vector_obs_no_plate():
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    pyro.sample("obs", dist.Normal(mu, 1.0), obs=_Y)  # a (7,) observation without a plate
+
+
+def _regression_to_event():
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    s = pyro.sample("s", dist.HalfCauchy(1.0))
+    pyro.sample("y", dist.Normal(_X @ w, s).to_event(1), obs=_Y)
+
+
+def _constrained_sites():
+    p = pyro.sample("p", dist.Dirichlet(torch.ones(3)))
+    s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    t = pyro.sample("t", dist.HalfCauchy(2.0))
+    loc = torch.stack([p[0], s, t])
+    pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=torch.tensor([0.2, 1.0, 0.5]))
+    pyro.sample("c", dist.Categorical(p), obs=torch.tensor([0, 2, 2, 1]))
+
+
+def _branches_on_a_latent():
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    scale = 1.0 if mu > 0 else 2.0  # Python control flow on a latent: neither plate nor vmap
+    pyro.sample("obs", dist.Normal(mu, scale), obs=_Y)
+
+
+def _item_of_a_sum():
+    z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    s = z.sum()  # over an outer plate's batch too: runs there, but gives wrong results
+    pyro.sample("o", dist.Normal(s.item(), 1.0), obs=torch.tensor(1.0))  # .item(): no vmap
+
+
+def _pyro_values_and_grads(E, x):
+    """Pyro's own potential row by row, and its gradient."""
+    x = x.clone().requires_grad_(True)
+    v = torch.stack([E._potential(E.unflatten(row)) for row in x])
+    (g,) = torch.autograd.grad(v.sum(), x)
+    return v.detach(), g
+
+
+def _values_and_grads(E, x):
+    x = x.clone().requires_grad_(True)
+    v = E(x)
+    (g,) = torch.autograd.grad(v.sum(), x)
+    return v.detach(), g
+
+
+@pytest.mark.parametrize("model", [_vector_obs_no_plate, _regression_to_event, _constrained_sites])
+def test_model_energy_batches_with_vmap_when_the_model_does_not_broadcast(model):
+    """Models that do not broadcast over an outer plate (a vector observed without a plate,
+    .to_event, X @ w, torch.stack of constrained latents) are batched with vmap, without a
+    warning, and agree with Pyro's potential row by row in values and gradients."""
+    E = ModelEnergy(model)
+    x1 = torch.randn(1, E.dim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v, g = _values_and_grads(E, x1)  # one row: one plain model run, decides nothing
+        assert E.batching is None
+        for v_ref, g_ref in [_pyro_values_and_grads(E, x1)]:
+            assert torch.allclose(v, v_ref, rtol=1e-10) and torch.allclose(g, g_ref, rtol=1e-10)
+        x5 = torch.randn(5, E.dim)
+        with torch.no_grad():  # deciding under no_grad still checks the gradients
+            E(x5)
+        assert E.batching == "vmap"
+        for x in (x5, x1, torch.randn(9, E.dim)):
+            v, g = _values_and_grads(E, x)
+            v_ref, g_ref = _pyro_values_and_grads(E, x)
+            assert torch.allclose(v, v_ref, rtol=1e-10) and torch.allclose(g, g_ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "model, plate_blocker, vmap_blocker",
+    [
+        (_branches_on_a_latent, "RuntimeError: Boolean value of Tensor", "control flow"),
+        (_item_of_a_sum, "results differ from the per-row model", "calling .item()"),
+    ],
+)
+def test_model_energy_falls_back_to_the_loop_with_one_warning_naming_the_blockers(
+    model, plate_blocker, vmap_blocker
+):
+    E = ModelEnergy(model)
+    x = torch.randn(4, E.dim)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = E(x)
+        E(torch.randn(6, E.dim))
+    messages = [str(w.message) for w in caught if "ModelEnergy" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert plate_blocker in messages[0] and vmap_blocker in messages[0], messages[0]
+    assert E.batching == "loop"
+    assert torch.allclose(out, torch.stack([E._potential(E.unflatten(r)) for r in x]))
+
+
+def test_model_energy_with_enumerated_sites_uses_the_loop_without_a_warning():
+    def mixture():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        pyro.sample("o", dist.Normal(mu + z, 1.0), obs=torch.tensor(0.5))
+
+    E = ModelEnergy(mixture, max_plate_nesting=0)  # (guessing it would sample z)
+    assert E._enumerated
+    x = torch.randn(4, E.dim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = E(x)
+    assert E.batching == "loop"
+    assert torch.allclose(out, torch.stack([E._potential(E.unflatten(r)) for r in x]))
+
+
+class _Counted:
+    """A model that counts how often its Python body runs."""
+
+    def __init__(self, body):
+        self.body, self.runs = body, 0
+
+    def __call__(self, *args, **kwargs):
+        self.runs += 1
+        return self.body(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "body, args, batching",
+    [
+        (_eight_schools, (torch.tensor([28.0, 8, -3]), torch.tensor([15.0, 10, 16])), "plate"),
+        (_simplex_and_scales, (), "plate"),
+        (_regression_to_event, (), "vmap"),
+        (_branches_on_a_latent, (), "loop"),
+    ],
+)
+def test_model_energy_runs_the_model_once_per_batch_with_plate_and_vmap(body, args, batching):
+    model = _Counted(body)
+    E = ModelEnergy(model, args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        E(torch.randn(3, E.dim))  # decides the batching
+    assert E.batching == batching
+    model.runs = 0
+    x = torch.randn(8, E.dim, requires_grad=True)
+    torch.autograd.grad(E(x).sum(), x)
+    assert model.runs == (8 if batching == "loop" else 1)
+
+
+def test_model_energy_vmap_restores_the_validation_settings():
+    torch_default = torch.distributions.Distribution._validate_args
+    pyro_default = pyro.infer.is_validation_enabled()
+    try:
+        for pyro_on, torch_on in ((True, True), (True, False), (False, False)):
+            pyro.enable_validation(pyro_on)
+            torch.distributions.Distribution.set_default_validate_args(torch_on)
+            E = ModelEnergy(_vector_obs_no_plate)
+            E(torch.randn(4, 1))
+            assert E.batching == "vmap"
+            assert pyro.infer.is_validation_enabled() is pyro_on
+            assert pyro.poutine.is_validation_enabled() is pyro_on
+            assert torch.distributions.Distribution._validate_args is torch_on
+    finally:
+        pyro.enable_validation(pyro_default)
+        torch.distributions.Distribution.set_default_validate_args(torch_default)
