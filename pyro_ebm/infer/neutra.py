@@ -33,7 +33,7 @@ from .._checks import check_int, check_positive
 from ..samplers import PullbackPotential
 from .base import SAMPLE_STATS, TargetKernel, check_finite_start, check_flow
 
-__all__ = ["FlowHMC", "FlowNUTS", "LatentPotential", "compile_value_and_grad"]
+__all__ = ["CompiledPotential", "FlowHMC", "FlowNUTS", "LatentPotential", "compile_value_and_grad"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,33 +120,119 @@ def compile_value_and_grad(
         >>> f(torch.tensor([1.0, 2.0, 3.0]))
         (tensor([2., 4., 6.]), tensor(14.))
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     def scalar_fn(z: Tensor) -> Tensor:  # one positional argument, whatever fn's signature
         return fn(z)
 
-    options = {"check_trace": False} if jit_options is None else dict(jit_options)
-    z = z.detach()
     try:
-        with pyro.validation_enabled(False), torch.no_grad():
-            graph = make_fx(torch.func.grad_and_value(scalar_fn))(z)
-        # tensors that require grad (an energy still being trained, a model's pyro.param) are
-        # recorded as attributes of the graph: held as detached buffers, the user's own tensors
-        # left as they are
-        for node in graph.graph.nodes:
-            if node.op == "get_attr":
-                prefix, _, leaf = node.target.rpartition(".")
-                owner = graph.get_submodule(prefix)
-                value = getattr(owner, leaf)
-                if isinstance(value, Tensor) and value.requires_grad:
-                    delattr(owner, leaf)
-                    owner.register_buffer(leaf, value.detach())
-        return torch.jit.trace(graph, (z,), **options)
+        return _trace_graph(torch.func.grad_and_value(scalar_fn), z, jit_options)
     except Exception as error:  # not recordable (e.g. .item() or numpy inside fn)
         logger.warning("compiling the gradient failed (%s); tracing the value only", error)
+        options = {"check_trace": False} if jit_options is None else dict(jit_options)
         with pyro.validation_enabled(False):
-            traced = torch.jit.trace(ignore_jit_warnings()(fn), (z,), **options)
+            traced = torch.jit.trace(ignore_jit_warnings()(fn), (z.detach(),), **options)
         return _AutogradValueAndGrad(traced)
+
+
+def _trace_graph(fn: Callable, z: Tensor, jit_options: dict | None) -> Callable:
+    """Record ``fn`` (``z -> tensors``, its backward pass written out by ``torch.func``) at
+    ``z`` with :func:`~torch.fx.experimental.proxy_tensor.make_fx` and turn the graph into one
+    TorchScript call."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    options = {"check_trace": False} if jit_options is None else dict(jit_options)
+    z = z.detach()
+    with pyro.validation_enabled(False), torch.no_grad():
+        graph = make_fx(fn)(z)
+    # tensors that require grad (an energy still being trained, a model's pyro.param) are
+    # recorded as attributes of the graph: held as detached buffers, the user's own tensors
+    # left as they are
+    for node in graph.graph.nodes:
+        if node.op == "get_attr":
+            prefix, _, leaf = node.target.rpartition(".")
+            owner = graph.get_submodule(prefix)
+            value = getattr(owner, leaf)
+            if isinstance(value, Tensor) and value.requires_grad:
+                delattr(owner, leaf)
+                owner.register_buffer(leaf, value.detach())
+    return torch.jit.trace(graph, (z,), **options)
+
+
+class CompiledPotential:
+    r"""A batched potential ``(C, D) -> (C,)`` whose value and gradient run as one compiled
+    graph per batch shape (recorded at the first call of each shape, as
+    :func:`compile_value_and_grad` does for one point). The value returned carries the compiled
+    gradient for autograd, so the samplers use it as any potential. Only valid when the
+    potential has no data-dependent control flow and its rows are independent (row ``c`` of the
+    value depends on row ``c`` of the input only). Falls back to the potential itself, with a
+    warning, when it cannot be recorded.
+
+    :param potential: batched potential ``(C, D) -> (C,)``.
+    :param dict jit_options: keyword arguments of :func:`torch.jit.trace`.
+
+    Example::
+
+        >>> U = CompiledPotential(lambda x: 0.5 * (x**2).sum(-1))
+        >>> x = torch.ones(4, 2, requires_grad=True)
+        >>> torch.autograd.grad(U(x).sum(), x)[0][0]
+        tensor([1., 1.])
+    """
+
+    def __init__(self, potential: Callable[[Tensor], Tensor], jit_options: dict | None = None):
+        self.potential = potential
+        self.jit_options = jit_options
+        self._compiled: dict[tuple, Callable | None] = {}
+
+    def _grad_and_value(self) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        potential = self.potential
+
+        def total(rows: Tensor) -> tuple[Tensor, Tensor]:
+            u = potential(rows)
+            return u.sum(), u
+
+        grad_fn = torch.func.grad(total, has_aux=True)
+
+        def grad_and_value(x: Tensor) -> tuple[Tensor, Tensor]:  # a plain function for make_fx
+            return grad_fn(x)
+
+        return grad_and_value
+
+    def _get(self, x: Tensor) -> Callable | None:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._compiled:
+            with torch.no_grad():  # decisions the potential makes on its first batch
+                self.potential(x.detach())
+            try:
+                self._compiled[key] = _trace_graph(self._grad_and_value(), x, self.jit_options)
+            except Exception as error:  # not recordable (e.g. .item() or numpy inside)
+                logger.warning("compiling the potential failed (%s); running it as is", error)
+                self._compiled[key] = None
+        return self._compiled[key]
+
+    def value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(U(x), grad U(x))``, shapes ``(C,)`` and ``(C, D)``, from the compiled graph."""
+        compiled = self._get(x)
+        if compiled is None:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_()
+                u = self.potential(x)
+                (grad,) = torch.autograd.grad(u.sum(), x)
+            return u.detach(), grad
+        grad, value = compiled(x.detach())
+        return value, grad
+
+    def __call__(self, x: Tensor) -> Tensor:
+        compiled = self._get(x)
+        if compiled is None:
+            return self.potential(x)
+        grad, value = compiled(x.detach())
+        # the value itself, with gradient `grad` with respect to x (x - x.detach() is 0)
+        return value + (grad * (x - x.detach())).sum(-1)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_compiled"] = {}  # traced graphs do not pickle: traced again on first call
+        return state
 
 
 class _AutogradValueAndGrad:

@@ -71,10 +71,16 @@ def potential_and_grad(potential_fn: PotentialFn, x: Tensor) -> tuple[Tensor, Te
     Gradients are taken with respect to ``x`` only (``torch.autograd.grad``), so the parameters of
     an energy model never accumulate ``.grad`` from sampling.
 
-    :param potential_fn: batched potential, ``(C, D) -> (C,)``.
+    :param potential_fn: batched potential, ``(C, D) -> (C,)``. One that offers
+        ``value_and_grad(x) -> (U, grad)`` (a compiled potential, e.g.
+        :class:`pyro_ebm.infer.CompiledPotential`) is called through it, without autograd.
     :param x: positions, ``(C, D)``.
     :returns: ``(U, grad)`` detached, shapes ``(C,)`` and ``(C, D)``.
     """
+    value_and_grad = getattr(potential_fn, "value_and_grad", None)
+    if value_and_grad is not None:
+        u, grad = value_and_grad(x.detach())
+        return u.detach(), grad.detach()
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         u = potential_fn(x)
