@@ -478,5 +478,5 @@ def test_step_bad_arguments():
         warmup_windows(-5)
     adapter = ChEESAdapter(2, 10)
     _, _, proposal = chees_hmc_step(init_state(U, torch.zeros(1, 2)), U, 0.1, 1)
-    with pytest.raises(ValueError, match="at least 2 chains"):
+    with pytest.raises(ValueError, match="at least 2 chain"):
         adapter.update(proposal)

@@ -440,9 +440,10 @@ class ChEESAdapter:
         if self._frozen:
             return
         x0 = proposal.x_init.detach()
-        if x0.dim() != 2 or x0.shape[0] < 2 or x0.shape[1] != self.dim:
+        fewest = 2 if self.adapt_trajectory_length else 1  # ChEES needs a spread of chains
+        if x0.dim() != 2 or x0.shape[0] < fewest or x0.shape[1] != self.dim:
             raise ValueError(
-                f"the proposal must hold at least 2 chains of dimension {self.dim}, "
+                f"the proposal must hold at least {fewest} chain(s) of dimension {self.dim}, "
                 f"got positions of shape {tuple(x0.shape)}"
             )
         self._num_updates += 1

@@ -1,0 +1,215 @@
+r"""Many-chain HMC with ChEES adaptation as a Pyro kernel: :class:`ChEESHMC`.
+
+All chains make the same (jittered) number of leapfrog steps, so each step is one batched
+potential-and-gradient evaluation for every chain; warmup tunes the step size, the trajectory
+length and a diagonal mass matrix from the whole ensemble of chains
+(:class:`~pyro_ebm.samplers.ChEESAdapter`). Run it with many chains through
+:class:`pyro_ebm.infer.MCMC` (``chain_method="vectorized"``).
+
+References:
+
+- Hoffman, Radul, Sountsov (2021), "An Adaptive-MCMC Scheme for Setting Trajectory Lengths in
+  Hamiltonian Monte Carlo", AISTATS, http://proceedings.mlr.press/v130/hoffman21a.html
+- Hoffman, Sountsov, Dillon, Langmore, Tran, Vasudevan (2019), "NeuTra-lizing Bad Geometry in
+  Hamiltonian Monte Carlo Using Neural Transport", https://arxiv.org/abs/1903.03704 (``flow``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int, check_positive
+from ..samplers import (
+    ChEESAdapter,
+    MoveInfo,
+    PullbackPotential,
+    WalkerState,
+    chees_hmc_step,
+    init_state,
+)
+from .base import WalkerKernel, check_finite_start, check_flow
+from .neutra import CompiledPotential
+
+__all__ = ["ChEESHMC"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChEESHMC(WalkerKernel):
+    r"""Hamiltonian Monte Carlo for many chains at once, tuned by the ChEES criterion.
+
+    Every chain integrates for the same jittered time :math:`u_k T` (:math:`u_k` from a
+    Halton sequence), so all chains advance as one ``(num_chains, dim)`` tensor. During warmup
+    the step size follows dual averaging on the chains' harmonic-mean acceptance, the trajectory
+    length :math:`T` ascends the ChEES criterion (the change in the expected squared distance
+    from the mean, estimated over the chains), and a diagonal inverse mass matrix is set from
+    the chains' variances in Stan's windows. After warmup all three are frozen (the jitter
+    continues) and the chains are independent. A trajectory that meets a non-finite potential
+    (or an energy error over 1000) rejects that chain's proposal only and is counted as a
+    divergence. The number of leapfrog steps per iteration is capped by ``max_num_steps``.
+
+    With ``flow`` the chains run in the flow's latent space (NeuTra, as
+    :class:`~pyro_ebm.infer.FlowHMC`): the potential there is
+    :math:`U(T(z)) - \log|\det J_T(z)|`, the flow is frozen (a copy), and the draws are
+    reported in the original space.
+
+    The trajectory length adapts from the spread of several chains: with one chain (Pyro's own
+    ``MCMC``) it stays at ``trajectory_length`` and only the step size and mass matrix adapt.
+
+    :param model: a Pyro model, or ``None``.
+    :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
+    :param flow: optional :class:`pyro_ebm.flows.Flow` over the flat unconstrained space.
+    :param step_size: initial step size (a reasonable one is searched for at the start, as
+        Pyro's HMC does, when ``adapt_step_size``).
+    :param trajectory_length: initial trajectory length :math:`T` (default 1).
+    :param target_accept_prob: harmonic-mean acceptance to aim for.
+    :param max_num_steps: cap on leapfrog steps per iteration.
+    :param adapt_step_size: adapt the step size during warmup.
+    :param adapt_trajectory_length: adapt :math:`T` during warmup (needs several chains).
+    :param adapt_mass_matrix: adapt a diagonal inverse mass matrix during warmup.
+    :param jit_compile: compile the batched potential (model and flow) together with its
+        gradient into one graph per batch shape (:class:`~pyro_ebm.infer.CompiledPotential`):
+        the Python of Pyro's model trace runs once, which makes small models several times
+        faster. Only valid for potentials without data-dependent control flow.
+    :param dict jit_options: keyword arguments of :func:`torch.jit.trace`.
+    :param init_strategy: Pyro init strategy for models. Without ``initial_params``, a bare
+        ``potential_fn`` starts each chain uniformly in :math:`[-2, 2]^d` (the flow's latent
+        space with ``flow``: a draw of the flow).
+
+    Example::
+
+        >>> import torch, pyro_ebm
+        >>> from pyro_ebm.infer import MCMC, ChEESHMC
+        >>> pot = pyro_ebm.potential_fn(pyro_ebm.GaussianEnergy(torch.zeros(3)))
+        >>> mcmc = MCMC(ChEESHMC(potential_fn=pot), num_samples=50, warmup_steps=100,
+        ...             num_chains=16, disable_progbar=True)
+        >>> mcmc.run()
+        >>> mcmc.get_samples(group_by_chain=True)["x"].shape
+        torch.Size([16, 50, 3])
+    """
+
+    def __init__(
+        self,
+        model: Callable | None = None,
+        potential_fn: Callable | None = None,
+        flow=None,
+        step_size: float = 0.1,
+        trajectory_length: float = 1.0,
+        target_accept_prob: float = 0.651,
+        max_num_steps: int = 256,
+        adapt_step_size: bool = True,
+        adapt_trajectory_length: bool = True,
+        adapt_mass_matrix: bool = True,
+        jit_compile: bool = False,
+        jit_options: dict | None = None,
+        init_strategy: Callable | None = None,
+    ) -> None:
+        super().__init__(model, potential_fn, init_strategy)
+        self.step_size = check_positive("step_size", step_size)
+        self.trajectory_length = check_positive("trajectory_length", trajectory_length)
+        if not 0 < target_accept_prob < 1:
+            raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}")
+        self.target_accept_prob = float(target_accept_prob)
+        self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
+        if flow is not None and not (hasattr(flow, "forward") and hasattr(flow, "inverse")):
+            raise TypeError("flow must be a pyro_ebm.flows.Flow (forward/inverse)")
+        self.flow = flow
+        self.adapt_step_size = bool(adapt_step_size)
+        self.adapt_trajectory_length = bool(adapt_trajectory_length)
+        self.adapt_mass_matrix = bool(adapt_mass_matrix)
+        self.jit_compile = bool(jit_compile)
+        self.jit_options = jit_options
+        self.adapter: ChEESAdapter | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _setup_chain(self, x0: Tensor | None) -> WalkerState:
+        dim = self.target.layout.dim
+        self._flow = None
+        self._potential = self.target.potential
+        if self.flow is not None:
+            check_flow(self.flow, dim)
+            self._flow = copy.deepcopy(self.flow).requires_grad_(False)
+            self._potential = PullbackPotential(self.target.potential, self._flow)
+        if self.jit_compile:
+            self._potential = CompiledPotential(self._potential, self.jit_options)
+        if x0 is None:
+            if self._flow is not None:
+                with torch.no_grad():
+                    x0 = self._flow.sample(self.num_chains)
+            else:  # spread out, as Pyro's init_to_uniform: R-hat then means something
+                x0 = 4.0 * torch.rand(self.num_chains, dim) - 2.0
+        state = self._restart(x0)
+        check_finite_start(state.potential_energy)
+        step_size = self.step_size
+        if self.adapt_step_size and self._warmup_steps > 0:
+            step_size = self._reasonable_step_size(state, step_size)
+        adapt_length = self.adapt_trajectory_length
+        if self.num_chains == 1 and adapt_length and self._warmup_steps > 0:
+            logger.info(
+                "ChEESHMC adapts its trajectory length from several chains; with one chain it "
+                "stays at trajectory_length=%g",
+                self.trajectory_length,
+            )
+            adapt_length = False
+        self.adapter = ChEESAdapter(
+            dim,
+            self._warmup_steps,
+            step_size=step_size,
+            trajectory_length=self.trajectory_length,
+            target_accept=self.target_accept_prob,
+            max_num_steps=self.max_num_steps,
+            adapt_mass=self.adapt_mass_matrix,
+            adapt_step_size=self.adapt_step_size,
+            adapt_trajectory_length=adapt_length,
+        )
+        return state
+
+    def _restart(self, x: Tensor) -> WalkerState:
+        if self._flow is not None:
+            with torch.no_grad():
+                x, _ = self._flow.inverse(x)
+        return init_state(self._potential, x)
+
+    def _reasonable_step_size(self, state: WalkerState, step_size: float) -> float:
+        """Double or halve the step size until one leapfrog step's mean acceptance crosses
+        1/2 (Hoffman & Gelman's heuristic, as Pyro's HMC), from the chains' starts."""
+        direction = 0
+        for _ in range(50):
+            _, info, _ = chees_hmc_step(state, self._potential, step_size, 1)
+            accept = float(info.accept_prob.mean())
+            new_direction = 1 if accept > 0.5 else -1
+            if direction and new_direction != direction:
+                break
+            direction = new_direction
+            step_size = step_size * 2.0**direction
+        return step_size
+
+    # -- moves -------------------------------------------------------------------------------
+    def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
+        adapter = self.adapter
+        state, info, proposal = chees_hmc_step(
+            state, self._potential, adapter.step_size, adapter.num_steps(), adapter.inverse_mass
+        )
+        adapter.update(proposal)
+        info = info._replace(nonfinite=proposal.divergent)
+        return state, info, False
+
+    def _positions(self, state: WalkerState) -> Tensor:
+        if self._flow is None:
+            return state.x
+        with torch.no_grad():
+            x, _ = self._flow.forward(state.x)
+        return x
+
+    def _extra_logging(self) -> dict:
+        adapter = self.adapter
+        return {
+            "step size": f"{adapter.step_size:.2e}",
+            "steps": adapter.num_steps(),
+            "T": f"{adapter.trajectory_length:.2g}",
+        }
