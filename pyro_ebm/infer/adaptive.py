@@ -1,12 +1,15 @@
 r"""The flowMC algorithm as a Pyro kernel: :class:`AdaptiveFlowMCMC`.
 
-During warmup an internal ensemble of walkers, spread around the chain's start, runs the adaptive
-global-local sampler of :mod:`pyro_ebm.samplers.adaptive` (global flow moves, local MALA/HMC moves,
-the flow refitted online on the walkers' history, the step size adapted). The chain reported to
-Pyro during warmup is walker 0. When warmup ends the flow and step size are frozen and the chain
-continues alone with the same moves, now a time-homogeneous MCMC kernel that leaves the target
-invariant. Each call of ``sample`` is one move: a global move every ``num_local_steps + 1`` steps,
-local moves otherwise (the ``is_global`` sample statistic says which).
+During warmup an ensemble of walkers runs the adaptive global-local sampler of
+:mod:`pyro_ebm.samplers.adaptive` (global flow moves, local MALA/HMC moves, the flow refitted
+online on the walkers' history, the step size adapted). The chains are the first walkers of the
+ensemble: with :class:`pyro_ebm.infer.MCMC` and ``num_chains`` chains (vectorized) the ensemble
+is the chains, topped up to ``num_walkers`` walkers, and every chain keeps drawing after warmup;
+with one chain (Pyro's ``MCMC``) the ensemble helps during warmup and the chain then continues
+alone. When warmup ends the flow and step size are frozen, and the chains are independent
+draws of a time-homogeneous MCMC kernel that leaves the target invariant. Each step is one
+move: a global move every ``num_local_steps + 1`` steps, local moves otherwise (the
+``is_global`` sample statistic says which).
 
 References:
 
@@ -34,9 +37,9 @@ logger = logging.getLogger(__name__)
 class AdaptiveFlowMCMC(WalkerKernel):
     r"""Global-local MCMC whose normalizing flow is trained during warmup (flowMC in Pyro).
 
-    No flow is needed: by default a RealNVP sized for the dimension is built for each chain
-    (a given ``flow`` is deep-copied per chain, so chains stay independent and the argument is
-    not modified; the last chain's trained flow is :attr:`flow_`, ready for
+    No flow is needed: by default a RealNVP sized for the dimension is built for each run
+    (a given ``flow`` is deep-copied per run, so the argument is not modified; the last run's
+    trained flow is :attr:`flow_`, ready for
     :class:`~pyro_ebm.infer.FlowISIR` or :class:`~pyro_ebm.infer.FlowNUTS`). The flow is fitted
     in coordinates standardized by the walkers' mean and a per-coordinate scale, the width of
     the modes that the potential's gradients measure (it is wrapped in
@@ -57,9 +60,12 @@ class AdaptiveFlowMCMC(WalkerKernel):
     :param model: a Pyro model, or ``None``.
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
     :param flow: optional flow over the flat unconstrained space (trained in a copy).
-    :param num_walkers: size of the warmup ensemble.
-    :param init_scale: the ensemble starts at the chain's start plus ``N(0, init_scale^2 I)``
-        noise in the unconstrained space; it must be broad enough to touch every mode's basin.
+    :param num_walkers: size of the warmup ensemble (at least ``num_chains``: with more chains
+        than walkers, the ensemble is the chains).
+    :param init_scale: the chains start where ``initial_params`` (or a model's init strategy)
+        put them; the other walkers, and the chains when no start is known, start at a chain's
+        start (zero when none is known) plus ``N(0, init_scale^2 I)`` noise in the
+        unconstrained space: broad enough to touch every mode's basin.
     :param global_move: ``"isir"`` or ``"imh"``. :param num_particles: i-SIR particles.
     :param local_move: ``"mala"`` or ``"hmc"``. :param num_local_steps: local moves per cycle.
     :param production_local_steps: local moves per cycle after warmup (default: the same). With a
@@ -86,15 +92,14 @@ class AdaptiveFlowMCMC(WalkerKernel):
     Example::
 
         >>> import torch, pyro_ebm
-        >>> from pyro.infer import MCMC
+        >>> from pyro_ebm.infer import MCMC
         >>> from pyro_ebm.datasets import two_to_one
         >>> pot = pyro_ebm.potential_fn(two_to_one().potential)
-        >>> kernel = AdaptiveFlowMCMC(potential_fn=pot, num_walkers=32)
-        >>> mcmc = MCMC(kernel, num_samples=60, warmup_steps=60, disable_progbar=True,
-        ...             initial_params={"x": torch.zeros(2)})
+        >>> mcmc = MCMC(AdaptiveFlowMCMC(potential_fn=pot), num_samples=60, warmup_steps=60,
+        ...             num_chains=32, disable_progbar=True)
         >>> mcmc.run()
-        >>> mcmc.get_samples()["x"].shape
-        torch.Size([60, 2])
+        >>> mcmc.get_samples(group_by_chain=True)["x"].shape
+        torch.Size([32, 60, 2])
     """
 
     def __init__(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
-from pyro.infer.mcmc.api import MCMC
+from pyro.infer.mcmc.api import AbstractMCMC
 
 __all__ = ["to_arviz"]
 
@@ -33,7 +33,7 @@ _STAT_DTYPES = {
 
 
 def to_arviz(
-    mcmc: MCMC,
+    mcmc: AbstractMCMC,
     *,
     observed_data: Mapping[str, Any] | None = None,
     constant_data: Mapping[str, Any] | None = None,
@@ -41,7 +41,8 @@ def to_arviz(
     dims: Mapping[str, Sequence[str]] | None = None,
     backend: str | None = None,
 ) -> Any:
-    r"""Convert a finished :class:`~pyro.infer.mcmc.MCMC` run to ArviZ.
+    r"""Convert a finished :class:`~pyro_ebm.infer.MCMC` or :class:`~pyro.infer.mcmc.MCMC` run
+    to ArviZ.
 
     Groups:
 
@@ -59,7 +60,8 @@ def to_arviz(
 
     Pyro keeps no warmup draws, so there are no warmup groups.
 
-    :param mcmc: an :class:`~pyro.infer.mcmc.MCMC` after ``run()``, with any kernel.
+    :param mcmc: a :class:`~pyro_ebm.infer.MCMC` or :class:`~pyro.infer.mcmc.MCMC` after
+        ``run()``, with any kernel.
     :param observed_data: optional ``{name: array}`` of observed data.
     :param constant_data: optional ``{name: array}`` of covariates and other constants.
     :param coords: coordinate values per dimension name, passed to ``from_dict``.
@@ -97,9 +99,10 @@ def to_arviz(
         >>> sorted(data["sample_stats"].data_vars)
         ['accept_prob', 'accepted', 'diverging', 'is_global', 'lp', 'potential_energy']
     """
-    if not isinstance(mcmc, MCMC):
+    if not isinstance(mcmc, AbstractMCMC) or not hasattr(mcmc, "get_samples"):
         raise TypeError(
-            f"mcmc must be a pyro.infer.mcmc.MCMC (after run()), got {type(mcmc).__name__}"
+            "mcmc must be a pyro_ebm.infer.MCMC or pyro.infer.mcmc.MCMC (after run()), got "
+            f"{type(mcmc).__name__}"
         )
     if getattr(mcmc, "_samples", None) is None:
         raise ValueError("mcmc has not been run: call mcmc.run(...) before to_arviz(mcmc)")
@@ -151,7 +154,7 @@ def _load_backend(backend: str | None) -> tuple[Any, bool]:
     return module, major < 1
 
 
-def _posterior(mcmc: MCMC) -> dict[str, np.ndarray]:
+def _posterior(mcmc: AbstractMCMC) -> dict[str, np.ndarray]:
     samples = mcmc.get_samples(group_by_chain=True)
     if not samples:
         raise ValueError("mcmc has no sampled sites (get_samples() is empty)")
@@ -163,7 +166,7 @@ def _chain_draw_shape(posterior: dict[str, np.ndarray]) -> tuple[int, int]:
     return int(first.shape[0]), int(first.shape[1])
 
 
-def _sample_stats(mcmc: MCMC, num_chains: int, num_draws: int) -> dict[str, np.ndarray]:
+def _sample_stats(mcmc: AbstractMCMC, num_chains: int, num_draws: int) -> dict[str, np.ndarray]:
     """Per-draw statistics stacked to ``(chain, draw)``; ``{}`` when the kernel has none."""
     diags = list(getattr(mcmc, "_diagnostics", None) or [])
     if len(diags) != num_chains or any(not isinstance(d, Mapping) for d in diags):

@@ -169,7 +169,7 @@ class WalkerKernel(TargetKernel):
         if self._user_initial is not None:
             self._user_initial = {k: v[None] for k, v in self._user_initial.items()}
         self.setup_chains(1, warmup_steps, args, kwargs)
-        self._last = self.target.layout.unflatten(self._state.x[0])
+        self._last = self.target.layout.unflatten(self._positions(self._state)[0])
         self._initial_params = self._last
 
     def setup_chains(
@@ -203,6 +203,8 @@ class WalkerKernel(TargetKernel):
         :class:`~pyro_ebm.samplers.MoveInfo` and whether it was a global move. Statistics of
         post-warmup moves are recorded in :attr:`stats`."""
         warmup = self._t < self._warmup_steps
+        if self._t == self._warmup_steps:  # the progress bar shows the draws' rates from here
+            self._accept_sums = {"global": [0.0, 0], "local": [0.0, 0]}
         self._state, info, is_global = self._move(self._state, warmup)
         kind = self._accept_sums["global" if is_global else "local"]
         kind[0] += float(info.accept_prob.mean())
@@ -210,7 +212,7 @@ class WalkerKernel(TargetKernel):
         if not warmup:
             self.stats.record(info, is_global)
         self._t += 1
-        return self._state.x, info, is_global
+        return self._positions(self._state), info, is_global
 
     def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """Pyro's entry point: one move of the (single) chain."""
@@ -249,6 +251,11 @@ class WalkerKernel(TargetKernel):
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         """One move; returns ``(state, info, is_global)``."""
         raise NotImplementedError
+
+    def _positions(self, state: WalkerState) -> Tensor:
+        """The chains' positions in the flat unconstrained space (``state.x`` unless the kernel
+        moves in other coordinates, e.g. a flow's latent space)."""
+        return state.x
 
     def _extra_logging(self) -> dict:
         return {}

@@ -149,7 +149,7 @@ def make_target(
             initial = energy.flatten(initial_params).detach()
         return FlatTarget(energy, energy.layout, energy.transforms, initial)
     if isinstance(potential_fn, EnergyPotential):
-        dim = getattr(potential_fn.energy, "dim", dim)
+        dim = _energy_dim(potential_fn.energy) or dim
         if initial_params is not None:
             layout = SiteLayout.from_params(one)
         elif dim is not None:
@@ -165,7 +165,7 @@ def make_target(
                 f"got {list(layout.site_names)}"
             )
         site_shape = layout.site_shapes[potential_fn.site]
-        energy_dim = getattr(potential_fn.energy, "dim", None)
+        energy_dim = _energy_dim(potential_fn.energy)
         if isinstance(energy_dim, int) and site_shape[-1:] != (energy_dim,):
             raise ValueError(
                 f"initial_params[{potential_fn.site!r}] has shape {tuple(site_shape)} per chain "
@@ -214,3 +214,13 @@ def _model_starts(energy: ModelEnergy, num_chains: int, init_strategy: Callable 
         **kwargs,
     )[0]
     return energy.flatten(params).detach()
+
+
+def _energy_dim(energy: Callable) -> int | None:
+    """The ``dim`` of an energy, or of the object whose bound method it is (``target.potential``
+    of a data set), or ``None``."""
+    for owner in (energy, getattr(energy, "__self__", None)):
+        dim = getattr(owner, "dim", None)
+        if isinstance(dim, int) and not isinstance(dim, bool):
+            return dim
+    return None
