@@ -4,10 +4,13 @@ r"""Metrics of Grenioux, Moulines, Gabrié (2023) for samplers and trained energ
 - :mod:`~pyro_ebm.metrics.density`: the model's own mode weights (2-D grid quadrature or
   self-normalised importance sampling with a flow), the log-density error against the truth,
   :math:`\log Z` and held-out NLL by importance sampling.
-- :mod:`~pyro_ebm.metrics.convergence`: rank-normalised split R-hat of many chains.
+- :mod:`~pyro_ebm.metrics.convergence`: rank-normalised split R-hat and effective sample sizes
+  (bulk, tail, mean) of many chains, linear in memory and time in the number of draws.
+- :mod:`~pyro_ebm.metrics.summary`: per-site posterior summary (mean, std, median, interval,
+  ``n_eff``, ``r_hat``) and its table, as Pyro's ``print_summary``.
 """
 
-from .convergence import max_rhat, rhat
+from .convergence import effective_sample_size, max_rhat, rhat
 from .density import (
     bounds_around,
     grid_log_density,
@@ -17,9 +20,12 @@ from .density import (
     nll,
 )
 from .modes import mode_indicator_ess, mode_weight_mse, mode_weights, mode_weights_mcse
+from .summary import format_summary, summarize
 
 __all__ = [
     "bounds_around",
+    "effective_sample_size",
+    "format_summary",
     "grid_log_density",
     "log_density_error",
     "log_normalizer",
@@ -31,4 +37,5 @@ __all__ = [
     "model_mode_weights",
     "nll",
     "rhat",
+    "summarize",
 ]
