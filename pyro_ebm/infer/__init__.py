@@ -1,27 +1,43 @@
-r"""Pyro kernels over the vectorized MCMC core, and ArviZ conversion.
+r"""Pyro kernels over the vectorized MCMC core, a many-chain driver, and ArviZ conversion.
 
-Use them exactly as :class:`pyro.infer.mcmc.HMC`/``NUTS``::
+:class:`MCMC` is Pyro's ``MCMC`` with NumPyro's ``chain_method``; with this package's kernels
+all chains advance as one batch::
 
-    mcmc = MCMC(AdaptiveFlowMCMC(potential_fn=pot), num_samples=2000, warmup_steps=600)
-    mcmc.run(); mcmc.summary(); idata = to_arviz(mcmc)
+    mcmc = MCMC(ChEESHMC(model), num_samples=1000, warmup_steps=1000, num_chains=64)
+    mcmc.run(data); mcmc.summary(); idata = to_arviz(mcmc)
+
+The kernels also plug into :class:`pyro.infer.mcmc.MCMC` (one chain at a time).
 """
 
 from .adaptive import AdaptiveFlowMCMC
 from .arviz import to_arviz
-from .base import SAMPLE_STATS, TargetKernel, WalkerKernel
+from .base import SAMPLE_STATS, DrawStats, TargetKernel, WalkerKernel
+from .chees import ChEESHMC
 from .kernels import MALA, FlowIMH, FlowISIR
-from .neutra import FlowHMC, FlowNUTS, LatentPotential, compile_value_and_grad
+from .mcmc import CHAIN_METHODS, MCMC
+from .neutra import (
+    CompiledPotential,
+    FlowHMC,
+    FlowNUTS,
+    LatentPotential,
+    compile_value_and_grad,
+)
 
 __all__ = [
+    "CHAIN_METHODS",
     "MALA",
+    "MCMC",
     "SAMPLE_STATS",
-    "TargetKernel",
     "AdaptiveFlowMCMC",
+    "ChEESHMC",
+    "CompiledPotential",
+    "DrawStats",
     "FlowHMC",
     "FlowIMH",
     "FlowISIR",
     "FlowNUTS",
     "LatentPotential",
+    "TargetKernel",
     "WalkerKernel",
     "compile_value_and_grad",
     "to_arviz",

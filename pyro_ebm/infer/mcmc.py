@@ -1,0 +1,306 @@
+r"""Many chains in one process: :class:`MCMC`, Pyro's ``MCMC`` with NumPyro's ``chain_method``.
+
+Pyro runs chains in worker processes only when ``num_chains <= cpu_count() - 1`` and otherwise
+one after another, so on a small machine ``num_chains=64`` costs 64 times one chain. The
+kernels of :mod:`pyro_ebm.infer` move a ``(num_chains, dim)`` tensor: with
+``chain_method="vectorized"`` (their default here) all chains advance together, one batched
+potential (and gradient) evaluation per step for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.mcmc.api import MCMC as PyroMCMC
+from pyro.infer.mcmc.api import AbstractMCMC, _UnarySampler
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from pyro.infer.mcmc.util import select_samples
+from pyro.util import optional
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._checks import check_int
+from ..metrics import format_summary, summarize
+from .base import WalkerKernel
+
+__all__ = ["CHAIN_METHODS", "MCMC"]
+
+logger = logging.getLogger(__name__)
+
+#: the values of ``chain_method`` (NumPyro's names)
+CHAIN_METHODS = ("vectorized", "sequential", "parallel")
+
+
+class MCMC(AbstractMCMC):
+    r"""Markov chain Monte Carlo with many chains in one process.
+
+    The constructor and methods of :class:`pyro.infer.mcmc.MCMC`, plus ``chain_method``:
+
+    - ``"vectorized"`` (the default for the kernels of :mod:`pyro_ebm.infer` that move walkers:
+      :class:`~pyro_ebm.infer.MALA`, :class:`~pyro_ebm.infer.FlowIMH`,
+      :class:`~pyro_ebm.infer.FlowISIR`, :class:`~pyro_ebm.infer.AdaptiveFlowMCMC`,
+      :class:`~pyro_ebm.infer.ChEESHMC`): all ``num_chains`` chains advance as one
+      ``(num_chains, dim)`` tensor, on the CPU or the GPU of the initial parameters.
+      Adaptation during warmup may pool the chains (one step size from their mean acceptance;
+      :class:`~pyro_ebm.infer.AdaptiveFlowMCMC` trains one flow on all of them); after warmup
+      everything is frozen and the chains are independent Markov chains.
+    - ``"sequential"``: one chain after another, each from its own start.
+    - ``"parallel"``: Pyro's driver with one worker process per chain (Pyro falls back to
+      sequential chains when ``num_chains`` exceeds the cores less one).
+
+    Kernels that cannot move chains as a batch (Pyro's ``HMC``/``NUTS``,
+    :class:`~pyro_ebm.infer.FlowHMC`/``FlowNUTS``) run through Pyro's own driver; asking them
+    for ``"vectorized"`` gives a warning saying so.
+
+    Draws and per-draw statistics are kept in preallocated tensors; :meth:`summary` and
+    :meth:`diagnostics` use FFT-based ESS and rank-normalised R-hat (linear in the number of
+    draws; Pyro's own grow quadratically in memory). :func:`~pyro_ebm.infer.to_arviz` reads the
+    run, chains as ArviZ chains.
+
+    :param kernel: an MCMC kernel (``pyro_ebm.infer`` or Pyro's).
+    :param num_samples: draws per chain after warmup.
+    :param warmup_steps: adaptation steps per chain (default ``num_samples``, as Pyro).
+    :param initial_params: ``{site: tensor}`` in unconstrained space; with ``num_chains > 1``
+        each tensor has a leading dimension of size ``num_chains`` (one start per chain).
+    :param num_chains: number of chains.
+    :param hook_fn: ``hook_fn(kernel, params, stage, i)`` after each step, as Pyro's; with
+        vectorized chains ``params`` holds every chain (a leading chain dimension).
+    :param mp_context: multiprocessing context for ``"parallel"``.
+    :param disable_progbar: hide the progress bar.
+    :param disable_validation: disable Pyro's distribution validation while sampling.
+    :param transforms: ``{site: transform}`` from the sampled (unconstrained) space to the
+        reported one; default: the model's, or none for a ``potential_fn``.
+    :param chain_method: ``"vectorized"``, ``"sequential"``, ``"parallel"`` or ``None`` (the
+        kernel's best: vectorized when it can).
+
+    Example::
+
+        >>> import torch, pyro_ebm
+        >>> from pyro_ebm.infer import MALA, MCMC
+        >>> pot = pyro_ebm.potential_fn(pyro_ebm.GaussianEnergy(torch.zeros(2)))
+        >>> mcmc = MCMC(MALA(potential_fn=pot), num_samples=100, warmup_steps=100,
+        ...             num_chains=8, disable_progbar=True)
+        >>> mcmc.run()
+        >>> mcmc.get_samples(group_by_chain=True)["x"].shape
+        torch.Size([8, 100, 2])
+
+    References:
+
+    - Phan, Pradhan, Jankowiak (2019), "Composable Effects for Flexible and Accelerated
+      Probabilistic Programming in NumPyro", https://arxiv.org/abs/1912.11554 (``chain_method``).
+    """
+
+    def __init__(
+        self,
+        kernel: MCMCKernel,
+        num_samples: int,
+        warmup_steps: int | None = None,
+        initial_params: dict[str, Tensor] | None = None,
+        num_chains: int = 1,
+        hook_fn: Callable | None = None,
+        mp_context: str | None = None,
+        disable_progbar: bool = False,
+        disable_validation: bool = True,
+        transforms: dict | None = None,
+        chain_method: str | None = None,
+    ) -> None:
+        if not isinstance(kernel, MCMCKernel):
+            raise TypeError(f"kernel must be an MCMC kernel, got {type(kernel).__name__}")
+        num_chains = check_int("num_chains", num_chains, 1)
+        super().__init__(kernel, num_chains, transforms)
+        self.num_samples = check_int("num_samples", num_samples, 1)
+        self.warmup_steps = num_samples if warmup_steps is None else warmup_steps
+        self.warmup_steps = check_int("warmup_steps", self.warmup_steps, 0)
+        if chain_method is not None and chain_method not in CHAIN_METHODS:
+            raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
+        vectorizable = isinstance(kernel, WalkerKernel)
+        if chain_method is None:
+            chain_method = "vectorized" if vectorizable else "sequential"
+        elif chain_method == "vectorized" and not vectorizable:
+            warnings.warn(
+                f"{type(kernel).__name__} cannot move chains as one batch: its chains run "
+                "through Pyro's driver, one after another",
+                stacklevel=2,
+            )
+            chain_method = "sequential"
+        self.chain_method = chain_method
+        if initial_params is not None:
+            initial_params = _check_initial_params(initial_params, num_chains)
+        self.initial_params = initial_params
+        self.hook_fn = hook_fn
+        self.mp_context = mp_context
+        self.disable_progbar = bool(disable_progbar)
+        self.disable_validation = disable_validation
+        self._samples: dict[str, Tensor] | None = None
+        self._diagnostics: list[dict] = [{} for _ in range(num_chains)]
+        self._args: tuple = ()
+        self._kwargs: dict = {}
+
+    # -- running ---------------------------------------------------------------------------
+    @poutine.block
+    def run(self, *args, **kwargs) -> None:
+        r"""Run the chains; arguments go to the model (as for Pyro's ``MCMC.run``)."""
+        self._args, self._kwargs = args, kwargs
+        args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+        with optional(
+            pyro.validation_enabled(not self.disable_validation),
+            self.disable_validation is not None,
+        ):
+            if self.chain_method == "vectorized":
+                initial = None if self.initial_params is None else self._batched_initial()
+                self._run_walkers(self.num_chains, initial, args, kwargs)
+            elif self.chain_method == "sequential" and isinstance(self.kernel, WalkerKernel):
+                self._run_sequential(args, kwargs)
+            else:
+                self._run_pyro(args, kwargs)
+
+    def _run_walkers(
+        self, num_chains: int, initial: dict[str, Tensor] | None, args: tuple, kwargs: dict
+    ) -> None:
+        """All chains as one batch through the kernel's ``setup_chains``/``step_chains``."""
+        kernel = self.kernel
+        if initial is not None:
+            kernel.initial_params = initial
+        kernel.setup_chains(num_chains, self.warmup_steps, args, kwargs, self.num_samples)
+        layout = kernel.target.layout
+        draws = None
+        total = self.warmup_steps + self.num_samples
+        bar = tqdm(total=total, disable=self.disable_progbar, desc="Warmup", dynamic_ncols=True)
+        every = max(1, total // 200)
+        try:
+            for i in range(total):
+                x, _, _ = kernel.step_chains()
+                if i >= self.warmup_steps:
+                    if draws is None:
+                        draws = x.new_empty((num_chains, self.num_samples, layout.dim))
+                    draws[:, i - self.warmup_steps] = x
+                if self.hook_fn is not None:
+                    stage = "Warmup" if i < self.warmup_steps else "Sample"
+                    idx = i if i < self.warmup_steps else i - self.warmup_steps
+                    self.hook_fn(kernel, layout.unflatten(x), stage, idx)
+                if i == self.warmup_steps:
+                    bar.set_description("Sample")
+                if (i + 1) % every == 0 or i + 1 == total:
+                    bar.set_postfix(kernel.logging(), refresh=False)
+                    bar.update(i + 1 - bar.n)
+        finally:
+            bar.close()
+        self._store(draws, [kernel.diagnostics(c) for c in range(num_chains)], kernel, layout)
+
+    def _run_sequential(self, args: tuple, kwargs: dict) -> None:
+        """One chain at a time through the same batched path (a batch of one)."""
+        draws, diags = [], []
+        for c in range(self.num_chains):
+            initial = None
+            if self.initial_params is not None:
+                initial = {k: v[c : c + 1] for k, v in self._batched_initial().items()}
+            self._run_walkers(1, initial, args, kwargs)
+            draws.append(self._flat)
+            diags.extend(self._diagnostics)
+        layout = self.kernel.target.layout
+        self._store(torch.cat(draws), diags, self.kernel, layout)
+
+    def _run_pyro(self, args: tuple, kwargs: dict) -> None:
+        """Pyro's own driver (processes for ``"parallel"``, else one chain after another)."""
+        inner = PyroMCMC(
+            self.kernel,
+            self.num_samples,
+            self.warmup_steps,
+            initial_params=self.initial_params,
+            num_chains=self.num_chains,
+            hook_fn=self.hook_fn,
+            mp_context=self.mp_context,
+            disable_progbar=self.disable_progbar,
+            disable_validation=self.disable_validation,
+            transforms=self.transforms,
+        )
+        if self.chain_method == "sequential" and not isinstance(inner.sampler, _UnarySampler):
+            inner.sampler = _UnarySampler(
+                self.kernel,
+                self.num_samples,
+                self.warmup_steps,
+                self.num_chains,
+                self.disable_progbar,
+                initial_params=inner.sampler.initial_params,
+                hook=self.hook_fn,
+            )
+        inner.run(*args, **kwargs)
+        self._samples = inner._samples
+        self._diagnostics = list(inner._diagnostics)
+        self.transforms = inner.transforms
+
+    def _batched_initial(self) -> dict[str, Tensor]:
+        if self.num_chains == 1:
+            return {k: v[None] for k, v in self.initial_params.items()}
+        return self.initial_params
+
+    def _store(self, flat: Tensor, diagnostics: list[dict], kernel, layout) -> None:
+        self._flat = flat
+        self._diagnostics = diagnostics
+        transforms = self.transforms
+        if transforms is None:
+            transforms = kernel.transforms or {}
+        samples = layout.unflatten(flat)
+        self._samples = {
+            k: transforms[k].inv(v) if k in transforms else v for k, v in samples.items()
+        }
+        if self.transforms is None:
+            self.transforms = transforms
+
+    # -- results ---------------------------------------------------------------------------
+    def _check_run(self) -> None:
+        if self._samples is None:
+            raise RuntimeError("call run() first")
+
+    def get_samples(
+        self, num_samples: int | None = None, group_by_chain: bool = False
+    ) -> dict[str, Tensor]:
+        r"""The draws ``{site: tensor}``: ``(num_chains * num_samples, *shape)``, or
+        ``(num_chains, num_samples, *shape)`` with ``group_by_chain``; ``num_samples`` draws
+        with replacement when given (as Pyro's)."""
+        self._check_run()
+        return select_samples(self._samples, num_samples, group_by_chain)
+
+    def diagnostics(self) -> dict:
+        r"""``{site: {"n_eff": ..., "r_hat": ...}}`` (bulk ESS and rank-normalised split R-hat,
+        shaped like the site), plus each kernel diagnostic per chain (``divergences``,
+        acceptance rates; the per-draw statistics are left to
+        :func:`~pyro_ebm.infer.to_arviz`)."""
+        self._check_run()
+        table = summarize(self._samples)
+        diag: dict = {k: {"n_eff": v["n_eff"], "r_hat": v["r_hat"]} for k, v in table.items()}
+        first = self._diagnostics[0] if self._diagnostics else {}
+        for name in first or {}:
+            if name == "sample_stats":
+                continue
+            diag[name] = {f"chain {i}": d.get(name) for i, d in enumerate(self._diagnostics)}
+        return diag
+
+    def summary(self, prob: float = 0.9) -> None:
+        r"""Print per site: mean, sd, median, the central ``prob`` interval, bulk ESS and R-hat
+        (as Pyro's ``summary``), and the number of divergences."""
+        self._check_run()
+        print(format_summary(summarize(self._samples, prob)))
+        if self._diagnostics and all("divergences" in d for d in self._diagnostics):
+            count = sum(len(d["divergences"]) for d in self._diagnostics)
+            print(f"Number of divergences: {count}")
+
+
+def _check_initial_params(params: dict[str, Tensor], num_chains: int) -> dict[str, Tensor]:
+    if not isinstance(params, dict) or not params:
+        raise ValueError(f"initial_params must be a dict {{site: tensor}}, got {params!r}")
+    out = {}
+    for name, value in params.items():
+        value = torch.as_tensor(value)
+        if num_chains > 1 and (value.dim() == 0 or value.shape[0] != num_chains):
+            raise ValueError(
+                f"initial_params[{name!r}] must have a leading dimension of size "
+                f"num_chains={num_chains} (one start per chain), got shape {tuple(value.shape)}"
+            )
+        out[name] = value
+    return out
