@@ -9,7 +9,8 @@ The ninth session merged the two Pyro MCMC set-ups into ``_pyro_mcmc_samples`` a
 tests that use it on a CPU (this file with the device switched to ``cpu``), not on a GPU. The
 tenth session ran the whole file that way after changing both trainers (Ctrl-C held off during
 a step's updates, EBFlow's resume, EBMTrainer's evaluation outside the training stream): 13
-passed on the CPU; no GPU was lent.
+passed on the CPU; no GPU was lent. The eleventh session added the vectorized chains of
+``pyro_ebm.infer.MCMC`` and ran that test on a CPU the same way (5 passed); no GPU was lent.
 """
 
 from __future__ import annotations
@@ -203,3 +204,30 @@ def test_ebflow_trainer_resumes_exactly_on_the_gpu(tmp_path):
     for p, q in zip(a.ema_model.parameters(), b.ema_model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)
     assert a.losses == pytest.approx(b.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name", ["MALA", "FlowISIR", "AdaptiveFlowMCMC", "ChEESHMC", "ChEESHMC-jit"]
+)
+def test_vectorized_chains_on_the_gpu(name):
+    """pyro_ebm.infer.MCMC with 16 vectorized chains of an energy on the GPU (no initial_params:
+    the kernels start the chains on the energy's device); draws, statistics and ArviZ data."""
+    import pyro_ebm
+    from pyro_ebm.flows import RealNVP
+    from pyro_ebm.infer import MALA, MCMC, AdaptiveFlowMCMC, ChEESHMC, FlowISIR, to_arviz
+
+    torch.manual_seed(0)
+    energy = pyro_ebm.GaussianEnergy(torch.zeros(3)).to(CUDA)
+    pot = pyro_ebm.potential_fn(energy)
+    kernel = {
+        "MALA": lambda: MALA(potential_fn=pot),
+        "FlowISIR": lambda: FlowISIR(potential_fn=pot, flow=RealNVP(3).to(CUDA)),
+        "AdaptiveFlowMCMC": lambda: AdaptiveFlowMCMC(potential_fn=pot, num_walkers=32),
+        "ChEESHMC": lambda: ChEESHMC(potential_fn=pot),
+        "ChEESHMC-jit": lambda: ChEESHMC(potential_fn=pot, jit_compile=True),
+    }[name]()
+    mcmc = MCMC(kernel, num_samples=40, warmup_steps=40, num_chains=16, disable_progbar=True)
+    mcmc.run()
+    x = mcmc.get_samples(group_by_chain=True)["x"]
+    assert x.device.type == "cuda" and x.shape == (16, 40, 3) and torch.isfinite(x).all()
+    assert to_arviz(mcmc)["sample_stats"]["accept_prob"].shape == (16, 40)

@@ -159,13 +159,12 @@ class AdaptiveFlowMCMC(WalkerKernel):
             flow = copy.deepcopy(self.flow)
         self.sampler = AdaptiveFlowSampler(self.target.potential, flow, **self.sampler_options)
         if x0 is None and chains == 1:
-            x0 = torch.zeros(1, dim)
+            x0 = torch.zeros(1, dim, device=self.device)
         # the warmup ensemble: the chains, plus walkers around their starts up to num_walkers
         n = max(self.num_walkers, chains)
-        centres = torch.zeros(1, dim) if x0 is None else x0
-        walkers = centres[torch.arange(n) % len(centres)] + self.init_scale * torch.randn(
-            n, dim, dtype=centres.dtype, device=centres.device
-        )
+        centres = torch.zeros(1, dim, device=self.device) if x0 is None else x0
+        walkers = centres[torch.arange(n, device=centres.device) % len(centres)]
+        walkers = walkers + self.init_scale * torch.randn_like(walkers)
         if x0 is not None:
             walkers[:chains] = x0
         self._ensemble = self.sampler.init(walkers)

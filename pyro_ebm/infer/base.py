@@ -50,14 +50,20 @@ class DrawStats:
     def __init__(self, num_chains: int, capacity: int = 1024) -> None:
         self.num_chains = num_chains
         self.num_draws = 0
-        self._data = {
-            k: torch.zeros(num_chains, max(capacity, 1), dtype=d) for k, d in _STAT_DTYPES.items()
-        }
+        self._capacity = max(capacity, 1)
+        self._data = {k: torch.zeros(num_chains, 0, dtype=d) for k, d in _STAT_DTYPES.items()}
 
     def record(self, info: MoveInfo, is_global: bool) -> None:
-        """Store one move's statistics for every chain."""
+        """Store one move's statistics for every chain (on the device of the chains: no
+        synchronisation per step)."""
         n = self.num_draws
-        if n == next(iter(self._data.values())).shape[1]:
+        if n == 0:  # allocated at the first draw, where the chains are
+            device = info.accept_prob.device
+            self._data = {
+                k: torch.zeros(self.num_chains, self._capacity, dtype=d, device=device)
+                for k, d in _STAT_DTYPES.items()
+            }
+        elif n == next(iter(self._data.values())).shape[1]:
             self._data = {k: torch.cat([v, torch.zeros_like(v)], 1) for k, v in self._data.items()}
         values = {
             "accept_prob": info.accept_prob,
@@ -66,7 +72,7 @@ class DrawStats:
             "diverging": info.nonfinite,
         }
         for name, value in values.items():
-            self._data[name][:, n] = value.detach().to("cpu", _STAT_DTYPES[name])
+            self._data[name][:, n] = value.detach().to(_STAT_DTYPES[name])
         self._data["is_global"][:, n] = is_global
         self.num_draws = n + 1
 
@@ -193,6 +199,8 @@ class WalkerKernel(TargetKernel):
         self.num_chains = check_int("num_chains", num_chains, 1)
         self._warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         x0 = self._build_target(tuple(args), dict(kwargs or {}), num_chains).initial
+        #: where chains with no given start begin: the start's device, else the energy's
+        self.device = x0.device if x0 is not None else _device_of(self.target.potential)
         self._t = 0
         self.stats = DrawStats(num_chains, 1024 if num_samples is None else num_samples)
         self._accept_sums = {"global": [0.0, 0], "local": [0.0, 0]}  # for the progress bar
@@ -207,7 +215,7 @@ class WalkerKernel(TargetKernel):
             self._accept_sums = {"global": [0.0, 0], "local": [0.0, 0]}
         self._state, info, is_global = self._move(self._state, warmup)
         kind = self._accept_sums["global" if is_global else "local"]
-        kind[0] += float(info.accept_prob.mean())
+        kind[0] = kind[0] + info.accept_prob.detach().mean()  # a tensor: no sync per step
         kind[1] += 1
         if not warmup:
             self.stats.record(info, is_global)
@@ -226,7 +234,7 @@ class WalkerKernel(TargetKernel):
         out = OrderedDict()
         for kind, (total, count) in self._accept_sums.items():
             if count:
-                out[f"acc. {kind}"] = f"{total / count:.3f}"
+                out[f"acc. {kind}"] = f"{float(total) / count:.3f}"
         out.update(self._extra_logging())
         return out
 
@@ -259,6 +267,16 @@ class WalkerKernel(TargetKernel):
 
     def _extra_logging(self) -> dict:
         return {}
+
+
+def _device_of(potential: Callable) -> torch.device:
+    """The device of a potential's tensors (an energy module's, or its ``energy``'s), else the
+    CPU."""
+    for owner in (potential, getattr(potential, "energy", None)):
+        if isinstance(owner, torch.nn.Module):
+            for tensor in (*owner.parameters(), *owner.buffers()):
+                return tensor.device
+    return torch.device("cpu")
 
 
 def check_flow(flow, dim: int) -> None:

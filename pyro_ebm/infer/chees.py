@@ -142,7 +142,7 @@ class ChEESHMC(WalkerKernel):
                 with torch.no_grad():
                     x0 = self._flow.sample(self.num_chains)
             else:  # spread out, as Pyro's init_to_uniform: R-hat then means something
-                x0 = 4.0 * torch.rand(self.num_chains, dim) - 2.0
+                x0 = 4.0 * torch.rand(self.num_chains, dim, device=self.device) - 2.0
         state = self._restart(x0)
         check_finite_start(state.potential_energy)
         step_size = self.step_size

@@ -182,7 +182,7 @@ class MALA(WalkerKernel):
         self.step_size = self.initial_step_size
         self._adapter.reset(self.initial_step_size)
         if x0 is None:
-            x0 = torch.zeros(self.num_chains, self.target.layout.dim)
+            x0 = torch.zeros(self.num_chains, self.target.layout.dim, device=self.device)
         state = self._restart(x0)
         check_finite_start(state.potential_energy)
         return state
