@@ -771,6 +771,42 @@ def test_hook_fn_sees_every_step_of_every_chain():
     assert torch.equal(seen, mcmc.get_samples(group_by_chain=True)["x"])
 
 
+def test_hook_fn_of_a_sequential_chain_sees_no_chain_dimension():
+    """As in Pyro's MCMC: each chain of a sequential run is one chain."""
+    pot, _, _ = gauss()
+    shapes = []
+    run(
+        MALA(potential_fn=pot),
+        3,
+        2,
+        2,
+        chain_method="sequential",
+        hook_fn=lambda kernel, params, stage, i: shapes.append(params["x"].shape),
+    )
+    assert shapes == [torch.Size([3])] * 10
+
+
+def test_sequential_pyro_kernel_leaves_no_logger_thread(monkeypatch):
+    """Where Pyro would run NUTS's chains in processes, "sequential" replaces its process pool
+    and stops the pool's logger thread, and Pyro's note that chains run in turn is not shown."""
+    import threading
+    import warnings
+
+    monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 8)
+
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mcmc = MCMC(
+            NUTS(model), 4, 4, num_chains=2, chain_method="sequential", disable_progbar=True
+        )
+        mcmc.run()
+    assert mcmc.get_samples(group_by_chain=True)["a"].shape == (2, 4)
+    assert not any(t.name == "logger_thread" or "logger" in t.name for t in threading.enumerate())
+
+
 # --------------------------------------------------------------------------------------------
 # 11. memory: one preallocated tensor of draws, growing per-draw statistics
 

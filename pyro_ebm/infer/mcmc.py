@@ -160,9 +160,15 @@ class MCMC(AbstractMCMC):
                 self._run_pyro(args, kwargs)
 
     def _run_walkers(
-        self, num_chains: int, initial: dict[str, Tensor] | None, args: tuple, kwargs: dict
+        self,
+        num_chains: int,
+        initial: dict[str, Tensor] | None,
+        args: tuple,
+        kwargs: dict,
+        one_chain: bool = False,
     ) -> None:
-        """All chains as one batch through the kernel's ``setup_chains``/``step_chains``."""
+        """All chains as one batch through the kernel's ``setup_chains``/``step_chains``
+        (``one_chain``: a chain of a sequential run, whose hook sees no chain dimension)."""
         kernel = self.kernel
         if initial is not None:
             kernel.initial_params = initial
@@ -182,7 +188,7 @@ class MCMC(AbstractMCMC):
                 if self.hook_fn is not None:
                     stage = "Warmup" if i < self.warmup_steps else "Sample"
                     idx = i if i < self.warmup_steps else i - self.warmup_steps
-                    self.hook_fn(kernel, layout.unflatten(x), stage, idx)
+                    self.hook_fn(kernel, layout.unflatten(x[0] if one_chain else x), stage, idx)
                 if i == self.warmup_steps:
                     bar.set_description("Sample")
                 if (i + 1) % every == 0 or i + 1 == total:
@@ -199,7 +205,7 @@ class MCMC(AbstractMCMC):
             initial = None
             if self.initial_params is not None:
                 initial = {k: v[c : c + 1] for k, v in self._batched_initial().items()}
-            self._run_walkers(1, initial, args, kwargs)
+            self._run_walkers(1, initial, args, kwargs, one_chain=True)
             draws.append(self._flat)
             diags.extend(self._diagnostics)
         layout = self.kernel.target.layout
@@ -207,19 +213,23 @@ class MCMC(AbstractMCMC):
 
     def _run_pyro(self, args: tuple, kwargs: dict) -> None:
         """Pyro's own driver (processes for ``"parallel"``, else one chain after another)."""
-        inner = PyroMCMC(
-            self.kernel,
-            self.num_samples,
-            self.warmup_steps,
-            initial_params=self.initial_params,
-            num_chains=self.num_chains,
-            hook_fn=self.hook_fn,
-            mp_context=self.mp_context,
-            disable_progbar=self.disable_progbar,
-            disable_validation=self.disable_validation,
-            transforms=self.transforms,
-        )
+        with warnings.catch_warnings():
+            if self.chain_method == "sequential":  # (Pyro's note that chains run in turn)
+                warnings.filterwarnings("ignore", "num_chains=.*sequentially", UserWarning)
+            inner = PyroMCMC(
+                self.kernel,
+                self.num_samples,
+                self.warmup_steps,
+                initial_params=self.initial_params,
+                num_chains=self.num_chains,
+                hook_fn=self.hook_fn,
+                mp_context=self.mp_context,
+                disable_progbar=self.disable_progbar,
+                disable_validation=self.disable_validation,
+                transforms=self.transforms,
+            )
         if self.chain_method == "sequential" and not isinstance(inner.sampler, _UnarySampler):
+            inner.sampler.terminate(True)  # Pyro's process pool was started: stop its logger
             inner.sampler = _UnarySampler(
                 self.kernel,
                 self.num_samples,
