@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -155,7 +156,11 @@ def _trace_graph(fn: Callable, z: Tensor, jit_options: dict | None) -> Callable:
             if isinstance(value, Tensor) and value.requires_grad:
                 delattr(owner, leaf)
                 owner.register_buffer(leaf, value.detach())
-    return torch.jit.trace(graph, (z,), **options)
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x but still the
+        # one tracer that runs such a graph without a compile step (torch.compile was slower
+        # here on small models); the warning says nothing the user can act on
+        warnings.filterwarnings("ignore", ".*torch.jit.trace", DeprecationWarning)
+        return torch.jit.trace(graph, (z,), **options)
 
 
 class CompiledPotential:
