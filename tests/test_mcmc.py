@@ -940,3 +940,41 @@ if __name__ == "__main__":  # pragma: no cover
     seeds = range(nums[0], nums[1]) if len(nums) == 2 else range(5 if bug else 20)
     shared = Path(__file__).resolve().parents[2] / "shared"
     _validate(names, seeds, bug, shared)
+
+
+@pytest.mark.parametrize("min_global_accept", [1.0, 0.0])
+def test_adaptive_keeps_its_local_moves_when_the_flow_is_poor(min_global_accept, caplog):
+    """After warmup AdaptiveFlowMCMC makes ``production_local_steps`` (default 1) local moves
+    per global move, unless the global acceptance at the end of warmup is below
+    ``min_global_accept``: then it keeps the warmup's ``num_local_steps`` and says so."""
+    pot, _, _ = gauss()
+    kernel = AdaptiveFlowMCMC(potential_fn=pot, num_walkers=8, min_global_accept=min_global_accept)
+    with caplog.at_level("WARNING", logger="pyro_ebm.infer.adaptive"):
+        run(kernel, 8, 40, num_chains=8)
+    poor = min_global_accept == 1.0
+    assert kernel.sampler.num_local_steps == (3 if poor else 1)
+    assert ("keeping 3 local moves" in caplog.text) == poor
+
+
+def test_adaptive_chains_continue_from_the_ensemble_when_the_flow_covers_too_little(
+    monkeypatch, caplog
+):
+    """Several chains continue after warmup from importance-resampled draws of the frozen flow
+    (``sir_draws``), unless its weights' ESS is below the number of chains: then from the
+    warmup ensemble, with a warning."""
+    import pyro_ebm.infer.adaptive as adaptive
+
+    pot, _, _ = gauss()
+    calls = []
+
+    def no_cover(proposal, potential_fn, num_draws, num_candidates, min_ess, max_rounds):
+        calls.append((num_draws, num_candidates, min_ess, max_rounds))
+        return torch.zeros(0, 3), 0.5
+
+    monkeypatch.setattr(adaptive, "sir_draws", no_cover)
+    kernel = AdaptiveFlowMCMC(potential_fn=pot, num_walkers=8, num_particles=4)
+    with caplog.at_level("WARNING", logger="pyro_ebm.infer.adaptive"):
+        mcmc = run(kernel, 4, 12, num_chains=6)
+    assert calls == [(6, 24, 24, 16)]
+    assert "effective sample size of 0.5 for 6 chains" in caplog.text
+    assert torch.isfinite(mcmc.get_samples()["x"]).all()

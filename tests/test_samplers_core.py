@@ -833,3 +833,61 @@ def test_global_local_isir_mala_targets_gaussian():
     """i-SIR (3 particles) then two MALA steps. Catches: uniform i-SIR selection; the Hastings
     term dropped from MALA."""
     _assert_moments(*run_global_local(0))
+
+
+def test_sir_draws_correct_a_proposal_with_wrong_mode_weights():
+    r"""A proposal with weights 0.7 : 0.3 on two unit Gaussians whose target weights are
+    0.2 : 0.8: the resampled points fall in the heavy mode with frequency 0.8 within binomial
+    error (the candidates are many more than the draws, so SIR's own bias is negligible), and
+    the weights' ESS is the candidates over :math:`\sum_k p_k^2 / q_k`. Catches: resampling by
+    the target density alone (``log q`` left out of the weights: frequency 0.63)."""
+    from pyro_ebm.samplers import sir_draws
+
+    means = torch.tensor([[-4.0, 0.0], [4.0, 0.0]])
+
+    def log_mix(x, weights):
+        d = -0.5 * ((x[:, None, :] - means) ** 2).sum(-1) - math.log(2 * math.pi)
+        return torch.logsumexp(d + weights.log(), -1)
+
+    class WrongMixture:
+        def sample_and_log_prob(self, n):
+            x = means[(torch.rand(n) < 0.3).long()] + torch.randn(n, 2)
+            return x, log_mix(x, torch.tensor([0.7, 0.3]))
+
+    def potential(x):
+        return -log_mix(x, torch.tensor([0.2, 0.8]))
+
+    x, ess = sir_draws(WrongMixture(), potential, 4000, 100_000)
+    heavy = (x[:, 0] > 0).double().mean()
+    expected_ess = 100_000 / (0.2**2 / 0.7 + 0.8**2 / 0.3)
+    assert x.shape == (4000, 2) and abs(ess / expected_ess - 1) < 0.05, ess
+    assert abs(heavy - 0.8) < 4 * math.sqrt(0.8 * 0.2 / 4000), heavy
+
+
+def test_sir_draws_with_no_finite_weight():
+    from pyro_ebm.flows import Flow
+    from pyro_ebm.samplers import sir_draws
+
+    x, ess = sir_draws(Flow(2), lambda x: torch.full(x.shape[:1], math.inf), 5, 50)
+    assert x.shape == (0, 2) and ess == 0.0
+
+
+def test_sir_draws_adds_rounds_of_candidates_until_the_ess_is_reached():
+    from pyro_ebm.flows import Flow
+    from pyro_ebm.samplers import sir_draws
+
+    class Counting(Flow):
+        calls = 0
+
+        def sample_and_log_prob(self, n):
+            Counting.calls += 1
+            return super().sample_and_log_prob(n)
+
+    def potential(x):
+        return 0.5 * (x**2).sum(-1)
+
+    x, ess = sir_draws(Counting(2), potential, 4, 100, min_ess=250.0, max_rounds=5)
+    assert Counting.calls == 3 and x.shape == (4, 2) and ess == pytest.approx(300)  # q = p
+    Counting.calls = 0
+    _, ess = sir_draws(Counting(2), potential, 4, 100, min_ess=1e9, max_rounds=5)
+    assert Counting.calls == 5 and ess == pytest.approx(500)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..samplers import AdaptiveFlowSampler, MoveInfo, WalkerState
+from ..samplers import AdaptiveFlowSampler, MoveInfo, WalkerState, sir_draws
 from .base import WalkerKernel, check_flow
 
 __all__ = ["AdaptiveFlowMCMC"]
@@ -46,13 +46,10 @@ class AdaptiveFlowMCMC(WalkerKernel):
     :class:`~pyro_ebm.flows.Standardized`, see
     :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`; ``standardize=False`` keeps a flow already
     fitted to the target in its own coordinates), so a posterior far narrower than the start is
-    learned as fast as a wide one. Warmup must be long enough for
-    the flow to learn the target: about 100 global-local cycles, i.e. ``warmup_steps`` of
-    ``100 * (num_local_steps + 1)``, is a good start in up to ~16 dimensions. Above that, give the
-    flow more to learn from and the chain a way off flow-density holes: in 64 dimensions
-    ``num_walkers=128, num_local_steps=5, warmup_steps=600, production_local_steps=1`` recovered
-    the weights of ``imbalanced_pair(64)`` to 0.011, where pure i-SIR chains
-    (``production_local_steps=0``) got stuck (``benchmarks/RESULTS.md``). Funnel-shaped
+    learned as fast as a wide one. Warmup must be long enough for the flow to learn the
+    target: about 100 global-local cycles, i.e. ``warmup_steps`` of
+    ``100 * (num_local_steps + 1)``, is a good start in up to ~16 dimensions; in more
+    dimensions the flow needs more walkers (run more chains) and a longer warmup. Funnel-shaped
     posteriors (Neal's funnel, centred hierarchical models) are beyond it: the flow does not learn
     the funnel's neck, the chain never goes there and its ESS does not show it; non-centre such
     models first (as for NUTS).
@@ -68,13 +65,15 @@ class AdaptiveFlowMCMC(WalkerKernel):
         unconstrained space: broad enough to touch every mode's basin.
     :param global_move: ``"isir"`` or ``"imh"``. :param num_particles: i-SIR particles.
     :param local_move: ``"mala"`` or ``"hmc"``. :param num_local_steps: local moves per cycle.
-    :param production_local_steps: local moves per cycle after warmup (default: the same). With a
-        well-trained flow, ``0`` (pure i-SIR) gives the most effective draws per second; keep
-        local moves where the flow may be poor.
+    :param production_local_steps: local moves per cycle after warmup (``None``: as in warmup).
+        The default, one local move per global move, draws the mode weights twice as precisely
+        per draw as three, and the local move takes a chain off a point the flow under-covers;
+        with a well-trained flow, ``0`` (pure i-SIR) gives the most effective draws per second.
     :param min_global_accept: if the ensemble's global acceptance with the flow kept at the end
-        of warmup (see :meth:`~pyro_ebm.samplers.AdaptiveFlowSampler.freeze`) is below this,
-        ``production_local_steps=0`` is overridden (with a warning) and the local moves are kept,
-        since a chain with a poor flow and no local moves barely moves.
+        of warmup (see :meth:`~pyro_ebm.samplers.AdaptiveFlowSampler.freeze`) is below this, a
+        ``production_local_steps`` smaller than ``num_local_steps`` is overridden (with a
+        warning) and the warmup's local moves are kept, since a chain with a poor flow moves by
+        its local moves.
     :param step_size: initial local step size (adapted during warmup).
     :param defensive: after warmup, propose from the flow mixed with a broad Gaussian of this
         weight (a floor on the proposal density, see
@@ -110,10 +109,10 @@ class AdaptiveFlowMCMC(WalkerKernel):
         num_walkers: int = 64,
         init_scale: float = 2.0,
         global_move: str = "isir",
-        num_particles: int = 16,
+        num_particles: int = 32,
         local_move: str = "mala",
         num_local_steps: int = 3,
-        production_local_steps: int | None = None,
+        production_local_steps: int | None = 1,
         min_global_accept: float = 0.1,
         step_size: float = 0.05,
         defensive: float = 0.0,
@@ -177,21 +176,51 @@ class AdaptiveFlowMCMC(WalkerKernel):
         self.sampler.freeze()  # may restore an earlier flow: see AdaptiveFlowSampler.freeze
         accept = self.sampler.final_global_accept or 0.0
         local_steps = self.production_local_steps
-        if local_steps == 0 and accept < self.min_global_accept:
-            # a flow that has not learned the target would freeze a chain with no local moves
+        fewer = local_steps is not None and local_steps < self.sampler.num_local_steps
+        if fewer and accept < self.min_global_accept:
+            # a flow that has not learned the target would leave a chain with few local moves
             logger.warning(
                 "AdaptiveFlowMCMC: global acceptance at the end of warmup is %.3f < %.2f; keeping "
-                "%d local moves per cycle instead of production_local_steps=0 (use a longer "
-                "warmup for pure i-SIR sampling)",
+                "%d local moves per cycle instead of production_local_steps=%d (a longer warmup "
+                "trains the flow better)",
                 accept,
                 self.min_global_accept,
                 self.sampler.num_local_steps,
+                local_steps,
             )
             local_steps = None
         if local_steps is not None:
             self.sampler.num_local_steps = local_steps
         self._ensemble = None
-        return self.sampler.init(ensemble.x[: self.num_chains])
+        return self.sampler.init(self._production_starts(ensemble.x))
+
+    def _production_starts(self, walkers: Tensor) -> Tensor:
+        """Where the chains continue after warmup. One chain: walker 0. Several: draws
+        resampled by importance weight from the frozen flow (:func:`~pyro_ebm.samplers.
+        sir_draws`: rounds of ``num_particles`` candidates per chain, until the weights'
+        effective sample size reaches 4 per chain, 16 rounds at most), whose mode weights are right
+        even where the ensemble's are not (the flow and the ensemble can drift together toward
+        the heavier mode during warmup, and the chains would then carry that excess into their
+        draws for as long as they take to mix between modes); the ensemble's own walkers when
+        the weights' effective sample size is below the number of chains (a flow that does not
+        cover the target)."""
+        chains = self.num_chains
+        if chains == 1:
+            return walkers[:1]
+        candidates = chains * self.sampler.num_particles
+        x, ess = sir_draws(
+            self.sampler.flow, self.target.potential, chains, candidates, 4 * chains, 16
+        )
+        if ess < chains:
+            logger.warning(
+                "AdaptiveFlowMCMC: the flow's importance weights at the end of warmup have an "
+                "effective sample size of %.1f for %d chains; the chains continue from the "
+                "warmup ensemble",
+                ess,
+                chains,
+            )
+            return walkers[:chains]
+        return x
 
     def _restart(self, x: Tensor) -> WalkerState:
         if self._ensemble is not None:  # during warmup: move walker 0 only

@@ -21,6 +21,7 @@ from .flow_moves import (
     imh_step,
     isir_step,
     log_weights,
+    sir_draws,
 )
 from .latent import PullbackPotential
 from .local import hmc_step, mala_step, ula_step
@@ -51,6 +52,7 @@ __all__ = [
     "log_weights",
     "mala_step",
     "potential_and_grad",
+    "sir_draws",
     "stack_infos",
     "ula_step",
     "warmup_windows",

@@ -36,6 +36,7 @@ __all__ = [
     "imh_step",
     "isir_step",
     "log_weights",
+    "sir_draws",
 ]
 
 
@@ -270,3 +271,58 @@ def isir_step(
     )
     nonfinite = ~(torch.isfinite(u[:, 1:]) & torch.isfinite(log_q[:, 1:])).any(1)
     return new_state, MoveInfo(1 - probs[:, 0], idx > 0, new_state.potential_energy, nonfinite)
+
+
+def sir_draws(
+    proposal: Proposal,
+    potential_fn: PotentialFn,
+    num_draws: int,
+    num_candidates: int,
+    min_ess: float = 0.0,
+    max_rounds: int = 1,
+) -> tuple[Tensor, float]:
+    r"""Sampling-importance-resampling: ``num_draws`` points resampled (with replacement) from
+    draws of ``proposal``, with probabilities proportional to their importance weights
+    :math:`e^{-U}/q`.
+
+    The draws are approximately from the target (the bias vanishes as the number of candidates
+    grows), whatever the proposal's own weight on each mode, provided it covers the modes: a
+    good start for chains whose proposal has learned the target's shape but not its mode
+    weights exactly.
+
+    :param proposal: with ``sample_and_log_prob(n)`` (a flow).
+    :param potential_fn: batched potential ``(n, D) -> (n,)``.
+    :param num_draws: points to return.
+    :param num_candidates: proposal draws per round.
+    :param min_ess: draw further rounds of candidates while the weights' effective sample size
+        is below this ...
+    :param max_rounds: ... up to this many rounds in all.
+    :returns: ``(x, ess)``: the points ``(num_draws, D)`` and the effective sample size of the
+        weights of all candidates, :math:`(\sum w)^2 / \sum w^2` (0 when no candidate has a
+        finite weight, and then ``x`` is empty).
+
+    Reference: Rubin (1988), "Using the SIR algorithm to simulate posterior distributions".
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_ebm.flows import Flow
+        >>> U = lambda x: 0.5 * (x**2).sum(-1)
+        >>> x, ess = sir_draws(Flow(2), U, 8, 256)
+        >>> x.shape, ess > 200
+        (torch.Size([8, 2]), True)
+    """
+    xs, lws = [], []
+    for _ in range(max(1, max_rounds)):
+        with torch.no_grad():
+            x, log_q = proposal.sample_and_log_prob(num_candidates)
+            xs.append(x)
+            lws.append(log_weights(potential_fn(x), log_q))
+        lw = torch.cat(lws)
+        finite = torch.isfinite(lw).any()
+        ess = float(1.0 / (torch.softmax(lw, 0) ** 2).sum()) if finite else 0.0
+        if ess >= min_ess:
+            break
+    if not finite:
+        return xs[0][:0], 0.0
+    return torch.cat(xs)[torch.multinomial(torch.softmax(lw, 0), num_draws, replacement=True)], ess
