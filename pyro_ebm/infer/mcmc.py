@@ -138,6 +138,9 @@ class MCMC(AbstractMCMC):
         self.disable_validation = disable_validation
         self._samples: dict[str, Tensor] | None = None
         self._diagnostics: list[dict] = [{} for _ in range(num_chains)]
+        self._summary_of: dict | None = None  # the draws _summary_table was computed from
+        self._summary_prob = 0.9
+        self._summary_table: dict = {}
         self._args: tuple = ()
         self._kwargs: dict = {}
 
@@ -282,7 +285,7 @@ class MCMC(AbstractMCMC):
         acceptance rates; the per-draw statistics are left to
         :func:`~pyro_ebm.infer.to_arviz`)."""
         self._check_run()
-        table = summarize(self._samples)
+        table = self._summarize()
         diag: dict = {k: {"n_eff": v["n_eff"], "r_hat": v["r_hat"]} for k, v in table.items()}
         first = self._diagnostics[0] if self._diagnostics else {}
         for name in first or {}:
@@ -291,11 +294,21 @@ class MCMC(AbstractMCMC):
             diag[name] = {f"chain {i}": d.get(name) for i, d in enumerate(self._diagnostics)}
         return diag
 
+    def _summarize(self, prob: float | None = None) -> dict:
+        """:func:`~pyro_ebm.metrics.summarize` of the draws, kept for the next call (ESS and
+        R-hat do not depend on ``prob``; ``None``: any ``prob`` will do)."""
+        stale = self._summary_of is not self._samples
+        if stale or (prob is not None and prob != self._summary_prob):
+            self._summary_prob = 0.9 if prob is None else prob
+            self._summary_table = summarize(self._samples, self._summary_prob)
+            self._summary_of = self._samples
+        return self._summary_table
+
     def summary(self, prob: float = 0.9) -> None:
         r"""Print per site: mean, sd, median, the central ``prob`` interval, bulk ESS and R-hat
         (as Pyro's ``summary``), and the number of divergences."""
         self._check_run()
-        print(format_summary(summarize(self._samples, prob)))
+        print(format_summary(self._summarize(prob)))
         if self._diagnostics and all("divergences" in d for d in self._diagnostics):
             count = sum(len(d["divergences"]) for d in self._diagnostics)
             print(f"Number of divergences: {count}")
