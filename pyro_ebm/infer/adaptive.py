@@ -168,11 +168,11 @@ class AdaptiveFlowMCMC(WalkerKernel):
             walkers[:chains] = x0
         self._ensemble = self.sampler.init(walkers)
         self.flow_ = self.sampler.flow
-        if self._warmup_steps == 0:
-            return self._freeze(self._ensemble)
+        if self._warmup_steps == 0:  # nothing learned to resample from: the chains' starts
+            return self._freeze(self._ensemble, resample=False)
         return _rows(self._ensemble, chains)
 
-    def _freeze(self, ensemble: WalkerState) -> WalkerState:
+    def _freeze(self, ensemble: WalkerState, resample: bool = True) -> WalkerState:
         self.sampler.freeze()  # may restore an earlier flow: see AdaptiveFlowSampler.freeze
         accept = self.sampler.final_global_accept or 0.0
         local_steps = self.production_local_steps
@@ -192,7 +192,8 @@ class AdaptiveFlowMCMC(WalkerKernel):
         if local_steps is not None:
             self.sampler.num_local_steps = local_steps
         self._ensemble = None
-        return self.sampler.init(self._production_starts(ensemble.x))
+        starts = self._production_starts(ensemble.x) if resample else ensemble.x
+        return self.sampler.init(starts[: self.num_chains])
 
     def _production_starts(self, walkers: Tensor) -> Tensor:
         """Where the chains continue after warmup. One chain: walker 0. Several: draws
@@ -203,7 +204,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
         the heavier mode during warmup, and the chains would then carry that excess into their
         draws for as long as they take to mix between modes); the ensemble's own walkers when
         the weights' effective sample size is below the number of chains (a flow that does not
-        cover the target)."""
+        cover the target). With no warmup the chains start where they were put."""
         chains = self.num_chains
         if chains == 1:
             return walkers[:1]
