@@ -41,6 +41,7 @@ import pytest
 import torch
 import torch.multiprocessing
 from pyro.infer import NUTS
+from test_posteriors import eight_schools_draws
 from torch.distributions import transforms as T
 
 import pyro_ebm
@@ -396,15 +397,6 @@ def read_reference_draws(shared_dir) -> dict[str, torch.Tensor]:
     with zipfile.ZipFile(path) as z:
         chains = json.loads(z.read(z.namelist()[0]))
     return {name: torch.tensor([c[name] for c in chains]) for name in chains[0]}
-
-
-def eight_schools_draws(mcmc: MCMC) -> dict[str, torch.Tensor]:
-    """``(num_chains, num_draws)`` draws named as posteriordb's (``theta[j]``, ``mu``, ``tau``)."""
-    s = mcmc.get_samples(group_by_chain=True)
-    theta = s["mu"][..., None] + s["tau"][..., None] * s["theta_trans"]
-    out = {f"theta[{j + 1}]": theta[..., j] for j in range(theta.shape[-1])}
-    out.update(mu=s["mu"], tau=s["tau"])
-    return out
 
 
 def _mean_and_sd_with_se(x: torch.Tensor) -> tuple[float, float, float, float]:
