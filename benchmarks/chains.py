@@ -488,7 +488,11 @@ import resource, time, io, contextlib, torch
 torch.set_num_threads(1)
 import pyro_ebm
 from pyro_ebm.infer import MALA, MCMC
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss():  # this process's own peak (ru_maxrss can carry the parent's peak across fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 base = rss()
 pot = pyro_ebm.potential_fn(pyro_ebm.GaussianEnergy(torch.zeros(100)))
 mcmc = MCMC(MALA(potential_fn=pot), num_samples={args.mem_draws}, warmup_steps=200,
