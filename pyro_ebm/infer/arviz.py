@@ -2,7 +2,7 @@ r"""Convert a finished :class:`pyro.infer.mcmc.MCMC` run to ArviZ, with rich sam
 
 :func:`to_arviz` replaces ``arviz.from_pyro``, which reads ``kernel.model`` (absent for a bare
 ``potential_fn``), writes only ``diverging``, misorders chains from 11 chains on, and does not exist
-in the refactored ArviZ 1.x (DESIGN.md §3). It builds on ``from_dict``, which both ArviZ lines
+in the refactored ArviZ 1.x. It builds on ``from_dict``, which both ArviZ lines
 offer: on ArviZ 0.x it returns an ``arviz.InferenceData``; on ArviZ 1.x (``arviz`` re-exports
 ``arviz_base``) or with only ``arviz_base`` installed it returns an :class:`xarray.DataTree`.
 """

@@ -105,7 +105,7 @@ def compile_value_and_grad(
     themselves cost, without autograd's bookkeeping: on eight schools a FlowNUTS gradient
     (model and sinh-arcsinh affine flow) costs about 60% of the traced potential
     differentiated by autograd, and about what Pyro's own ``jit_compile`` of the model alone
-    costs (``python benchmarks/kernels.py --only 8``; figures in ``benchmarks/RESULTS.md``).
+    costs.
     Like any trace, the graph is only valid when ``fn`` has no data-dependent control flow.
     Falls back to a :func:`torch.jit.trace` of ``fn`` alone, differentiated by autograd, when
     ``fn`` cannot be recorded this way.
@@ -369,7 +369,7 @@ class FlowHMC(_NeuTraKernel):
         of Pyro's NUTS with ``jit_compile=True``, model alone. With it, a cheap flow beats an
         expressive one: on eight schools ``AffineFlow(dim, sinh_arcsinh=True)`` fitted by 300
         steps of :func:`~pyro_ebm.flows.fit_reverse_kl` gave the most effective draws per
-        second (``benchmarks/RESULTS.md``).
+        second.
 
     Example::
 

@@ -5,7 +5,7 @@ Both moves use *independent* proposals ``x' ~ q`` (a flow, or any object with
 scored ahead of time. :class:`FlowProposals` does exactly that: it draws a block of
 ``block_size`` steps' worth of proposals in one flow call, evaluates their potential in one
 ``potential_fn`` call, and serves them one step at a time. One flow call per step costs tens of
-times more (DESIGN.md §3). Call :meth:`FlowProposals.reset` whenever the flow changes.
+times more. Call :meth:`FlowProposals.reset` whenever the flow changes.
 
 The importance log-weight of a point is :math:`\log w(x) = -U(x) - \log q(x)`.
 
