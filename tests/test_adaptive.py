@@ -342,7 +342,7 @@ def test_flow_learning_rate_decays_as_one_over_the_cycle_after_25_cycles():
         rates.append(sampler.optimizer.param_groups[0]["lr"])
     assert rates[:25] == [4e-3] * 25
     assert rates[49] == pytest.approx(4e-3 * 25 / 50)
-    assert all(a > b for a, b in zip(rates[25:], rates[26:]))
+    assert all(a > b for a, b in zip(rates[25:-1], rates[26:], strict=True))
 
 
 @pytest.mark.slow

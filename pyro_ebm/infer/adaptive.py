@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..samplers import AdaptiveFlowSampler, MoveInfo, WalkerState, sir_draws
+from ..samplers import AdaptiveFlowSampler, MoveInfo, WalkerState, sir_draws, valid_starts
 from .base import WalkerKernel, check_flow
 
 __all__ = ["AdaptiveFlowMCMC"]
@@ -162,10 +162,24 @@ class AdaptiveFlowMCMC(WalkerKernel):
         # the warmup ensemble: the chains, plus walkers around their starts up to num_walkers
         n = max(self.num_walkers, chains)
         centres = torch.zeros(1, dim, device=self.device) if x0 is None else x0
+
+        def around(m: int) -> Tensor:  # walkers around the chains' starts
+            rows = centres[torch.randint(len(centres), (m,), device=centres.device)]
+            return rows + self.init_scale * torch.randn_like(rows)
+
         walkers = centres[torch.arange(n, device=centres.device) % len(centres)]
         walkers = walkers + self.init_scale * torch.randn_like(walkers)
         if x0 is not None:
             walkers[:chains] = x0
+        # starts where the potential or its gradient is not finite, or raises, are redrawn
+        # (the chains' own only when the user did not give them)
+        walkers[:chains] = self._valid_starts(
+            self.target.potential, walkers[:chains], True, around
+        ).x
+        if n > chains:
+            walkers[chains:] = valid_starts(
+                self.target.potential, walkers[chains:], around, what="the warmup walkers"
+            ).x
         self._ensemble = self.sampler.init(walkers)
         self.flow_ = self.sampler.flow
         if self._warmup_steps == 0:  # nothing learned to resample from: the chains' starts

@@ -22,7 +22,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
 from .._checks import check_int
-from ..samplers import MoveInfo, WalkerState
+from ..samplers import MoveInfo, WalkerState, guarded, valid_starts
 from .target import FlatTarget, make_target
 
 __all__ = ["SAMPLE_STATS", "DrawStats", "TargetKernel", "WalkerKernel", "check_flow"]
@@ -198,6 +198,8 @@ class WalkerKernel(TargetKernel):
         """
         self.num_chains = check_int("num_chains", num_chains, 1)
         self._warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        #: the user gave the starts: they are checked, never redrawn
+        self._starts_given = self._user_initial is not None
         x0 = self._build_target(tuple(args), dict(kwargs or {}), num_chains).initial
         #: where chains with no given start begin: the start's device, else the energy's
         self.device = x0.device if x0 is not None else _device_of(self.target.potential)
@@ -241,9 +243,14 @@ class WalkerKernel(TargetKernel):
     def diagnostics(self, chain: int = 0) -> dict:
         r"""Of chain ``chain`` (Pyro calls it with one chain): ``divergences`` (post-warmup draw
         indices whose proposal had a non-finite potential), the post-warmup acceptance rate of
-        global and local moves (``nan`` when there were none), and ``sample_stats``:
-        per-draw tensors of :data:`SAMPLE_STATS`."""
-        return self.stats.diagnostics(chain)
+        global and local moves (``nan`` when there were none), ``potential errors`` (how often
+        the potential raised, warmup included, and the point was rejected; with
+        vectorized chains the count of all chains, which are evaluated as one batch) and
+        ``sample_stats``: per-draw tensors of :data:`SAMPLE_STATS`."""
+        return {
+            **self.stats.diagnostics(chain),
+            "potential errors": self.target.potential.errors.count,
+        }
 
     # -- subclass hooks ----------------------------------------------------------------------
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
@@ -260,6 +267,33 @@ class WalkerKernel(TargetKernel):
         """One move; returns ``(state, info, is_global)``."""
         raise NotImplementedError
 
+    def _valid_starts(
+        self,
+        potential: Callable[[Tensor], Tensor],
+        x0: Tensor,
+        with_grad: bool = True,
+        redraw: Callable[[int], Tensor] | None = None,
+    ) -> WalkerState:
+        """The chains' initial state at ``x0`` (in the coordinates ``potential`` takes), each
+        start whose potential or gradient is not finite, or raised, redrawn by ``redraw``
+        (default: uniform in ``[-2, 2]`` per coordinate, as Pyro's ``init_to_uniform`` in the
+        unconstrained space) up to 100 times; starts the user gave are checked, not redrawn
+        (see :func:`~pyro_ebm.samplers.valid_starts`)."""
+        if redraw is None:
+
+            def redraw(n: int) -> Tensor:
+                return 4.0 * torch.rand(n, x0.shape[-1], dtype=x0.dtype, device=x0.device) - 2.0
+
+        sites = ", ".join(repr(s) for s in self.target.layout.site_names)
+        what = f"the chains' {'given ' if self._starts_given else ''}starts (sites {sites})"
+        return valid_starts(
+            guarded(potential, self.target.potential.errors),
+            x0,
+            None if self._starts_given else redraw,
+            with_grad,
+            what=what,
+        )
+
     def _positions(self, state: WalkerState) -> Tensor:
         """The chains' positions in the flat unconstrained space (``state.x`` unless the kernel
         moves in other coordinates, e.g. a flow's latent space)."""
@@ -270,9 +304,10 @@ class WalkerKernel(TargetKernel):
 
 
 def _device_of(potential: Callable) -> torch.device:
-    """The device of a potential's tensors (an energy module's, or its ``energy``'s), else the
-    CPU."""
-    for owner in (potential, getattr(potential, "energy", None)):
+    """The device of a potential's tensors (an energy module's, or its ``energy``'s, under a
+    :class:`~pyro_ebm.samplers.GuardedPotential`), else the CPU."""
+    inner = getattr(potential, "potential", potential)
+    for owner in (inner, getattr(inner, "energy", None)):
         if isinstance(owner, torch.nn.Module):
             for tensor in (*owner.parameters(), *owner.buffers()):
                 return tensor.device
@@ -286,13 +321,3 @@ def check_flow(flow, dim: int) -> None:
     flow_dim = getattr(flow, "dim", dim)
     if flow_dim != dim:
         raise ValueError(f"flow has dim {flow_dim} but the target has {dim} unconstrained dims")
-
-
-def check_finite_start(potential_energy: Tensor) -> None:
-    """Raise if the potential at a local chain's start is not finite: MALA, HMC and NUTS cannot
-    move from there (Pyro's HMC would hang, its NUTS fail obscurely)."""
-    if not bool(torch.isfinite(torch.as_tensor(potential_energy)).all()):
-        raise ValueError(
-            "the potential is not finite at the initial point: pass initial_params (or an "
-            "init_strategy) where the potential is finite"
-        )

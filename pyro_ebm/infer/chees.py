@@ -30,9 +30,10 @@ from ..samplers import (
     PullbackPotential,
     WalkerState,
     chees_hmc_step,
+    guarded,
     init_state,
 )
-from .base import WalkerKernel, check_finite_start, check_flow
+from .base import WalkerKernel, check_flow
 from .neutra import CompiledPotential
 
 __all__ = ["ChEESHMC"]
@@ -137,14 +138,19 @@ class ChEESHMC(WalkerKernel):
             self._potential = PullbackPotential(self.target.potential, self._flow)
         if self.jit_compile:
             self._potential = CompiledPotential(self._potential, self.jit_options)
+        # errors raised in the flow or the compiled graph are rejected and counted too
+        self._potential = guarded(self._potential, self.target.potential.errors)
+        redraw = None  # spread out, as Pyro's init_to_uniform: R-hat then means something
+        if self._flow is not None:
+
+            def redraw(n: int) -> Tensor:
+                return self._flow.base_dist.sample((n,))
+
         if x0 is None:
-            if self._flow is not None:
-                with torch.no_grad():
-                    x0 = self._flow.sample(self.num_chains)
-            else:  # spread out, as Pyro's init_to_uniform: R-hat then means something
-                x0 = 4.0 * torch.rand(self.num_chains, dim, device=self.device) - 2.0
-        state = self._restart(x0)
-        check_finite_start(state.potential_energy)
+            z0 = redraw(self.num_chains) if redraw else self._uniform(self.num_chains, dim)
+        else:
+            z0 = self._latent(x0)
+        state = self._valid_starts(self._potential, z0, True, redraw)
         step_size = self.step_size
         if self.adapt_step_size and self._warmup_steps > 0:
             step_size = self._reasonable_step_size(state, step_size)
@@ -170,10 +176,17 @@ class ChEESHMC(WalkerKernel):
         return state
 
     def _restart(self, x: Tensor) -> WalkerState:
-        if self._flow is not None:
-            with torch.no_grad():
-                x, _ = self._flow.inverse(x)
-        return init_state(self._potential, x)
+        return init_state(self._potential, self._latent(x))
+
+    def _latent(self, x: Tensor) -> Tensor:
+        """Flat positions in the coordinates the chains move in (the flow's latent space)."""
+        if self._flow is None:
+            return x
+        with torch.no_grad():
+            return self._flow.inverse(x)[0]
+
+    def _uniform(self, n: int, dim: int) -> Tensor:
+        return 4.0 * torch.rand(n, dim, device=self.device) - 2.0
 
     def _reasonable_step_size(self, state: WalkerState, step_size: float) -> float:
         """Double or halve the step size until one leapfrog step's mean acceptance crosses

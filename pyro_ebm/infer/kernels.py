@@ -17,23 +17,29 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from numbers import Real
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import check_positive
 from ..samplers import (
     DefensiveProposal,
     FlowProposals,
+    MassMatrixAdapter,
     MoveInfo,
     StepSizeAdapter,
     WalkerState,
+    find_reasonable_step_size,
     imh_step,
     init_state,
     isir_step,
     mala_step,
 )
-from .base import WalkerKernel, check_finite_start, check_flow
+from .base import WalkerKernel, check_flow
 
 __all__ = ["MALA", "FlowIMH", "FlowISIR"]
 
@@ -107,9 +113,12 @@ class FlowIMH(WalkerKernel):
             proposal, self.target.potential, self.num_chains, self._num_proposals, self.block_size
         )
         if x0 is None:
-            with torch.no_grad():
-                x0 = self.flow.sample(self.num_chains)
-        return self._restart(x0)
+            x0 = self._flow_draws(self.num_chains)
+        return self._valid_starts(self.target.potential, x0, False, self._flow_draws)
+
+    def _flow_draws(self, n: int) -> Tensor:
+        with torch.no_grad():
+            return self.flow.sample(n)
 
     def _restart(self, x: Tensor) -> WalkerState:
         return init_state(self.target.potential, x, with_grad=False)
@@ -143,23 +152,61 @@ class FlowISIR(FlowIMH):
 
 
 class MALA(WalkerKernel):
-    r"""Metropolis-adjusted Langevin algorithm, with dual-averaging step-size adaptation toward
-    ``target_accept`` during warmup (Pyro has no MALA kernel).
+    r"""Metropolis-adjusted Langevin algorithm with Stan's warmup: dual-averaging step-size
+    adaptation toward ``target_accept_prob`` and a windowed estimate of the inverse mass matrix
+    (Pyro has no MALA kernel; the argument names are those of Pyro's ``HMC``).
 
-    :param step_size: initial step size.
-    :param adapt_step_size: adapt during warmup, then freeze the averaged step size.
-    :param target_accept: 0.574 is optimal in high dimension (Roberts & Rosenthal 1998).
+    Each move is :func:`~pyro_ebm.samplers.mala_step` with the preconditioner
+    :math:`A = M^{-1}`: :math:`x' = x - \epsilon A \nabla U(x) + \sqrt{2\epsilon}\, L\xi`,
+    :math:`L L^\top = A`, with the Metropolis-Hastings correction for that proposal. During
+    warmup (:class:`~pyro_ebm.samplers.MassMatrixAdapter`), in Stan's slow windows, the
+    positions of the chains after each move are pooled (one chain: its history; many chains
+    advancing together, as in :class:`pyro_ebm.infer.MCMC`: all of them) and at each window's
+    end :math:`A` becomes their variances (``full_mass=False``) or covariance
+    (``full_mass=True``), shrunk toward :math:`10^{-3} I` with weight :math:`5 / (n + 5)`. The
+    step size then restarts: a reasonable one is searched for from the chains' positions
+    (:func:`~pyro_ebm.samplers.find_reasonable_step_size`, doubling or halving until the mean
+    acceptance crosses ``target_accept_prob``) and the dual averaging restarts there, as Stan
+    does. After warmup the step size (the dual-averaging iterate average) and :math:`A` are
+    frozen.
+
+    :param model: a Pyro model, or ``None``.
+    :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
+    :param step_size: initial step size :math:`\epsilon` (``h^2 / 2`` in Roberts & Rosenthal's
+        notation).
+    :param adapt_step_size: adapt the step size during warmup, then freeze the averaged one.
+    :param adapt_mass_matrix: adapt the inverse mass matrix during warmup (with fewer than 20
+        warmup steps it stays the identity, as in Stan).
+    :param full_mass: a dense inverse mass matrix instead of a diagonal one (a block structure,
+        as Pyro's list of sites, is not supported).
+    :param target_accept_prob: mean acceptance probability to aim for; 0.574 is optimal in high
+        dimension (Roberts & Rosenthal 1998).
+    :param init_strategy: Pyro init strategy for models.
+    :param target_accept: deprecated name of ``target_accept_prob`` (a ``FutureWarning``).
+
+    After :meth:`setup` (or a run), :attr:`inverse_mass_matrix` is the current :math:`A` over the
+    flat unconstrained space, ``(D,)`` or ``(D, D)``, and :attr:`step_size` the current step size.
 
     Example::
 
         >>> import torch, pyro_ebm
-        >>> from pyro.infer import MCMC
+        >>> from pyro_ebm.infer import MCMC
         >>> pot = pyro_ebm.potential_fn(pyro_ebm.GaussianEnergy(torch.zeros(2)))
-        >>> mcmc = MCMC(MALA(potential_fn=pot), num_samples=50, warmup_steps=50,
+        >>> kernel = MALA(potential_fn=pot, full_mass=True)
+        >>> mcmc = MCMC(kernel, num_samples=50, warmup_steps=100, num_chains=4,
         ...             disable_progbar=True)
         >>> mcmc.run()
-        >>> mcmc.get_samples()["x"].shape
-        torch.Size([50, 2])
+        >>> mcmc.get_samples()["x"].shape, kernel.inverse_mass_matrix.shape
+        (torch.Size([200, 2]), torch.Size([2, 2]))
+
+    References:
+
+    - Roberts, Rosenthal (1998), "Optimal scaling of discrete approximations to Langevin
+      diffusions", J. R. Statist. Soc. B 60(1), 255-268.
+    - Stan Reference Manual, "HMC algorithm parameters: automatic parameter tuning" (the warmup
+      windows, the regularisation of the mass matrix, the step-size restarts).
+    - Hoffman, Gelman (2014), "The No-U-Turn Sampler", https://arxiv.org/abs/1111.4246 (dual
+      averaging).
     """
 
     def __init__(
@@ -168,33 +215,96 @@ class MALA(WalkerKernel):
         potential_fn: Callable | None = None,
         step_size: float = 0.1,
         adapt_step_size: bool = True,
-        target_accept: float = 0.574,
+        adapt_mass_matrix: bool = True,
+        full_mass: bool = False,
+        target_accept_prob: float = 0.574,
         init_strategy: Callable | None = None,
+        *,
+        target_accept: float | None = None,
     ) -> None:
+        if target_accept is not None:
+            if target_accept_prob != 0.574 and target_accept_prob != target_accept:
+                raise TypeError("pass target_accept_prob only (target_accept is its old name)")
+            warnings.warn(
+                "MALA's target_accept is deprecated: use target_accept_prob (Pyro's name)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            target_accept_prob = target_accept
+        for name, flag in (
+            ("adapt_step_size", adapt_step_size),
+            ("adapt_mass_matrix", adapt_mass_matrix),
+            ("full_mass", full_mass),
+        ):
+            if not isinstance(flag, bool | np.bool_):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        step_size = check_positive("step_size", step_size)
+        if isinstance(target_accept_prob, bool) or not isinstance(target_accept_prob, Real):
+            raise TypeError(f"target_accept_prob must be a number, got {target_accept_prob!r}")
+        if not 0 < target_accept_prob < 1:
+            raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}")
         super().__init__(model, potential_fn, init_strategy)
-        self._adapter = StepSizeAdapter(step_size, target_accept)  # validates the arguments
         self.initial_step_size = step_size
-        self.adapt_step_size = adapt_step_size
-        self.target_accept = target_accept
+        self.adapt_step_size = bool(adapt_step_size)
+        self.adapt_mass_matrix = bool(adapt_mass_matrix)
+        self.full_mass = bool(full_mass)
+        self.target_accept_prob = float(target_accept_prob)
+        self._adapter = StepSizeAdapter(step_size, self.target_accept_prob)
+        self._mass: MassMatrixAdapter | None = None
         self.step_size = step_size
 
-    def _setup_chain(self, x0: Tensor | None) -> WalkerState:
+    @property
+    def target_accept(self) -> float:
+        """Deprecated name of :attr:`target_accept_prob` (a ``FutureWarning``)."""
+        warnings.warn(
+            "MALA's target_accept is deprecated: use target_accept_prob (Pyro's name)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.target_accept_prob
+
+    @property
+    def inverse_mass_matrix(self) -> Tensor | None:
+        r"""The current inverse mass matrix :math:`A` over the flat unconstrained space:
+        ``(D,)`` (diagonal) or ``(D, D)`` (``full_mass``); ``None`` before :meth:`setup`."""
+        return None if self._mass is None else self._mass.inverse_mass
+
+    def _reset_adaptation(self) -> None:
+        """Per-run reset: the initial step size, a fresh dual averaging and an identity mass."""
         self.step_size = self.initial_step_size
         self._adapter.reset(self.initial_step_size)
+        dim = self.target.layout.dim
+        identity = torch.eye(dim) if self.full_mass else torch.ones(dim)
+        warmup = self._warmup_steps if self.adapt_mass_matrix else 0
+        self._mass = MassMatrixAdapter(dim, warmup, self.full_mass, identity.to(self.device))
+
+    def _setup_chain(self, x0: Tensor | None) -> WalkerState:
+        self._reset_adaptation()
         if x0 is None:
             x0 = torch.zeros(self.num_chains, self.target.layout.dim, device=self.device)
-        state = self._restart(x0)
-        check_finite_start(state.potential_energy)
-        return state
+        return self._valid_starts(self.target.potential, x0)
 
     def _restart(self, x: Tensor) -> WalkerState:
         return init_state(self.target.potential, x)
 
+    def _step(self, state: WalkerState, step_size: float | Tensor) -> tuple[WalkerState, MoveInfo]:
+        return mala_step(state, self.target.potential, step_size, self._mass.inverse_mass)
+
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
-        state, info = mala_step(state, self.target.potential, self.step_size)
-        if warmup and self.adapt_step_size:
-            self.step_size = self._adapter.update(info.accept_prob)
-            if self._t == self._warmup_steps - 1:
+        state, info = self._step(state, self.step_size)
+        if warmup:
+            if self.adapt_step_size:
+                self.step_size = self._adapter.update(info.accept_prob)
+            if self._mass.update(state.x) and self.adapt_step_size:
+                # a new metric: restart the step size from a reasonable value (Stan)
+                step_size = find_reasonable_step_size(
+                    lambda eps: self._step(state, eps)[1].accept_prob,
+                    float(self.step_size),
+                    threshold=self.target_accept_prob,
+                )
+                self._adapter.reset(step_size)
+                self.step_size = step_size
+            if self._t == self._warmup_steps - 1 and self.adapt_step_size:
                 self.step_size = self._adapter.final_step_size
         return state, info, False
 

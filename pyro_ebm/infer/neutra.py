@@ -31,8 +31,8 @@ from pyro.util import ignore_jit_warnings
 from torch import Tensor
 
 from .._checks import check_int, check_positive
-from ..samplers import PullbackPotential
-from .base import SAMPLE_STATS, TargetKernel, check_finite_start, check_flow
+from ..samplers import REJECTED_ERRORS, PullbackPotential, valid_starts
+from .base import SAMPLE_STATS, TargetKernel, check_flow
 
 __all__ = ["CompiledPotential", "FlowHMC", "FlowNUTS", "LatentPotential", "compile_value_and_grad"]
 
@@ -74,6 +74,15 @@ class LatentPotential:
 
     def __call__(self, params: dict[str, Tensor]) -> Tensor:
         z = params["z"]
+        try:
+            return self._value(z)
+        except REJECTED_ERRORS as error:  # in the compiled graph, or the flow: reject the point
+            errors = getattr(self.potential, "errors", None)
+            if errors is not None:
+                errors.record(error, 1)
+            return torch.inf + 0.0 * z.sum()  # infinite energy, with a gradient for Pyro
+
+    def _value(self, z: Tensor) -> Tensor:
         if not self.jit_compile:
             return self._latent_potential(z)
         if self._compiled is None:
@@ -254,8 +263,22 @@ class _AutogradValueAndGrad:
         return grad, value.detach()
 
 
+class _CappedHMC(HMC):
+    """Pyro's HMC with at most ``max_num_steps`` leapfrog steps per iteration: with a fixed
+    trajectory length, a step size adapted toward 0 (a target with an infinite region) would
+    otherwise ask for an unbounded number (tens of thousands per draw were seen)."""
+
+    def __init__(self, *args, max_num_steps: int = 1024, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
+
+    @property
+    def num_steps(self) -> int:
+        return min(self.max_num_steps, super().num_steps)
+
+
 class _NeuTraKernel(TargetKernel):
-    _inner_cls: type = HMC
+    _inner_cls: type = _CappedHMC
     _starts_from_flow = True
 
     def __init__(
@@ -273,7 +296,9 @@ class _NeuTraKernel(TargetKernel):
                 "target, e.g. with fit_reverse_kl or by AdaptiveFlowMCMC"
             )
         self.flow = flow
-        if self._inner_cls is HMC and kwargs.get("num_steps") is kwargs.get("trajectory_length"):
+        if self._inner_cls is _CappedHMC and kwargs.get("num_steps") is kwargs.get(
+            "trajectory_length"
+        ):
             # Pyro's default trajectory (2π) is one full period of a standard Gaussian, which is
             # what a good flow's latent space looks like: the chain would return to its start
             kwargs["trajectory_length"] = 2.0
@@ -285,21 +310,31 @@ class _NeuTraKernel(TargetKernel):
         self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)  # validate the HMC/NUTS options
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
+        given = self._user_initial is not None
         self._build_target(args, kwargs)
         check_flow(self.flow, self.target.layout.dim)
         self._frozen_flow = copy.deepcopy(self.flow).requires_grad_(False)
+        base = self._frozen_flow.base_dist
         with torch.no_grad():
             if self.target.initial is None:
-                z0 = self._frozen_flow.base_dist.sample((1,))
+                z0 = base.sample((1,))
             else:
                 z0, _ = self._frozen_flow.inverse(self.target.initial[None])
+        # a start where the potential or its gradient is not finite, or raises, is redrawn
+        # from the flow (100 tries, as Pyro and Stan do); a given start is only checked
+        sites = ", ".join(repr(s) for s in self.target.layout.site_names)
+        z0 = valid_starts(
+            PullbackPotential(self.target.potential, self._frozen_flow),
+            z0,
+            None if given else (lambda n: base.sample((n,))),
+            what=f"the chain's {'given ' if given else ''}start (sites {sites})",
+        ).x
         latent = LatentPotential(
             self.target.potential,
             self._frozen_flow,
             jit_compile=self.inner_kwargs.get("jit_compile", False),
             jit_options=self.inner_kwargs.get("jit_options"),
         )
-        check_finite_start(latent({"z": z0[0]}).detach())
         self._inner = self._inner_cls(potential_fn=latent, **self.inner_kwargs)
         self._inner.initial_params = {"z": z0[0]}
         self._inner.setup(warmup_steps)
@@ -342,9 +377,14 @@ class _NeuTraKernel(TargetKernel):
         return self._inner.logging()
 
     def diagnostics(self) -> dict:
-        r"""Pyro's ``divergences`` and ``acceptance rate`` of the inner kernel, plus
-        ``sample_stats`` (``potential_energy`` is that of the latent-space potential)."""
-        return {**self._inner.diagnostics(), "sample_stats": self._stats}
+        r"""Pyro's ``divergences`` and ``acceptance rate`` of the inner kernel, ``potential
+        errors`` (how often the potential raised and the point was rejected, warmup included),
+        and ``sample_stats`` (``potential_energy`` is that of the latent-space potential)."""
+        return {
+            **self._inner.diagnostics(),
+            "potential errors": self.target.potential.errors.count,
+            "sample_stats": self._stats,
+        }
 
 
 class FlowHMC(_NeuTraKernel):
@@ -356,7 +396,9 @@ class FlowHMC(_NeuTraKernel):
         ``initial_params`` (or, for a model, an ``init_strategy``) each chain starts from a draw
         of the flow.
     :param kwargs: options of :class:`~pyro.infer.mcmc.HMC` (``step_size``, ``num_steps``,
-        ``trajectory_length``, ``adapt_step_size``, ``adapt_mass_matrix``, ...). When neither
+        ``trajectory_length``, ``adapt_step_size``, ``adapt_mass_matrix``, ...), and
+        ``max_num_steps`` (default 1024), a cap on the leapfrog steps per iteration, which with
+        a fixed trajectory length grow as the adapted step size shrinks. When neither
         ``num_steps`` nor ``trajectory_length`` is given, ``trajectory_length=2`` replaces Pyro's
         default 2π, which is a full period of the standard Gaussian a good flow's latent space
         resembles (the chain would come back where it started). ``jit_compile=True`` (and
@@ -384,7 +426,7 @@ class FlowHMC(_NeuTraKernel):
         torch.Size([20, 2])
     """
 
-    _inner_cls = HMC
+    _inner_cls = _CappedHMC
 
 
 class FlowNUTS(_NeuTraKernel):

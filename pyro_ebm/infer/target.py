@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..energy import EnergyPotential, ModelEnergy
 from ..layout import SiteLayout
+from ..samplers.guard import PotentialDefinitionError, guarded
 
 __all__ = ["FlatTarget", "make_target"]
 
@@ -27,7 +28,10 @@ logger = logging.getLogger(__name__)
 class FlatTarget(NamedTuple):
     r"""A batched potential over flat unconstrained vectors.
 
-    :param potential: ``(C, dim) -> (C,)``.
+    :param potential: ``(C, dim) -> (C,)``, a :class:`~pyro_ebm.samplers.GuardedPotential`:
+        rows where the potential raises (a failed Cholesky, a distribution's argument check)
+        or is not finite are ``+inf``, rejected by every move and counted in
+        ``potential.errors``.
     :param layout: flat vector <-> ``{site: tensor}``.
     :param transforms: Pyro's constrained -> unconstrained transforms per site (``{}`` for a bare
         potential).
@@ -56,7 +60,7 @@ class _DictPotential:
         value = self.potential_fn(self.layout.unflatten(row))
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"potential_fn must return a scalar tensor, got {shape}")
+            raise PotentialDefinitionError(f"potential_fn must return a scalar tensor, got {shape}")
         return value.reshape(())
 
     def _loop(self, x: Tensor) -> Tensor:
@@ -90,7 +94,7 @@ class _EnergyOnSite:
         out = self.energy(rows)
         if not isinstance(out, Tensor) or out.shape != rows.shape[:1]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
+            raise PotentialDefinitionError(
                 f"the energy must return one value per row, shape ({len(rows)},) for input of "
                 f"shape {tuple(rows.shape)}, got {shape}"
             )
@@ -147,7 +151,7 @@ def make_target(
                     f"the model (those are {list(energy.site_names)})"
                 )
             initial = energy.flatten(initial_params).detach()
-        return FlatTarget(energy, energy.layout, energy.transforms, initial)
+        return FlatTarget(guarded(energy), energy.layout, energy.transforms, initial)
     if isinstance(potential_fn, EnergyPotential):
         dim = _energy_dim(potential_fn.energy) or dim
         if initial_params is not None:
@@ -183,7 +187,7 @@ def make_target(
         layout = SiteLayout.from_params(one)
         potential = _DictPotential(potential_fn, layout)
     initial = None if initial_params is None else layout.flatten(initial_params).detach()
-    return FlatTarget(potential, layout, {}, initial)
+    return FlatTarget(guarded(potential), layout, {}, initial)
 
 
 def _one_chain(initial_params: dict[str, Tensor], num_chains: int) -> dict[str, Tensor]:

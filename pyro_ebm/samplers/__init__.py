@@ -4,15 +4,22 @@ Pure functions on a ``(num_walkers, dim)`` tensor, each returning ``(new_state, 
 moves (:func:`ula_step`, :func:`mala_step`, :func:`hmc_step`; the many-chain ChEES-HMC step
 :func:`chees_hmc_step` also returns the statistics its :class:`ChEESAdapter` learns from), global
 flow moves (:func:`imh_step`, :func:`isir_step` with :class:`FlowProposals` drawing proposals in
-blocks), their composition (:func:`global_local_step`), step-size adaptation
-(:class:`StepSizeAdapter`) and the adaptive flowMC driver (:class:`AdaptiveFlowSampler`). The Pyro
-kernels in :mod:`pyro_ebm.infer` and the trainer in :mod:`pyro_ebm.train` call these functions;
-the MCMC math lives here only.
+blocks), their composition (:func:`global_local_step`), step-size and mass-matrix adaptation
+(:class:`StepSizeAdapter`, :func:`find_reasonable_step_size`, :class:`MassMatrixAdapter`) and
+the adaptive flowMC driver (:class:`AdaptiveFlowSampler`). The Pyro kernels in
+:mod:`pyro_ebm.infer` and the trainer in :mod:`pyro_ebm.train` call these functions; the MCMC
+math lives here only.
 """
 
-from .adaptation import StepSizeAdapter, TrackingStepSize
+from .adaptation import (
+    MassMatrixAdapter,
+    StepSizeAdapter,
+    TrackingStepSize,
+    find_reasonable_step_size,
+    warmup_windows,
+)
 from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
-from .chees import ChEESAdapter, ChEESProposal, chees_hmc_step, warmup_windows
+from .chees import ChEESAdapter, ChEESProposal, chees_hmc_step
 from .composite import GlobalLocalInfo, global_local_step, stack_infos
 from .flow_moves import (
     DefensiveProposal,
@@ -22,6 +29,14 @@ from .flow_moves import (
     isir_step,
     log_weights,
     sir_draws,
+)
+from .guard import (
+    REJECTED_ERRORS,
+    GuardedPotential,
+    PotentialDefinitionError,
+    PotentialErrors,
+    guarded,
+    valid_starts,
 )
 from .latent import PullbackPotential
 from .local import hmc_step, mala_step, ula_step
@@ -36,15 +51,22 @@ __all__ = [
     "FlowDraw",
     "FlowProposals",
     "GlobalLocalInfo",
+    "GuardedPotential",
+    "MassMatrixAdapter",
     "MoveInfo",
+    "PotentialDefinitionError",
+    "PotentialErrors",
     "PullbackPotential",
+    "REJECTED_ERRORS",
     "StepSizeAdapter",
     "TrackingStepSize",
     "WalkerState",
     "accept_reject",
     "chees_hmc_step",
     "default_flow",
+    "find_reasonable_step_size",
     "global_local_step",
+    "guarded",
     "hmc_step",
     "imh_step",
     "init_state",
@@ -55,5 +77,6 @@ __all__ = [
     "sir_draws",
     "stack_infos",
     "ula_step",
+    "valid_starts",
     "warmup_windows",
 ]

@@ -1,18 +1,34 @@
-r"""Step-size adaptation toward a target acceptance rate (Nesterov dual averaging).
+r"""Warmup adaptation: the step size toward a target acceptance rate (Nesterov dual averaging,
+:class:`StepSizeAdapter`; a starting value by :func:`find_reasonable_step_size`) and the inverse
+mass matrix from the chains' positions in Stan's windows (:class:`MassMatrixAdapter`).
 
 References:
 
-- Hoffman, Gelman (2014), "The No-U-Turn Sampler", https://arxiv.org/abs/1111.4246, Alg. 5.
+- Hoffman, Gelman (2014), "The No-U-Turn Sampler", https://arxiv.org/abs/1111.4246, Alg. 4
+  (a reasonable first step size) and Alg. 5 (dual averaging).
+- Stan Reference Manual, "HMC algorithm parameters: automatic parameter tuning" (the warmup
+  windows and the regularisation of the mass matrix).
+- Chan, Golub, LeVeque (1979), "Updating formulae and a pairwise algorithm for computing sample
+  variances" (pooling the chains' moments).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["StepSizeAdapter", "TrackingStepSize"]
+from .._checks import check_int, check_positive
+
+__all__ = [
+    "warmup_windows",
+    "MassMatrixAdapter",
+    "StepSizeAdapter",
+    "TrackingStepSize",
+    "find_reasonable_step_size",
+]
 
 
 class StepSizeAdapter:
@@ -129,3 +145,236 @@ class TrackingStepSize:
         if self.target_accept is not None:
             a = float(accept_prob.float().nan_to_num(0.0).mean())
             self.log_step = min(max(self.log_step + self.rate * (a - self.target_accept), -12), 2)
+
+
+def find_reasonable_step_size(
+    accept_prob: Callable[[float], Tensor],
+    step_size: float,
+    threshold: float = 0.5,
+    max_tries: int = 50,
+) -> float:
+    r"""Double or halve ``step_size`` until the mean acceptance probability of one trial move
+    crosses ``threshold`` (Hoffman & Gelman's Alg. 4; Stan runs it at the start of warmup and
+    after each update of the mass matrix).
+
+    :param accept_prob: ``step_size -> (C,)`` acceptance probabilities of one trial move of the
+        ``C`` chains from their current positions (the trial is not taken).
+    :param step_size: where to start (positive, finite).
+    :param threshold: the mean acceptance to cross, in ``(0, 1)``.
+    :param max_tries: at most this many doublings or halvings.
+    :returns: the first step size past the crossing (or after ``max_tries``).
+
+    Example::
+
+        >>> import torch
+        >>> accept = lambda eps: torch.tensor([min(1.0, 0.3 / eps)])  # 1/2 at eps = 0.6
+        >>> find_reasonable_step_size(accept, 0.01)
+        0.64
+    """
+    step_size = check_positive("step_size", step_size)
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold!r}")
+    direction = 0
+    for _ in range(check_int("max_tries", max_tries, 1)):
+        mean = float(accept_prob(step_size).detach().nan_to_num(0.0).mean())
+        new_direction = 1 if mean > threshold else -1
+        if direction and new_direction != direction:
+            break
+        direction = new_direction
+        step_size = step_size * 2.0**direction
+    return step_size
+
+
+def warmup_windows(
+    warmup_steps: int, init_buffer: int = 75, term_buffer: int = 50, base_window: int = 25
+) -> tuple[int, ...]:
+    r"""Iterations (0-based) at whose end the inverse mass matrix is updated, as in Stan.
+
+    Warmup is split into an initial fast window of ``init_buffer`` iterations (step size and
+    trajectory length only: the chains are still far from the typical set), slow windows whose
+    length doubles from ``base_window`` (each ends with an update of the mass matrix from the
+    samples of that window), and a terminal fast window of ``term_buffer`` iterations (the step
+    size settles for the final mass matrix). A slow window that would leave less than twice its
+    length before the terminal window is stretched to reach it. When the three do not fit in
+    ``warmup_steps``, Stan's fallback is used: 15% initial, 10% terminal, the rest one slow
+    window; with fewer than 20 warmup steps the mass matrix is not adapted (empty result).
+
+    :param warmup_steps: number of warmup iterations.
+    :param init_buffer: length of the initial fast window.
+    :param term_buffer: length of the terminal fast window.
+    :param base_window: length of the first slow window.
+    :returns: the last iteration of each slow window, increasing.
+
+    Example::
+
+        >>> warmup_windows(1000)
+        (99, 149, 249, 449, 949)
+        >>> warmup_windows(300)
+        (99, 249)
+    """
+    return tuple(
+        end for _, end in _slow_windows(warmup_steps, init_buffer, term_buffer, base_window)
+    )
+
+
+def _slow_windows(
+    warmup_steps: int, init_buffer: int, term_buffer: int, base_window: int
+) -> tuple[tuple[int, int], ...]:
+    r"""The slow windows of :func:`warmup_windows` as ``(first, last)`` iterations."""
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+    init_buffer = check_int("init_buffer", init_buffer, 0)
+    term_buffer = check_int("term_buffer", term_buffer, 0)
+    base_window = check_int("base_window", base_window, 1)
+    if warmup_steps < 20:
+        return ()
+    if init_buffer + base_window + term_buffer > warmup_steps:
+        init_buffer = int(0.15 * warmup_steps)
+        term_buffer = int(0.1 * warmup_steps)
+        base_window = warmup_steps - init_buffer - term_buffer
+    slow_end = warmup_steps - term_buffer
+    windows = []
+    start, size = init_buffer, base_window
+    while True:
+        end = start + size
+        if end + 2 * size >= slow_end:
+            end = slow_end
+        windows.append((start, end - 1))
+        if end == slow_end:
+            return tuple(windows)
+        start, size = end, 2 * size
+
+
+class MassMatrixAdapter:
+    r"""Stan's windowed estimate of the inverse mass matrix from the chains' positions.
+
+    Warmup is cut into windows (the slow windows of
+    :func:`~pyro_ebm.samplers.warmup_windows`: an initial buffer of ``init_buffer``
+    iterations, windows doubling from ``base_window``, a terminal buffer of ``term_buffer``).
+    Call :meth:`update` once per warmup iteration with the positions ``(C, D)`` of the ``C``
+    chains. Within a slow window the positions are pooled over chains and iterations (one chain:
+    that chain's history, as Stan; many chains advancing together: all of them) into a running
+    mean and sum of squares (diagonal) or of cross-products (``full_mass``), merged with Chan et
+    al.'s pairwise formula. At the end of a window the inverse mass becomes the sample
+    (co)variance of its ``n`` positions, shrunk toward :math:`10^{-3} I` as Stan does,
+
+    .. math::
+
+        A = \frac{n}{n + 5}\,\hat\Sigma + 10^{-3}\,\frac{5}{n + 5}\, I
+
+    (:math:`\hat\Sigma` the diagonal of the variances, or the full covariance), the statistics
+    restart, and :meth:`update` returns ``True``: the caller then restarts its step-size
+    adaptation (Stan does). After the last window the inverse mass is frozen.
+
+    :param dim: dimension ``D`` of the positions.
+    :param warmup_steps: number of warmup iterations (fewer than 20: no adaptation, as Stan).
+    :param full_mass: estimate a dense ``(D, D)`` inverse mass instead of its diagonal ``(D,)``.
+    :param inverse_mass: the inverse mass before the first window ends (default: identity),
+        ``(D,)`` or, with ``full_mass``, ``(D, D)``.
+    :param init_buffer, term_buffer, base_window: Stan's windows (its defaults).
+
+    Example::
+
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> adapter = MassMatrixAdapter(dim=2, warmup_steps=1000)
+        >>> scale = torch.tensor([0.1, 10.0])
+        >>> ends = [i for i in range(1000) if adapter.update(scale * torch.randn(4, 2))]
+        >>> ends
+        [99, 149, 249, 449, 949]
+        >>> bool((adapter.inverse_mass / scale**2 - 1).abs().max() < 0.1)
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        warmup_steps: int,
+        full_mass: bool = False,
+        inverse_mass: Tensor | None = None,
+        init_buffer: int = 75,
+        term_buffer: int = 50,
+        base_window: int = 25,
+    ) -> None:
+
+        self.dim = check_int("dim", dim, 1)
+        self.full_mass = bool(full_mass)
+        shape = (self.dim, self.dim) if self.full_mass else (self.dim,)
+        if inverse_mass is None:
+            inverse_mass = torch.eye(self.dim) if self.full_mass else torch.ones(self.dim)
+        elif not (
+            isinstance(inverse_mass, Tensor)
+            and inverse_mass.shape == shape
+            and bool(torch.isfinite(inverse_mass).all())
+        ):
+            raise ValueError(
+                f"inverse_mass must be a {shape} tensor of finite numbers, got {inverse_mass!r}"
+            )
+        self._inverse_mass = inverse_mass.detach().clone()
+        #: the slow windows, ``(first, last)`` warmup iterations (0-based)
+        self.windows = _slow_windows(warmup_steps, init_buffer, term_buffer, base_window)
+        #: iterations (0-based) at whose end the inverse mass is updated
+        self.update_iterations = tuple(last for _, last in self.windows)
+        self._iteration = 0
+        self._reset_window()
+
+    @property
+    def inverse_mass(self) -> Tensor:
+        r"""The current inverse mass matrix, ``(D,)`` (diagonal) or ``(D, D)``."""
+        return self._inverse_mass
+
+    @property
+    def iteration(self) -> int:
+        r"""Number of :meth:`update` calls so far."""
+        return self._iteration
+
+    @property
+    def num_window_samples(self) -> int:
+        r"""Positions pooled in the current window so far."""
+        return self._n
+
+    def update(self, x: Tensor) -> bool:
+        r"""Record the positions ``(C, D)`` of the chains after one warmup iteration; return
+        whether this iteration ended a window (the inverse mass then changed)."""
+        index = self._iteration
+        self._iteration += 1
+        if not any(first <= index <= last for first, last in self.windows):
+            return False
+        x = x.detach()
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must be (num_chains, {self.dim}), got {tuple(x.shape)}")
+        self._accumulate(x)
+        if index not in self.update_iterations:
+            return False
+        n = self._n
+        if n >= 2:
+            cov = self._m2 / (n - 1)
+            shrink = 1e-3 * (5.0 / (n + 5.0))
+            if self.full_mass:
+                eye = torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
+                new = (n / (n + 5.0)) * cov + shrink * eye
+                new = 0.5 * (new + new.T)  # exactly symmetric
+            else:
+                new = (n / (n + 5.0)) * cov + shrink
+            self._inverse_mass = new
+        self._reset_window()
+        return n >= 2
+
+    def _accumulate(self, x: Tensor) -> None:
+        r"""Chan et al.'s pairwise update of the window's count, mean and sum of squares (or of
+        cross-products)."""
+        n_b = x.shape[0]
+        mean_b = x.mean(0)
+        centred = x - mean_b
+        m2_b = centred.T @ centred if self.full_mass else centred.pow(2).sum(0)
+        if self._n == 0:
+            self._n, self._mean, self._m2 = n_b, mean_b, m2_b
+            return
+        n = self._n + n_b
+        delta = mean_b - self._mean
+        spread = torch.outer(delta, delta) if self.full_mass else delta.pow(2)
+        self._mean = self._mean + delta * (n_b / n)
+        self._m2 = self._m2 + m2_b + spread * (self._n * n_b / n)
+        self._n = n
+
+    def _reset_window(self) -> None:
+        self._n, self._mean, self._m2 = 0, None, None

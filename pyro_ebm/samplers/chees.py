@@ -40,11 +40,11 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int, check_positive
-from .adaptation import StepSizeAdapter
+from .adaptation import MassMatrixAdapter, StepSizeAdapter
 from .local import _check_inverse_mass, _leapfrog, _per_walker
 from .state import MoveInfo, PotentialFn, WalkerState, accept_reject
 
-__all__ = ["ChEESAdapter", "ChEESProposal", "chees_hmc_step", "warmup_windows"]
+__all__ = ["ChEESAdapter", "ChEESProposal", "chees_hmc_step"]
 
 #: an energy error :math:`H(q', p') - H(q, p)` above this is a divergence (as in Stan and Pyro)
 MAX_ENERGY_ERROR = 1000.0
@@ -134,65 +134,6 @@ def chees_hmc_step(
     return new_state, info, proposal
 
 
-def warmup_windows(
-    warmup_steps: int, init_buffer: int = 75, term_buffer: int = 50, base_window: int = 25
-) -> tuple[int, ...]:
-    r"""Iterations (0-based) at whose end the inverse mass matrix is updated, as in Stan.
-
-    Warmup is split into an initial fast window of ``init_buffer`` iterations (step size and
-    trajectory length only: the chains are still far from the typical set), slow windows whose
-    length doubles from ``base_window`` (each ends with an update of the mass matrix from the
-    samples of that window), and a terminal fast window of ``term_buffer`` iterations (the step
-    size settles for the final mass matrix). A slow window that would leave less than twice its
-    length before the terminal window is stretched to reach it. When the three do not fit in
-    ``warmup_steps``, Stan's fallback is used: 15% initial, 10% terminal, the rest one slow
-    window; with fewer than 20 warmup steps the mass matrix is not adapted (empty result).
-
-    :param warmup_steps: number of warmup iterations.
-    :param init_buffer: length of the initial fast window.
-    :param term_buffer: length of the terminal fast window.
-    :param base_window: length of the first slow window.
-    :returns: the last iteration of each slow window, increasing.
-
-    Example::
-
-        >>> warmup_windows(1000)
-        (99, 149, 249, 449, 949)
-        >>> warmup_windows(300)
-        (99, 249)
-    """
-    return tuple(
-        end for _, end in _slow_windows(warmup_steps, init_buffer, term_buffer, base_window)
-    )
-
-
-def _slow_windows(
-    warmup_steps: int, init_buffer: int, term_buffer: int, base_window: int
-) -> tuple[tuple[int, int], ...]:
-    r"""The slow windows of :func:`warmup_windows` as ``(first, last)`` iterations."""
-    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
-    init_buffer = check_int("init_buffer", init_buffer, 0)
-    term_buffer = check_int("term_buffer", term_buffer, 0)
-    base_window = check_int("base_window", base_window, 1)
-    if warmup_steps < 20:
-        return ()
-    if init_buffer + base_window + term_buffer > warmup_steps:
-        init_buffer = int(0.15 * warmup_steps)
-        term_buffer = int(0.1 * warmup_steps)
-        base_window = warmup_steps - init_buffer - term_buffer
-    slow_end = warmup_steps - term_buffer
-    windows = []
-    start, size = init_buffer, base_window
-    while True:
-        end = start + size
-        if end + 2 * size >= slow_end:
-            end = slow_end
-        windows.append((start, end - 1))
-        if end == slow_end:
-            return tuple(windows)
-        start, size = end, 2 * size
-
-
 def _halton(n: int) -> float:
     r"""The ``n``-th element (``n >= 1``) of the base-2 Halton (van der Corput) sequence, in
     ``(0, 1)``: 1/2, 1/4, 3/4, 1/8, 5/8, ..."""
@@ -241,9 +182,10 @@ class ChEESAdapter:
     tries after a restart do not drag it up. The final :math:`T` is the exponential moving
     average of :math:`\log T` with weight :math:`k^{-\text{decay}}` at update :math:`k`.
 
-    *Mass matrix.* At the end of each slow window of :func:`warmup_windows` the inverse mass
-    becomes the variance of the chains' positions at the start of each iteration, pooled over
-    the chains and the iterations of the window (``n`` samples), regularised as Stan does:
+    *Mass matrix.* At the end of each slow window of
+    :func:`~pyro_ebm.samplers.warmup_windows` the inverse mass becomes the variance of the
+    chains' positions at the start of each iteration, pooled over the chains and the
+    iterations of the window (``n`` samples), regularised as Stan does:
     :math:`\frac{n}{n + 5}\hat\sigma^2 + 10^{-3}\frac{5}{n + 5}`. The trajectory length is
     carried over to the new metric: going from inverse mass :math:`a` to :math:`a'`, coordinate
     :math:`i` oscillates :math:`\sqrt{a'_i / a_i}` times faster, and ChEES weighs it by its
@@ -277,7 +219,7 @@ class ChEESAdapter:
         remains).
     :param inverse_mass: initial inverse mass ``(D,)`` (default: ones).
     :param init_buffer, term_buffer, base_window: Stan's warmup windows, see
-        :func:`warmup_windows`.
+        :func:`~pyro_ebm.samplers.warmup_windows`.
 
     Example::
 
@@ -346,13 +288,18 @@ class ChEESAdapter:
         self.adapt_mass = bool(adapt_mass)
         self.adapt_step_size = bool(adapt_step_size)
         self.adapt_trajectory_length = bool(adapt_trajectory_length)
-        windows = _slow_windows(self.warmup_steps, init_buffer, term_buffer, base_window)
-        self._windows = windows if self.adapt_mass else ()
+        self._mass = MassMatrixAdapter(
+            self.dim,
+            self.warmup_steps if self.adapt_mass else 0,
+            inverse_mass=inverse_mass,
+            init_buffer=init_buffer,
+            term_buffer=term_buffer,
+            base_window=base_window,
+        )
         #: iterations (0-based) at whose end the inverse mass is updated
-        self.mass_update_iterations = tuple(last for _, last in self._windows)
+        self.mass_update_iterations = self._mass.update_iterations
         self._step_size0 = step_size
         self._da = StepSizeAdapter(step_size, self.target_accept)
-        self._inverse_mass = inverse_mass.detach().clone()
         self._log_t = self._clip_log_t(math.log(trajectory_length), step_size)
         self._log_t_avg = self._log_t
         self._sq_grad_avg = 0.0
@@ -361,7 +308,6 @@ class ChEESAdapter:
         self._frozen = False
         self._final_step_size = step_size
         self._final_log_t = self._log_t
-        self._reset_window()
         #: harmonic-mean acceptance of the last update (nan before any)
         self.harmonic_accept = math.nan
         self._frozen = self.warmup_steps == 0  # no warmup: the parameters as given
@@ -387,7 +333,7 @@ class ChEESAdapter:
     @property
     def inverse_mass(self) -> Tensor:
         r"""Diagonal inverse mass matrix ``(D,)`` for the next transition."""
-        return self._inverse_mass
+        return self._mass.inverse_mass
 
     @property
     def final_step_size(self) -> float:
@@ -427,14 +373,12 @@ class ChEESAdapter:
         self._final_step_size = self._averaged_step_size()
         self._final_log_t = self._clip_log_t(self._log_t_avg, self._final_step_size)
         self._frozen = True
-        self._reset_window()
 
     # -- adaptation -------------------------------------------------------------------------
     def update(self, proposal: ChEESProposal) -> None:
         r"""Record one transition of all chains (the :class:`ChEESProposal` returned by
         :func:`chees_hmc_step` run with this adapter's parameters) and adapt. Once frozen, only
         advance the jitter."""
-        index = self._iteration
         u, trajectory_length = self.jitter(), self.trajectory_length
         self._iteration += 1
         if self._frozen:
@@ -469,16 +413,11 @@ class ChEESAdapter:
         self._log_t_avg = weight * self._log_t + (1 - weight) * self._log_t_avg
 
         # mass matrix: pool the window's positions; update at the window's end
-        if self.adapt_mass and self._in_slow_window(index):
-            self._accumulate(x0)
-        if index in self.mass_update_iterations:
-            n = self._window_n
-            var = self._window_m2 / (n - 1)
-            new_inverse_mass = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
+        old_inverse_mass = self._mass.inverse_mass
+        if self.adapt_mass and self._mass.update(x0):
             if self.adapt_trajectory_length:
-                self._rescale_log_t(self._inverse_mass.to(new_inverse_mass), new_inverse_mass)
-            self._inverse_mass = new_inverse_mass
-            self._reset_window()
+                new_inverse_mass = self._mass.inverse_mass
+                self._rescale_log_t(old_inverse_mass.to(new_inverse_mass), new_inverse_mass)
             self._da.reset(step_size)
 
         if self._iteration >= self.warmup_steps:
@@ -522,23 +461,3 @@ class ChEESAdapter:
     def _clip_log_t(self, log_t: float, step_size: float) -> float:
         low = math.log(step_size)
         return min(max(log_t, low), low + math.log(self.max_num_steps))
-
-    def _in_slow_window(self, index: int) -> bool:
-        return any(first <= index <= last for first, last in self._windows)
-
-    def _accumulate(self, x: Tensor) -> None:
-        r"""Chan et al.'s pairwise update of the window's count, mean and sum of squares."""
-        n_b = x.shape[0]
-        mean_b = x.mean(0)
-        m2_b = (x - mean_b).pow(2).sum(0)
-        if self._window_n == 0:
-            self._window_n, self._window_mean, self._window_m2 = n_b, mean_b, m2_b
-            return
-        n = self._window_n + n_b
-        delta = mean_b - self._window_mean
-        self._window_mean = self._window_mean + delta * (n_b / n)
-        self._window_m2 = self._window_m2 + m2_b + delta.pow(2) * (self._window_n * n_b / n)
-        self._window_n = n
-
-    def _reset_window(self) -> None:
-        self._window_n, self._window_mean, self._window_m2 = 0, None, None

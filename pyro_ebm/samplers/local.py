@@ -44,24 +44,69 @@ def _per_walker(step_size: float | Tensor, x: Tensor) -> Tensor:
     return eps[:, None]
 
 
-def _check_inverse_mass(inverse_mass: Tensor | None, x: Tensor) -> None:
+def _check_inverse_mass(inverse_mass: Tensor | None, x: Tensor, dense: bool = False) -> None:
+    d = x.shape[-1]
+    shapes = ((d,), (d, d)) if dense else ((d,),)
     if inverse_mass is not None and (
-        not isinstance(inverse_mass, Tensor) or inverse_mass.shape != x.shape[-1:]
+        not isinstance(inverse_mass, Tensor) or tuple(inverse_mass.shape) not in shapes
     ):
         shape = tuple(inverse_mass.shape) if isinstance(inverse_mass, Tensor) else inverse_mass
-        raise ValueError(f"inverse_mass must be a ({x.shape[-1]},) tensor, got {shape}")
+        also = f" or a ({d}, {d}) matrix" if dense else ""
+        raise ValueError(f"inverse_mass must be a ({d},) tensor{also}, got {shape}")
+
+
+class _Preconditioner:
+    r"""The Langevin preconditioner :math:`A` (the inverse mass): the identity, a diagonal
+    ``(D,)`` or a dense symmetric positive definite ``(D, D)`` matrix with its Cholesky factor
+    :math:`L L^\top = A`, applied to the rows of ``(C, D)`` tensors."""
+
+    def __init__(self, inverse_mass: Tensor | None, x: Tensor) -> None:
+        _check_inverse_mass(inverse_mass, x, dense=True)
+        self.dense = inverse_mass is not None and inverse_mass.dim() == 2
+        self.a: Tensor | float = 1.0
+        if inverse_mass is not None:
+            self.a = inverse_mass.to(dtype=x.dtype, device=x.device)
+        if self.dense:
+            a = self.a
+            # checked where it costs no device synchronisation; elsewhere a matrix that is not
+            # positive definite gives a nan factor, hence non-finite proposals, all rejected
+            if a.device.type == "cpu":
+                scale = float(a.diagonal().abs().max())
+                if not torch.allclose(a, a.mT, rtol=1e-5, atol=1e-5 * scale):
+                    raise ValueError("inverse_mass must be a symmetric matrix")
+            self.a = a = 0.5 * (a + a.mT)
+            self.chol, info = torch.linalg.cholesky_ex(a)
+            if a.device.type == "cpu" and int(info) != 0:
+                raise ValueError("inverse_mass must be a positive definite matrix")
+
+    def apply(self, v: Tensor) -> Tensor:
+        r""":math:`A v` for each row ``v``."""
+        return v @ self.a if self.dense else self.a * v
+
+    def noise(self, z: Tensor, scale: Tensor) -> Tensor:
+        r""":math:`\sqrt{s}\,L z` for each row ``z`` (:math:`L L^\top = A`): a draw of
+        :math:`\mathcal N(0, s A)` from a standard normal ``z``; ``scale`` ``s`` is ``(C, 1)``."""
+        if self.dense:
+            return scale.sqrt() * (z @ self.chol.mT)
+        return (scale * self.a).sqrt() * z
+
+    def quad(self, r: Tensor) -> Tensor:
+        r""":math:`r^\top A^{-1} r` for each row ``r``, ``(C,)``."""
+        if self.dense:  # ||L^{-1} r||^2, as the rows of r L^{-T}
+            w = torch.linalg.solve_triangular(self.chol.mT, r, upper=True, left=False)
+            return w.pow(2).sum(-1)
+        return (r**2 / self.a).sum(-1)
 
 
 def _langevin_proposal(
     state: WalkerState, step_size: float | Tensor, inverse_mass: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, _Preconditioner]:
     if state.grad is None:
         raise ValueError("state.grad is None: build the state with init_state(..., with_grad=True)")
-    _check_inverse_mass(inverse_mass, state.x)
+    pre = _Preconditioner(inverse_mass, state.x)
     eps = _per_walker(step_size, state.x)
-    a = 1.0 if inverse_mass is None else inverse_mass
     noise = torch.randn_like(state.x)
-    return state.x - eps * a * state.grad + (2 * eps * a).sqrt() * noise, eps
+    return state.x - eps * pre.apply(state.grad) + pre.noise(noise, 2 * eps), eps, pre
 
 
 def ula_step(
@@ -72,13 +117,13 @@ def ula_step(
 ) -> tuple[WalkerState, MoveInfo]:
     r"""One step of the unadjusted Langevin algorithm (no Metropolis correction).
 
-    .. math:: x' = x - \epsilon A \nabla U(x) + \sqrt{2 \epsilon A}\, \xi
+    .. math:: x' = x - \epsilon A \nabla U(x) + \sqrt{2 \epsilon}\, L \xi, \qquad L L^\top = A,
 
-    with :math:`A` the diagonal ``inverse_mass`` (identity when ``None``), a preconditioner as
-    in :func:`mala_step`. The chain targets ``exp(-U)`` only as ``step_size -> 0``. A proposal
-    with a non-finite potential or gradient is not taken.
+    with :math:`A` the ``inverse_mass``, diagonal ``(D,)`` or dense ``(D, D)`` (identity when
+    ``None``), a preconditioner as in :func:`mala_step`. The chain targets ``exp(-U)`` only as
+    ``step_size -> 0``. A proposal with a non-finite potential or gradient is not taken.
     """
-    x_new, _ = _langevin_proposal(state, step_size, inverse_mass)
+    x_new, _, _ = _langevin_proposal(state, step_size, inverse_mass)
     u_new, g_new = potential_and_grad(potential_fn, x_new)
     ok = _finite_rows(u_new, g_new)
     new_state = select(ok, WalkerState(x_new, u_new, g_new), state._replace(log_q=None))
@@ -86,11 +131,10 @@ def ula_step(
 
 
 def _langevin_log_q(
-    x_to: Tensor, x_from: Tensor, grad_from: Tensor, eps: Tensor, inverse_mass: Tensor | None
+    x_to: Tensor, x_from: Tensor, grad_from: Tensor, eps: Tensor, pre: _Preconditioner
 ) -> Tensor:
     # log N(x_to; x_from - eps A grad, 2 eps A) up to a constant shared by both directions
-    a = 1.0 if inverse_mass is None else inverse_mass
-    return -((x_to - x_from + eps * a * grad_from) ** 2 / a).sum(-1) / (4 * eps[:, 0])
+    return -pre.quad(x_to - x_from + eps * pre.apply(grad_from)) / (4 * eps[:, 0])
 
 
 def mala_step(
@@ -99,15 +143,38 @@ def mala_step(
     step_size: float | Tensor,
     inverse_mass: Tensor | None = None,
 ) -> tuple[WalkerState, MoveInfo]:
-    r"""One step of the Metropolis-adjusted Langevin algorithm.
+    r"""One step of the Metropolis-adjusted Langevin algorithm, preconditioned.
 
-    Proposal :math:`x' = x - \epsilon A \nabla U(x) + \sqrt{2\epsilon A}\,\xi`, accepted
-    with probability :math:`\min\{1, e^{U(x) - U(x')} q(x \mid x') / q(x' \mid x)\}`, where
-    :math:`q(x' \mid x) = \mathcal N(x'; x - \epsilon A \nabla U(x), 2 \epsilon A)` and
-    :math:`A` is the diagonal ``inverse_mass`` ``(D,)`` (identity when ``None``): a
-    preconditioner, ideally the target's per-coordinate variances, so that one step size
-    suits coordinates of very different scales (as HMC's inverse mass matrix).
-    The optimal acceptance rate in high dimension is about 0.574.
+    Proposal :math:`x' = x - \epsilon A \nabla U(x) + \sqrt{2\epsilon}\, L \xi`,
+    :math:`\xi \sim \mathcal N(0, I)`, :math:`L L^\top = A`, accepted with probability
+    :math:`\min\{1, e^{U(x) - U(x')} q(x \mid x') / q(x' \mid x)\}`, where
+    :math:`q(x' \mid x) = \mathcal N(x'; x - \epsilon A \nabla U(x), 2 \epsilon A)`, so that
+
+    .. math::
+
+        \log\frac{q(x \mid x')}{q(x' \mid x)} = \frac{1}{4\epsilon}\Big(
+            \lVert x' - x + \epsilon A \nabla U(x) \rVert_{A^{-1}}^2
+            - \lVert x - x' + \epsilon A \nabla U(x') \rVert_{A^{-1}}^2\Big),
+        \qquad \lVert r \rVert_{A^{-1}}^2 = r^\top A^{-1} r.
+
+    :math:`A` is the ``inverse_mass`` :math:`M^{-1}`: ``None`` (identity), a diagonal ``(D,)``
+    or a dense symmetric positive definite ``(D, D)`` matrix (its Cholesky factor is computed
+    at each call; :math:`A^{-1}` is applied by triangular solves). A preconditioner, ideally
+    the target's covariance (its diagonal: the per-coordinate variances), lets one step size
+    suit coordinates of very different scales and, dense, strongly correlated ones; it is
+    HMC's inverse mass matrix. In the parametrisation of Roberts & Rosenthal,
+    :math:`x' = x - \tfrac{h^2}{2} A \nabla U + h L \xi`, ``step_size`` is
+    :math:`\epsilon = h^2/2`. The optimal acceptance rate in high dimension is about 0.574.
+
+    :param state: current state, with ``grad`` (:func:`~pyro_ebm.samplers.init_state`).
+    :param potential_fn: batched potential ``U``, ``(C, D) -> (C,)``.
+    :param step_size: :math:`\epsilon`, a number or a ``(C,)`` tensor (one per walker).
+    :param inverse_mass: the preconditioner :math:`A`, ``(D,)`` or ``(D, D)`` (moved to the
+        positions' device and dtype). A dense matrix that is not symmetric positive definite
+        raises ``ValueError`` on the CPU; elsewhere (to avoid a device synchronisation) its
+        proposals are non-finite and all rejected.
+    :returns: ``(new_state, info)``; a proposal with a non-finite potential or gradient is
+        rejected and flagged in ``info.nonfinite``.
 
     Example::
 
@@ -118,15 +185,23 @@ def mala_step(
         >>> s, info = mala_step(s, U, 0.5)
         >>> info.accept_prob.shape
         torch.Size([4])
+        >>> cov = torch.tensor([[1.0, 0.9], [0.9, 1.0]])  # a dense preconditioner
+        >>> s, info = mala_step(s, U, 0.5, inverse_mass=cov)
+        >>> s.x.shape
+        torch.Size([4, 2])
+
+    References: Roberts, Rosenthal (1998), "Optimal scaling of discrete approximations to
+    Langevin diffusions", J. R. Statist. Soc. B 60(1), 255-268; Girolami, Calderhead (2011),
+    "Riemann manifold Langevin and Hamiltonian Monte Carlo methods" (a constant metric).
     """
-    x_new, eps = _langevin_proposal(state, step_size, inverse_mass)
+    x_new, eps, pre = _langevin_proposal(state, step_size, inverse_mass)
     u_new, g_new = potential_and_grad(potential_fn, x_new)
     ok = _finite_rows(u_new, g_new)
     log_ratio = (
         state.potential_energy
         - u_new
-        + _langevin_log_q(state.x, x_new, g_new, eps, inverse_mass)
-        - _langevin_log_q(x_new, state.x, state.grad, eps, inverse_mass)
+        + _langevin_log_q(state.x, x_new, g_new, eps, pre)
+        - _langevin_log_q(x_new, state.x, state.grad, eps, pre)
     )
     return accept_reject(
         state._replace(log_q=None), WalkerState(x_new, u_new, g_new), log_ratio, ok

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .guard import PotentialDefinitionError
+
 __all__ = [
     "MoveInfo",
     "PotentialFn",
@@ -85,7 +87,7 @@ def potential_and_grad(potential_fn: PotentialFn, x: Tensor) -> tuple[Tensor, Te
         x = x.detach().requires_grad_(True)
         u = potential_fn(x)
         if u.shape != x.shape[:1]:
-            raise ValueError(
+            raise PotentialDefinitionError(
                 f"potential_fn must map a ({x.shape[0]}, dim) batch to shape ({x.shape[0]},), "
                 f"got {tuple(u.shape)}"
             )
@@ -111,7 +113,9 @@ def init_state(potential_fn: PotentialFn, x: Tensor, with_grad: bool = True) -> 
         u = potential_fn(x)
     if not isinstance(u, Tensor) or u.shape != x.shape[:1]:
         shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
-        raise ValueError(f"potential_fn must return shape ({x.shape[0]},), got {shape}")
+        raise PotentialDefinitionError(
+            f"potential_fn must return shape ({x.shape[0]},), got {shape}"
+        )
     return WalkerState(x.detach(), u.detach())
 
 
