@@ -436,13 +436,26 @@ def _validation_disabled() -> Iterator[None]:
         torch.distributions.Distribution.set_default_validate_args(torch_default)
 
 
+class _InitContinuous(InitMessenger):
+    """Pyro's init strategy for continuous sites; discrete sites sample as usual."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        support = getattr(msg["fn"], "support", None)  # none for a plate's subsample site
+        if not msg["is_observed"] and support is not None and support.is_discrete:
+            return
+        super()._pyro_sample(msg)
+
+
 def _guess_max_plate_nesting(
     model: Callable, args: tuple, kwargs: dict, init_strategy: Callable
 ) -> int:
     """Pyro guesses plate nesting by running the model with ``sample()``, which unnormalized
-    sites such as :class:`EnergyDistribution` lack; run it under the init strategy instead."""
+    sites such as :class:`EnergyDistribution` lack; run it under the init strategy instead
+    (discrete sites, which no init strategy can place, are sampled: Pyro's HMC enumerates
+    them)."""
     with poutine.block(), _validation_disabled():
-        trace = poutine.trace(InitMessenger(init_strategy)(model)).get_trace(*args, **kwargs)
+        traced = poutine.trace(_InitContinuous(init_strategy)(model))
+        trace = traced.get_trace(*args, **kwargs)
     nesting = [-f.dim for site in trace.nodes.values() for f in site.get("cond_indep_stack", ())]
     return max(nesting, default=0)
 
