@@ -112,12 +112,12 @@ class AdaptiveFlowSampler:
         the flow restarts from its initial state (:attr:`num_flow_restarts` counts it). The
         sd alone measures the distance between separated modes: on ``imbalanced_pair(64)``
         (float32, 128 walkers) the flow scaled by the sd still moved no walker between the
-        modes after 20 cycles on seeds 0 and 3 of 0-9 (``tests/test_adaptive.py``). Without
+        modes after 20 cycles on seeds 0 and 3 of 0-9. Without
         standardizing, a flow started at its
         unit base learns a posterior a hundred times narrower than that base only slowly:
         on posteriordb's ``low_dim_gauss_mix`` (posterior sds 0.015-0.05 in the unconstrained
         space) 100 training cycles ended with global acceptance near 0 on some seeds, and the
-        chains stuck (``tests/test_posteriors.py``). Set ``False`` for a flow already fitted to
+        chains stuck. Set ``False`` for a flow already fitted to
         the target, whose own coordinates are to be kept. :attr:`flow` is then the wrapper.
     :param precondition: the local moves use the standardization's squared scales as a
         diagonal preconditioner (MALA's :math:`A`, HMC's inverse mass), so that one step size
@@ -128,7 +128,7 @@ class AdaptiveFlowSampler:
         walker into whatever mode lies under it: on a three-mode mixture whose modes are 0.1-10
         wide per coordinate, walkers started over all three basins all ended in the central one
         and the chain reported one mode with global acceptance 0.93
-        (``tests/test_adaptive.py``). More is not better: with 10 of 100 cycles local only, a
+       . More is not better: with 10 of 100 cycles local only, a
         seed of posteriordb's ``low_dim_gauss_mix`` ended warmup with acceptance 0.46 (0.92
         with 2; one-off runs).
     """
@@ -348,7 +348,7 @@ class AdaptiveFlowSampler:
         a scale has moved by more than :attr:`_RESTART_RATIO` from the one it started under:
         a flow fitted in coordinates a hundred times too narrow or wide is worse than a fresh
         one (early in warmup walkers far out make the scales small). On the narrow offset
-        Gaussian of ``tests/test_adaptive.py``, seeds 0-7, the production acceptance is
+        Gaussian, seeds 0-7, the production acceptance is
         0.85-0.87 with the restart and without it 0.000 on three seeds and 0.16-0.40 on the
         others."""
         grad = None if self._grad_buffer is None else self._grad_buffer.reshape(data.shape)
@@ -397,7 +397,7 @@ class AdaptiveFlowSampler:
         acceptance of the last :attr:`_WINDOW` cycles has fallen below half of the best such mean
         seen in training, the flow of that best stretch is restored: flow training with a constant
         learning rate can blow up late (it froze one eight-schools chain of three for good,
-        ``benchmarks/RESULTS.md``; ``tests/test_adaptive.py`` injects such a blow-up). Otherwise
+        a test injects such a blow-up). Otherwise
         the final flow is kept (early flows can score well on a walker ensemble that has not
         spread out yet). The choice depends on the training phase only, so the chain after it is
         a valid MCMC chain.
