@@ -198,9 +198,10 @@ def test_exactly_one_of_model_and_potential_fn(name):
 
 
 @pytest.mark.parametrize("cls", [FlowIMH, FlowISIR, FlowHMC, FlowNUTS])
-def test_flow_kernels_need_a_flow(cls):
-    with pytest.raises(ValueError, match="flow"):
-        cls(potential_fn=gauss_potential_2d())
+def test_flow_kernels_reject_a_flow_that_is_not_one(cls):
+    """``flow=None`` fits one (tests/test_flow_fit.py); anything else must be a flow."""
+    with pytest.raises((TypeError, ValueError), match="flow"):
+        run(cls(potential_fn=gauss_potential_2d(), flow=object()))
 
 
 @pytest.mark.parametrize("name", FLOW_KERNELS + ["AdaptiveFlowMCMC"])

@@ -10,6 +10,7 @@ offer: on ArviZ 0.x it returns an ``arviz.InferenceData``; on ArviZ 1.x (``arviz
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -57,6 +58,13 @@ def to_arviz(
       ``HMC``/``NUTS``) only ``diverging``, from ``diagnostics()["divergences"]``; no
       ``sample_stats`` group when the kernel reports neither.
     - ``observed_data`` / ``constant_data`` when given (tensors are converted to NumPy).
+
+    The ``posterior`` and ``sample_stats`` attributes name the sampler and, for the flow
+    kernels, hold ``flow_khat`` (the Pareto :math:`\hat k` of the frozen flow as an importance
+    sampler of the target, ``diagnostics()["flow k-hat"]``; above 0.7 the flow misses part of
+    the target) and ``flow_is_ess`` (its importance-sampling ESS); when the chains checked
+    different flows (Pyro's driver trains one flow per chain) the worst of them: the largest
+    :math:`\hat k` and the smallest ESS.
 
     Pyro keeps no warmup draws, so there are no warmup groups.
 
@@ -123,6 +131,7 @@ def to_arviz(
         "inference_library": "pyro",
         "inference_library_version": pyro.__version__,
         "sampler": type(mcmc.kernel).__name__,
+        **_flow_attrs(mcmc),
     }
     module, legacy = _load_backend(backend)
     if legacy:  # ArviZ 0.x: keyword groups, per-group attrs through **kwargs
@@ -194,6 +203,20 @@ def _sample_stats(mcmc: AbstractMCMC, num_chains: int, num_draws: int) -> dict[s
             diverging[chain, idx[(idx >= 0) & (idx < num_draws)]] = True
         return {"diverging": diverging}
     return {}
+
+
+def _flow_attrs(mcmc: AbstractMCMC) -> dict[str, float]:
+    """``flow_khat`` and ``flow_is_ess`` from the chains' diagnostics, when every chain has
+    them (the worst over chains), else ``{}``."""
+    diags = list(getattr(mcmc, "_diagnostics", None) or [])
+    keys = ("flow k-hat", "flow IS ESS")
+    if not diags or not all(isinstance(d, Mapping) and all(k in d for k in keys) for d in diags):
+        return {}
+    khats = [float(d["flow k-hat"]) for d in diags]
+    return {
+        "flow_khat": float("nan") if any(math.isnan(k) for k in khats) else max(khats),
+        "flow_is_ess": min(float(d["flow IS ESS"]) for d in diags),
+    }
 
 
 def _to_numpy(value: Any) -> np.ndarray:

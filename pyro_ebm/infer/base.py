@@ -7,13 +7,28 @@ r"""The shared shell of the ``pyro_ebm`` kernels: Pyro's ``MCMCKernel`` over a b
 sites, initial parameters (user-given per chain, else from the model's init strategy, else from
 the subclass), per-run reset in :meth:`setup` (Pyro's ``MCMC`` reuses the kernel object for
 sequential chains), counting warmup steps (``end_warmup`` is never called), ``logging()`` for
-the progress bar and ``diagnostics()`` with ``divergences`` and per-draw sample statistics kept
-in preallocated tensors. Subclasses implement one move of a ``(num_chains, dim)`` walker state
-with the functions of :mod:`pyro_ebm.samplers`.
+the progress bar and ``diagnostics()`` with ``divergences``, per-draw sample statistics kept
+in preallocated tensors and the longest run of rejections of each chain (a chain that has
+stopped moving). Subclasses implement one move of a ``(num_chains, dim)`` walker state with the
+functions of :mod:`pyro_ebm.samplers`.
+
+The flow kernels check their frozen flow once per run (:meth:`TargetKernel._check_flow_quality`):
+the Pareto :math:`\hat k` of the flow as an importance sampler of the target and the
+importance-sampling ESS (:func:`~pyro_ebm.metrics.flow_importance_diagnostic`), reported by
+``diagnostics()`` as ``"flow k-hat"`` and ``"flow IS ESS"``, with a warning above 0.7.
+
+References:
+
+- Vehtari, Simpson, Gelman, Yao, Gabry (2024), "Pareto smoothed importance sampling", JMLR
+  25(72), 1-58, https://arxiv.org/abs/1507.02646
+- Yao, Vehtari, Simpson, Gelman (2018), "Yes, but did it work?: Evaluating variational
+  inference", ICML, https://arxiv.org/abs/1802.02538
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -22,10 +37,48 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
 from .._checks import check_int
-from ..samplers import MoveInfo, WalkerState, guarded, valid_starts
+from ..metrics.psis import KHAT_THRESHOLD, FlowCheck, flow_importance_diagnostic
+from ..samplers import FlowFit, MoveInfo, WalkerState, fit_flow, guarded, valid_starts
 from .target import FlatTarget, make_target
 
-__all__ = ["SAMPLE_STATS", "DrawStats", "TargetKernel", "WalkerKernel", "check_flow"]
+__all__ = [
+    "FLOW_CHECK_DRAWS",
+    "SAMPLE_STATS",
+    "STUCK_LEVEL",
+    "STUCK_SHARE",
+    "DrawStats",
+    "TargetKernel",
+    "WalkerKernel",
+    "check_flow",
+    "longest_rejection_run",
+    "stuck_threshold",
+]
+
+logger = logging.getLogger(__name__)
+
+#: draws of the frozen flow for its k-hat check (see
+#: :func:`~pyro_ebm.metrics.flow_importance_diagnostic`: at 4096 the sample-size dependent
+#: threshold of PSIS is 0.7, and the check costs one batched potential evaluation)
+FLOW_CHECK_DRAWS = 4096
+
+#: starts of the flow's fit when neither the user nor the model's init strategy gives any
+_FIT_STARTS = 16
+
+#: what to do when the flow a kernel fitted itself (``flow=None``) has a large k-hat
+_FITTED_ADVICE = (
+    "the flow was fitted by reverse KL (fit_flow), which covers one mode of a multimodal target "
+    "and cannot follow a funnel: non-centre the model if its posterior is funnel-shaped, use "
+    "AdaptiveFlowMCMC (its flow learns from many walkers) for several modes, or give a flow "
+    "(flow=...) trained for longer"
+)
+
+#: a chain is reported stuck when a run of rejections as long as its longest would have
+#: probability below this under independent acceptance at its own rate (see
+#: :func:`stuck_threshold`) ...
+STUCK_LEVEL = 1e-6
+
+#: ... and when that run also holds at least this share of the chain's draws
+STUCK_SHARE = 0.05
 
 #: per-draw statistics every kernel records (see :func:`pyro_ebm.infer.to_arviz`)
 SAMPLE_STATS = ("accept_prob", "accepted", "potential_energy", "is_global", "diverging")
@@ -83,28 +136,109 @@ class DrawStats:
     def diagnostics(self, index: int) -> dict:
         r"""What ``MCMC`` reports for chain ``index``: ``divergences`` (indices of draws whose
         proposal had a non-finite potential), the acceptance rate of global and local moves
-        (``nan`` when there were none), and ``sample_stats`` (:meth:`chain`)."""
+        (``nan`` when there were none), ``longest rejection run`` (the most consecutive draws
+        that did not move, :func:`longest_rejection_run`), ``stuck`` (whether that run is far
+        longer than the chain's acceptance rate implies, :func:`stuck_threshold`) and
+        ``sample_stats`` (:meth:`chain`)."""
         stats = self.chain(index)
         out: dict = {"divergences": torch.nonzero(stats["diverging"]).flatten().tolist()}
         for kind, flag in (("global", True), ("local", False)):
             probs = stats["accept_prob"][stats["is_global"] == flag]
             rate = float(probs.mean()) if probs.numel() else float("nan")
             out[f"{kind} acceptance rate"] = rate
+        accepted = stats["accepted"]
+        run = longest_rejection_run(accepted)
+        out["longest rejection run"] = run
+        out["stuck"] = self.num_draws > 0 and run > stuck_threshold(
+            self.num_draws, int(accepted.sum()), run
+        )
         out["sample_stats"] = stats
         return out
+
+
+def longest_rejection_run(accepted: Tensor) -> int:
+    r"""The most consecutive ``False`` entries of a chain's per-draw ``accepted`` flags: the
+    longest stretch of draws in which the chain did not move.
+
+    :param accepted: ``(num_draws,)`` booleans.
+
+    Example::
+
+        >>> longest_rejection_run(torch.tensor([True, False, False, True, False]))
+        2
+    """
+    accepted = torch.as_tensor(accepted, dtype=torch.bool).flatten()
+    n = accepted.numel()
+    where = torch.nonzero(accepted).flatten().cpu()
+    bounds = torch.cat([torch.tensor([-1]), where, torch.tensor([n])])
+    return int((bounds.diff() - 1).max())
+
+
+def stuck_threshold(
+    num_draws: int,
+    num_accepted: int,
+    run: int,
+    level: float = STUCK_LEVEL,
+    share: float = STUCK_SHARE,
+) -> float:
+    r"""The longest run of rejections a chain of ``num_draws`` draws may have before it is
+    called stuck.
+
+    If each draw were accepted independently with probability :math:`a`, a run of at least
+    :math:`L` rejections starts at a given draw with probability at most :math:`(1 - a)^L`, so
+    by the union bound over the :math:`n` draws the longest run reaches :math:`L` with
+    probability at most :math:`n (1 - a)^L`. The run is improbable when that bound is below
+    ``level``, i.e. when
+
+    .. math:: L > L_{\text{iid}} = \frac{\log(\text{level} / n)}{\log(1 - a)}.
+
+    The rate :math:`a` is estimated from the draws outside the run, with half a pseudo-count
+    (:math:`a = (\text{accepted} + 1/2) / (n - L + 1)`), so that the stuck stretch does not
+    lower the rate it is judged by, and a chain that never moved has :math:`a = 1/2`.
+
+    Rejections of a healthy chain cluster (an independent proposal's acceptance depends on the
+    current point's weight, a local move's on where the chain is), so runs of 10-20 draws at an
+    acceptance of 0.9 are common with a good flow although :math:`L_{\text{iid}}` is 8 for
+    1000 draws. The run must therefore also hold a material ``share`` of the draws, during
+    which the chain's draws are one point: the threshold is
+    :math:`\max(L_{\text{iid}}, \text{share} \cdot n)`.
+
+    :param num_draws: :math:`n`, the chain's draws.
+    :param num_accepted: draws that moved.
+    :param run: :math:`L`, the longest run of rejections (:func:`longest_rejection_run`).
+    :param level: the probability bound below which the run is improbable.
+    :param share: the least share of the draws a stuck run holds.
+    :returns: the longest run that is not called stuck (``inf`` when ``n = 0``).
+
+    Example::
+
+        >>> round(stuck_threshold(1000, 300, 20), 1)  # acceptance 0.3: runs up to ~57 are fine
+        56.7
+        >>> stuck_threshold(1000, 900, 10)  # acceptance 0.9: up to 5% of the draws
+        50.0
+    """
+    if num_draws <= 0:
+        return math.inf
+    rate = min((num_accepted + 0.5) / (num_draws - run + 1), 1.0 - 1e-12)
+    return max(math.log(level / num_draws) / math.log1p(-rate), share * num_draws)
 
 
 class TargetKernel(MCMCKernel):
     r"""What every ``pyro_ebm`` kernel shares: ``model`` xor ``potential_fn``, Pyro's transforms,
     per-chain initial parameters, and the :class:`~pyro_ebm.infer.target.FlatTarget`.
 
-    :param model: a Pyro model (continuous latents), or ``None``.
+    :param model: a Pyro model, or ``None``; discrete latent sites are enumerated as by Pyro's
+        HMC/NUTS (``config_enumerate`` them).
     :param potential_fn: a Pyro ``potential_fn`` (``dict -> scalar``), e.g.
         :func:`pyro_ebm.potential_fn`, or ``None``. Exactly one of ``model`` and
         ``potential_fn`` must be given.
     :param init_strategy: Pyro init strategy for models (default ``init_to_uniform``; kernels
         with a user-given flow start from a draw of the flow instead, see
         :attr:`_starts_from_flow`).
+    :param max_plate_nesting: as for Pyro's HMC/NUTS: the model's plate nesting, guessed when
+        ``None``; give it for a model with enumerated discrete sites.
+
+    Every kernel takes ``init_strategy`` and ``max_plate_nesting`` after its own options.
     """
 
     #: without ``initial_params`` or ``init_strategy``, start a model's chain from a draw of the
@@ -113,14 +247,26 @@ class TargetKernel(MCMCKernel):
     #: an independent proposal's current point can be so large that the chain never leaves it
     _starts_from_flow = False
 
+    #: what a flow k-hat above 0.7 means for this kernel, and what to do (the warning of
+    #: :meth:`_check_flow_quality`)
+    _flow_khat_meaning = "the flow misses part of the target"
+    _flow_khat_advice = (
+        "give a better flow (train it longer, e.g. fit_reverse_kl or AdaptiveFlowMCMC's flow_), "
+        "or non-centre the model if its posterior is funnel-shaped"
+    )
+
     def __init__(
         self,
         model: Callable | None = None,
         potential_fn: Callable | None = None,
         init_strategy: Callable | None = None,
+        max_plate_nesting: int | None = None,
     ) -> None:
         if (model is None) == (potential_fn is None):
             raise ValueError("exactly one of `model` and `potential_fn` must be given")
+        if max_plate_nesting is not None:
+            check_int("max_plate_nesting", max_plate_nesting, 0)
+        self.max_plate_nesting = max_plate_nesting
         self.model = model
         self.potential_fn = potential_fn
         self.init_strategy = init_strategy
@@ -129,6 +275,13 @@ class TargetKernel(MCMCKernel):
         self._user_initial: dict[str, Tensor] | None = None
         self._initial_params: dict[str, Tensor] | None = None
         self.target: FlatTarget | None = None
+        #: the flow-quality check of the current run (flow kernels; ``None`` before it is made)
+        self.flow_check: FlowCheck | None = None
+        self._flow_check_cache: tuple | None = None
+        self._run_key: tuple = ()
+        #: with ``flow=None``: the flow fitted for the current target (:meth:`_flow_for_run`)
+        self.flow_fit: FlowFit | None = None
+        self._fit_cache: tuple | None = None
         super().__init__()
 
     @property
@@ -153,13 +306,115 @@ class TargetKernel(MCMCKernel):
             kwargs,
             self.init_strategy,
             dim=getattr(getattr(self, "flow", None), "dim", None),
-            model_init=not self._starts_from_flow,
+            # a flow to fit starts from the model's init strategy
+            model_init=not self._starts_from_flow or getattr(self, "flow", None) is None,
             num_chains=num_chains,
+            max_plate_nesting=self.max_plate_nesting,
         )
         if self.model is not None:
             self.transforms = self.target.transforms
         self._user_initial = None
+        self.flow_check = None
+        # what the target depends on, for the flow check's cache (a new run() of
+        # pyro_ebm.infer.MCMC passes new tensors: the check is made again)
+        self._run_key = (
+            id(self.model),
+            id(self.potential_fn),
+            tuple(_state_key(a) for a in args),
+            tuple((k, _state_key(v)) for k, v in sorted(kwargs.items())),
+        )
+        self._run_refs = (self.model, self.potential_fn, args, kwargs)  # ids stay theirs
         return self.target
+
+    def _flow_for_run(self, starts: Tensor | None) -> object:
+        r"""The flow of this run: the user's ``flow`` (checked), or with ``flow=None`` one fitted
+        to the target by :func:`~pyro_ebm.samplers.fit_flow` from ``starts`` (``(n, D)``, e.g.
+        the model's init strategy; else uniform in :math:`[-2, 2]^D`; non-finite ones redrawn),
+        kept in :attr:`flow_` and :attr:`flow_fit`. One fit per target: the chains that Pyro's
+        ``MCMC`` sets up one at a time share it."""
+        dim = self.target.layout.dim
+        if self.flow is not None:
+            check_flow(self.flow, dim)
+            return self.flow
+        if self._fit_cache is not None and self._fit_cache[0] == self._run_key:
+            self.flow_fit = self._fit_cache[1]
+        else:
+            device = _device_of(self.target.potential) if starts is None else starts.device
+
+            def uniform(n: int) -> Tensor:
+                return 4.0 * torch.rand(n, dim, device=device) - 2.0
+
+            starts = uniform(_FIT_STARTS) if starts is None else starts.reshape(-1, dim)
+            sites = ", ".join(repr(s) for s in self.target.layout.site_names)
+            starts = valid_starts(
+                self.target.potential,
+                starts.detach(),
+                uniform,
+                with_grad=False,
+                what=f"the starts of the flow's fit (sites {sites})",
+            ).x
+            self.flow_fit = fit_flow(self.target.potential, starts)
+            self._fit_cache = (self._run_key, self.flow_fit, self._run_refs)
+            fit = self.flow_fit
+            logger.info(
+                "%s: fitted a flow (%s) in %.1f s, %d reverse-KL steps: k-hat %.2f, IS ESS "
+                "%.0f of %d",
+                type(self).__name__,
+                " + ".join(fit.stages),
+                fit.seconds,
+                fit.steps,
+                fit.khat,
+                fit.ess,
+                fit.num_draws,
+            )
+        self.flow_ = self.flow_fit.flow
+        return self.flow_
+
+    def _check_flow_quality(self, proposal, flow=None, cache: bool = True) -> FlowCheck:
+        r"""Check the kernel's frozen flow once per run: the Pareto :math:`\hat k` and IS ESS of
+        ``proposal`` as an importance sampler of the target
+        (:func:`~pyro_ebm.metrics.flow_importance_diagnostic` with :data:`FLOW_CHECK_DRAWS`
+        draws), kept in :attr:`flow_check` for ``diagnostics()``; a warning when
+        :math:`\hat k > 0.7` says what it means for this kernel and what to do.
+
+        With ``cache``, a check of the same ``flow`` (default ``proposal``; parameters
+        unchanged) on the same target (same model or potential and arguments) is reused, so that
+        the chains of one run that Pyro's ``MCMC`` sets up one at a time share one check and
+        one warning.
+        """
+        flow = proposal if flow is None else flow
+        key = (self._run_key, _state_key(flow), type(self).__name__)
+        if cache and self._flow_check_cache is not None and self._flow_check_cache[0] == key:
+            self.flow_check = self._flow_check_cache[1]
+            return self.flow_check
+        fit = self.flow_fit
+        if fit is not None and proposal is fit.flow:  # checked by the fit
+            check = FlowCheck(fit.khat, fit.ess, fit.num_draws)
+        else:
+            check = flow_importance_diagnostic(proposal, self.target.potential, FLOW_CHECK_DRAWS)
+        self.flow_check = check
+        self._flow_check_cache = (key, check) if cache else None
+        if not check.khat <= KHAT_THRESHOLD:  # nan too
+            logger.warning(
+                "%s: the flow's Pareto k-hat as an importance sampler of the target is %.2f > "
+                "%.1f (importance-sampling ESS %.1f of %d draws): %s. What to do: %s.",
+                type(self).__name__,
+                check.khat,
+                KHAT_THRESHOLD,
+                check.ess,
+                check.num_draws,
+                self._flow_khat_meaning,
+                self._flow_khat_advice
+                if fit is None or getattr(self, "flow", None) is not None
+                else _FITTED_ADVICE,
+            )
+        return check
+
+    def _flow_diagnostics(self) -> dict:
+        """``{"flow k-hat": ..., "flow IS ESS": ...}`` once the flow is checked, else ``{}``."""
+        if self.flow_check is None:
+            return {}
+        return {"flow k-hat": self.flow_check.khat, "flow IS ESS": self.flow_check.ess}
 
 
 class WalkerKernel(TargetKernel):
@@ -246,10 +501,14 @@ class WalkerKernel(TargetKernel):
         global and local moves (``nan`` when there were none), ``potential errors`` (how often
         the potential raised, warmup included, and the point was rejected; with
         vectorized chains the count of all chains, which are evaluated as one batch) and
-        ``sample_stats``: per-draw tensors of :data:`SAMPLE_STATS`."""
+        ``sample_stats``: per-draw tensors of :data:`SAMPLE_STATS`; ``longest rejection run``
+        and ``stuck`` (see :meth:`DrawStats.diagnostics`); for the flow kernels, once the flow
+        is frozen, ``flow k-hat`` and ``flow IS ESS`` (see :meth:`_check_flow_quality`: one
+        check for all chains of a vectorized run)."""
         return {
             **self.stats.diagnostics(chain),
             "potential errors": self.target.potential.errors.count,
+            **self._flow_diagnostics(),
         }
 
     # -- subclass hooks ----------------------------------------------------------------------
@@ -301,6 +560,23 @@ class WalkerKernel(TargetKernel):
 
     def _extra_logging(self) -> dict:
         return {}
+
+
+def _state_key(obj) -> tuple:
+    """Identity of ``obj`` and, for a module or tensor, of its values (tensor versions count
+    in-place updates, e.g. an optimizer's steps); numbers and strings by value, tuples and lists
+    item by item."""
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return (obj,)
+    if isinstance(obj, tuple | list):
+        return tuple(_state_key(o) for o in obj)
+    if isinstance(obj, torch.nn.Module):
+        tensors = (*obj.parameters(), *obj.buffers())
+        return (id(obj), tuple(t._version for t in tensors))
+    if isinstance(obj, Tensor):
+        return (id(obj), obj._version)
+    inner = getattr(obj, "flow", None)  # e.g. a DefensiveProposal
+    return (id(obj),) if inner is None else (id(obj), _state_key(inner))
 
 
 def _device_of(potential: Callable) -> torch.device:

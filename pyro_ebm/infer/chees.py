@@ -33,7 +33,7 @@ from ..samplers import (
     guarded,
     init_state,
 )
-from .base import WalkerKernel, check_flow
+from .base import WalkerKernel
 from .neutra import CompiledPotential
 
 __all__ = ["ChEESHMC"]
@@ -54,17 +54,27 @@ class ChEESHMC(WalkerKernel):
     (or an energy error over 1000) rejects that chain's proposal only and is counted as a
     divergence. The number of leapfrog steps per iteration is capped by ``max_num_steps``.
 
-    With ``flow`` the chains run in the flow's latent space (NeuTra, as
-    :class:`~pyro_ebm.infer.FlowHMC`): the potential there is
-    :math:`U(T(z)) - \log|\det J_T(z)|`, the flow is frozen (a copy), and the draws are
-    reported in the original space.
+    With a flow (by default one it fits itself) the chains run in the flow's latent space (NeuTra,
+    as :class:`~pyro_ebm.infer.FlowHMC`): the potential there is :math:`U(T(z)) - \log|\det
+    J_T(z)|`, the flow is frozen (a copy), and the draws are reported in the original space. The
+    flow is checked once per run at setup: ``diagnostics()`` reports its Pareto :math:`\hat k` as an
+    importance sampler of the target (``"flow k-hat"``) and the importance-sampling ESS (``"flow IS
+    ESS"``), see :func:`~pyro_ebm.metrics.flow_importance_diagnostic`; above 0.7 a warning says that
+    the latent geometry is bad.
 
     The trajectory length adapts from the spread of several chains: with one chain (Pyro's own
     ``MCMC``) it stays at ``trajectory_length`` and only the step size and mass matrix adapt.
 
     :param model: a Pyro model, or ``None``.
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
-    :param flow: optional :class:`pyro_ebm.flows.Flow` over the flat unconstrained space.
+    :param flow: a :class:`pyro_ebm.flows.Flow` over the flat unconstrained space, used as is (a
+        frozen copy); ``False``: no flow, the chains move in the unconstrained space with the
+        diagonal mass matrix; or ``None`` (default): the kernel fits its own flow to the target at
+        setup, before warmup, and keeps it frozen (:func:`~pyro_ebm.samplers.fit_flow`: the Laplace
+        Gaussian at a mode, refined by reverse KL into a dense affine map, coupling layers only when
+        that is not good enough, each stage until its loss stops falling), once per run for all
+        chains; the fit is then in ``kernel.flow_`` and its report in ``kernel.flow_fit``. Reverse
+        KL covers one mode: for a multimodal target use :class:`~pyro_ebm.infer.AdaptiveFlowMCMC`.
     :param step_size: initial step size (a reasonable one is searched for at the start, as
         Pyro's HMC does, when ``adapt_step_size``).
     :param trajectory_length: initial trajectory length :math:`T` (default 1).
@@ -94,6 +104,17 @@ class ChEESHMC(WalkerKernel):
         torch.Size([16, 50, 3])
     """
 
+    _flow_khat_meaning = (
+        "the flow misses part of the target; in its latent space the target is far from the "
+        "standard Gaussian NeuTra relies on (a bad geometry), so the chains will take small "
+        "steps, diverge or mix slowly, and may not reach what the flow misses"
+    )
+    _flow_khat_advice = (
+        "give a better flow (train it longer, e.g. with fit_reverse_kl, or use AdaptiveFlowMCMC "
+        "and its trained flow_), run without a flow, or non-centre the model if its posterior is "
+        "funnel-shaped"
+    )
+
     def __init__(
         self,
         model: Callable | None = None,
@@ -109,16 +130,19 @@ class ChEESHMC(WalkerKernel):
         jit_compile: bool = False,
         jit_options: dict | None = None,
         init_strategy: Callable | None = None,
+        max_plate_nesting: int | None = None,
     ) -> None:
-        super().__init__(model, potential_fn, init_strategy)
+        super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self.step_size = check_positive("step_size", step_size)
         self.trajectory_length = check_positive("trajectory_length", trajectory_length)
         if not 0 < target_accept_prob < 1:
             raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}")
         self.target_accept_prob = float(target_accept_prob)
         self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
-        if flow is not None and not (hasattr(flow, "forward") and hasattr(flow, "inverse")):
-            raise TypeError("flow must be a pyro_ebm.flows.Flow (forward/inverse)")
+        if flow not in (None, False) and not (
+            hasattr(flow, "forward") and hasattr(flow, "inverse")
+        ):
+            raise TypeError("flow must be a pyro_ebm.flows.Flow (forward/inverse), None or False")
         self.flow = flow
         self.adapt_step_size = bool(adapt_step_size)
         self.adapt_trajectory_length = bool(adapt_trajectory_length)
@@ -132,9 +156,13 @@ class ChEESHMC(WalkerKernel):
         dim = self.target.layout.dim
         self._flow = None
         self._potential = self.target.potential
-        if self.flow is not None:
-            check_flow(self.flow, dim)
-            self._flow = copy.deepcopy(self.flow).requires_grad_(False)
+        if self.flow is not False:
+            flow = self._flow_for_run(x0)
+            if self.flow is None:  # fitted and frozen: no copy; start from it
+                self._flow = flow
+                x0 = None if not self._starts_given else x0
+            else:
+                self._flow = copy.deepcopy(flow).requires_grad_(False)
             self._potential = PullbackPotential(self.target.potential, self._flow)
         if self.jit_compile:
             self._potential = CompiledPotential(self._potential, self.jit_options)
@@ -151,6 +179,8 @@ class ChEESHMC(WalkerKernel):
         else:
             z0 = self._latent(x0)
         state = self._valid_starts(self._potential, z0, True, redraw)
+        if self._flow is not None:
+            self._check_flow_quality(self._flow, self.flow_ if self.flow is None else self.flow)
         step_size = self.step_size
         if self.adapt_step_size and self._warmup_steps > 0:
             step_size = self._reasonable_step_size(state, step_size)

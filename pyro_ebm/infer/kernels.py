@@ -39,7 +39,7 @@ from ..samplers import (
     isir_step,
     mala_step,
 )
-from .base import WalkerKernel, check_flow
+from .base import WalkerKernel
 
 __all__ = ["MALA", "FlowIMH", "FlowISIR"]
 
@@ -58,14 +58,25 @@ class FlowIMH(WalkerKernel):
     broad Gaussian into the proposal (weight ``defensive``, scale ``defensive_scale`` times the
     flow's base scale), which bounds the weights from above: a floor on the proposal density.
 
-    :param flow: proposal with ``sample_and_log_prob`` and ``log_prob`` over the flat
-        unconstrained space (``dim`` = total size of the latent sites). Without
-        ``initial_params`` (or, for a model, an ``init_strategy``) each chain starts from a draw
-        of the flow, not from Pyro's ``init_to_uniform``, whose points lie far out in a trained
-        flow's tails.
+    :param flow: proposal with ``sample_and_log_prob`` and ``log_prob`` over the flat unconstrained
+        space (``dim`` = total size of the latent sites), used as is; or ``None`` (default): the
+        kernel fits its own flow to the target at setup, before warmup, and keeps it frozen
+        (:func:`~pyro_ebm.samplers.fit_flow`: the Laplace Gaussian at a mode, refined by reverse KL
+        into a dense affine map, coupling layers only when that is not good enough, each stage until
+        its loss stops falling), once per run for all chains; the fit is then in ``kernel.flow_``
+        and its report in ``kernel.flow_fit``. Reverse KL covers one mode: for a multimodal target
+        use :class:`~pyro_ebm.infer.AdaptiveFlowMCMC`. Without ``initial_params`` (or, for a model,
+        an ``init_strategy``) each chain starts from a draw of the flow, not from Pyro's
+        ``init_to_uniform``, whose points lie far out in a trained flow's tails.
     :param block_size: steps of proposals drawn at once.
     :param defensive: weight of the defensive Gaussian component (0 disables it).
     :param defensive_scale: its scale relative to the flow's base scale.
+
+    At setup the proposal (the flow, with its defensive mixture) is checked once per run:
+    ``diagnostics()`` reports its Pareto :math:`\hat k` as an importance sampler of the target
+    (``"flow k-hat"``) and the importance-sampling ESS (``"flow IS ESS"``), see
+    :func:`~pyro_ebm.metrics.flow_importance_diagnostic`; above 0.7 a warning says that the
+    chains will stick. ``diagnostics()`` also reports each chain's ``longest rejection run``.
 
     Example::
 
@@ -82,6 +93,16 @@ class FlowIMH(WalkerKernel):
 
     _num_proposals = 1
     _starts_from_flow = True
+    _flow_khat_meaning = (
+        "the flow misses part of the target; its proposals rarely reach what it misses, and a "
+        "chain that gets there sticks (long runs of rejections): the chains will mix slowly and "
+        "may under-represent that part"
+    )
+    _flow_khat_advice = (
+        "give a better flow (train it longer, e.g. with fit_reverse_kl, or use AdaptiveFlowMCMC "
+        "and its trained flow_), add a defensive component (defensive=0.05), or non-centre the "
+        "model if its posterior is funnel-shaped"
+    )
 
     def __init__(
         self,
@@ -92,33 +113,36 @@ class FlowIMH(WalkerKernel):
         defensive: float = 0.0,
         defensive_scale: float = 3.0,
         init_strategy: Callable | None = None,
+        max_plate_nesting: int | None = None,
     ) -> None:
-        if flow is None:
-            raise ValueError("flow is required (e.g. pyro_ebm.flows.RealNVP(dim), trained)")
         if not 0.0 <= defensive < 1.0:
             raise ValueError(f"defensive must lie in [0, 1), got {defensive}")
-        super().__init__(model, potential_fn, init_strategy)
+        super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self.flow = flow
         self.block_size = block_size
         self.defensive = defensive
         self.defensive_scale = defensive_scale
 
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
-        check_flow(self.flow, self.target.layout.dim)
-        proposal = self.flow
+        self._flow = self._flow_for_run(x0)
+        if self.flow is None and not self._starts_given:  # start from the fitted flow
+            x0 = None
+        proposal = self._flow
         if self.defensive > 0:
-            proposal = DefensiveProposal(self.flow, self.defensive, self.defensive_scale)
+            proposal = DefensiveProposal(self._flow, self.defensive, self.defensive_scale)
         self._proposal = proposal
         self._proposals = FlowProposals(
             proposal, self.target.potential, self.num_chains, self._num_proposals, self.block_size
         )
         if x0 is None:
             x0 = self._flow_draws(self.num_chains)
-        return self._valid_starts(self.target.potential, x0, False, self._flow_draws)
+        state = self._valid_starts(self.target.potential, x0, False, self._flow_draws)
+        self._check_flow_quality(proposal, (self._flow, self.defensive, self.defensive_scale))
+        return state
 
     def _flow_draws(self, n: int) -> Tensor:
         with torch.no_grad():
-            return self.flow.sample(n)
+            return self._flow.sample(n)
 
     def _restart(self, x: Tensor) -> WalkerState:
         return init_state(self.target.potential, x, with_grad=False)
@@ -138,6 +162,17 @@ class FlowISIR(FlowIMH):
 
     :param num_particles: ``N >= 2``.
     """
+
+    _flow_khat_meaning = (
+        "the flow misses part of the target; its particles rarely reach what it misses, and a "
+        "chain that gets there sticks (long runs on one particle): the chains will mix slowly "
+        "and may under-represent that part"
+    )
+    _flow_khat_advice = (
+        "give a better flow (train it longer, e.g. with fit_reverse_kl, or use AdaptiveFlowMCMC "
+        "and its trained flow_), use more particles or a defensive component (defensive=0.05), "
+        "or non-centre the model if its posterior is funnel-shaped"
+    )
 
     def __init__(self, *args, num_particles: int = 16, **kwargs) -> None:
         if int(num_particles) != num_particles or num_particles < 2:
@@ -219,6 +254,7 @@ class MALA(WalkerKernel):
         full_mass: bool = False,
         target_accept_prob: float = 0.574,
         init_strategy: Callable | None = None,
+        max_plate_nesting: int | None = None,
         *,
         target_accept: float | None = None,
     ) -> None:
@@ -243,7 +279,7 @@ class MALA(WalkerKernel):
             raise TypeError(f"target_accept_prob must be a number, got {target_accept_prob!r}")
         if not 0 < target_accept_prob < 1:
             raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}")
-        super().__init__(model, potential_fn, init_strategy)
+        super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self.initial_step_size = step_size
         self.adapt_step_size = bool(adapt_step_size)
         self.adapt_mass_matrix = bool(adapt_mass_matrix)

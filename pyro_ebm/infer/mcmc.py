@@ -150,6 +150,8 @@ class MCMC(AbstractMCMC):
         r"""Run the chains; arguments go to the model (as for Pyro's ``MCMC.run``)."""
         self._args, self._kwargs = args, kwargs
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+        if hasattr(self.kernel, "_flow_check_cache"):  # check the flow once per run
+            self.kernel._flow_check_cache = None
         with optional(
             pyro.validation_enabled(not self.disable_validation),
             self.disable_validation is not None,
@@ -161,6 +163,35 @@ class MCMC(AbstractMCMC):
                 self._run_sequential(args, kwargs)
             else:
                 self._run_pyro(args, kwargs)
+        self._warn_stuck()
+
+    def _warn_stuck(self) -> None:
+        """Warn, naming them, about chains whose longest run of rejections is far longer than
+        their acceptance rate implies (``diagnostics()["stuck"]``, kernels with per-draw
+        statistics only)."""
+        stuck = [
+            i for i, d in enumerate(self._diagnostics) if isinstance(d, dict) and d.get("stuck")
+        ]
+        if not stuck:
+            return
+        runs = [self._diagnostics[i]["longest rejection run"] for i in stuck]
+        if "flow k-hat" in self._diagnostics[stuck[0]]:
+            advice = (
+                "the flow under-covers where they stuck (see diagnostics()['flow k-hat']): give "
+                "a better flow, warm up longer, or non-centre the model"
+            )
+        else:
+            advice = "warm up longer, or reparameterise (e.g. non-centre) the model"
+        logger.warning(
+            "%s: chain(s) %s stopped moving: their longest runs of rejected draws (%s of %d) are "
+            "far longer than their acceptance rates imply (diagnostics()['longest rejection "
+            "run']), and their draws over-weight where they stuck. What to do: %s",
+            type(self.kernel).__name__,
+            ", ".join(str(i) for i in stuck),
+            ", ".join(str(r) for r in runs),
+            self.num_samples,
+            advice,
+        )
 
     def _run_walkers(
         self,
@@ -282,8 +313,10 @@ class MCMC(AbstractMCMC):
     def diagnostics(self) -> dict:
         r"""``{site: {"n_eff": ..., "r_hat": ...}}`` (bulk ESS and rank-normalised split R-hat,
         shaped like the site), plus each kernel diagnostic per chain (``divergences``,
-        acceptance rates; the per-draw statistics are left to
-        :func:`~pyro_ebm.infer.to_arviz`)."""
+        acceptance rates, ``longest rejection run`` and ``stuck`` for the kernels that record
+        per-draw statistics, ``flow k-hat`` and ``flow IS ESS`` for the flow kernels; the
+        per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`). A run whose chains
+        stopped moving (``stuck``) logs a warning naming them."""
         self._check_run()
         table = self._summarize()
         diag: dict = {k: {"n_eff": v["n_eff"], "r_hat": v["r_hat"]} for k, v in table.items()}

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive
 from ..samplers import REJECTED_ERRORS, PullbackPotential, valid_starts
-from .base import SAMPLE_STATS, TargetKernel, check_flow
+from .base import SAMPLE_STATS, TargetKernel
 
 __all__ = ["CompiledPotential", "FlowHMC", "FlowNUTS", "LatentPotential", "compile_value_and_grad"]
 
@@ -280,6 +280,15 @@ class _CappedHMC(HMC):
 class _NeuTraKernel(TargetKernel):
     _inner_cls: type = _CappedHMC
     _starts_from_flow = True
+    _flow_khat_meaning = (
+        "the flow misses part of the target; in its latent space the target is far from the "
+        "standard Gaussian NeuTra relies on (a bad geometry), so HMC/NUTS there will take small "
+        "steps, diverge or mix slowly, and may not reach what the flow misses"
+    )
+    _flow_khat_advice = (
+        "give a better flow (train it longer, e.g. with fit_reverse_kl, or use AdaptiveFlowMCMC "
+        "and its trained flow_), or non-centre the model if its posterior is funnel-shaped"
+    )
 
     def __init__(
         self,
@@ -287,14 +296,12 @@ class _NeuTraKernel(TargetKernel):
         potential_fn: Callable | None = None,
         flow=None,
         init_strategy: Callable | None = None,
+        max_plate_nesting: int | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(model, potential_fn, init_strategy)
-        if flow is None or not hasattr(flow, "forward") or not hasattr(flow, "inverse"):
-            raise ValueError(
-                "flow is required: a pyro_ebm.flows.Flow (forward/inverse), trained toward the "
-                "target, e.g. with fit_reverse_kl or by AdaptiveFlowMCMC"
-            )
+        super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
+        if flow is not None and not (hasattr(flow, "forward") and hasattr(flow, "inverse")):
+            raise TypeError("flow must be a pyro_ebm.flows.Flow (forward/inverse), or None")
         self.flow = flow
         if self._inner_cls is _CappedHMC and kwargs.get("num_steps") is kwargs.get(
             "trajectory_length"
@@ -312,8 +319,15 @@ class _NeuTraKernel(TargetKernel):
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
         given = self._user_initial is not None
         self._build_target(args, kwargs)
-        check_flow(self.flow, self.target.layout.dim)
-        self._frozen_flow = copy.deepcopy(self.flow).requires_grad_(False)
+        flow = self._flow_for_run(
+            None if self.target.initial is None else self.target.initial[None]
+        )
+        if self.flow is None:  # fitted and frozen: no copy
+            self._frozen_flow = flow
+            if not given:  # start from the fitted flow, not the fit's starts
+                self.target = self.target._replace(initial=None)
+        else:
+            self._frozen_flow = copy.deepcopy(self.flow).requires_grad_(False)
         base = self._frozen_flow.base_dist
         with torch.no_grad():
             if self.target.initial is None:
@@ -329,6 +343,7 @@ class _NeuTraKernel(TargetKernel):
             None if given else (lambda n: base.sample((n,))),
             what=f"the chain's {'given ' if given else ''}start (sites {sites})",
         ).x
+        self._check_flow_quality(self._frozen_flow, flow)
         latent = LatentPotential(
             self.target.potential,
             self._frozen_flow,
@@ -379,10 +394,14 @@ class _NeuTraKernel(TargetKernel):
     def diagnostics(self) -> dict:
         r"""Pyro's ``divergences`` and ``acceptance rate`` of the inner kernel, ``potential
         errors`` (how often the potential raised and the point was rejected, warmup included),
-        and ``sample_stats`` (``potential_energy`` is that of the latent-space potential)."""
+        ``flow k-hat`` and ``flow IS ESS`` (the flow's Pareto :math:`\hat k` and
+        importance-sampling ESS as a proposal for the target, checked at setup, see
+        :func:`~pyro_ebm.metrics.flow_importance_diagnostic`), and ``sample_stats``
+        (``potential_energy`` is that of the latent-space potential)."""
         return {
             **self._inner.diagnostics(),
             "potential errors": self.target.potential.errors.count,
+            **self._flow_diagnostics(),
             "sample_stats": self._stats,
         }
 
@@ -392,9 +411,15 @@ class FlowHMC(_NeuTraKernel):
 
     :param model: a Pyro model, or ``None``.
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
-    :param flow: a :class:`pyro_ebm.flows.Flow` over the flat unconstrained space. Without
-        ``initial_params`` (or, for a model, an ``init_strategy``) each chain starts from a draw
-        of the flow.
+    :param flow: a :class:`pyro_ebm.flows.Flow` over the flat unconstrained space, used as is (a
+        frozen copy); or ``None`` (default): the kernel fits its own flow to the target at setup,
+        before warmup, and keeps it frozen (:func:`~pyro_ebm.samplers.fit_flow`: the Laplace
+        Gaussian at a mode, refined by reverse KL into a dense affine map, coupling layers only when
+        that is not good enough, each stage until its loss stops falling), once per run for all
+        chains; the fit is then in ``kernel.flow_`` and its report in ``kernel.flow_fit``. Reverse
+        KL covers one mode: for a multimodal target use :class:`~pyro_ebm.infer.AdaptiveFlowMCMC`.
+        Without ``initial_params`` (or, for a model, an ``init_strategy``) each chain starts from a
+        draw of the flow.
     :param kwargs: options of :class:`~pyro.infer.mcmc.HMC` (``step_size``, ``num_steps``,
         ``trajectory_length``, ``adapt_step_size``, ``adapt_mass_matrix``, ...), and
         ``max_num_steps`` (default 1024), a cap on the leapfrog steps per iteration, which with
@@ -412,6 +437,12 @@ class FlowHMC(_NeuTraKernel):
         expressive one: on eight schools ``AffineFlow(dim, sinh_arcsinh=True)`` fitted by 300
         steps of :func:`~pyro_ebm.flows.fit_reverse_kl` gave the most effective draws per
         second.
+
+    At setup the flow is checked once per run: ``diagnostics()`` reports its Pareto
+    :math:`\hat k` as an importance sampler of the target (``"flow k-hat"``) and the
+    importance-sampling ESS (``"flow IS ESS"``), see
+    :func:`~pyro_ebm.metrics.flow_importance_diagnostic`; above 0.7 a warning says that the
+    latent geometry is bad.
 
     Example::
 

@@ -111,6 +111,7 @@ def make_target(
     dim: int | None = None,
     model_init: bool = True,
     num_chains: int | None = None,
+    max_plate_nesting: int | None = None,
 ) -> FlatTarget:
     r"""Build the :class:`FlatTarget` of a Pyro model or of a ``potential_fn``.
 
@@ -126,6 +127,8 @@ def make_target(
     :param model_init: with a model and neither ``initial_params`` nor ``init_strategy``, start
         from Pyro's default init strategy (``True``) or leave ``initial`` ``None`` (``False``),
         for kernels that start from a draw of their flow.
+    :param max_plate_nesting: a model's plate nesting, as for Pyro's HMC (guessed when ``None``;
+        give it for a model with discrete sites to enumerate).
     :param num_chains: when given, ``initial_params`` carry a leading chain dimension of this
         size, a model's init strategy draws one start per chain, and ``initial`` is
         ``(num_chains, dim)``; when ``None``, one chain and ``initial`` is ``(dim,)``.
@@ -137,7 +140,9 @@ def make_target(
         one = _one_chain(initial_params, num_chains)
     if model is not None:
         kwargs = {} if init_strategy is None else {"init_strategy": init_strategy}
-        energy = ModelEnergy(model, model_args, model_kwargs, **kwargs)
+        energy = ModelEnergy(
+            model, model_args, model_kwargs, max_plate_nesting=max_plate_nesting, **kwargs
+        )
         initial = None
         if model_init or init_strategy is not None:
             initial = energy.initial_params

@@ -6,6 +6,8 @@ r"""Metrics of Grenioux, Moulines, Gabrié (2023) for samplers and trained energ
   :math:`\log Z` and held-out NLL by importance sampling.
 - :mod:`~pyro_ebm.metrics.convergence`: rank-normalised split R-hat and effective sample sizes
   (bulk, tail, mean) of many chains, linear in memory and time in the number of draws.
+- :mod:`~pyro_ebm.metrics.psis`: the Pareto :math:`\hat k` and importance-sampling ESS of a flow
+  as a proposal for its target (PSIS), the flow-quality check of the flow kernels.
 - :mod:`~pyro_ebm.metrics.summary`: per-site posterior summary (mean, std, median, interval,
   ``n_eff``, ``r_hat``) and its table, as Pyro's ``print_summary``.
 """
@@ -20,11 +22,15 @@ from .density import (
     nll,
 )
 from .modes import mode_indicator_ess, mode_weight_mse, mode_weights, mode_weights_mcse
+from .psis import KHAT_THRESHOLD, FlowCheck, flow_importance_diagnostic, pareto_khat
 from .summary import format_summary, summarize
 
 __all__ = [
+    "KHAT_THRESHOLD",
+    "FlowCheck",
     "bounds_around",
     "effective_sample_size",
+    "flow_importance_diagnostic",
     "format_summary",
     "grid_log_density",
     "log_density_error",
@@ -36,6 +42,7 @@ __all__ = [
     "mode_weights_mcse",
     "model_mode_weights",
     "nll",
+    "pareto_khat",
     "rhat",
     "summarize",
 ]

@@ -21,6 +21,7 @@ from .adaptation import (
 from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
 from .chees import ChEESAdapter, ChEESProposal, chees_hmc_step
 from .composite import GlobalLocalInfo, global_local_step, stack_infos
+from .flow_fit import FlowFit, fit_flow
 from .flow_moves import (
     DefensiveProposal,
     FlowDraw,
@@ -48,6 +49,7 @@ __all__ = [
     "ChEESAdapter",
     "ChEESProposal",
     "DefensiveProposal",
+    "FlowFit",
     "FlowDraw",
     "FlowProposals",
     "GlobalLocalInfo",
@@ -65,6 +67,7 @@ __all__ = [
     "chees_hmc_step",
     "default_flow",
     "find_reasonable_step_size",
+    "fit_flow",
     "global_local_step",
     "guarded",
     "hmc_step",
