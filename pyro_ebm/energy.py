@@ -30,8 +30,10 @@ import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.util import broadcast_shape
+from pyro.infer import config_enumerate
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
+from pyro.ops.contract import contract_to_tensor
 from torch import Tensor, nn
 
 from .layout import SiteLayout
@@ -606,7 +608,7 @@ class ModelEnergy(EnergyModel):
     def _batched_energy(self, x: Tensor) -> Tensor:
         # one model execution for the whole batch, inside an outer plate left of all the
         # model's own plates (the model must broadcast correctly, as Pyro's vectorized
-        # ELBOs also require)
+        # ELBOs also require); enumerated discrete sites take dimensions left of that plate
         n, nest = x.shape[0], self._max_plate_nesting
         u = self.unflatten(x)
         c = {k: self.transforms[k].inv(v) for k, v in u.items()}
@@ -614,18 +616,22 @@ class ModelEnergy(EnergyModel):
             k: v.reshape((n,) + (1,) * (nest - self._batch_ranks[k]) + v.shape[1:])
             for k, v in c.items()
         }
+        model = poutine.condition(self.model, data)
+        if self._enumerated:
+            model = poutine.enum(config_enumerate(model), first_available_dim=-(nest + 2))
         with pyro.plate("_pyro_ebm_batch", n, dim=-(nest + 1)):
-            tr = poutine.trace(poutine.condition(self.model, data)).get_trace(
-                *self.model_args, **self.model_kwargs
-            )
-        tr.compute_log_prob()
-        log_joint = x.new_zeros(n)
-        for site in tr.nodes.values():
-            if site["type"] == "sample":
-                lp = site["log_prob"]
-                log_joint = log_joint + torch.broadcast_to(lp, (n,) + lp.shape[1:]).reshape(
-                    n, -1
-                ).sum(1)
+            tr = poutine.trace(model).get_trace(*self.model_args, **self.model_kwargs)
+        if self._enumerated:
+            log_joint = _enumerated_log_joint(tr, n)
+        else:
+            tr.compute_log_prob()
+            log_joint = x.new_zeros(n)
+            for site in tr.nodes.values():
+                if site["type"] == "sample":
+                    lp = site["log_prob"]
+                    log_joint = log_joint + torch.broadcast_to(lp, (n,) + lp.shape[1:]).reshape(
+                        n, -1
+                    ).sum(1)
         for k, t in self.transforms.items():
             log_joint = log_joint - t.log_abs_det_jacobian(c[k], u[k]).reshape(n, -1).sum(1)
         return -log_joint
@@ -649,9 +655,8 @@ class ModelEnergy(EnergyModel):
             return torch.func.vmap(self._row_energy)(x)
 
     def _choose_batching(self, x: Tensor) -> str:
-        """The first of plate, vmap that agrees with the loop on the rows ``x``, else loop."""
-        if self._enumerated:
-            return "loop"
+        """The first of plate, vmap that agrees with the loop on the rows ``x``, else loop
+        (an enumerated model: plate, else loop)."""
         with torch.inference_mode(False), torch.enable_grad():
             rows = x.detach().clone().requires_grad_(True)
             looped = self._looped_energy(rows)
@@ -663,16 +668,7 @@ class ModelEnergy(EnergyModel):
                 plate = _blocker(e)
             if plate is None:
                 return "plate"
-            try:
-                vmapped = self._vmapped_energy(rows)
-                ok = _agree(vmapped.detach(), looped.detach())
-                if ok:  # the samplers differentiate the batch's energies
-                    (g_vmap,) = torch.autograd.grad(vmapped.sum(), rows)
-                    (g_loop,) = torch.autograd.grad(looped.sum(), rows)
-                    ok = _agree(g_vmap, g_loop)
-                vmap = None if ok else "results differ from the per-row model"
-            except Exception as e:  # .item(), control flow on a latent, in-place writes, ...
-                vmap = _blocker(e)
+            vmap = "enumerated discrete sites" if self._enumerated else self._try_vmap(rows, looped)
             if vmap is None:
                 return "vmap"
         warnings.warn(
@@ -686,6 +682,20 @@ class ModelEnergy(EnergyModel):
             stacklevel=3,
         )
         return "loop"
+
+    def _try_vmap(self, rows: Tensor, looped: Tensor) -> str | None:
+        """Why vmap cannot batch the model (``None`` when it agrees with the loop, gradients
+        included)."""
+        try:
+            vmapped = self._vmapped_energy(rows)
+            ok = _agree(vmapped.detach(), looped.detach())
+            if ok:  # the samplers differentiate the batch's energies
+                (g_vmap,) = torch.autograd.grad(vmapped.sum(), rows)
+                (g_loop,) = torch.autograd.grad(looped.sum(), rows, retain_graph=True)
+                ok = _agree(g_vmap, g_loop)
+            return None if ok else "results differ from the per-row model"
+        except Exception as e:  # .item(), control flow on a latent, in-place writes, ...
+            return _blocker(e)
 
     def unflatten(self, x: Tensor) -> dict[str, Tensor]:
         r"""Split flat unconstrained ``(..., dim)`` vectors into ``{site: (..., *shape)}``."""
@@ -705,3 +715,24 @@ class ModelEnergy(EnergyModel):
         if missing:
             raise KeyError(f"values is missing sites {missing}")
         return self.flatten({k: self.transforms[k](values[k]) for k in self.site_names})
+
+
+def _enumerated_log_joint(trace, n: int) -> Tensor:
+    r"""Per-row log joint ``(n,)`` of a batched trace whose enumerated discrete sites are summed
+    out, as Pyro's HMC/NUTS potential does for one row (``TraceEinsumEvaluator``), contracted
+    to the outer batch plate ``_pyro_ebm_batch`` instead of to a scalar."""
+    trace.compute_log_prob()
+    trace.pack_tensors()
+    factors: dict = {}
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and "packed" in site:
+            ordinal = frozenset(
+                trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+            )
+            factors.setdefault(ordinal, []).append(site["packed"]["log_prob"])
+    from collections import OrderedDict
+
+    sum_dims = set(trace.symbol_to_dim) - set(trace.plate_to_symbol.values())
+    batch = frozenset({trace.plate_to_symbol["_pyro_ebm_batch"]})
+    out = contract_to_tensor(OrderedDict(factors), sum_dims, target_ordinal=batch)
+    return out.reshape(n)

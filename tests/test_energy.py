@@ -470,17 +470,40 @@ def test_model_energy_falls_back_to_the_loop_with_one_warning_naming_the_blocker
     assert torch.allclose(out, torch.stack([E._potential(E.unflatten(r)) for r in x]))
 
 
-def test_model_energy_with_enumerated_sites_uses_the_loop_without_a_warning():
-    def mixture():
-        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-        z = pyro.sample("z", dist.Bernoulli(0.3))
-        pyro.sample("o", dist.Normal(mu + z, 1.0), obs=torch.tensor(0.5))
+def test_model_energy_batches_enumerated_sites_in_one_model_run():
+    """A model with an enumerated site is run once for the whole batch (enumeration dims left
+    of the batch plate, summed out per row) and gives Pyro's potential, and its gradient, row
+    by row; one that does not broadcast over the batch falls back to the loop, with a warning."""
 
-    E = ModelEnergy(mixture, max_plate_nesting=0)  # (guessing it would sample z)
+    def mixture(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(0.3))
+            pyro.sample("o", dist.Normal(mu + z, 1.0), obs=data)
+
+    data = torch.tensor([0.5, 1.5, -0.2])
+    E = ModelEnergy(mixture, (data,), max_plate_nesting=1)
     assert E._enumerated
-    x = torch.randn(4, E.dim)
+    x = torch.randn(6, E.dim, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        out = E(x)
+    assert E.batching == "plate"
+    rows = torch.stack([E._potential(E.unflatten(r)) for r in x])
+    assert torch.allclose(out, rows)
+    (g_batch,) = torch.autograd.grad(out.sum(), x)
+    (g_rows,) = torch.autograd.grad(rows.sum(), x)
+    assert torch.allclose(g_batch, g_rows)
+
+    def indexed(data):  # cluster_means[z] does not broadcast over an outer batch dimension
+        means = pyro.sample("means", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+            pyro.sample("o", dist.Normal(means[z], 1.0), obs=data)
+
+    E = ModelEnergy(indexed, (data,), max_plate_nesting=1)
+    x = torch.randn(4, E.dim)
+    with pytest.warns(UserWarning, match="one model run per row"):
         out = E(x)
     assert E.batching == "loop"
     assert torch.allclose(out, torch.stack([E._potential(E.unflatten(r)) for r in x]))
