@@ -13,9 +13,10 @@ The statistical test checks the posterior mean of ``p`` in
 whose posterior density is proportional to :math:`a p + b (1 - p)` with
 :math:`a = \varphi(0)`, :math:`b = \varphi(1)`, hence mean :math:`(a/3 + b/6) / ((a + b)/2)`,
 within ``z * sd / sqrt(ESS)``. Seeds 0-9 pass for MALA and ChEESHMC (``python
-tests/test_discrete.py``; max |z| 1.53 and 2.11). An enumerated model that broadcasts (as this one) is evaluated for all chains in one model
-run (:class:`~pyro_ebm.energy.ModelEnergy` puts the enumeration dimensions left of its batch
-plate); one that does not (e.g. ``means[z]`` indexing) falls back to one run per chain.
+tests/test_discrete.py``; max |z| 1.53 and 2.11). An enumerated model that broadcasts (as
+this one) is evaluated for all chains in one model run (:class:`~pyro_ebm.energy.ModelEnergy`
+puts the enumeration dimensions left of its batch plate); one that does not (e.g.
+``means[z]`` indexing) falls back to one run per chain.
 A kernel that did not sum the site out but held it at one value would sample Beta(1, 2) or
 Beta(2, 1) (means 1/3 and 2/3): with the ESS of these runs (several hundred at least) that is
 tens of Monte Carlo standard errors away (computed, not injected).
