@@ -22,10 +22,12 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from numbers import Real
 
 import torch
 from torch import Tensor
 
+from .._checks import NOT_GIVEN, check_flag, check_int, renamed
 from ..samplers import AdaptiveFlowSampler, MoveInfo, WalkerState, sir_draws, valid_starts
 from .base import WalkerKernel, check_flow
 
@@ -84,19 +86,29 @@ class AdaptiveFlowMCMC(WalkerKernel):
         ``production_local_steps`` smaller than ``num_local_steps`` is overridden (with a
         warning) and the warmup's local moves are kept, since a chain with a poor flow moves by
         its local moves.
-    :param step_size: initial local step size (adapted during warmup).
+    :param step_size: initial local step size (adapted during warmup when ``adapt_step_size``).
     :param defensive: after warmup, propose from the flow mixed with a broad Gaussian of this
         weight (a floor on the proposal density, see
         :class:`~pyro_ebm.samplers.DefensiveProposal`); 0 (default) disables it. It is for flows
         whose tails are much too light; on eight schools (8 seeds, pure i-SIR) a weight of 0.05
         did not remove the occasional sticky stretches and cut the median ESS threefold.
+    :param init_strategy: Pyro init strategy for models.
+    :param max_plate_nesting: as Pyro's (for models).
+    :param target_accept_prob: mean acceptance probability of the local moves that the step-size
+        adaptation aims for (``None``: 0.574 for MALA, 0.75 for HMC).
+    :param num_steps: leapfrog steps of a local HMC move (``local_move="hmc"``; ``None``: 10;
+        MALA ignores it).
+    :param adapt_step_size: adapt the local step size during warmup (dual averaging toward
+        ``target_accept_prob``, then frozen at its average); ``False`` keeps ``step_size``.
     :param sampler_kwargs: further options of :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`
         (``flow_lr``, ``flow_steps``, ``flow_batch_size``, ``history``, ``block_size``,
-        ``target_accept``, ``num_leapfrog``, ``defensive_scale``, ``standardize``,
-        ``precondition``, ``local_only_cycles``, and ``reverse_kl_steps``/``reverse_kl_samples``
-        to add reverse-KL steps to the forward-KL fit of each cycle). The first two cycles of
-        warmup make local moves only (``local_only_cycles``), so that the first global move is
-        proposed by a flow fitted on the walkers.
+        ``defensive_scale``, ``standardize``, ``precondition``, ``local_only_cycles``, and
+        ``reverse_kl_steps``/``reverse_kl_samples`` to add reverse-KL steps to the forward-KL
+        fit of each cycle). The first two cycles of warmup make local moves only
+        (``local_only_cycles``), so that the first global move is proposed by a flow fitted on
+        the walkers. The sampler's ``target_accept`` and ``num_leapfrog`` are the deprecated
+        names of ``target_accept_prob`` and ``num_steps`` here (a ``FutureWarning``; passing
+        both names is a ``TypeError``).
 
     Example::
 
@@ -139,8 +151,41 @@ class AdaptiveFlowMCMC(WalkerKernel):
         defensive: float = 0.0,
         init_strategy: Callable | None = None,
         max_plate_nesting: int | None = None,
+        target_accept_prob: float | None = None,
+        num_steps: int | None = None,
+        adapt_step_size: bool = True,
         **sampler_kwargs,
     ) -> None:
+        name = type(self).__name__
+        target_accept_prob = renamed(
+            name,
+            "target_accept_prob",
+            target_accept_prob,
+            target_accept_prob is not None,
+            "target_accept",
+            sampler_kwargs.pop("target_accept", NOT_GIVEN),
+        )
+        num_steps = renamed(
+            name,
+            "num_steps",
+            num_steps,
+            num_steps is not None,
+            "num_leapfrog",
+            sampler_kwargs.pop("num_leapfrog", NOT_GIVEN),
+        )
+        if target_accept_prob is not None:
+            if isinstance(target_accept_prob, bool) or not isinstance(target_accept_prob, Real):
+                raise TypeError(f"target_accept_prob must be a number, got {target_accept_prob!r}")
+            if not 0 < target_accept_prob < 1:
+                raise ValueError(
+                    f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}"
+                )
+            target_accept_prob = float(target_accept_prob)
+        if num_steps is not None:
+            num_steps = check_int("num_steps", num_steps, 1)
+        self.target_accept_prob = target_accept_prob
+        self.num_steps = num_steps
+        self.adapt_step_size = check_flag("adapt_step_size", adapt_step_size)
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         if int(num_walkers) != num_walkers or num_walkers < 2:
             raise ValueError(f"num_walkers must be an integer >= 2, got {num_walkers!r}")
@@ -166,8 +211,12 @@ class AdaptiveFlowMCMC(WalkerKernel):
             num_local_steps=num_local_steps,
             step_size=step_size,
             defensive=defensive,
+            target_accept=target_accept_prob,
+            adapt_step_size=self.adapt_step_size,
             **sampler_kwargs,
         )
+        if num_steps is not None:
+            self.sampler_options["num_leapfrog"] = num_steps
         # validate the options now rather than at the first chain
         AdaptiveFlowSampler(lambda x: x.sum(-1), None, **self.sampler_options)
         self.flow_: torch.nn.Module | None = None

@@ -2,8 +2,8 @@ r"""Many-chain HMC with ChEES adaptation as a Pyro kernel: :class:`ChEESHMC`.
 
 All chains make the same (jittered) number of leapfrog steps, so each step is one batched
 potential-and-gradient evaluation for every chain; warmup tunes the step size, the trajectory
-length and a diagonal mass matrix from the whole ensemble of chains
-(:class:`~pyro_ebm.samplers.ChEESAdapter`). Run it with many chains through
+length and a diagonal (or, ``full_mass=True``, dense) mass matrix from the whole ensemble of
+chains (:class:`~pyro_ebm.samplers.ChEESAdapter`). Run it with many chains through
 :class:`pyro_ebm.infer.MCMC` (``chain_method="vectorized"``).
 
 References:
@@ -19,11 +19,12 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from numbers import Real
 
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_positive
+from .._checks import check_flag, check_int, check_positive
 from ..samplers import (
     ChEESAdapter,
     MoveInfo,
@@ -48,11 +49,12 @@ class ChEESHMC(WalkerKernel):
     Halton sequence), so all chains advance as one ``(num_chains, dim)`` tensor. During warmup
     the step size follows dual averaging on the chains' harmonic-mean acceptance, the trajectory
     length :math:`T` ascends the ChEES criterion (the change in the expected squared distance
-    from the mean, estimated over the chains), and a diagonal inverse mass matrix is set from
-    the chains' variances in Stan's windows. After warmup all three are frozen (the jitter
-    continues) and the chains are independent. A trajectory that meets a non-finite potential
-    (or an energy error over 1000) rejects that chain's proposal only and is counted as a
-    divergence. The number of leapfrog steps per iteration is capped by ``max_num_steps``.
+    from the mean, estimated over the chains), and the inverse mass matrix is set from the
+    chains' variances (or, ``full_mass=True``, their covariance) in Stan's windows. After warmup
+    all three are frozen (the jitter continues) and the chains are independent. A trajectory that
+    meets a non-finite potential (or an energy error over 1000) rejects that chain's proposal
+    only and is counted as a divergence. The number of leapfrog steps per iteration is capped
+    by ``max_num_steps``.
 
     With a flow (by default one it fits itself) the chains run in the flow's latent space (NeuTra,
     as :class:`~pyro_ebm.infer.FlowHMC`): the potential there is :math:`U(T(z)) - \log|\det
@@ -69,7 +71,7 @@ class ChEESHMC(WalkerKernel):
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
     :param flow: a :class:`pyro_ebm.flows.Flow` over the flat unconstrained space, used as is (a
         frozen copy); ``False``: no flow, the chains move in the unconstrained space with the
-        diagonal mass matrix; or ``None`` (default): the kernel fits its own flow to the target at
+        adapted mass matrix; or ``None`` (default): the kernel fits its own flow to the target at
         setup, before warmup, and keeps it frozen (:func:`~pyro_ebm.samplers.fit_flow`: the Laplace
         Gaussian at a mode, refined by reverse KL into a dense affine map, coupling layers only when
         that is not good enough, each stage until its loss stops falling), once per run for all
@@ -82,7 +84,14 @@ class ChEESHMC(WalkerKernel):
     :param max_num_steps: cap on leapfrog steps per iteration.
     :param adapt_step_size: adapt the step size during warmup.
     :param adapt_trajectory_length: adapt :math:`T` during warmup (needs several chains).
-    :param adapt_mass_matrix: adapt a diagonal inverse mass matrix during warmup.
+    :param adapt_mass_matrix: adapt the inverse mass matrix during warmup (with fewer than 20
+        warmup steps it stays the identity, as in Stan).
+    :param full_mass: a dense ``(D, D)`` inverse mass matrix, the chains' pooled covariance,
+        instead of a diagonal one, their variances (as Pyro's ``full_mass=True``; a block
+        structure, Pyro's list of sites, is not supported). The momentum is then drawn through
+        the matrix's Cholesky factor and each leapfrog step multiplies by it, ``O(D^2)`` per
+        chain: for a strongly correlated target without a flow (``flow=False``); a flow already
+        decorrelates its latent space.
     :param jit_compile: compile the batched potential (model and flow) together with its
         gradient into one graph per batch shape (:class:`~pyro_ebm.infer.CompiledPotential`):
         the Python of Pyro's model trace runs once, which makes small models several times
@@ -91,6 +100,10 @@ class ChEESHMC(WalkerKernel):
     :param init_strategy: Pyro init strategy for models. Without ``initial_params``, a bare
         ``potential_fn`` starts each chain uniformly in :math:`[-2, 2]^d` (the flow's latent
         space with ``flow``: a draw of the flow).
+    :param max_plate_nesting: as Pyro's (for models).
+
+    After :meth:`setup` (or a run), :attr:`inverse_mass_matrix` is the current inverse mass, over
+    the flat unconstrained space (the flow's latent space with a flow), ``(D,)`` or ``(D, D)``.
 
     Example::
 
@@ -131,10 +144,21 @@ class ChEESHMC(WalkerKernel):
         jit_options: dict | None = None,
         init_strategy: Callable | None = None,
         max_plate_nesting: int | None = None,
+        full_mass: bool = False,
     ) -> None:
+        for name, flag in (
+            ("adapt_step_size", adapt_step_size),
+            ("adapt_trajectory_length", adapt_trajectory_length),
+            ("adapt_mass_matrix", adapt_mass_matrix),
+            ("full_mass", full_mass),
+            ("jit_compile", jit_compile),
+        ):
+            check_flag(name, flag)
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self.step_size = check_positive("step_size", step_size)
         self.trajectory_length = check_positive("trajectory_length", trajectory_length)
+        if isinstance(target_accept_prob, bool) or not isinstance(target_accept_prob, Real):
+            raise TypeError(f"target_accept_prob must be a number, got {target_accept_prob!r}")
         if not 0 < target_accept_prob < 1:
             raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}")
         self.target_accept_prob = float(target_accept_prob)
@@ -147,6 +171,7 @@ class ChEESHMC(WalkerKernel):
         self.adapt_step_size = bool(adapt_step_size)
         self.adapt_trajectory_length = bool(adapt_trajectory_length)
         self.adapt_mass_matrix = bool(adapt_mass_matrix)
+        self.full_mass = bool(full_mass)
         self.jit_compile = bool(jit_compile)
         self.jit_options = jit_options
         self.adapter: ChEESAdapter | None = None
@@ -202,8 +227,16 @@ class ChEESHMC(WalkerKernel):
             adapt_mass=self.adapt_mass_matrix,
             adapt_step_size=self.adapt_step_size,
             adapt_trajectory_length=adapt_length,
+            full_mass=self.full_mass,
         )
         return state
+
+    @property
+    def inverse_mass_matrix(self) -> Tensor | None:
+        r"""The current inverse mass matrix over the flat unconstrained space (the flow's latent
+        space with a flow): ``(D,)`` (diagonal) or ``(D, D)`` (``full_mass``); ``None`` before
+        :meth:`setup`."""
+        return None if self.adapter is None else self.adapter.inverse_mass
 
     def _restart(self, x: Tensor) -> WalkerState:
         return init_state(self._potential, self._latent(x))

@@ -21,11 +21,10 @@ import warnings
 from collections.abc import Callable
 from numbers import Real
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_positive
+from .._checks import NOT_GIVEN, DefaultValue, check_flag, check_positive, renamed
 from ..samplers import (
     DefensiveProposal,
     FlowProposals,
@@ -34,12 +33,14 @@ from ..samplers import (
     StepSizeAdapter,
     WalkerState,
     find_reasonable_step_size,
+    guarded,
     imh_step,
     init_state,
     isir_step,
     mala_step,
 )
 from .base import WalkerKernel
+from .neutra import CompiledPotential
 
 __all__ = ["MALA", "FlowIMH", "FlowISIR"]
 
@@ -217,7 +218,16 @@ class MALA(WalkerKernel):
     :param target_accept_prob: mean acceptance probability to aim for; 0.574 is optimal in high
         dimension (Roberts & Rosenthal 1998).
     :param init_strategy: Pyro init strategy for models.
-    :param target_accept: deprecated name of ``target_accept_prob`` (a ``FutureWarning``).
+    :param max_plate_nesting: as Pyro's (for models).
+    :param jit_compile: compile the batched potential together with its gradient into one graph
+        per batch shape (:class:`~pyro_ebm.infer.CompiledPotential`, as
+        :class:`~pyro_ebm.infer.ChEESHMC` does): the Python of Pyro's model trace runs once,
+        which makes small models several times faster. Only valid for potentials without
+        data-dependent control flow; a potential that cannot be recorded runs as is (a
+        warning).
+    :param dict jit_options: keyword arguments of :func:`torch.jit.trace`.
+    :param target_accept: deprecated name of ``target_accept_prob`` (a ``FutureWarning``;
+        passing both is a ``TypeError``).
 
     After :meth:`setup` (or a run), :attr:`inverse_mass_matrix` is the current :math:`A` over the
     flat unconstrained space, ``(D,)`` or ``(D, D)``, and :attr:`step_size` the current step size.
@@ -252,28 +262,31 @@ class MALA(WalkerKernel):
         adapt_step_size: bool = True,
         adapt_mass_matrix: bool = True,
         full_mass: bool = False,
-        target_accept_prob: float = 0.574,
+        target_accept_prob: float = DefaultValue(0.574),
         init_strategy: Callable | None = None,
         max_plate_nesting: int | None = None,
+        jit_compile: bool = False,
+        jit_options: dict | None = None,
         *,
         target_accept: float | None = None,
     ) -> None:
-        if target_accept is not None:
-            if target_accept_prob != 0.574 and target_accept_prob != target_accept:
-                raise TypeError("pass target_accept_prob only (target_accept is its old name)")
-            warnings.warn(
-                "MALA's target_accept is deprecated: use target_accept_prob (Pyro's name)",
-                FutureWarning,
-                stacklevel=2,
-            )
-            target_accept_prob = target_accept
+        target_accept_prob = renamed(
+            "MALA",
+            "target_accept_prob",
+            target_accept_prob,
+            type(target_accept_prob) is not DefaultValue,
+            "target_accept",
+            NOT_GIVEN if target_accept is None else target_accept,
+        )
         for name, flag in (
             ("adapt_step_size", adapt_step_size),
             ("adapt_mass_matrix", adapt_mass_matrix),
             ("full_mass", full_mass),
+            ("jit_compile", jit_compile),
         ):
-            if not isinstance(flag, bool | np.bool_):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+            check_flag(name, flag)
+        if jit_options is not None and not isinstance(jit_options, dict):
+            raise TypeError(f"jit_options must be a dict or None, got {jit_options!r}")
         step_size = check_positive("step_size", step_size)
         if isinstance(target_accept_prob, bool) or not isinstance(target_accept_prob, Real):
             raise TypeError(f"target_accept_prob must be a number, got {target_accept_prob!r}")
@@ -285,8 +298,11 @@ class MALA(WalkerKernel):
         self.adapt_mass_matrix = bool(adapt_mass_matrix)
         self.full_mass = bool(full_mass)
         self.target_accept_prob = float(target_accept_prob)
+        self.jit_compile = bool(jit_compile)
+        self.jit_options = jit_options
         self._adapter = StepSizeAdapter(step_size, self.target_accept_prob)
         self._mass: MassMatrixAdapter | None = None
+        self._potential: Callable[[Tensor], Tensor] | None = None
         self.step_size = step_size
 
     @property
@@ -316,15 +332,21 @@ class MALA(WalkerKernel):
 
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
         self._reset_adaptation()
+        self._potential = self.target.potential
+        if self.jit_compile:
+            # errors raised in the compiled graph are rejected and counted too
+            self._potential = guarded(
+                CompiledPotential(self._potential, self.jit_options), self.target.potential.errors
+            )
         if x0 is None:
             x0 = torch.zeros(self.num_chains, self.target.layout.dim, device=self.device)
-        return self._valid_starts(self.target.potential, x0)
+        return self._valid_starts(self._potential, x0)
 
     def _restart(self, x: Tensor) -> WalkerState:
-        return init_state(self.target.potential, x)
+        return init_state(self._potential, x)
 
     def _step(self, state: WalkerState, step_size: float | Tensor) -> tuple[WalkerState, MoveInfo]:
-        return mala_step(state, self.target.potential, step_size, self._mass.inverse_mass)
+        return mala_step(state, self._potential, step_size, self._mass.inverse_mass)
 
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         state, info = self._step(state, self.step_size)

@@ -78,8 +78,10 @@ class AdaptiveFlowSampler:
     :param num_particles: particles ``N`` of i-SIR (``N - 1`` fresh proposals per step).
     :param local_move: ``"mala"`` (default) or ``"hmc"``.
     :param num_local_steps: local moves after each global move.
-    :param step_size: initial local step size (adapted during training).
-    :param target_accept: target acceptance of the local move.
+    :param step_size: initial local step size (adapted during training when
+        ``adapt_step_size``).
+    :param target_accept: target acceptance of the local move (default 0.574 for MALA, 0.75 for
+        HMC).
     :param num_leapfrog: leapfrog steps per HMC move.
     :param flow_lr: Adam learning rate of the flow for the first 25 training cycles; it then
         decays as ``1 / cycle`` (:attr:`current_flow_lr`; a Robbins-Monro schedule, so the
@@ -131,6 +133,8 @@ class AdaptiveFlowSampler:
        . More is not better: with 10 of 100 cycles local only, a
         seed of posteriordb's ``low_dim_gauss_mix`` ended warmup with acceptance 0.46 (0.92
         with 2; one-off runs).
+    :param adapt_step_size: adapt the local step size toward ``target_accept`` during training
+        (dual averaging; its average is fixed at :meth:`freeze`); ``False`` keeps ``step_size``.
     """
 
     #: number of training cycles over which the global acceptance is averaged
@@ -163,6 +167,7 @@ class AdaptiveFlowSampler:
         standardize: bool = True,
         precondition: bool = True,
         local_only_cycles: int = 2,
+        adapt_step_size: bool = True,
     ) -> None:
         if global_move not in ("isir", "imh"):
             raise ValueError(f"global_move must be 'isir' or 'imh', got {global_move!r}")
@@ -204,6 +209,7 @@ class AdaptiveFlowSampler:
         if target_accept is None:
             target_accept = 0.574 if local_move == "mala" else 0.75
         self.adapter = StepSizeAdapter(step_size, target_accept)
+        self.adapt_step_size = bool(adapt_step_size)
         self.step_size = step_size
         self.flow_steps = flow_steps
         self.flow_batch_size = flow_batch_size
@@ -276,8 +282,8 @@ class AdaptiveFlowSampler:
     ) -> tuple[WalkerState, MoveInfo, bool]:
         r"""Move number ``index`` of the repeating cycle [1 global, ``num_local_steps`` local].
 
-        With ``adapt``, local moves update the step size, and the last move of each cycle stores
-        the walkers in the history and fits the flow on it.
+        With ``adapt``, local moves update the step size (when ``adapt_step_size``), and the last
+        move of each cycle stores the walkers in the history and fits the flow on it.
 
         :returns: ``(state, info, is_global)``.
         """
@@ -291,7 +297,7 @@ class AdaptiveFlowSampler:
         else:
             state, info = self._local(state)
             is_global = False
-            if adapt:
+            if adapt and self.adapt_step_size:
                 self.step_size = self.adapter.update(info.accept_prob)
         if adapt and slot == self.num_local_steps:
             self._cycles += 1
@@ -412,7 +418,8 @@ class AdaptiveFlowSampler:
             if num_local_steps < 0:
                 raise ValueError(f"num_local_steps must be >= 0, got {num_local_steps}")
             self.num_local_steps = num_local_steps
-        self.step_size = self.adapter.final_step_size
+        if self.adapt_step_size:
+            self.step_size = self.adapter.final_step_size
         recent = self.recent_global_accept
         if self._best_flow is not None and recent < 0.5 * self.best_global_accept:
             self.flow.load_state_dict(self._best_flow)

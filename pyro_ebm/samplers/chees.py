@@ -15,7 +15,8 @@ warmup and from the whole ensemble of chains at once,
           - \lVert q - \mathbb E q\rVert^2\big)^2\Big],
 
   with :math:`q` a chain's position before a transition and :math:`q'` its proposal;
-- a diagonal inverse mass matrix from the chains' variances, in Stan's windows.
+- the inverse mass matrix, diagonal (the chains' variances) or dense (their covariance), in
+  Stan's windows.
 
 Each transition integrates for a jittered time :math:`uT`, with :math:`u \in (0, 1)` from a
 Halton sequence shared by the chains (jitter avoids the resonances of a fixed trajectory length,
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive
 from .adaptation import MassMatrixAdapter, StepSizeAdapter
-from .local import _check_inverse_mass, _leapfrog, _per_walker
+from .local import _check_inverse_mass, _hmc_metric, _kinetic, _leapfrog, _per_walker, _velocity
 from .state import MoveInfo, PotentialFn, WalkerState, accept_reject
 
 __all__ = ["ChEESAdapter", "ChEESProposal", "chees_hmc_step"]
@@ -79,10 +80,12 @@ def chees_hmc_step(
 ) -> tuple[WalkerState, MoveInfo, ChEESProposal]:
     r"""One HMC transition of all chains with ``num_steps`` leapfrog steps each.
 
-    The momentum is :math:`p \sim \mathcal N(0, M)` with the diagonal mass
-    :math:`M = \mathrm{diag}(1 / \text{inverse\_mass})`; the proposal, the end of the leapfrog
+    The momentum is :math:`p \sim \mathcal N(0, M)` with the mass :math:`M = A^{-1}`, :math:`A`
+    the ``inverse_mass``: diagonal, :math:`M = \mathrm{diag}(1 / A)`, or dense, :math:`p =
+    L^{-\top} z` with :math:`L L^\top = A`, :math:`z \sim \mathcal N(0, I)`; each position step
+    of the leapfrog is :math:`q \leftarrow q + \epsilon A p`. The proposal, the end of the
     trajectory, is accepted with probability :math:`\min\{1, e^{H(q, p) - H(q', p')}\}`,
-    :math:`H(q, p) = U(q) + \tfrac12 p^\top M^{-1} p`. The math is that of
+    :math:`H(q, p) = U(q) + \tfrac12 p^\top A p`. The math is that of
     :func:`~pyro_ebm.samplers.hmc_step` (the same random draws give the same chain), plus:
 
     - a proposal whose energy error :math:`H(q', p') - H(q, p)` exceeds
@@ -98,8 +101,10 @@ def chees_hmc_step(
     :param step_size: leapfrog step size, a number or a ``(C,)`` tensor.
     :param num_steps: leapfrog steps, shared by all chains (jittered by
         :meth:`ChEESAdapter.num_steps`).
-    :param inverse_mass: diagonal inverse mass matrix ``(D,)`` (identity when ``None``); moved
-        to the positions' device and dtype.
+    :param inverse_mass: inverse mass matrix :math:`A`, diagonal ``(D,)`` or dense symmetric
+        positive definite ``(D, D)`` (identity when ``None``); moved to the positions' device and
+        dtype. A dense one that is not symmetric positive definite raises ``ValueError`` on the
+        CPU (as in :func:`~pyro_ebm.samplers.mala_step`).
     :returns: ``(new_state, info, proposal)``.
 
     Example::
@@ -115,22 +120,27 @@ def chees_hmc_step(
     num_steps = check_int("num_steps", num_steps, 1)
     if state.grad is None:
         raise ValueError("state.grad is None: build the state with init_state(..., with_grad=True)")
-    _check_inverse_mass(inverse_mass, state.x)
+    _check_inverse_mass(inverse_mass, state.x, dense=True)
     eps = _per_walker(step_size, state.x)
     if inverse_mass is None:
         inv_m = torch.ones_like(state.x[0])
+        p = torch.randn_like(state.x) / inv_m.sqrt()
+    elif inverse_mass.dim() == 2:
+        inv_m, p = _hmc_metric(inverse_mass, state.x)
     else:
         inv_m = inverse_mass.to(dtype=state.x.dtype, device=state.x.device)
-    p = torch.randn_like(state.x) / inv_m.sqrt()
-    kinetic0 = 0.5 * (p**2 * inv_m).sum(-1)
+        p = torch.randn_like(state.x) / inv_m.sqrt()
+    kinetic0 = _kinetic(p, inv_m)
     x, p, u, g, ok = _leapfrog(potential_fn, state, p, eps, inv_m, num_steps)
-    kinetic1 = 0.5 * (p**2 * inv_m).sum(-1)
+    kinetic1 = _kinetic(p, inv_m)
     log_ratio = state.potential_energy + kinetic0 - u - kinetic1
     too_large = -log_ratio > MAX_ENERGY_ERROR  # False where nan (those are not ok anyway)
     log_ratio = torch.where(too_large, torch.full_like(log_ratio, -torch.inf), log_ratio)
     new_state, info = accept_reject(state._replace(log_q=None), WalkerState(x, u, g), log_ratio, ok)
     divergent = info.nonfinite | too_large
-    proposal = ChEESProposal(x, inv_m * p, state.x, info.accept_prob, divergent, num_steps)
+    proposal = ChEESProposal(
+        x, _velocity(p, inv_m), state.x, info.accept_prob, divergent, num_steps
+    )
     return new_state, info, proposal
 
 
@@ -146,7 +156,7 @@ def _halton(n: int) -> float:
 
 
 class ChEESAdapter:
-    r"""Warmup adaptation of ChEES-HMC: step size, trajectory length and diagonal mass matrix.
+    r"""Warmup adaptation of ChEES-HMC: step size, trajectory length and mass matrix.
 
     Each iteration, run :func:`chees_hmc_step` with :attr:`step_size`, :meth:`num_steps` and
     :attr:`inverse_mass`, then pass its :class:`ChEESProposal` to :meth:`update`. After
@@ -200,6 +210,16 @@ class ChEESAdapter:
     coordinates of a Gaussian with scales 0.1-10) stays near a local maximum of the oscillating
     ChEES objective of the new metric: :math:`T \approx 20` instead of 2 on that Gaussian.
 
+    With ``full_mass`` the inverse mass :math:`A` is dense: at a window's end it becomes the
+    pooled covariance :math:`\frac{n}{n + 5}\hat\Sigma + 10^{-3}\frac{5}{n + 5} I`
+    (:class:`~pyro_ebm.samplers.MassMatrixAdapter`), and the carry-over of :math:`T` is made in
+    the normal modes of the change from :math:`A` to :math:`A' = L L^\top`: with
+    :math:`(\mu_k, u_k)` the eigenpairs of :math:`L^{-1} A L^{-\top}`, mode :math:`k` (direction
+    :math:`L u_k`, variance about :math:`s_k = \lVert L u_k\rVert^2`) oscillates
+    :math:`\sqrt{\mu_k}` times slower under :math:`A'` than under :math:`A`, so
+    :math:`\log T \leftarrow \log T + \tfrac12 \sum_k w_k \log \mu_k`,
+    :math:`w_k = s_k^2 / \sum_j s_j^2` (the diagonal rule when both are diagonal).
+
     :param dim: dimension ``D`` of the positions.
     :param warmup_steps: number of warmup iterations; the adapter freezes after as many
         :meth:`update` calls.
@@ -212,12 +232,15 @@ class ChEESAdapter:
     :param learning_rate: Adam's learning rate for :math:`\log T`.
     :param decay: the moving average of :math:`\log T` gives weight :math:`k^{-\text{decay}}`
         to update :math:`k` (in ``(0, 1]``; 1 averages all updates equally).
-    :param adapt_mass: adapt the diagonal inverse mass matrix.
+    :param adapt_mass: adapt the inverse mass matrix.
+    :param full_mass: a dense ``(D, D)`` inverse mass matrix (the chains' covariance) instead of
+        a diagonal ``(D,)`` one (their variances).
     :param adapt_step_size: adapt the step size (else it stays ``step_size``).
     :param adapt_trajectory_length: adapt the trajectory length (else it stays
         ``trajectory_length``, clipped to :math:`[\epsilon, L_{\max}\epsilon]`; the jitter
         remains).
-    :param inverse_mass: initial inverse mass ``(D,)`` (default: ones).
+    :param inverse_mass: initial inverse mass ``(D,)``, or with ``full_mass`` a symmetric
+        positive definite ``(D, D)`` (default: the identity).
     :param init_buffer, term_buffer, base_window: Stan's warmup windows, see
         :func:`~pyro_ebm.samplers.warmup_windows`.
 
@@ -259,8 +282,10 @@ class ChEESAdapter:
         init_buffer: int = 75,
         term_buffer: int = 50,
         base_window: int = 25,
+        full_mass: bool = False,
     ) -> None:
         self.dim = check_int("dim", dim, 1)
+        self.full_mass = bool(full_mass)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         step_size = check_positive("step_size", step_size)
         if trajectory_length is None:
@@ -274,7 +299,19 @@ class ChEESAdapter:
         if self.decay > 1:
             raise ValueError(f"decay must lie in (0, 1], got {decay!r}")
         if inverse_mass is None:
-            inverse_mass = torch.ones(self.dim)
+            inverse_mass = torch.eye(self.dim) if self.full_mass else torch.ones(self.dim)
+        elif self.full_mass:
+            if not (
+                isinstance(inverse_mass, Tensor)
+                and inverse_mass.shape == (self.dim, self.dim)
+                and bool(torch.isfinite(inverse_mass).all())
+                and torch.allclose(inverse_mass, inverse_mass.mT)
+                and int(torch.linalg.cholesky_ex(inverse_mass)[1]) == 0
+            ):
+                raise ValueError(
+                    f"inverse_mass must be a ({self.dim}, {self.dim}) symmetric positive "
+                    f"definite tensor with full_mass=True, got {inverse_mass!r}"
+                )
         elif not (
             isinstance(inverse_mass, Tensor)
             and inverse_mass.shape == (self.dim,)
@@ -291,6 +328,7 @@ class ChEESAdapter:
         self._mass = MassMatrixAdapter(
             self.dim,
             self.warmup_steps if self.adapt_mass else 0,
+            full_mass=self.full_mass,
             inverse_mass=inverse_mass,
             init_buffer=init_buffer,
             term_buffer=term_buffer,
@@ -332,7 +370,8 @@ class ChEESAdapter:
 
     @property
     def inverse_mass(self) -> Tensor:
-        r"""Diagonal inverse mass matrix ``(D,)`` for the next transition."""
+        r"""Inverse mass matrix for the next transition: ``(D,)`` (diagonal) or ``(D, D)``
+        (``full_mass``)."""
         return self._mass.inverse_mass
 
     @property
@@ -446,9 +485,21 @@ class ChEESAdapter:
     def _rescale_log_t(self, old: Tensor, new: Tensor) -> None:
         r"""Carry T over a change of the inverse mass from ``old`` to ``new``: coordinate i
         oscillates ``sqrt(new_i / old_i)`` times faster, and ChEES weighs it by its variance
-        squared, about ``new_i**2``."""
-        weight = new.pow(2) / new.pow(2).sum()
-        shift = float(0.5 * (weight * (old / new).log()).sum())
+        squared, about ``new_i**2``. Dense: the same in the normal modes of the change (see the
+        class docstring)."""
+        if new.dim() == 2:
+            chol, info = torch.linalg.cholesky_ex(new)
+            if int(info) != 0:
+                return
+            half = torch.linalg.solve_triangular(chol, old, upper=False)  # L^{-1} A
+            b = torch.linalg.solve_triangular(chol, half.mT, upper=False)  # L^{-1} A L^{-T}
+            mu, u = torch.linalg.eigh(0.5 * (b + b.mT))
+            variance = (chol @ u).pow(2).sum(0)  # ||L u_k||^2
+            ratio = mu.clamp_min(torch.finfo(mu.dtype).tiny)
+        else:
+            variance, ratio = new, old / new
+        weight = variance.pow(2) / variance.pow(2).sum()
+        shift = float(0.5 * (weight * ratio.log()).sum())
         self._log_t += shift
         self._log_t_avg += shift
 

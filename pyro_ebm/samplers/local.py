@@ -208,6 +208,30 @@ def mala_step(
     )
 
 
+def _hmc_metric(inverse_mass: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""A dense inverse mass :math:`A` ``(D, D)`` (moved to ``x``'s dtype and device, made exactly
+    symmetric; checked as :func:`mala_step`'s) and a momentum draw :math:`p \sim \mathcal N(0,
+    A^{-1})` for each row of ``x``: :math:`p = L^{-\top} z`, :math:`L L^\top = A`,
+    :math:`z \sim \mathcal N(0, I)` (its covariance is :math:`L^{-\top} L^{-1} = A^{-1} = M`)."""
+    pre = _Preconditioner(inverse_mass, x)
+    z = torch.randn_like(x)
+    # rows: p = z L^{-1}, i.e. p^T = L^{-T} z^T
+    return pre.a, torch.linalg.solve_triangular(pre.chol, z, upper=False, left=False)
+
+
+def _kinetic(p: Tensor, inv_m: Tensor) -> Tensor:
+    r"""Kinetic energy :math:`\tfrac12 p^\top A p` of each row of ``p``, ``(C,)``; ``inv_m``
+    :math:`A` diagonal ``(D,)`` or dense ``(D, D)``."""
+    if inv_m.dim() == 2:
+        return 0.5 * ((p @ inv_m) * p).sum(-1)
+    return 0.5 * (p**2 * inv_m).sum(-1)
+
+
+def _velocity(p: Tensor, inv_m: Tensor) -> Tensor:
+    r""":math:`\dot q = A p` for each row of ``p``; ``inv_m`` :math:`A` ``(D,)`` or ``(D, D)``."""
+    return p @ inv_m if inv_m.dim() == 2 else inv_m * p
+
+
 def _leapfrog(
     potential_fn: PotentialFn,
     state: WalkerState,
@@ -218,6 +242,9 @@ def _leapfrog(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     r"""``num_steps`` leapfrog steps from ``(state.x, p)``, all walkers in one batched op.
 
+    ``inv_m`` is the inverse mass :math:`A`, diagonal ``(D,)`` or dense symmetric ``(D, D)``
+    (see :func:`_hmc_metric`); a position step is :math:`x \leftarrow x + \epsilon A p`.
+
     Returns the end point ``(x, p, U(x), ∇U(x), ok)``, where ``ok`` ``(C,)`` is False for a
     walker whose trajectory met a non-finite potential or gradient: from there on its gradient is
     taken as zero (the walker coasts), so that ``nan`` does not spread through the arithmetic; its
@@ -226,9 +253,13 @@ def _leapfrog(
     x, g = state.x, state.grad
     u = state.potential_energy
     ok = torch.ones_like(u, dtype=torch.bool)
+    dense = inv_m.dim() == 2
     for _ in range(num_steps):
         p = p - 0.5 * eps * g
-        x = x + eps * inv_m * p
+        if dense:
+            x = x + eps * (p @ inv_m)
+        else:
+            x = x + eps * inv_m * p
         u, g = potential_and_grad(potential_fn, x)
         ok = ok & _finite_rows(u, g)
         # freeze diverged walkers so that nan does not spread through arithmetic
@@ -246,7 +277,9 @@ def hmc_step(
 ) -> tuple[WalkerState, MoveInfo]:
     r"""One step of Hamiltonian Monte Carlo with ``num_steps`` leapfrog steps.
 
-    :param inverse_mass: diagonal inverse mass matrix ``(D,)`` (identity when ``None``).
+    :param inverse_mass: inverse mass matrix :math:`A = M^{-1}`, diagonal ``(D,)`` or dense
+        symmetric positive definite ``(D, D)`` (identity when ``None``); the momentum is
+        :math:`p \sim \mathcal N(0, M)` and the kinetic energy :math:`\tfrac12 p^\top A p`.
 
     A trajectory that meets a non-finite potential or gradient is rejected and flagged in
     ``info.nonfinite`` (a divergence, in Pyro's words).
@@ -256,10 +289,13 @@ def hmc_step(
     if state.grad is None:
         raise ValueError("state.grad is None: build the state with init_state(..., with_grad=True)")
     eps = _per_walker(step_size, state.x)
-    inv_m = torch.ones_like(state.x[0]) if inverse_mass is None else inverse_mass
-    p = torch.randn_like(state.x) / inv_m.sqrt()
-    kinetic0 = 0.5 * (p**2 * inv_m).sum(-1)
+    if inverse_mass is not None and inverse_mass.dim() == 2:
+        inv_m, p = _hmc_metric(inverse_mass, state.x)
+    else:
+        inv_m = torch.ones_like(state.x[0]) if inverse_mass is None else inverse_mass
+        p = torch.randn_like(state.x) / inv_m.sqrt()
+    kinetic0 = _kinetic(p, inv_m)
     x, p, u, g, ok = _leapfrog(potential_fn, state, p, eps, inv_m, num_steps)
-    kinetic1 = 0.5 * (p**2 * inv_m).sum(-1)
+    kinetic1 = _kinetic(p, inv_m)
     log_ratio = state.potential_energy + kinetic0 - u - kinetic1
     return accept_reject(state._replace(log_q=None), WalkerState(x, u, g), log_ratio, ok)
