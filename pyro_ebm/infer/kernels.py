@@ -32,6 +32,7 @@ from ..samplers import (
     MoveInfo,
     StepSizeAdapter,
     WalkerState,
+    diagonal_curvature,
     find_reasonable_step_size,
     guarded,
     imh_step,
@@ -348,12 +349,18 @@ class MALA(WalkerKernel):
     def _step(self, state: WalkerState, step_size: float | Tensor) -> tuple[WalkerState, MoveInfo]:
         return mala_step(state, self._potential, step_size, self._mass.inverse_mass)
 
+    def _curvature(self, mean: Tensor) -> Tensor:
+        """The potential's diagonal curvature at the window's mean: a floor on the variances
+        (see :meth:`~pyro_ebm.samplers.MassMatrixAdapter.update`)."""
+        return diagonal_curvature(self._potential, mean)
+
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         state, info = self._step(state, self.step_size)
         if warmup:
             if self.adapt_step_size:
                 self.step_size = self._adapter.update(info.accept_prob)
-            if self._mass.update(state.x) and self.adapt_step_size:
+            curvature = None if self.full_mass else self._curvature
+            if self._mass.update(state.x, curvature) and self.adapt_step_size:
                 # a new metric: restart the step size from a reasonable value (Stan)
                 step_size = find_reasonable_step_size(
                     lambda eps: self._step(state, eps)[1].accept_prob,

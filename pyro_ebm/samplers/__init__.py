@@ -15,6 +15,7 @@ from .adaptation import (
     MassMatrixAdapter,
     StepSizeAdapter,
     TrackingStepSize,
+    diagonal_curvature,
     find_reasonable_step_size,
     warmup_windows,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "accept_reject",
     "chees_hmc_step",
     "default_flow",
+    "diagonal_curvature",
     "find_reasonable_step_size",
     "fit_flow",
     "global_local_step",

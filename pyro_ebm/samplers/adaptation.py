@@ -23,6 +23,7 @@ from torch import Tensor
 from .._checks import check_int, check_positive
 
 __all__ = [
+    "diagonal_curvature",
     "warmup_windows",
     "MassMatrixAdapter",
     "StepSizeAdapter",
@@ -332,9 +333,17 @@ class MassMatrixAdapter:
         r"""Positions pooled in the current window so far."""
         return self._n
 
-    def update(self, x: Tensor) -> bool:
+    def update(self, x: Tensor, curvature: Callable[[Tensor], Tensor] | None = None) -> bool:
         r"""Record the positions ``(C, D)`` of the chains after one warmup iteration; return
-        whether this iteration ended a window (the inverse mass then changed)."""
+        whether this iteration ended a window (the inverse mass then changed).
+
+        :param curvature: optional ``mean (D,) -> diagonal of the Hessian of the potential
+            there (D,)`` (e.g. :func:`diagonal_curvature`), called once at each window's end
+            (diagonal mass only): each variance is then at least the conditional variance
+            :math:`1 / H_{ii}` where :math:`H_{ii} > 0`. For a Gaussian the conditional
+            variance is at most the marginal one, so the floor never overshoots; it rescues a
+            chain that barely moved in a short window (one chain, a tiny step size: its sample
+            variance is then far too small, and the next window's moves smaller still)."""
         index = self._iteration
         self._iteration += 1
         if not any(first <= index <= last for first, last in self.windows):
@@ -355,6 +364,10 @@ class MassMatrixAdapter:
                 new = 0.5 * (new + new.T)  # exactly symmetric
             else:
                 new = (n / (n + 5.0)) * cov + shrink
+                if curvature is not None:
+                    h = curvature(self._mean)
+                    floor = torch.where(torch.isfinite(h) & (h > 0), 1.0 / h, 0.0)
+                    new = torch.maximum(new, floor.to(new))
             self._inverse_mass = new
         self._reset_window()
         return n >= 2
@@ -378,3 +391,33 @@ class MassMatrixAdapter:
 
     def _reset_window(self) -> None:
         self._n, self._mean, self._m2 = 0, None, None
+
+
+def diagonal_curvature(
+    potential: Callable[[Tensor], Tensor], x: Tensor, rel_step: float = 1e-4
+) -> Tensor:
+    r"""The diagonal of the Hessian of a batched potential at one point ``x`` ``(D,)``, by central
+    differences of its gradient along each axis, in one batch of ``2 D`` gradient evaluations.
+
+    :param potential: batched potential ``(n, D) -> (n,)``.
+    :param x: the point, ``(D,)``.
+    :param rel_step: the step along axis :math:`i` is ``rel_step * max(1, |x_i|)``.
+    :returns: ``(D,)``; entries where the gradient is not finite are ``nan``.
+
+    Example::
+
+        >>> import torch
+        >>> U = lambda x: 0.5 * (x**2 * torch.tensor([1.0, 4.0])).sum(-1)
+        >>> diagonal_curvature(U, torch.tensor([0.3, -1.0]))
+        tensor([1.0000, 4.0000])
+    """
+    from .state import potential_and_grad
+
+    x = x.detach()
+    dim = x.shape[-1]
+    step = rel_step * x.abs().clamp(min=1.0)
+    shifts = torch.diag_embed(step)
+    points = torch.cat([x + shifts, x - shifts])
+    _, grad = potential_and_grad(potential, points)
+    index = torch.arange(dim, device=x.device)
+    return (grad[index, index] - grad[dim + index, index]) / (2 * step)

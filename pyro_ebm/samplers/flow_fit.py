@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .._checks import check_int
 from ..flows import AffineFlow, reverse_kl_step
+from .adaptation import diagonal_curvature
 from .guard import guarded
 
 __all__ = ["DENSE_MAX_DIM", "GOOD_KHAT", "MAX_STEPS", "WINDOW", "FlowFit", "fit_flow"]
@@ -215,8 +216,8 @@ def _laplace(
             hessian = torch.autograd.functional.hessian(u, mode)
             hessian = 0.5 * (hessian + hessian.T)
             evals, evecs = torch.linalg.eigh(hessian)
-        else:  # the diagonal, one Hessian-vector product per coordinate would cost as much
-            evals = _diag_hessian(u, mode)
+        else:  # the diagonal only: a dense Hessian costs D gradients
+            evals = diagonal_curvature(potential, mode)
             evecs = None
     except (RuntimeError, ValueError, ArithmeticError):
         return None
@@ -231,22 +232,6 @@ def _laplace(
         return mode, torch.linalg.cholesky(0.5 * (cov + cov.T))
     except RuntimeError:
         return None
-
-
-def _diag_hessian(u: Callable[[Tensor], Tensor], x: Tensor, eps: float = 1e-4) -> Tensor:
-    """The Hessian's diagonal by central differences of the gradient along each axis."""
-
-    def grad(v: Tensor) -> Tensor:
-        v = v.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(u(v), v)
-        return g
-
-    out = torch.empty_like(x)
-    for i in range(x.numel()):
-        step = torch.zeros_like(x)
-        step[i] = eps * max(1.0, float(x[i].abs()))
-        out[i] = (grad(x + step)[i] - grad(x - step)[i]) / (2 * step[i])
-    return out
 
 
 def _elbo(flow: AffineFlow, potential, num_samples: int = 1024) -> float:
