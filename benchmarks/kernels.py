@@ -22,6 +22,11 @@
 8. The cost of one gradient of the potential on eight schools (each leapfrog step pays it):
    Pyro's own jit-compiled potential against FlowNUTS's latent potential in Python, traced and
    differentiated by autograd, and compiled with its gradient (``jit_compile=True``).
+10. Every kernel at its defaults (issue 20): min bulk ESS per second, warmup and any flow fit
+   counted, on eight schools (non-centred), posteriordb's low-dimensional Gaussian mixture (its
+   data from ``../shared`` when there, else a synthetic set of the same shape) and Pyro's own
+   MCMC test models (``tests/pyro_models.py``), 4 chains each, as ratios to Pyro's NUTS and to
+   NUTS with ``jit_compile=True`` measured in the same run; with each flow kernel's k-hat.
 9. A Pyro model with a label-switching posterior (``pyro_ebm.models.label_switching_mixture``,
    two symmetric modes of mass 1/2 each): the weight of each mode with its MCSE and the wall time
    for AdaptiveFlowMCMC (one chain) and Pyro's NUTS (one chain, and 4 chains), over seeds.
@@ -551,9 +556,140 @@ def bench_label_switching(seeds, args) -> None:
         print(f"| {name} | {weights} | {err:.3f} | {mcse:.4f} | {secs:.1f} |", flush=True)
 
 
+# -- 10. every kernel at its defaults -----------------------------------------------------------
+def _default_targets() -> dict:
+    """name -> (model, args): eight schools, the low-dimensional mixture, Pyro's test models."""
+    import sys
+    from pathlib import Path
+
+    from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered, low_dim_gauss_mix
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "tests"))
+    from pyro_models import MODELS
+
+    shared = root.parent / "shared" / "posteriordb" / "low_dim_gauss_mix-low_dim_gauss_mix"
+    if (shared / "data.json.zip").exists():
+        import zipfile
+
+        with zipfile.ZipFile(shared / "data.json.zip") as z:
+            y = torch.tensor(json.loads(z.read(z.namelist()[0]))["y"])
+    else:  # the same shape: 1000 points, two overlapping components
+        g = torch.Generator().manual_seed(0)
+        k = torch.rand(1000, generator=g) < 0.4
+        y = torch.where(k, -0.75, 0.75) + torch.where(k, 1.0, 0.5) * torch.randn(1000, generator=g)
+    targets = {
+        "eight_schools": (eight_schools_noncentered, tuple(EIGHT_SCHOOLS_DATA.values())),
+        "low_dim_gauss_mix": (low_dim_gauss_mix, (y,)),
+    }
+    for name in (
+        "logistic_regression",
+        "gamma_beta",
+        "beta_bernoulli",
+        "gaussian_chain2_obs10k",
+        "gaussian_chain9",
+        "bernoulli_latent",
+    ):
+        rec = MODELS[name](0)
+        targets[name] = (rec.model, rec.args)
+    return targets
+
+
+def _default_kernels() -> dict:
+    """name -> (factory(model), pyro_ebm's vectorized MCMC?)."""
+    from pyro_ebm.infer import MALA, ChEESHMC, FlowISIR
+
+    return {
+        "NUTS": (lambda m: NUTS(m), False),
+        "NUTS jit": (lambda m: NUTS(m, jit_compile=True, ignore_jit_warnings=True), False),
+        "MALA": (lambda m: MALA(m), True),
+        "ChEESHMC": (lambda m: ChEESHMC(m), True),
+        "ChEESHMC flow=False": (lambda m: ChEESHMC(m, flow=False), True),
+        "FlowIMH": (lambda m: FlowIMH(m), True),
+        "FlowISIR": (lambda m: FlowISIR(m), True),
+        "FlowHMC": (lambda m: FlowHMC(m), False),
+        "FlowNUTS": (lambda m: FlowNUTS(m), False),
+        "FlowNUTS jit": (lambda m: FlowNUTS(m, jit_compile=True), False),
+        "AdaptiveFlowMCMC": (lambda m: AdaptiveFlowMCMC(m), True),
+    }
+
+
+def bench_defaults(args) -> None:
+    from pyro_ebm.infer import MCMC as VectorizedMCMC
+
+    torch.set_default_dtype(torch.float64)  # as Pyro's tests (and tests/pyro_models.py) run
+    targets, kernels = _default_targets(), _default_kernels()
+    if args.def_models:
+        targets = {k: v for k, v in targets.items() if k in args.def_models}
+    if args.def_kernels:
+        kernels = {k: v for k, v in kernels.items() if k in args.def_kernels or "NUTS" == k[:4]}
+    print(
+        f"\n## 10. every kernel at its defaults: {args.def_chains} chains, {args.def_warmup} "
+        f"warmup steps, {args.def_samples} draws, seeds {args.def_seeds}"
+    )
+    print(
+        "| target | kernel | min bulk ESS | R-hat max | s | ESS/s | x NUTS | x NUTS jit | k-hat |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for tname, (model, margs) in targets.items():
+        rows = {}
+        for kname, (factory, vectorized) in kernels.items():
+            per_seed = []
+            for seed in args.def_seeds:
+                pyro.set_rng_seed(seed)
+                kernel = factory(model)
+                driver = VectorizedMCMC if vectorized else MCMC
+                mcmc = driver(
+                    kernel,
+                    num_samples=args.def_samples,
+                    warmup_steps=args.def_warmup,
+                    num_chains=args.def_chains,
+                    disable_progbar=True,
+                )
+                start = time.perf_counter()
+                try:
+                    mcmc.run(*margs)
+                except Exception as error:  # a crash is a row of the table
+                    print(f"| {tname} | {kname} | CRASH {type(error).__name__}: {error} |")
+                    per_seed = []
+                    break
+                secs = time.perf_counter() - start
+                samples = mcmc.get_samples(group_by_chain=True)
+                rhat = max(
+                    float(
+                        np.nanmax(
+                            az.rhat(
+                                v.double().numpy().reshape(*v.shape[:2], -1).transpose(2, 0, 1)[j],
+                                method="rank",
+                            )
+                        )
+                    )
+                    for v in samples.values()
+                    for j in range(int(np.prod(v.shape[2:])) or 1)
+                )
+                khat = getattr(kernel, "flow_check", None)
+                per_seed.append((_min_ess(mcmc), rhat, secs, khat.khat if khat else None))
+            if not per_seed:
+                continue
+            ess = statistics.median(r[0] for r in per_seed)
+            secs = statistics.median(r[2] for r in per_seed)
+            rows[kname] = (ess, max(r[1] for r in per_seed), secs, ess / secs, per_seed)
+        base, base_jit = rows.get("NUTS"), rows.get("NUTS jit")
+        for kname, (ess, rhat, secs, rate, per_seed) in rows.items():
+            ratio = f"{rate / base[3]:.2f}" if base else "-"
+            ratio_jit = f"{rate / base_jit[3]:.2f}" if base_jit else "-"
+            khats = [r[3] for r in per_seed if r[3] is not None]
+            khat = f"{max(khats):.2f}" if khats else "-"
+            print(
+                f"| {tname} | {kname} | {ess:.0f} | {rhat:.3f} | {secs:.1f} | {rate:.1f} | "
+                f"{ratio} | {ratio_jit} | {khat} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8, 9])
+    parser.add_argument("--only", type=int, nargs="+", default=list(range(1, 11)))
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--num-particles", type=int, default=64)
@@ -592,6 +728,12 @@ def main() -> None:
     parser.add_argument("--ls-seeds", type=int, default=5)
     parser.add_argument("--ls-samples", type=int, default=1000)
     parser.add_argument("--ls-warmup", type=int, default=240)
+    parser.add_argument("--def-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--def-chains", type=int, default=4)
+    parser.add_argument("--def-warmup", type=int, default=500)
+    parser.add_argument("--def-samples", type=int, default=1000)
+    parser.add_argument("--def-models", nargs="*", default=[], help="section 10: by name")
+    parser.add_argument("--def-kernels", nargs="*", default=[], help="section 10: by name")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if 1 in args.only:
@@ -612,6 +754,8 @@ def main() -> None:
         bench_gradient_cost(args)
     if 9 in args.only:
         bench_label_switching(args.ls_seeds, args)
+    if 10 in args.only:
+        bench_defaults(args)
 
 
 if __name__ == "__main__":
