@@ -64,6 +64,11 @@ FLOW_CHECK_DRAWS = 4096
 #: starts of the flow's fit when neither the user nor the model's init strategy gives any
 _FIT_STARTS = 16
 
+#: the reverse-KL budget of a kernel's flow fit: rows of the potential per warmup step and chain
+#: (a 500-step warmup of 4 chains: 512,000 rows, 4000 steps of 128 draws; Pyro's 200 steps of one
+#: chain: 400 steps)
+_FIT_EVALS_PER_STEP = 256
+
 #: what to do when the flow a kernel fitted itself (``flow=None``) has a large k-hat
 _FITTED_ADVICE = (
     "the flow was fitted by reverse KL (fit_flow), which covers one mode of a multimodal target "
@@ -353,7 +358,9 @@ class TargetKernel(MCMCKernel):
                 with_grad=False,
                 what=f"the starts of the flow's fit (sites {sites})",
             ).x
-            self.flow_fit = fit_flow(self.target.potential, starts)
+            chains = getattr(self, "num_chains", 1)
+            budget = _FIT_EVALS_PER_STEP * max(1, self._warmup_steps) * chains
+            self.flow_fit = fit_flow(self.target.potential, starts, max_evals=budget)
             self._fit_cache = (self._run_key, self.flow_fit, self._run_refs)
             fit = self.flow_fit
             logger.info(

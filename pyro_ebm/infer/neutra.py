@@ -318,6 +318,7 @@ class _NeuTraKernel(TargetKernel):
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
         given = self._user_initial is not None
+        self._warmup_steps = warmup_steps  # (the flow fit's budget)
         self._build_target(args, kwargs)
         flow = self._flow_for_run(
             None if self.target.initial is None else self.target.initial[None]

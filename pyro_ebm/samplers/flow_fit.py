@@ -91,6 +91,7 @@ def fit_flow(
     num_samples: int = 128,
     max_steps: int = MAX_STEPS,
     good_khat: float = GOOD_KHAT,
+    max_evals: int | None = None,
 ) -> FlowFit:
     r"""Fit a flow to :math:`p \propto e^{-U}` (see the module's docstring for the stages).
 
@@ -103,6 +104,11 @@ def fit_flow(
     :param num_samples: draws per reverse-KL step.
     :param max_steps: the most reverse-KL steps of each stage.
     :param good_khat: keep the affine map when its :math:`\hat k` is at most this.
+    :param max_evals: a budget of potential evaluations (rows) for the reverse-KL stages, which
+        stop at the first window's end past it (at least one window each; the Laplace stage and
+        the :math:`\hat k` checks, 4096 rows each, are not counted). ``None``: no budget. The
+        kernels pass 256 rows per warmup step and chain, so that a short warmup (or an
+        expensive potential, which makes every step of the warmup expensive too) gets a short fit.
     :returns: a :class:`FlowFit`.
 
     Example::
@@ -120,6 +126,8 @@ def fit_flow(
         raise ValueError("init must be a (n, D) tensor of starting points")
     check_int("num_coupling_layers", num_coupling_layers, 0)
     check_int("max_steps", max_steps, WINDOW)
+    if max_evals is not None:
+        check_int("max_evals", max_evals, 1)
     start_time = time.perf_counter()
     potential = guarded(potential_fn)
     dim = init.shape[-1]
@@ -142,7 +150,8 @@ def fit_flow(
             return _done(candidate, check, steps, ("laplace",), start_time)
         if _elbo(candidate, potential) > _elbo(flow, potential):
             flow, stages = candidate, ["laplace"]
-    steps += _fit(flow, potential, 1e-2, num_samples, max_steps)
+    budget = max_steps if max_evals is None else max(WINDOW, max_evals // num_samples)
+    steps += _fit(flow, potential, 1e-2, num_samples, min(max_steps, budget))
     stages.append("affine")
     check = flow_importance_diagnostic(flow, potential)
     if check.khat > good_khat and num_coupling_layers > 0:
@@ -154,7 +163,9 @@ def fit_flow(
             sinh_arcsinh=True,
         ).to(dtype=init.dtype, device=init.device)
         richer.layers[-1].load_state_dict(flow.layers[-1].state_dict())
-        steps += _fit(richer, potential, 5e-3, num_samples, max_steps)
+        steps += _fit(
+            richer, potential, 5e-3, num_samples, min(max_steps, max(WINDOW, budget - steps))
+        )
         richer_check = flow_importance_diagnostic(richer, potential)
         if richer_check.khat < check.khat:
             flow, check = richer, richer_check
