@@ -741,7 +741,7 @@ class Standardized(Flow):
         shrink by as much in every dimension (on ``imbalanced_pair(64)``, sd / width = 3.4, it
         did not within a warmup). The floor at a third of the sd keeps the modes near the
         flow's base: on a three-mode mixture with sd / width = 5 the unfloored scale left the
-        flow with global acceptance 0 (``tests/test_adaptive.py``). The median ignores walkers
+        flow with global acceptance 0. The median ignores walkers
         still far out, whose gradients are huge; rows whose gradient is not finite (a walker
         started where the potential is not) are left out. A scale is floored at
         ``sqrt(eps) * (1 + |loc|)``. Returns ``self``."""

@@ -181,8 +181,7 @@ def cifar10_trainer(
     r"""The CIFAR-10 configuration: a :class:`ConvEnergy`, an :class:`ImageRealNVP` and an
     :class:`~pyro_ebm.train.EBMTrainer` with adaptive flow sampling (i-SIR with 32 particles,
     5 MALA steps, lr 1e-4). Keyword arguments override the trainer's settings. On an NVIDIA
-    H200 a step takes about 0.65 s and 32 GiB of GPU memory at batch 128
-    (``benchmarks/gpu_cifar.py``, ``benchmarks/RESULTS.md``); fewer walkers cost less.
+    H200 a step takes about 0.65 s and 32 GiB of GPU memory at batch 128; fewer walkers cost less.
 
     Example (on a GPU, with the data extracted in ``cifar-10-batches-py/``)::
 

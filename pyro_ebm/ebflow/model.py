@@ -83,7 +83,7 @@ class EBFlow(EnergyModel):
         smooth leaky ReLUs of slope 1.3-2) amplifies logit-space images tenfold or more, so
         every objective spends its budget shrinking the scale; on digits after 3000 steps the
         test NLL went from 277 / 1483 / 1495 nats (ml / ssm / dsm) to 194 / 207 / 208 with this
-        initialisation (``benchmarks/RESULTS.md``). Initialising only the last convolution was
+        initialisation. Initialising only the last convolution was
         tried too: better for ml and dsm (189 / 195), worse for ssm (224, and its held-out NLL
         rose from step 250 on), so every convolution is initialised.
         """

@@ -65,7 +65,7 @@ def ssm_loss(
     the form the EBFlow paper's code trains with) the term :math:`\tfrac12 (v^\top s)^2` is
     replaced by its expectation over ``v``, :math:`\tfrac12 \|s\|^2`: on MNIST (FC model, 6000
     steps) the test NLL was 1186 nats with it and 1509 without (maximum likelihood: 1076), at
-    1.3x / 1.45x the cost of a step without it at D = 784 / 3072 (``benchmarks/RESULTS.md``).
+    1.3x / 1.45x the cost of a step without it at D = 784 / 3072.
 
     For a model with ``energy_jet`` (an :class:`~pyro_ebm.ebflow.model.EBFlow` whose layers
     all have jets) the two directional derivatives come from one second-order forward pass

@@ -27,7 +27,7 @@ does so during training and when interrupted.
 for large ``D``, but not free in likelihood: on 8k MNIST images the FC model trained by SSM or
 DSM has a test NLL about 10% above the ML one. The SM objectives, evaluated on held-out images,
 prefer those models to the ML one, so more steps do not close the gap; on data drawn from the
-model itself the gap is 3-4% (``benchmarks/RESULTS.md``, issue 5). Pass ``validation`` to
+model itself the gap is 3-4%. Pass ``validation`` to
 :meth:`~EBFlowTrainer.fit` to keep the best weights by held-out likelihood.
 
 Reference: Chao et al. (2023), https://arxiv.org/abs/2305.15267
@@ -161,8 +161,8 @@ class EBFlowTrainer:
         :class:`~pyro_ebm.train.EBMTrainer`), are whitened; images and other vectors are not.
         On tabular data (scikit-learn's breast cancer and wine) score matching without it
         ended tens to thousands of nats from maximum likelihood; on the 2-D toys (condition
-        numbers 1.4-3) it made SSM worse (sine: 6.7 against 4.8 nats), hence the threshold
-        (``benchmarks/RESULTS.md``). Data at mean 1000 and sd 0.01 (3-D, well conditioned)
+        numbers 1.4-3) it made SSM worse (sine: 6.7 against 4.8 nats), hence the threshold.
+        Data at mean 1000 and sd 0.01 (3-D, well conditioned)
         ended thousands of nats off with every objective until the second rule was added:
         Adam's steps cannot carry the biases that far.
     :param ema: EMA decay of the weights (``None``: no EMA).
@@ -170,7 +170,7 @@ class EBFlowTrainer:
     :param lr_schedule: ``"cosine"`` (default: the rate decays to 0 over the steps of each
         :meth:`fit` call) or ``"constant"``. On MNIST (FC model, lr 1e-3, 6000 steps) the decay
         gave plain SSM a test NLL of 1509 against 1776 with the constant rate; DSM at
-        ``sigma=0.5`` was poor with both (1971 / 1893) (``benchmarks/RESULTS.md``).
+        ``sigma=0.5`` was poor with both (1971 / 1893).
     :param sigma: DSM noise level. Default: 1.0 for images under MaP (in the logit space, where
         the pixels spread over about [-14, 14]; on MNIST, FC model, 6000 steps, sigma 1.0 gave a
         test NLL of 1186 nats against 1378 for 2.0 and 1971 for 0.5), 0.1 otherwise.
@@ -377,7 +377,7 @@ class EBFlowTrainer:
             paper's code, which reports the test NLL of its best-validation checkpoint). The
             training weights and the optimizer are left as they are (without EMA they are the
             same weights and are restored too). Score matching does not minimise the NLL, which
-            can rise again late in training; on MNIST this selection matters (RESULTS.md).
+            can rise again late in training; on MNIST this selection matters.
         """
         check_int("num_steps", num_steps, 1)
         check_int("batch_size", batch_size, 1)

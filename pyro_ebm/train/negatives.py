@@ -229,7 +229,7 @@ class CoopFlowNegatives(ShortRunNegatives):
     untilted EBM, the Langevin steps run on the tilted model :math:`E_\theta - \log\rho` of
     :class:`~pyro_ebm.train.EBMTrainer`; like the paper's, they are unadjusted. Non-persistent
     chains from a flow that lags the model can diverge: on ``line4`` with 4 steps of 0.01 the
-    energy ran away and the model put its mass on one mode (``benchmarks/RESULTS.md``).
+    energy ran away and the model put its mass on one mode.
     """
 
     uses_flow = True

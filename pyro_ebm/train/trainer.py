@@ -20,7 +20,7 @@ to the identity at initialisation, model and flow agree exactly at the start. Ea
 Both learning rates follow a cosine decay to zero over ``num_steps`` by default: the gradient
 noise moves the mode weights by about 0.1 from step to step at a rate of 1e-3 (see
 ``benchmarks/line4_weights.png``), and the decay damps these swings over the last quarter of
-training (``line4``: mode-weight MSE about 1e-5 after 4000 steps, ``benchmarks/RESULTS.md``).
+training (``line4``: mode-weight MSE about 1e-5 after 4000 steps).
 
 Reference: Grenioux, Moulines, Gabrié (2023), "Balanced Training of Energy-Based Models with
 Adaptive Flow Sampling", https://arxiv.org/abs/2306.00684
@@ -125,7 +125,7 @@ def needs_standardization(data: Tensor) -> bool:
     Why: the tilt :math:`\rho` is centred at 0 with the RMS sd, and the energy's and flow's
     networks see the raw coordinates. On ``two_to_one`` moved to (50, -25) and halved, 150
     steps left the walkers 54-58 data sds away from the data on the raw coordinates and within
-    0.2 sd standardized (seeds 0-2, ``tests/test_train.py``); centring the tilt alone did not
+    0.2 sd standardized (seeds 0-2); centring the tilt alone did not
     help (a one-off run of 600 steps on two moons moved there: the flow's global acceptance
     fell to 0 and the walkers ended 2 sds off).
     """
