@@ -96,14 +96,16 @@ KERNELS = {
     "FlowIMH": (lambda: FlowIMH(potential_fn=banana_potential_fn), 4, 100),
     "FlowISIR": (lambda: FlowISIR(potential_fn=banana_potential_fn), 4, 100),
     "ChEESHMC": (lambda: ChEESHMC(potential_fn=banana_potential_fn), 8, 300),
-    "FlowHMC": (lambda: FlowHMC(potential_fn=banana_potential_fn), 1, 200),
-    "FlowNUTS": (lambda: FlowNUTS(potential_fn=banana_potential_fn), 1, 200),
+    "FlowHMC": (lambda: FlowHMC(potential_fn=banana_potential_fn), 1, 400),
+    "FlowNUTS": (lambda: FlowNUTS(potential_fn=banana_potential_fn), 1, 400),
 }
 
 
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_flow_kernels_fit_their_own_flow_and_sample_the_banana(name):
-    """Means and covariances of the banana within Monte Carlo error (seeds 0-4 pass)."""
+    """Means and covariances of the banana within Monte Carlo error (seeds 0-3 pass; FlowHMC and
+    FlowNUTS warm up 400 steps: with 200, one chain's fit budget, 51,200 rows, left a flow on
+    which FlowNUTS missed by z = 3.6 on seed 1)."""
     factory, chains, warmup = KERNELS[name]
     pyro.set_rng_seed(SEED)
     kernel = factory()
