@@ -318,7 +318,7 @@ class _NeuTraKernel(TargetKernel):
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
         given = self._user_initial is not None
-        self._warmup_steps = warmup_steps  # (the flow fit's budget)
+        self._warmup_steps = warmup_steps  # before the fit: its budget depends on it
         self._build_target(args, kwargs)
         flow = self._flow_for_run(
             None if self.target.initial is None else self.target.initial[None]
@@ -354,7 +354,6 @@ class _NeuTraKernel(TargetKernel):
         self._inner = self._inner_cls(potential_fn=latent, **self.inner_kwargs)
         self._inner.initial_params = {"z": z0[0]}
         self._inner.setup(warmup_steps)
-        self._warmup_steps = warmup_steps
         self._z = self._inner.initial_params
         self._stats = {k: [] for k in SAMPLE_STATS}
         self._last = self._to_x(self._z)
