@@ -27,6 +27,9 @@
    data from ``../shared`` when there, else a synthetic set of the same shape) and Pyro's own
    MCMC test models (``tests/pyro_models.py``), 4 chains each, as ratios to Pyro's NUTS and to
    NUTS with ``jit_compile=True`` measured in the same run; with each flow kernel's k-hat.
+11. ``fit_flow`` (what the flow kernels fit when given no flow) on Pyro's test models and on
+    eight schools, centred and non-centred: the stages it took, reverse-KL steps, k-hat, IS ESS
+    and seconds, from 16 uniform starts in [-2, 2] and no budget.
 9. A Pyro model with a label-switching posterior (``pyro_ebm.models.label_switching_mixture``,
    two symmetric modes of mass 1/2 each): the weight of each mode with its MCSE and the wall time
    for AdaptiveFlowMCMC (one chain) and Pyro's NUTS (one chain, and 4 chains), over seeds.
@@ -687,9 +690,48 @@ def bench_defaults(args) -> None:
             )
 
 
+# -- 11. fit_flow ----------------------------------------------------------------------------------
+def bench_fit_flow(args) -> None:
+    from pyro_ebm.infer import MALA
+    from pyro_ebm.models import EIGHT_SCHOOLS_DATA
+    from pyro_ebm.samplers import fit_flow
+
+    torch.set_default_dtype(torch.float64)
+    targets = _default_targets()
+    targets.pop("low_dim_gauss_mix")
+
+    def centred(J, y, sigma):  # the centred eight schools: a funnel in (log tau, theta)
+        y, sigma = torch.as_tensor(y), torch.as_tensor(sigma)
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        loc, scale = mu[..., None], tau[..., None]
+        shape = mu.shape + (int(J),)
+        theta = pyro.sample("theta", dist.Normal(loc, scale).expand(shape).to_event(1))
+        pyro.sample("y", dist.Normal(theta, sigma).to_event(1), obs=y)
+
+    targets["eight_schools_centred"] = (centred, tuple(EIGHT_SCHOOLS_DATA.values()))
+    if args.def_models:
+        targets = {k: v for k, v in targets.items() if k in args.def_models}
+    print(f"\n## 11. fit_flow, seeds {args.def_seeds}")
+    print("| target | D | seed | stages | reverse-KL steps | k-hat | IS ESS / draws | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (model, margs) in targets.items():
+        for seed in args.def_seeds:
+            pyro.set_rng_seed(seed)
+            kernel = MALA(model)  # (only for its target: the potential of the model)
+            kernel.setup(0, *margs)
+            dim = kernel.target.layout.dim
+            fit = fit_flow(kernel.target.potential, 4 * torch.rand(16, dim) - 2)
+            print(
+                f"| {name} | {dim} | {seed} | {' + '.join(fit.stages)} | {fit.steps} | "
+                f"{fit.khat:.2f} | {fit.ess / fit.num_draws:.2f} | {fit.seconds:.1f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", type=int, nargs="+", default=list(range(1, 11)))
+    parser.add_argument("--only", type=int, nargs="+", default=list(range(1, 12)))
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 16, 64])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--num-particles", type=int, default=64)
@@ -756,6 +798,8 @@ def main() -> None:
         bench_label_switching(args.ls_seeds, args)
     if 10 in args.only:
         bench_defaults(args)
+    if 11 in args.only:
+        bench_fit_flow(args)
 
 
 if __name__ == "__main__":
