@@ -180,3 +180,14 @@ def test_the_fitted_flow_is_worse_on_the_centred_eight_schools_than_non_centred(
         khat[name] = kernel.flow_fit.khat
         assert kernel.diagnostics(0)["flow k-hat"] == khat[name]
     assert khat["centred"] > khat["non-centred"]
+
+
+def test_the_khat_advice_names_the_fit_and_the_kernels_own_remedy():
+    """A fitted flow's warning says it was fitted by reverse KL; a given flow's says to give a
+    better one; both carry the kernel's own remedy (FlowIMH: a defensive component)."""
+    fitted = FlowIMH(potential_fn=banana_potential_fn)._flow_khat_advice_for(True)
+    given = FlowIMH(potential_fn=banana_potential_fn)._flow_khat_advice_for(False)
+    assert "fitted by reverse KL" in fitted and "non-centre the model" in fitted
+    assert "give a better flow" in given and "non-centre the model" in given
+    assert all("defensive=0.05" in advice for advice in (fitted, given))
+    assert "flow=False" in ChEESHMC(potential_fn=banana_potential_fn)._flow_khat_advice_for(True)

@@ -69,14 +69,6 @@ _FIT_STARTS = 16
 #: chain: 400 steps)
 _FIT_EVALS_PER_STEP = 256
 
-#: what to do when the flow a kernel fitted itself (``flow=None``) has a large k-hat
-_FITTED_ADVICE = (
-    "the flow was fitted by reverse KL (fit_flow), which covers one mode of a multimodal target "
-    "and cannot follow a funnel: non-centre the model if its posterior is funnel-shaped, use "
-    "AdaptiveFlowMCMC (its flow learns from many walkers) for several modes, or give a flow "
-    "(flow=...) trained for longer"
-)
-
 #: a chain is reported stuck when a run of rejections as long as its longest would have
 #: probability below this under independent acceptance at its own rate (see
 #: :func:`stuck_threshold`) ...
@@ -255,10 +247,29 @@ class TargetKernel(MCMCKernel):
     #: what a flow k-hat above 0.7 means for this kernel, and what to do (the warning of
     #: :meth:`_check_flow_quality`)
     _flow_khat_meaning = "the flow misses part of the target"
-    _flow_khat_advice = (
-        "give a better flow (train it longer, e.g. fit_reverse_kl or AdaptiveFlowMCMC's flow_), "
-        "or non-centre the model if its posterior is funnel-shaped"
-    )
+    #: a remedy specific to the kernel, part of the warning's advice (e.g. a defensive component)
+    _flow_khat_remedy = ""
+    #: the warning's whole advice when a kernel needs its own (else :meth:`_flow_khat_advice_for`)
+    _flow_khat_advice: str | None = None
+
+    def _flow_khat_advice_for(self, fitted: bool) -> str:
+        """What to do when the flow's k-hat is large: for a flow the kernel fitted itself
+        (``fitted``) or one it was given."""
+        if self._flow_khat_advice is not None:
+            return self._flow_khat_advice
+        remedy = f"{self._flow_khat_remedy}, " if self._flow_khat_remedy else ""
+        if fitted:
+            return (
+                "the flow was fitted by reverse KL (fit_flow), which covers one mode of a "
+                "multimodal target and cannot follow a funnel: non-centre the model if its "
+                f"posterior is funnel-shaped, {remedy}use AdaptiveFlowMCMC (its flow learns from "
+                "many walkers) for several modes, or give a flow (flow=...) trained for longer"
+            )
+        return (
+            "give a better flow (train it longer, e.g. with fit_reverse_kl, or use "
+            f"AdaptiveFlowMCMC and its trained flow_), {remedy}or non-centre the model if its "
+            "posterior is funnel-shaped"
+        )
 
     def __init__(
         self,
@@ -411,9 +422,7 @@ class TargetKernel(MCMCKernel):
                 check.ess,
                 check.num_draws,
                 self._flow_khat_meaning,
-                self._flow_khat_advice
-                if fit is None or getattr(self, "flow", None) is not None
-                else _FITTED_ADVICE,
+                self._flow_khat_advice_for(fit is not None and getattr(self, "flow", 0) is None),
             )
         return check
 

@@ -122,11 +122,7 @@ class ChEESHMC(WalkerKernel):
         "standard Gaussian NeuTra relies on (a bad geometry), so the chains will take small "
         "steps, diverge or mix slowly, and may not reach what the flow misses"
     )
-    _flow_khat_advice = (
-        "give a better flow (train it longer, e.g. with fit_reverse_kl, or use AdaptiveFlowMCMC "
-        "and its trained flow_), run without a flow, or non-centre the model if its posterior is "
-        "funnel-shaped"
-    )
+    _flow_khat_remedy = "run without a flow (flow=False)"
 
     def __init__(
         self,

@@ -100,11 +100,7 @@ class FlowIMH(WalkerKernel):
         "chain that gets there sticks (long runs of rejections): the chains will mix slowly and "
         "may under-represent that part"
     )
-    _flow_khat_advice = (
-        "give a better flow (train it longer, e.g. with fit_reverse_kl, or use AdaptiveFlowMCMC "
-        "and its trained flow_), add a defensive component (defensive=0.05), or non-centre the "
-        "model if its posterior is funnel-shaped"
-    )
+    _flow_khat_remedy = "add a defensive component (defensive=0.05)"
 
     def __init__(
         self,
@@ -170,11 +166,7 @@ class FlowISIR(FlowIMH):
         "chain that gets there sticks (long runs on one particle): the chains will mix slowly "
         "and may under-represent that part"
     )
-    _flow_khat_advice = (
-        "give a better flow (train it longer, e.g. with fit_reverse_kl, or use AdaptiveFlowMCMC "
-        "and its trained flow_), use more particles or a defensive component (defensive=0.05), "
-        "or non-centre the model if its posterior is funnel-shaped"
-    )
+    _flow_khat_remedy = "use more particles or a defensive component (defensive=0.05)"
 
     def __init__(self, *args, num_particles: int = 16, **kwargs) -> None:
         if int(num_particles) != num_particles or num_particles < 2:

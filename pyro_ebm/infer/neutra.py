@@ -285,10 +285,6 @@ class _NeuTraKernel(TargetKernel):
         "standard Gaussian NeuTra relies on (a bad geometry), so HMC/NUTS there will take small "
         "steps, diverge or mix slowly, and may not reach what the flow misses"
     )
-    _flow_khat_advice = (
-        "give a better flow (train it longer, e.g. with fit_reverse_kl, or use AdaptiveFlowMCMC "
-        "and its trained flow_), or non-centre the model if its posterior is funnel-shaped"
-    )
 
     def __init__(
         self,
