@@ -126,13 +126,17 @@ def test_adaptive_recovers_imbalanced_pair_16_and_mala_does_not_cross():
 
     MALA alone, from the same start with the adapted step size and as many steps, never moves a
     walker from one mode to the other: its mode weights are only the split of the starting
-    points (asserted: every walker ends in the mode it started in)."""
+    points (asserted: once in a basin, after 20 steps from the start near the origin, every
+    walker stays in that mode; from the start itself a walker near the plane between the modes
+    may still fall either way)."""
     w, se, truth, sampler, x0, target = run_imbalanced(0)
     _check(w, se, truth)
 
     state = init_state(target.potential, x0)
+    for _ in range(20):
+        state, _ = mala_step(state, target.potential, sampler.step_size)
     start = target.mode_index(state.x)
-    for _ in range(200):
+    for _ in range(180):
         state, _ = mala_step(state, target.potential, sampler.step_size)
         assert torch.equal(target.mode_index(state.x), start)
 
@@ -152,6 +156,54 @@ def test_adaptive_standardized_flow_learns_a_narrow_offset_target():
     assert float(run.global_accept[100:].mean()) > 0.3
     z = narrow_zscores(run, loc, scale)
     assert z.max() < Z, f"|z| of the means: {z}"
+
+
+def run_random_walk(seed: int, standardize="dense", dim: int = 20):
+    """A Gaussian random walk in ``dim`` dimensions (``x = L e``, ``L`` lower triangular ones:
+    marginal sds 1 to 4.5, neighbours correlated up to 0.99), 64 walkers from N(0, 4 I), 50
+    training cycles; the sampler frozen."""
+    torch.manual_seed(seed)
+    chol = torch.tril(torch.ones(dim, dim))
+    prec = torch.linalg.inv(chol @ chol.T)
+    potential = lambda x: 0.5 * ((x @ prec) * x).sum(-1)  # noqa: E731
+    sampler = AdaptiveFlowSampler(
+        potential, num_particles=16, num_local_steps=3, standardize=standardize
+    )
+    sampler.run(2.0 * torch.randn(64, dim), num_adapt_steps=50, num_samples=0)
+    sampler.freeze()
+    return sampler
+
+
+def test_adaptive_dense_standardization_learns_a_correlated_gaussian():
+    """With the dense standardization (the default up to 256 dimensions) the frozen flow is a
+    good importance sampler of a strongly correlated Gaussian after 50 cycles: IS ESS
+    2960-3192 of 4096 draws on seeds 0-5 (the standardization's Gaussian kept over the
+    trained couplings every time); with the diagonal one (``standardize="diagonal"``, the
+    behaviour this guards against) 71-354."""
+    sampler = run_random_walk(0)
+    assert sampler.flow.dense and sampler.kept_flow_start
+    assert sampler.flow_check.ess > 2000, sampler.flow_check
+    assert run_random_walk(0, "diagonal").flow_check.ess < 1000
+
+
+def test_freeze_keeps_the_better_of_the_trained_flow_and_its_start():
+    """At freeze the trained flow is compared with its start under the final standardization
+    (the larger IS ESS is kept, its check in ``flow_check``): a trained flow whose couplings are
+    ruined is replaced by the start; on two separated modes, which the start (one Gaussian)
+    cannot cover, the trained flow is kept."""
+    torch.manual_seed(0)
+    potential = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
+    trained = AdaptiveFlowSampler(potential, num_particles=16, num_local_steps=3)
+    trained.run(torch.randn(64, 20), num_adapt_steps=5, num_samples=0)
+    with torch.no_grad():
+        for p in trained.flow.flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # couplings far from anything fitted
+    trained.freeze()
+    assert trained.kept_flow_start
+    start = trained._initial_flow
+    assert all(torch.equal(v, start[k]) for k, v in trained.flow.flow.state_dict().items())
+    w, se, truth, pair, x0, target = run_imbalanced(0)
+    assert not pair.kept_flow_start and pair.flow_check.ess > 1000
 
 
 def test_adaptive_score_scale_learns_separated_modes_in_64_dimensions():
@@ -204,7 +256,9 @@ def test_local_only_cycles_make_no_global_move_and_report_none():
             assert torch.isnan(g.accept_prob).all() and not g.accepted.any() and not calls
         else:
             assert torch.isfinite(g.accept_prob).all() and len(calls) == cycle - 1
-    assert torch.equal(sampler._inverse_mass(), sampler.flow.scale.pow(2))
+    assert torch.equal(sampler._inverse_mass(), sampler.flow.inverse_mass())
+    # two separated modes: the dense standardization fell back to the diagonal
+    assert torch.equal(sampler.flow.inverse_mass(), torch.diag(sampler.flow.scale.pow(2)))
     unconditioned = AdaptiveFlowSampler(target.potential, precondition=False)
     unconditioned.init(torch.randn(16, 2))
     assert unconditioned._inverse_mass() is None

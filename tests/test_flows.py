@@ -229,9 +229,49 @@ def test_standardized_score_based_scale():
     grad[3900:, 0] = torch.nan  # walkers where the potential is not finite are left out
     grad[3950:, 1] = torch.inf
     flow.standardize_(x, grad)
-    assert torch.equal(flow.scale, expected)
+    assert torch.allclose(flow.scale, expected, rtol=1e-9, atol=0)
     with pytest.raises(ValueError, match="grad must have the shape of x"):
         flow.standardize_(x, x[:10])
+
+
+def test_standardized_dense_scale():
+    """``dense=True``: given gradients that confirm the covariance (a Gaussian), the scale is
+    its Cholesky factor, so the standardized flow at its identity start is that Gaussian (its
+    density and draws agree, and the map inverts); on separated modes it falls back to the
+    diagonal scale; without gradients it is the covariance's factor. ``scale_change``
+    measures the stretch between two standardizations."""
+    torch.manual_seed(0)
+    cov = torch.tensor([[1.0, 0.95, 0.0], [0.95, 1.0, 0.3], [0.0, 0.3, 4.0]])
+    gauss = torch.distributions.MultivariateNormal(torch.tensor([1.0, -2.0, 0.5]), cov)
+    x = gauss.sample((8000,))
+    grad = (x - gauss.loc) @ torch.linalg.inv(cov)
+    flow = Standardized(RealNVP(3, num_layers=2), dense=True).standardize_(x, grad)
+    tril = flow.scale_tril
+    assert torch.allclose(tril @ tril.T, cov, atol=0.1) and torch.equal(tril, tril.tril())
+    assert torch.allclose(flow.inverse_mass(), tril @ tril.T)
+    assert torch.allclose(flow.scale, cov.diagonal().sqrt(), rtol=0.05)
+    y, log_q = flow.sample_and_log_prob(5)
+    assert torch.allclose(flow.log_prob(y), log_q)
+    assert torch.allclose(log_q, gauss.log_prob(y), atol=0.1)
+    z = torch.randn(5, 3)
+    back, ladj = flow.inverse(flow.forward(z)[0])
+    assert torch.allclose(back, z) and torch.allclose(ladj, -flow.forward(z)[1])
+    restored = Standardized(RealNVP(3, num_layers=2), dense=True)
+    restored.load_state_dict(flow.state_dict())
+    assert torch.equal(restored.scale_tril, tril)
+    before = flow.scale_matrix()
+    flow.standardize_(2.0 * x, 0.5 * grad)  # twice as wide: a stretch by 2
+    assert abs(flow.scale_change(before) - math.log(2.0)) < 0.05
+    flow.standardize_(x)  # no gradients: the covariance, unconfirmed and not narrowed
+    assert torch.allclose(flow.scale_tril @ flow.scale_tril.T, cov, atol=0.1)
+    sign = torch.where(torch.rand(8000, 1) < 0.8, 1.0, -1.0)
+    pair = 4.0 * sign + torch.randn(8000, 3)  # modes at -4 (1, 1, 1) and +4 (1, 1, 1)
+    flow.standardize_(pair, pair - 4.0 * sign)
+    assert torch.equal(flow.scale_tril, torch.diag(flow.scale))
+    diagonal = Standardized(RealNVP(3, num_layers=2)).standardize_(pair, pair - 4.0 * sign)
+    assert torch.allclose(flow.scale, diagonal.scale)
+    with pytest.raises(TypeError, match="dense must be a bool"):
+        Standardized(RealNVP(3, num_layers=2), dense="yes")
 
 
 def test_plain_flow_is_its_base():

@@ -43,12 +43,15 @@ class AdaptiveFlowMCMC(WalkerKernel):
     (a given ``flow`` is deep-copied per run, so the argument is not modified; the last run's
     trained flow is :attr:`flow_`, ready for
     :class:`~pyro_ebm.infer.FlowISIR` or :class:`~pyro_ebm.infer.FlowNUTS`). The flow is fitted
-    in coordinates standardized by the walkers' mean and a per-coordinate scale, the width of
-    the modes that the potential's gradients measure (it is wrapped in
-    :class:`~pyro_ebm.flows.Standardized`, see
+    in coordinates standardized by the walkers' mean and covariance (up to 256 dimensions, when
+    the potential's gradients agree with it; else a per-coordinate scale, the width of the
+    modes that the gradients measure), which also precondition the local moves (the flow is
+    wrapped in :class:`~pyro_ebm.flows.Standardized`, see
     :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`; ``standardize=False`` keeps a flow already
-    fitted to the target in its own coordinates), so a posterior far narrower than the start is
-    learned as fast as a wide one. Warmup must be long enough for the flow to learn the
+    fitted to the target in its own coordinates), so a posterior far narrower than the start,
+    or strongly correlated, is learned as fast as a round one. At the end of warmup the
+    trained flow is kept only if it is a better importance sampler than the standardization's
+    Gaussian alone. Warmup must be long enough for the flow to learn the
     target: about 100 global-local cycles, i.e. ``warmup_steps`` of
     ``100 * (num_local_steps + 1)``, is a good start in up to ~16 dimensions; in more
     dimensions the flow needs more walkers (run more chains) and a longer warmup. Funnel-shaped
@@ -260,7 +263,9 @@ class AdaptiveFlowMCMC(WalkerKernel):
     def _freeze(self, ensemble: WalkerState, resample: bool = True) -> WalkerState:
         self.sampler.freeze()  # may restore an earlier flow: see AdaptiveFlowSampler.freeze
         if resample:  # the end of warmup (without warmup: at the first move, see _move)
-            self._check_flow_quality(self.sampler._proposal, cache=False)
+            proposal = self.sampler._proposal
+            made = self.sampler.flow_check if proposal is self.sampler.flow else None
+            self._check_flow_quality(proposal, cache=False, check=made)
         accept = self.sampler.final_global_accept or 0.0
         local_steps = self.production_local_steps
         fewer = local_steps is not None and local_steps < self.sampler.num_local_steps

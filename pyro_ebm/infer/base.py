@@ -388,7 +388,9 @@ class TargetKernel(MCMCKernel):
         self.flow_ = self.flow_fit.flow
         return self.flow_
 
-    def _check_flow_quality(self, proposal, flow=None, cache: bool = True) -> FlowCheck:
+    def _check_flow_quality(
+        self, proposal, flow=None, cache: bool = True, check: FlowCheck | None = None
+    ) -> FlowCheck:
         r"""Check the kernel's frozen flow once per run: the Pareto :math:`\hat k` and IS ESS of
         ``proposal`` as an importance sampler of the target
         (:func:`~pyro_ebm.metrics.flow_importance_diagnostic` with :data:`FLOW_CHECK_DRAWS`
@@ -398,7 +400,7 @@ class TargetKernel(MCMCKernel):
         With ``cache``, a check of the same ``flow`` (default ``proposal``; parameters
         unchanged) on the same target (same model or potential and arguments) is reused, so that
         the chains of one run that Pyro's ``MCMC`` sets up one at a time share one check and
-        one warning.
+        one warning. ``check``: a check of ``proposal`` already made (no new draws).
         """
         flow = proposal if flow is None else flow
         key = (self._run_key, _state_key(flow), type(self).__name__)
@@ -406,7 +408,9 @@ class TargetKernel(MCMCKernel):
             self.flow_check = self._flow_check_cache[1]
             return self.flow_check
         fit = self.flow_fit
-        if fit is not None and proposal is fit.flow:  # checked by the fit
+        if check is not None:
+            pass
+        elif fit is not None and proposal is fit.flow:  # checked by the fit
             check = FlowCheck(fit.khat, fit.ess, fit.num_draws)
         else:
             check = flow_importance_diagnostic(proposal, self.target.potential, FLOW_CHECK_DRAWS)
