@@ -107,6 +107,10 @@ class HoleyGaussian(pyro_ebm.EnergyModel):
 HOLEY_KWARGS = {
     "MALA": {"step_size": 0.5},
     "FlowHMC": {"step_size": 0.3, "adapt_step_size": False},
+    # its flow learns the finite region (k-hat <= 0.5), so by default its draws are i-SIR moves
+    # only, which report a step as non-finite only when all its particles are: the local moves
+    # are kept so that their rejected non-finite proposals are reported
+    "AdaptiveFlowMCMC": {"production_local_steps": 1},
 }
 
 

@@ -936,16 +936,42 @@ if __name__ == "__main__":  # pragma: no cover
 
 @pytest.mark.parametrize("min_global_accept", [1.0, 0.0])
 def test_adaptive_keeps_its_local_moves_when_the_flow_is_poor(min_global_accept, caplog):
-    """After warmup AdaptiveFlowMCMC makes ``production_local_steps`` (default 1) local moves
-    per global move, unless the global acceptance at the end of warmup is below
-    ``min_global_accept``: then it keeps the warmup's ``num_local_steps`` and says so."""
+    """After warmup AdaptiveFlowMCMC makes ``production_local_steps`` local moves per global
+    move, unless the global acceptance at the end of warmup is below ``min_global_accept``:
+    then it keeps the warmup's ``num_local_steps`` and says so."""
     pot, _, _ = gauss()
-    kernel = AdaptiveFlowMCMC(potential_fn=pot, num_walkers=8, min_global_accept=min_global_accept)
+    kernel = AdaptiveFlowMCMC(
+        potential_fn=pot,
+        num_walkers=8,
+        min_global_accept=min_global_accept,
+        production_local_steps=1,
+    )
     with caplog.at_level("WARNING", logger="pyro_ebm.infer.adaptive"):
         run(kernel, 8, 40, num_chains=8)
     poor = min_global_accept == 1.0
     assert kernel.sampler.num_local_steps == (3 if poor else 1)
     assert ("keeping 3 local moves" in caplog.text) == poor
+
+
+@pytest.mark.parametrize("khat", [None, 0.9])
+def test_adaptive_auto_production_local_steps_follow_the_flow_check(khat, monkeypatch):
+    """``production_local_steps="auto"`` (the default): pure global moves after warmup when the
+    frozen flow's k-hat is at most 0.5 (a 3-D Gaussian after 40 warmup steps), one local move
+    per global move when it is not (the check made to report 0.9)."""
+    import pyro_ebm.samplers.adaptive as sampler_module
+    from pyro_ebm.metrics import FlowCheck
+
+    if khat is not None:
+        bad = FlowCheck(khat, 10.0, 4096)
+        monkeypatch.setattr(sampler_module, "flow_importance_diagnostic", lambda *a, **k: bad)
+    pot, _, _ = gauss()
+    kernel = AdaptiveFlowMCMC(potential_fn=pot, num_walkers=16)
+    run(kernel, 8, 40, num_chains=8)
+    if khat is None:
+        assert kernel.flow_check.khat <= 0.5
+    assert kernel.sampler.num_local_steps == (0 if khat is None else 1)
+    with pytest.raises(ValueError, match="production_local_steps"):
+        AdaptiveFlowMCMC(potential_fn=pot, production_local_steps="always")
 
 
 def test_adaptive_chains_continue_from_the_ensemble_when_the_flow_covers_too_little(

@@ -283,7 +283,7 @@ def test_adaptive_num_steps_sets_the_leapfrog_steps_of_local_hmc_moves():
         pyro.set_rng_seed(0)
         kernel = AdaptiveFlowMCMC(
             potential_fn=pot, flow=small_flow(), num_walkers=8, flow_steps=1, local_move="hmc",
-            num_steps=steps,
+            num_steps=steps, production_local_steps=1,
         )  # fmt: skip
         run(kernel, warmup=20, samples=8)
         assert kernel.num_steps == steps and kernel.sampler.num_leapfrog == steps

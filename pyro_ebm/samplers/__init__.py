@@ -22,7 +22,7 @@ from .adaptation import (
 from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
 from .chees import ChEESAdapter, ChEESProposal, chees_hmc_step
 from .composite import GlobalLocalInfo, global_local_step, stack_infos
-from .flow_fit import FlowFit, fit_flow
+from .flow_fit import GOOD_KHAT, FlowFit, fit_flow
 from .flow_moves import (
     DefensiveProposal,
     FlowDraw,
@@ -51,6 +51,7 @@ __all__ = [
     "ChEESProposal",
     "DefensiveProposal",
     "FlowFit",
+    "GOOD_KHAT",
     "FlowDraw",
     "FlowProposals",
     "GlobalLocalInfo",
