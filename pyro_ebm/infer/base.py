@@ -408,11 +408,9 @@ class TargetKernel(MCMCKernel):
             self.flow_check = self._flow_check_cache[1]
             return self.flow_check
         fit = self.flow_fit
-        if check is not None:
-            pass
-        elif fit is not None and proposal is fit.flow:  # checked by the fit
+        if check is None and fit is not None and proposal is fit.flow:  # checked by the fit
             check = FlowCheck(fit.khat, fit.ess, fit.num_draws)
-        else:
+        elif check is None:
             check = flow_importance_diagnostic(proposal, self.target.potential, FLOW_CHECK_DRAWS)
         self.flow_check = check
         self._flow_check_cache = (key, check) if cache else None

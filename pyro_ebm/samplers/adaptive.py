@@ -119,7 +119,8 @@ class AdaptiveFlowSampler:
         :data:`DENSE_STANDARDIZE_MAX_DIM` dimensions and diagonally above; ``"dense"`` or
         ``"diagonal"`` choose. On Pyro's correlated Gaussian chains (10-45 dimensions, 200
         warmup steps) the diagonal standardization left AdaptiveFlowMCMC's draws off by up to
-        8 times the tolerance of Pyro's test; the dense one passed 6 of 9 model-seed pairs.
+        8 times the tolerance of Pyro's test; the dense one passed 6 of 9 model-seed pairs (9
+        with AdaptiveFlowMCMC's automatic ``production_local_steps``).
         Should a scale move by more than a factor 2 from the one the flow was started under,
         the flow restarts from its initial state (:attr:`num_flow_restarts` counts it). The
         sd alone measures the distance between separated modes: on ``imbalanced_pair(64)``
@@ -427,8 +428,8 @@ class AdaptiveFlowSampler:
         the final flow is kept (early flows can score well on a walker ensemble that has not
         spread out yet). With ``standardize``, that flow is then compared, as an importance
         sampler of the target (:func:`~pyro_ebm.metrics.flow_importance_diagnostic`, 4096
-        draws each), with the flow's start (the identity, for the default flow) under the same
-        standardization, and the one with the larger importance-sampling ESS is kept
+        draws each), with the flow's start (the identity, for the default flow) standardized
+        on the history, and the one with the larger importance-sampling ESS is kept
         (:attr:`flow_check` holds its check): on a near-Gaussian target the history's
         Gaussian alone (its mean and covariance, without the gradients' narrowing, which makes
         its tails too light) is the better proposal, and the couplings fitted on a history of
