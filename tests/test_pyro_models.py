@@ -25,7 +25,7 @@ Pyro checks nothing either).
 Pairs that fail now are ``xfail(strict=True)`` with the measured failure, so the file passes and
 flags a fix. A pair that takes more than ~1.2 s a seed is ``slow`` on seed 0 (CI runs it) and
 ``matrix`` on seeds 1 and 2, as are the flow kernels' HMM smoke tests (2-3 min each): ``python
--m pytest -m matrix`` runs them (about 35 min on one core), so that CI stays within its time
+-m pytest -m matrix`` runs them (about 50 min on one core), so that CI stays within its time
 (with the whole matrix in it the slow tier took 55 min on one core, and CI 66 min). The
 outcome of every pair is in :data:`FAILURES` and :data:`FAST`; ``python
 tests/test_pyro_models.py [kernel ...] [--models name ...] [--seeds 0 1 2]`` prints the
