@@ -785,7 +785,7 @@ class Standardized(Flow):
         floor = torch.finfo(x.dtype).eps ** 0.5 * (1 + loc.abs())
         sd = x.std(0) if n > 1 else torch.ones_like(loc)
         sd = torch.maximum(torch.nan_to_num(sd, nan=1.0), floor)
-        tril = None
+        tril, narrow = None, None
         if self.dense and n > 1:
             z = (x - loc) / sd
             corr = z.T @ z / (n - 1)
@@ -794,9 +794,13 @@ class Standardized(Flow):
             chol, info = torch.linalg.cholesky_ex((1 - shrink) * corr + shrink * eye)
             if int(info) == 0:
                 tril = sd[:, None] * chol
-                if grad is not None and self._narrowing(grad, tril).min() < _DENSE_MIN_NARROWING:
-                    tril = None  # the covariance spans separated modes (or a funnel)
-        narrow = torch.ones_like(loc) if grad is None else self._narrowing(grad, tril, sd)
+                if grad is not None:
+                    narrow = self._narrowing(grad, tril)
+                    if narrow.min() < _DENSE_MIN_NARROWING:
+                        # the covariance spans separated modes (or a funnel)
+                        tril, narrow = None, None
+        if narrow is None:
+            narrow = torch.ones_like(loc) if grad is None else self._narrowing(grad, None, sd)
         self.loc.copy_(loc)
         if tril is None:
             self.scale.copy_(torch.maximum(sd * narrow, floor))
