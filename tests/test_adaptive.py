@@ -177,9 +177,9 @@ def run_random_walk(seed: int, standardize="dense", dim: int = 20):
 def test_adaptive_dense_standardization_learns_a_correlated_gaussian():
     """With the dense standardization (the default up to 256 dimensions) the frozen flow is a
     good importance sampler of a strongly correlated Gaussian after 50 cycles: IS ESS
-    2960-3192 of 4096 draws on seeds 0-5 (the standardization's Gaussian kept over the
-    trained couplings every time); with the diagonal one (``standardize="diagonal"``, the
-    behaviour this guards against) 71-354."""
+    2947-3168 of 4096 draws on seeds 0-9 (the history's Gaussian kept over the trained
+    couplings every time); with the diagonal one (``standardize="diagonal"``, the behaviour
+    this guards against) 71-354."""
     sampler = run_random_walk(0)
     assert sampler.flow.dense and sampler.kept_flow_start
     assert sampler.flow_check.ess > 2000, sampler.flow_check
@@ -190,7 +190,7 @@ def test_freeze_keeps_the_better_of_the_trained_flow_and_its_start():
     """At freeze the trained flow is compared with its start under the final standardization
     (the larger IS ESS is kept, its check in ``flow_check``): a trained flow whose couplings are
     ruined is replaced by the start; on two separated modes, which the start (one Gaussian)
-    cannot cover, the trained flow is kept."""
+    cannot cover, the trained flow is kept (IS ESS 1832-2400 of 4096, seeds 0-9)."""
     torch.manual_seed(0)
     potential = lambda x: 0.5 * x.pow(2).sum(-1)  # noqa: E731
     trained = AdaptiveFlowSampler(potential, num_particles=16, num_local_steps=3)
