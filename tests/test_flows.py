@@ -234,6 +234,13 @@ def test_standardized_score_based_scale():
         flow.standardize_(x, x[:10])
 
 
+def _whitened_error(tril: torch.Tensor, cov: torch.Tensor) -> float:
+    """``max |L^-1 cov L^-T - I|``: how far the scale ``L`` is from whitening ``cov``."""
+    half = torch.linalg.solve_triangular(tril, cov, upper=False)
+    white = torch.linalg.solve_triangular(tril, half.T, upper=False)
+    return float((white - torch.eye(len(cov))).abs().max())
+
+
 def test_standardized_dense_scale():
     """``dense=True``: given gradients that confirm the covariance (a Gaussian), the scale is
     its Cholesky factor, so the standardized flow at its identity start is that Gaussian (its
@@ -247,12 +254,15 @@ def test_standardized_dense_scale():
     grad = (x - gauss.loc) @ torch.linalg.inv(cov)
     flow = Standardized(RealNVP(3, num_layers=2), dense=True).standardize_(x, grad)
     tril = flow.scale_tril
-    assert torch.allclose(tril @ tril.T, cov, atol=0.1) and torch.equal(tril, tril.tril())
+    # cov whitened by the scale is the identity up to Monte Carlo error (sd ~0.016 at n = 8000)
+    # and the median-based narrowing (a factor >= ~0.97 for a Gaussian): within 0.1 on seeds 0-29
+    assert _whitened_error(tril, cov) < 0.1 and torch.equal(tril, tril.tril())
     assert torch.allclose(flow.inverse_mass(), tril @ tril.T)
-    assert torch.allclose(flow.scale, cov.diagonal().sqrt(), rtol=0.05)
+    assert torch.allclose(flow.scale, (tril @ tril.T).diagonal().sqrt())
     y, log_q = flow.sample_and_log_prob(5)
     assert torch.allclose(flow.log_prob(y), log_q)
-    assert torch.allclose(log_q, gauss.log_prob(y), atol=0.1)
+    fitted = torch.distributions.MultivariateNormal(flow.loc, scale_tril=tril)
+    assert torch.allclose(log_q, fitted.log_prob(y))  # the identity start is that Gaussian
     z = torch.randn(5, 3)
     back, ladj = flow.inverse(flow.forward(z)[0])
     assert torch.allclose(back, z) and torch.allclose(ladj, -flow.forward(z)[1])
@@ -263,7 +273,9 @@ def test_standardized_dense_scale():
     flow.standardize_(2.0 * x, 0.5 * grad)  # twice as wide: a stretch by 2
     assert abs(flow.scale_change(before) - math.log(2.0)) < 0.05
     flow.standardize_(x)  # no gradients: the covariance, unconfirmed and not narrowed
-    assert torch.allclose(flow.scale_tril @ flow.scale_tril.T, cov, atol=0.1)
+    assert _whitened_error(flow.scale_tril, cov) < 0.1
+    sample_cov = torch.cov(x.T) * (1 - 3 / 8003) + torch.diag(torch.cov(x.T).diagonal()) * 3 / 8003
+    assert torch.allclose(flow.scale_tril @ flow.scale_tril.T, sample_cov)
     sign = torch.where(torch.rand(8000, 1) < 0.8, 1.0, -1.0)
     pair = 4.0 * sign + torch.randn(8000, 3)  # modes at -4 (1, 1, 1) and +4 (1, 1, 1)
     flow.standardize_(pair, pair - 4.0 * sign)

@@ -33,14 +33,12 @@ from ..flows import RealNVP, Standardized, forward_kl_step, reverse_kl_step
 from ..metrics.psis import FlowCheck, flow_importance_diagnostic
 from .adaptation import StepSizeAdapter
 from .composite import GlobalLocalInfo, stack_infos
+from .flow_fit import DENSE_MAX_DIM
 from .flow_moves import DefensiveProposal, FlowProposals, imh_step, isir_step
 from .local import hmc_step, mala_step
 from .state import MoveInfo, PotentialFn, WalkerState, init_state
 
 __all__ = ["AdaptiveFlowSampler", "AdaptiveRun", "default_flow"]
-
-#: ``standardize=True`` standardizes densely (a lower-triangular scale) up to this dimension
-DENSE_STANDARDIZE_MAX_DIM = 256
 
 
 def default_flow(dim: int) -> nn.Module:
@@ -116,11 +114,12 @@ class AdaptiveFlowSampler:
         cycles have no local moves), so that the flow's layers see each mode at unit scale.
         ``True`` standardizes densely (the history's covariance, so that correlations are in
         the standardization and the local moves' preconditioner) up to
-        :data:`DENSE_STANDARDIZE_MAX_DIM` dimensions and diagonally above; ``"dense"`` or
-        ``"diagonal"`` choose. On Pyro's correlated Gaussian chains (10-45 dimensions, 200
-        warmup steps) the diagonal standardization left AdaptiveFlowMCMC's draws off by up to
-        8 times the tolerance of Pyro's test; the dense one passed 6 of 9 model-seed pairs (9
-        with AdaptiveFlowMCMC's automatic ``production_local_steps``).
+        :data:`~pyro_ebm.samplers.flow_fit.DENSE_MAX_DIM` (256) dimensions and diagonally
+        above; ``"dense"`` or ``"diagonal"`` choose. On Pyro's correlated Gaussian chains
+        (10-45 dimensions, 200 warmup steps) the diagonal standardization left
+        AdaptiveFlowMCMC's draws off by up to 8 times the tolerance of Pyro's test; the dense
+        one passed 6 of 9 model-seed pairs (9 with AdaptiveFlowMCMC's automatic
+        ``production_local_steps``).
         Should a scale move by more than a factor 2 from the one the flow was started under,
         the flow restarts from its initial state (:attr:`num_flow_restarts` counts it). The
         sd alone measures the distance between separated modes: on ``imbalanced_pair(64)``
@@ -256,7 +255,7 @@ class AdaptiveFlowSampler:
     def _wrap(self, flow: nn.Module) -> nn.Module:
         if self.standardize and not isinstance(flow, Standardized):
             dense = self.standardize == "dense" or (
-                self.standardize is True and flow.dim <= DENSE_STANDARDIZE_MAX_DIM
+                self.standardize is True and flow.dim <= DENSE_MAX_DIM
             )
             return Standardized(flow, dense=dense)
         return flow

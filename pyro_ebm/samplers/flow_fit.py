@@ -52,6 +52,7 @@ from .guard import guarded
 __all__ = ["DENSE_MAX_DIM", "GOOD_KHAT", "MAX_STEPS", "WINDOW", "FlowFit", "fit_flow"]
 
 #: a dense Hessian (Laplace) and a dense affine map up to this many dimensions, diagonal above
+#: (also where AdaptiveFlowSampler's ``standardize=True`` stops being dense)
 DENSE_MAX_DIM = 256
 #: at most this Pareto k-hat the affine map is good enough (PSIS's "good" range)
 GOOD_KHAT = 0.5
