@@ -383,6 +383,45 @@ def test_freeze_restores_the_flow_with_the_best_training_acceptance():
     assert sum(accepts) / len(accepts) > 0.8
 
 
+def test_isir_particles_adapt_to_the_flow_and_acceptance_is_reported_as_configured():
+    """With ``adapt_num_particles`` (default) training i-SIR uses ``1 + 9 / r`` particles, r the
+    flow's IS ESS per draw implied by the acceptance. A flow that is the target (N(0, I), not
+    trained) has equal weights: a move with N particles leaves its point with probability
+    (N - 1) / N exactly, so the sampler settles on N = 10, and the acceptance it scores flows
+    by is that of ``num_particles`` = 32, 31 / 32, whatever N was used. A flow far off the
+    target keeps all 32 particles; production uses ``num_particles`` again; without the
+    adaptation the count never moves."""
+    from pyro_ebm.flows import AffineFlow
+
+    torch.manual_seed(0)
+    kwargs = dict(num_local_steps=0, flow_steps=0, standardize=False, local_only_cycles=0)
+    target = lambda x: 0.5 * (x**2).sum(-1)  # noqa: E731
+    sampler = AdaptiveFlowSampler(target, AffineFlow(2), **kwargs)
+    state = sampler.init(torch.randn(64, 2))
+    used = []
+    for _ in range(12):
+        n = sampler._proposals.num_per_step + 1  # the particles of this cycle's move
+        state, info = sampler.step(state, adapt=True)
+        used.append(n)
+        assert float(info.global_info.accept_prob.mean()) == pytest.approx(1 - 1 / n, abs=1e-6)
+        assert sampler._accepts[-1] == pytest.approx(31 / 32, abs=1e-6)
+    assert used == [32] + [10] * 11 and sampler.num_active_particles == 10
+    sampler.freeze()
+    sampler.init(state.x)
+    assert sampler.num_active_particles == 32 and sampler._proposals.num_per_step == 31
+    far = lambda x: 0.5 * ((x - 6.0) ** 2).sum(-1) / 0.01  # noqa: E731
+    sampler = AdaptiveFlowSampler(far, AffineFlow(2), **kwargs)
+    state = sampler.init(6.0 + 0.1 * torch.randn(64, 2))
+    for _ in range(12):
+        state, _ = sampler.step(state, adapt=True)
+    assert sampler.num_active_particles == 32
+    fixed = AdaptiveFlowSampler(target, AffineFlow(2), adapt_num_particles=False, **kwargs)
+    state = fixed.init(torch.randn(64, 2))
+    for _ in range(12):
+        state, _ = fixed.step(state, adapt=True)
+    assert fixed.num_active_particles == 32
+
+
 def test_flow_learning_rate_decays_as_one_over_the_cycle_after_25_cycles():
     """``flow_lr`` holds for the first 25 training cycles, then decays as 1/cycle, and the
     optimizer steps at that rate (the Robbins-Monro schedule that keeps a long warmup's flow

@@ -34,7 +34,7 @@ from ..metrics.psis import FlowCheck, flow_importance_diagnostic
 from .adaptation import StepSizeAdapter
 from .composite import GlobalLocalInfo, stack_infos
 from .flow_fit import DENSE_MAX_DIM
-from .flow_moves import DefensiveProposal, FlowProposals, imh_step, isir_step
+from .flow_moves import DefensiveProposal, FlowProposals, imh_step, isir_particles, isir_step
 from .local import hmc_step, mala_step
 from .state import MoveInfo, PotentialFn, WalkerState, init_state
 
@@ -77,7 +77,8 @@ class AdaptiveFlowSampler:
         When ``None``, :func:`default_flow` builds one from the walkers' dimension in
         :meth:`init`.
     :param global_move: ``"isir"`` (default; robust when the flow is rough) or ``"imh"``.
-    :param num_particles: particles ``N`` of i-SIR (``N - 1`` fresh proposals per step).
+    :param num_particles: particles ``N`` of i-SIR (``N - 1`` fresh proposals per step); with
+        ``adapt_num_particles``, the most it uses during training.
     :param local_move: ``"mala"`` (default) or ``"hmc"``.
     :param num_local_steps: local moves after each global move.
     :param step_size: initial local step size (adapted during training when
@@ -145,6 +146,14 @@ class AdaptiveFlowSampler:
         with 2; one-off runs).
     :param adapt_step_size: adapt the local step size toward ``target_accept`` during training
         (dual averaging; its average is fixed at :meth:`freeze`); ``False`` keeps ``step_size``.
+    :param adapt_num_particles: during training, i-SIR uses as few particles (2 to
+        ``num_particles``) as leave a walker with a probability of moving of about 0.9
+        (:attr:`num_active_particles`, :func:`~pyro_ebm.samplers.isir_particles`): a flow that
+        has learned the target needs 10, and each particle costs a potential evaluation per
+        walker and global move. Flows are scored (:meth:`freeze`,
+        :attr:`recent_global_accept`) by the acceptance that ``num_particles`` would have;
+        production uses ``num_particles`` (set :attr:`num_active_particles` after
+        :meth:`freeze` for fewer).
     """
 
     #: number of training cycles over which the global acceptance is averaged
@@ -178,6 +187,7 @@ class AdaptiveFlowSampler:
         precondition: bool = True,
         local_only_cycles: int = 2,
         adapt_step_size: bool = True,
+        adapt_num_particles: bool = True,
     ) -> None:
         if standardize not in (True, False, "dense", "diagonal"):
             raise ValueError(
@@ -217,6 +227,10 @@ class AdaptiveFlowSampler:
         self._proposal = self.flow  # the flow, or after freeze its defensive mixture
         self.global_move = global_move
         self.num_particles = num_particles
+        self.adapt_num_particles = bool(adapt_num_particles)
+        #: i-SIR particles of the next global moves (see ``adapt_num_particles``); reset to
+        #: ``num_particles`` by :meth:`freeze`, and taken up by :meth:`init` after it
+        self.num_active_particles = num_particles
         self.local_move = local_move
         self.num_local_steps = num_local_steps
         self.num_leapfrog = num_leapfrog
@@ -274,7 +288,7 @@ class AdaptiveFlowSampler:
             self._proposal = self.flow
             if self.standardize and self._initial_flow is None:
                 self._initial_flow = copy.deepcopy(self.flow.flow.state_dict())
-        m = self.num_particles - 1 if self.global_move == "isir" else 1
+        m = self.num_active_particles - 1 if self.global_move == "isir" else 1
         # while the flow changes every iteration, proposals are drawn one step at a time
         block = self.block_size if self.frozen else 1
         self._proposals = FlowProposals(self._proposal, self.potential_fn, x0.shape[0], m, block)
@@ -314,7 +328,8 @@ class AdaptiveFlowSampler:
             state, info = self._global(state)
             is_global = True
             if adapt:
-                self._score_candidate(float(info.accept_prob.mean()))
+                self._score_candidate(self._as_configured(float(info.accept_prob.mean())))
+                self._adapt_particles()
         else:
             state, info = self._local(state)
             is_global = False
@@ -388,6 +403,31 @@ class AdaptiveFlowSampler:
             self._start_scale = self.flow.scale_matrix()
             self.num_flow_restarts += 1
 
+    def _as_configured(self, accept: float) -> float:
+        r"""The i-SIR acceptance ``accept`` of a move with :attr:`num_active_particles` ``N``,
+        as it would be with ``num_particles`` ``N_0``. With a flow whose importance weights have
+        an effective sample size of :math:`r` per draw, the probability of leaving a point of
+        the target is about :math:`a(N) = (N - 1) r / (1 + (N - 1) r)` (the fresh proposals'
+        weights sum to about :math:`N - 1` against a current weight of :math:`E_p[w] = 1/r`),
+        so :math:`r = a / ((N - 1)(1 - a))`."""
+        n, n0 = self.num_active_particles, self.num_particles
+        if self.global_move != "isir" or n == n0 or not 0.0 < accept < 1.0:
+            return accept
+        moves = (n0 - 1) * accept / ((n - 1) * (1.0 - accept))  # (N_0 - 1) r
+        return moves / (1.0 + moves)
+
+    def _adapt_particles(self) -> None:
+        """Set :attr:`num_active_particles` by :func:`~pyro_ebm.samplers.isir_particles` (a
+        probability of moving of about 0.9), with the flow's :math:`r` estimated from the mean
+        acceptance of the last :attr:`_WINDOW` cycles (see :meth:`_as_configured`)."""
+        if not (self.adapt_num_particles and self.global_move == "isir"):
+            return
+        accept = min(self.recent_global_accept, 1.0 - 1e-3)
+        n0 = self.num_particles
+        self.num_active_particles = isir_particles(accept / ((n0 - 1) * (1.0 - accept)), n0)
+        self._proposals.num_per_step = self.num_active_particles - 1
+        self._proposals.reset()
+
     def _score_candidate(self, accept: float) -> None:
         """The global move just made used the flow fitted last: keep that flow if the mean
         acceptance of the last :attr:`_WINDOW` cycles is the best so far."""
@@ -448,6 +488,7 @@ class AdaptiveFlowSampler:
             self.num_local_steps = num_local_steps
         if self.adapt_step_size:
             self.step_size = self.adapter.final_step_size
+        self.num_active_particles = self.num_particles
         recent = self.recent_global_accept
         if self._best_flow is not None and recent < 0.5 * self.best_global_accept:
             self.flow.load_state_dict(self._best_flow)
