@@ -237,8 +237,34 @@ def test_generic_dict_potential_fn_with_two_sites(name):
     assert torch.isfinite(samples["a"]).all() and torch.isfinite(samples["b"]).all()
 
 
+@pytest.mark.parametrize(
+    "khat, ess, expected",
+    [(0.2, 4096, 10), (0.4, 3072, 13), (0.7, 2048, 16), (0.7, 100, 16), (0.71, 4096, 16)],
+)
+def test_isir_auto_particles_follow_the_flow_check(khat, ess, expected, monkeypatch):
+    """``num_particles="auto"`` (the default): ``1 + ceil(9 / r)`` particles, at most 16, with
+    r the setup check's IS ESS per draw (4096 draws), and 16 when the check's k-hat is above
+    0.7; the chain then draws that many minus one proposals per step. A count given is used
+    as is."""
+    import pyro_ebm.infer.base as base_module
+    from pyro_ebm.metrics import FlowCheck
+
+    made = FlowCheck(khat, float(ess), 4096)
+    monkeypatch.setattr(base_module, "flow_importance_diagnostic", lambda *a, **k: made)
+    kernel = FlowISIR(potential_fn=gauss_potential_2d(), flow=small_flow())
+    run(kernel, num_samples=5, warmup_steps=0)
+    assert kernel.flow_check is made
+    assert kernel.num_particles_ == expected
+    assert kernel._proposals.num_per_step == expected - 1
+    kernel = FlowISIR(potential_fn=gauss_potential_2d(), flow=small_flow(), num_particles=3)
+    run(kernel, num_samples=5, warmup_steps=0)
+    assert kernel.num_particles_ == 3 and kernel._proposals.num_per_step == 2
+
+
 def test_bad_numbers_of_particles_and_walkers():
     pot = gauss_potential_2d()
+    with pytest.raises(ValueError, match="num_particles"):
+        FlowISIR(potential_fn=pot, flow=small_flow(), num_particles="many")
     for bad in (1, 0, 2.5):
         with pytest.raises(ValueError, match="num_particles"):
             FlowISIR(potential_fn=pot, flow=small_flow(), num_particles=bad)
@@ -468,8 +494,10 @@ def test_adaptive_builds_a_fresh_flow_per_chain_and_leaves_the_users_flow_alone(
     flows = _flow_per_chain(kernel, warmup_steps=40)
     f0, f1 = flows["Sample [0]"], flows["Sample [1]"]
     assert f0 is not f1 and f0 is not flow and kernel.flow_ is f1
-    p0, p1 = (torch.cat([p.flatten() for p in f.parameters()]) for f in (f0, f1))
-    assert not torch.allclose(p0, p1)  # trained separately
+    # trained separately (on a Gaussian target the history's Gaussian may be kept over the
+    # trained layers, see AdaptiveFlowSampler.freeze: its standardization is each chain's own)
+    s0, s1 = f0.state_dict(), f1.state_dict()
+    assert any(not torch.allclose(s0[k], s1[k]) for k in s0)
     for k, v in flow.state_dict().items():
         assert torch.equal(v, before[k]), k
     # without a user flow, each chain builds its own default flow

@@ -24,7 +24,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .._checks import NOT_GIVEN, DefaultValue, check_flag, check_positive, renamed
+from .._checks import NOT_GIVEN, DefaultValue, check_flag, check_int, check_positive, renamed
+from ..metrics.psis import KHAT_THRESHOLD, FlowCheck
 from ..samplers import (
     DefensiveProposal,
     FlowProposals,
@@ -37,6 +38,7 @@ from ..samplers import (
     guarded,
     imh_step,
     init_state,
+    isir_particles,
     isir_step,
     mala_step,
 )
@@ -93,7 +95,6 @@ class FlowIMH(WalkerKernel):
         torch.Size([50, 2])
     """
 
-    _num_proposals = 1
     _starts_from_flow = True
     _flow_khat_meaning = (
         "the flow misses part of the target; its proposals rarely reach what it misses, and a "
@@ -129,14 +130,23 @@ class FlowIMH(WalkerKernel):
         if self.defensive > 0:
             proposal = DefensiveProposal(self._flow, self.defensive, self.defensive_scale)
         self._proposal = proposal
+        check = self._check_flow_quality(
+            proposal, (self._flow, self.defensive, self.defensive_scale)
+        )
         self._proposals = FlowProposals(
-            proposal, self.target.potential, self.num_chains, self._num_proposals, self.block_size
+            proposal,
+            self.target.potential,
+            self.num_chains,
+            self._proposals_per_step(check),
+            self.block_size,
         )
         if x0 is None:
             x0 = self._flow_draws(self.num_chains)
-        state = self._valid_starts(self.target.potential, x0, False, self._flow_draws)
-        self._check_flow_quality(proposal, (self._flow, self.defensive, self.defensive_scale))
-        return state
+        return self._valid_starts(self.target.potential, x0, False, self._flow_draws)
+
+    def _proposals_per_step(self, check: FlowCheck) -> int:
+        """Fresh flow proposals per chain and step."""
+        return 1
 
     def _flow_draws(self, n: int) -> Tensor:
         with torch.no_grad():
@@ -158,7 +168,13 @@ class FlowISIR(FlowIMH):
     :math:`e^{-U}/q`. Leaves the target invariant for any ``N``; with a rough flow it still moves
     where IMH would stall. Same arguments as :class:`FlowIMH`, plus:
 
-    :param num_particles: ``N >= 2``.
+    :param num_particles: ``N >= 2``, or ``"auto"`` (default): chosen once per run from the
+        flow check made at setup, :math:`N = 1 + \lceil 9 / r \rceil` between 2 and 16
+        (:func:`~pyro_ebm.samplers.isir_particles`), :math:`r` the check's importance-sampling
+        ESS per draw, so that a chain leaves its point about 9 times in 10; 16 when the flow's
+        k-hat is above 0.7 (weights whose ESS is unreliable, see its warning). A flow that
+        is the target needs 10 particles, and each costs one potential evaluation per step.
+        The count used is :attr:`num_particles_`.
     """
 
     _flow_khat_meaning = (
@@ -168,12 +184,25 @@ class FlowISIR(FlowIMH):
     )
     _flow_khat_remedy = "use more particles or a defensive component (defensive=0.05)"
 
-    def __init__(self, *args, num_particles: int = 16, **kwargs) -> None:
-        if int(num_particles) != num_particles or num_particles < 2:
-            raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}")
+    #: the most particles of ``num_particles="auto"``
+    MAX_AUTO_PARTICLES = 16
+
+    def __init__(self, *args, num_particles: int | str = "auto", **kwargs) -> None:
+        if num_particles != "auto":
+            num_particles = check_int("num_particles", num_particles, 2)
         super().__init__(*args, **kwargs)
         self.num_particles = num_particles
-        self._num_proposals = num_particles - 1
+        #: the particle count of the last run (``num_particles``, or the one ``"auto"`` chose)
+        self.num_particles_: int | None = None
+
+    def _proposals_per_step(self, check: FlowCheck) -> int:
+        n = self.num_particles
+        if n == "auto":
+            most = self.MAX_AUTO_PARTICLES
+            good = check.khat <= KHAT_THRESHOLD
+            n = isir_particles(check.ess / check.num_draws, most) if good else most
+        self.num_particles_ = n
+        return n - 1
 
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         state, info = isir_step(state, self._proposals.draw(), self._proposal)
