@@ -239,12 +239,12 @@ def test_generic_dict_potential_fn_with_two_sites(name):
 
 @pytest.mark.parametrize(
     "khat, ess, expected",
-    [(0.2, 4096, 10), (0.4, 3072, 13), (0.7, 2048, 16), (0.7, 100, 16), (0.71, 4096, 16)],
+    [(0.2, 4096, 10), (0.5, 3072, 13), (0.5, 2048, 16), (0.5, 100, 16), (0.51, 4096, 16)],
 )
 def test_isir_auto_particles_follow_the_flow_check(khat, ess, expected, monkeypatch):
     """``num_particles="auto"`` (the default): ``1 + ceil(9 / r)`` particles, at most 16, with
     r the setup check's IS ESS per draw (4096 draws), and 16 when the check's k-hat is above
-    0.7; the chain then draws that many minus one proposals per step. A count given is used
+    0.5; the chain then draws that many minus one proposals per step. A count given is used
     as is."""
     import pyro_ebm.infer.base as base_module
     from pyro_ebm.metrics import FlowCheck

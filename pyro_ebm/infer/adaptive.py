@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from .._checks import NOT_GIVEN, check_flag, check_int, renamed
-from ..metrics.psis import KHAT_THRESHOLD
 from ..samplers import (
     GOOD_KHAT,
     AdaptiveFlowSampler,
@@ -91,7 +90,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
     :param num_particles: i-SIR particles, the most used: during warmup as few as keep a
         walker moving 9 times in 10 (see :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`'s
         ``adapt_num_particles``), and after it, when the frozen flow's Pareto k-hat is at most
-        0.7, :math:`1 + \lceil 9 / r \rceil` for its importance-sampling ESS per draw
+        0.5, :math:`1 + \lceil 9 / r \rceil` for its importance-sampling ESS per draw
         :math:`r` (:func:`~pyro_ebm.samplers.isir_particles`; 10 for a flow that is the
         target): each particle costs a potential evaluation per chain and step.
     :param local_move: ``"mala"`` or ``"hmc"``. :param num_local_steps: local moves per cycle.
@@ -102,10 +101,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
         per draw as three, and the local move takes a chain off a point the flow under-covers;
         with a flow that covers the target, ``0`` gives the most effective draws per second
         and per draw (on Pyro's 45-dimensional Gaussian chain, 1400 draws, the one-local-move
-        chains missed Pyro's tolerance on seeds 0-2 by Monte Carlo error). With the
-        threshold at 0.7 instead, the centred eight schools (a funnel, whose flows have k-hat
-        0.56-0.74) under-represented its neck more (P(tau < 1) 0.154-0.172 on seeds 0-5
-        against 0.163-0.191 and the reference's 0.196).
+        chains missed Pyro's tolerance on seeds 0-2 by Monte Carlo error).
     :param min_global_accept: if the ensemble's global acceptance with the flow kept at the end
         of warmup (see :meth:`~pyro_ebm.samplers.AdaptiveFlowSampler.freeze`) is below this, a
         ``production_local_steps`` smaller than ``num_local_steps`` is overridden (with a
@@ -293,11 +289,11 @@ class AdaptiveFlowMCMC(WalkerKernel):
             self._check_flow_quality(proposal, cache=False, check=made)
         accept = self.sampler.final_global_accept or 0.0
         check = self.flow_check
-        usable = resample and check is not None and check.khat <= KHAT_THRESHOLD
+        good = resample and check is not None and check.khat <= GOOD_KHAT
         local_steps = self.production_local_steps
         if local_steps == "auto":  # pure global moves with a flow that covers the target
-            local_steps = 0 if usable and check.khat <= GOOD_KHAT else 1
-        if usable and self.sampler.adapt_num_particles:  # as many particles as the flow needs
+            local_steps = 0 if good else 1
+        if good and self.sampler.adapt_num_particles:  # as many particles as the flow needs
             rate = check.ess / check.num_draws
             self.sampler.num_active_particles = isir_particles(rate, self.sampler.num_particles)
         fewer = local_steps is not None and local_steps < self.sampler.num_local_steps

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from .._checks import NOT_GIVEN, DefaultValue, check_flag, check_int, check_positive, renamed
-from ..metrics.psis import KHAT_THRESHOLD, FlowCheck
+from ..metrics.psis import FlowCheck
 from ..samplers import (
+    GOOD_KHAT,
     DefensiveProposal,
     FlowProposals,
     MassMatrixAdapter,
@@ -172,7 +173,7 @@ class FlowISIR(FlowIMH):
         flow check made at setup, :math:`N = 1 + \lceil 9 / r \rceil` between 2 and 16
         (:func:`~pyro_ebm.samplers.isir_particles`), :math:`r` the check's importance-sampling
         ESS per draw, so that a chain leaves its point about 9 times in 10; 16 when the flow's
-        k-hat is above 0.7 (weights whose ESS is unreliable, see its warning). A flow that
+        k-hat is above 0.5 (heavy-tailed weights, whose ESS overstates :math:`r`). A flow that
         is the target needs 10 particles, and each costs one potential evaluation per step.
         The count used is :attr:`num_particles_`.
     """
@@ -199,7 +200,7 @@ class FlowISIR(FlowIMH):
         n = self.num_particles
         if n == "auto":
             most = self.MAX_AUTO_PARTICLES
-            good = check.khat <= KHAT_THRESHOLD
+            good = check.khat <= GOOD_KHAT
             n = isir_particles(check.ess / check.num_draws, most) if good else most
         self.num_particles_ = n
         return n - 1
