@@ -73,9 +73,10 @@ class AdaptiveFlowMCMC(WalkerKernel):
     :func:`~pyro_ebm.metrics.flow_importance_diagnostic`; above 0.7 a warning says that the flow
     did not learn the target. On the centred eight schools (a funnel) it fires after a short
     warmup (24 steps, 16 chains: k-hat 0.72-1.12 on seeds 0-9, against 0.06-0.35 on the
-    non-centred model); after the default 500 warmup steps of 16 chains k-hat was 0.54-0.76
-    there (measured before the dense standardization), so the warning is a sign of a funnel,
-    not a test for one.
+    non-centred model); after the default 500 warmup steps of 16 chains k-hat was 0.56-0.74
+    there (seeds 0-5; the warning fired on 2, while every run under-represented the funnel's
+    neck: P(tau < 1) 0.154-0.190 against 0.196), so the warning is a sign of a funnel, not a
+    test for one.
 
     :param model: a Pyro model, or ``None``.
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
