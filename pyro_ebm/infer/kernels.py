@@ -189,6 +189,10 @@ class FlowISIR(FlowIMH):
     MAX_AUTO_PARTICLES = 16
 
     def __init__(self, *args, num_particles: int | str = "auto", **kwargs) -> None:
+        if isinstance(num_particles, str) and num_particles != "auto":
+            raise ValueError(
+                f"num_particles must be an integer >= 2 or 'auto', got {num_particles!r}"
+            )
         if num_particles != "auto":
             num_particles = check_int("num_particles", num_particles, 2)
         super().__init__(*args, **kwargs)

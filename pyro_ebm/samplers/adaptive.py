@@ -413,7 +413,7 @@ class AdaptiveFlowSampler:
         n, n0 = self.num_active_particles, self.num_particles
         if self.global_move != "isir" or n == n0 or not 0.0 < accept < 1.0:
             return accept
-        moves = (n0 - 1) * accept / ((n - 1) * (1.0 - accept))  # (N_0 - 1) r
+        moves = (n0 - 1) * _efficiency(accept, n)  # (N_0 - 1) r
         return moves / (1.0 + moves)
 
     def _adapt_particles(self) -> None:
@@ -424,7 +424,7 @@ class AdaptiveFlowSampler:
             return
         accept = min(self.recent_global_accept, 1.0 - 1e-3)
         n0 = self.num_particles
-        self.num_active_particles = isir_particles(accept / ((n0 - 1) * (1.0 - accept)), n0)
+        self.num_active_particles = isir_particles(_efficiency(accept, n0), n0)
         self._proposals.num_per_step = self.num_active_particles - 1
         self._proposals.reset()
 
@@ -564,3 +564,10 @@ class AdaptiveFlowSampler:
             torch.stack(l_acc),
             state,
         )
+
+
+def _efficiency(accept: float, n: int) -> float:
+    """The flow's IS ESS per draw :math:`r` implied by the mean acceptance ``accept`` (in
+    ``[0, 1)``) of i-SIR moves with ``n`` particles (see
+    :meth:`AdaptiveFlowSampler._as_configured`)."""
+    return accept / ((n - 1) * (1.0 - accept))

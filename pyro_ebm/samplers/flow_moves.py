@@ -288,9 +288,7 @@ def isir_particles(efficiency: float, most: int) -> int:
     against the current point's :math:`E_p[w] = 1 / r`), so this ``N`` moves it 9 times in 10,
     and its draws are then nearly independent: a flow that is the target needs 10 particles,
     a flow with :math:`r = 0.3`, 31. More particles raise the chance of moving only a little
-    and cost one potential evaluation each; fewer lose effective draws per draw (with a
-    chance of moving of 4 in 5, AdaptiveFlowMCMC's draws missed the tolerance of Pyro's test on
-    its 45-dimensional Gaussian chain by Monte Carlo error on one seed of three).
+    and cost one potential evaluation each; fewer lose effective draws per draw.
 
     :param efficiency: :math:`r` in ``[0, 1]`` (``0``: ``most``).
     :param most: the largest count (at least 2).
