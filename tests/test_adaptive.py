@@ -383,7 +383,7 @@ def test_freeze_restores_the_flow_with_the_best_training_acceptance():
     assert sum(accepts) / len(accepts) > 0.8
 
 
-def test_isir_particles_adapt_to_the_flow_and_acceptance_is_reported_as_configured():
+def test_isir_particles_adapt_to_the_flow_and_flows_are_scored_as_configured():
     """With ``adapt_num_particles`` (default) training i-SIR uses ``1 + 9 / r`` particles, r the
     flow's IS ESS per draw implied by the acceptance. A flow that is the target (N(0, I), not
     trained) has equal weights: a move with N particles leaves its point with probability
