@@ -212,7 +212,7 @@ class _Interrupt(NegativeSampler):
         self.inner.load_state_dict(state)
 
 
-def _trainer(seed=0, sampler="adaptive-flow"):
+def _trainer(seed=0, sampler="adaptive-flow", **kwargs):
     torch.manual_seed(seed)  # the networks' initialisation
     return EBMTrainer(
         MLPEnergy(2, hidden=(16, 16)),
@@ -221,6 +221,7 @@ def _trainer(seed=0, sampler="adaptive-flow"):
         num_walkers=32,
         target=two_to_one(),
         seed=seed,
+        **kwargs,
     )
 
 
@@ -300,6 +301,31 @@ def test_a_real_ctrl_c_during_the_updates_waits_for_the_step_to_end(tmp_path, mo
     fit = dict(num_steps=10, batch_size=32, eval_every=2)
     _resume_and_compare(tmp_path, first, _trainer, data, **fit)
     assert first.step == 5
+
+
+@pytest.mark.parametrize("at", [7, 9])
+def test_a_ctrl_c_during_an_averaged_step_resumes_exactly(tmp_path, monkeypatch, ctrl_c, at):
+    """With ``average_last``, a SIGINT during the updates of step ``at + 1`` (of 10; the average
+    covers steps 6-10) lets the step finish, its iterate enter the average, and, at the last
+    step, the average become the energy, before KeyboardInterrupt: the resumed run equals the
+    uninterrupted one. (The average used to be updated after the step's deferred interrupt had
+    been raised: the resumed run missed that iterate, and at the last step kept the last iterate
+    instead of the average.)"""
+    import pyro_ebm.train.trainer as trainer_module
+
+    data = two_to_one().sample(300, torch.Generator().manual_seed(0))
+    first = _trainer(average_last=0.5)
+    original = trainer_module.forward_kl_step
+
+    def interrupted(*args, **kwargs):
+        if first.step == at:
+            ctrl_c()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "forward_kl_step", interrupted)
+    fit = dict(num_steps=10, batch_size=32, eval_every=2)
+    _resume_and_compare(tmp_path, first, lambda: _trainer(average_last=0.5), data, **fit)
+    assert first.step == at + 1
 
 
 def test_an_interrupt_while_evaluating_loses_no_history_record(tmp_path):

@@ -434,6 +434,7 @@ class EBMTrainer:
                 counts = torch.bincount(idx, minlength=self.target.weights.shape[0]).double()
                 self._neg_counts = counts if self._neg_counts is None else self._neg_counts + counts
             self.step += 1
+            self._update_average(num_steps)  # within the step: an interrupt must not split them
         return factor
 
     @torch.no_grad()
@@ -580,7 +581,6 @@ class EBMTrainer:
                 snapshot, done = (rng_states(self.device), self.sampler.state_dict()), self.step
                 start = time.perf_counter()
                 factor = self._train_step(data, batch_size, num_steps)
-                self._update_average(num_steps)
                 self.elapsed += time.perf_counter() - start
                 if self.step % eval_every == 0 or self.step == num_steps:
                     record = self._record(eval_samples, factor)
