@@ -724,6 +724,42 @@ def test_resume_with_validation_keeps_the_best_weights_across_the_interruption(t
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("at", [10, 30])
+def test_an_interrupt_while_validating_loses_no_validation_point(tmp_path, at):
+    """Ctrl-C inside the validation after step ``at`` (of 30; every 5 steps): the step is done
+    and checkpointed, and the resumed run validates it before going on, so its validation
+    record, losses and best EMA weights equal the uninterrupted run's (the resumed run used to
+    skip that validation point)."""
+    from pyro_ebm.ebflow import EBFlowTrainer
+
+    data = torch.randint(0, 256, (64, 4), dtype=torch.uint8)
+    val = torch.randint(0, 256, (32, 4), dtype=torch.uint8)
+    options = dict(batch_size=8, progress=False, validation=val, eval_every=5)
+
+    def make():
+        return EBFlowTrainer(fc_ebflow((4,)), "ssm", lr=3e-2, seed=1)
+
+    whole = make()
+    whole.fit(data, 30, **options)
+    cut = make()
+    nll = cut.nll
+
+    def interrupted(*args, **kwargs):
+        if cut.step == at:
+            raise KeyboardInterrupt
+        return nll(*args, **kwargs)
+
+    cut.nll = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit(data, 30, checkpoint=tmp_path / "v.pt", **options)
+    assert cut.step == at and len(cut.validation_nll) == at // 5 - 1
+    resumed = make()
+    resumed.fit(data, 30, checkpoint=tmp_path / "v.pt", resume=True, **options)
+    assert resumed.validation_nll == whole.validation_nll and resumed.losses == whole.losses
+    for p, q in zip(resumed.ema_model.parameters(), whole.ema_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_alone(tmp_path):
     """With ``validation``, the held-out NLL is recorded every ``eval_every`` steps and at the
     end, the EMA weights of the lowest are restored (also when interrupted, before the

@@ -410,7 +410,21 @@ class EBFlowTrainer:
 
             bar = tqdm(total=num_steps, initial=done, desc=f"EBFlow ({self.objective})")
         completed, nonfinite, skipped, snapshot = False, 0, 0, None
+
+        def validate_at(k: int) -> None:  # after the call's k-th step, when it is due
+            if validation is None or not (k % eval_every == 0 or k == num_steps):
+                return
+            nll = self._validate(validation)
+            if self._best is None or nll < self._best[0]:  # (non-finite: +inf)
+                self._best = (nll, copy.deepcopy(self.ema_model.state_dict()))
+            if bar is not None:
+                bar.set_postfix(val_nll=f"{nll:.4g}", best=f"{self._best[0]:.4g}")
+
         try:
+            if done > 0 and validation is not None:  # interrupted while validating: do it now
+                last = self.validation_nll[-1][0] if self.validation_nll else None
+                if last != self.step:
+                    validate_at(done)
             for i in range(done, num_steps):
                 snapshot = (rng_states(self._device), self.step)  # to roll back a cut step
                 if self._train_step(data, batch_size, i, num_steps):
@@ -418,12 +432,7 @@ class EBFlowTrainer:
                 else:
                     nonfinite, skipped = nonfinite + 1, skipped + 1
                     self._check_progress(nonfinite, skipped)
-                if validation is not None and ((i + 1) % eval_every == 0 or i + 1 == num_steps):
-                    nll = self._validate(validation)
-                    if self._best is None or nll < self._best[0]:  # (non-finite: +inf)
-                        self._best = (nll, copy.deepcopy(self.ema_model.state_dict()))
-                    if bar is not None:
-                        bar.set_postfix(val_nll=f"{nll:.4g}", best=f"{self._best[0]:.4g}")
+                validate_at(i + 1)
                 if checkpoint is not None and (i + 1) % checkpoint_every == 0:
                     self.save(checkpoint)
                 if bar is not None:
