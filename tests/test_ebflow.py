@@ -699,7 +699,10 @@ def test_trainer_checkpoint_resumes_exactly_and_is_written_on_interrupt(tmp_path
         e.fit(data, num_steps=1, progress=False, resume=True)
 
 
-def test_resume_with_validation_keeps_the_best_weights_across_the_interruption(tmp_path):
+def _resume_with_validation(tmp_path, interrupt):
+    """Train 30 steps with validation every 5 in one go, and again with ``interrupt(trainer)``
+    installed (it must raise KeyboardInterrupt), resumed by a new trainer from the checkpoint:
+    validation record, losses and (best) EMA weights must be equal. Returns ``(whole, cut)``."""
     from pyro_ebm.ebflow import EBFlowTrainer
 
     data = torch.randint(0, 256, (64, 4), dtype=torch.uint8)
@@ -712,16 +715,21 @@ def test_resume_with_validation_keeps_the_best_weights_across_the_interruption(t
     whole = make()
     whole.fit(data, 30, **options)
     cut = make()
-    _interrupt_at(cut, 17)
+    interrupt(cut)
     with pytest.raises(KeyboardInterrupt):
         cut.fit(data, 30, checkpoint=tmp_path / "v.pt", **options)
     resumed = make()
     resumed.fit(data, 30, checkpoint=tmp_path / "v.pt", resume=True, **options)
     assert resumed.validation_nll == whole.validation_nll and resumed.losses == whole.losses
-    best = min(range(6), key=lambda k: whole.validation_nll[k][1])
-    assert best < 5  # (the case worth testing: the best weights are not the last ones)
     for p, q in zip(resumed.ema_model.parameters(), whole.ema_model.parameters(), strict=True):
         assert torch.equal(p, q)
+    return whole, cut
+
+
+def test_resume_with_validation_keeps_the_best_weights_across_the_interruption(tmp_path):
+    whole, _ = _resume_with_validation(tmp_path, lambda cut: _interrupt_at(cut, 17))
+    best = min(range(6), key=lambda k: whole.validation_nll[k][1])
+    assert best < 5  # (the case worth testing: the best weights are not the last ones)
 
 
 @pytest.mark.parametrize("at", [10, 30])
@@ -730,34 +738,19 @@ def test_an_interrupt_while_validating_loses_no_validation_point(tmp_path, at):
     and checkpointed, and the resumed run validates it before going on, so its validation
     record, losses and best EMA weights equal the uninterrupted run's (the resumed run used to
     skip that validation point)."""
-    from pyro_ebm.ebflow import EBFlowTrainer
 
-    data = torch.randint(0, 256, (64, 4), dtype=torch.uint8)
-    val = torch.randint(0, 256, (32, 4), dtype=torch.uint8)
-    options = dict(batch_size=8, progress=False, validation=val, eval_every=5)
+    def interrupt(cut):
+        nll = cut.nll
 
-    def make():
-        return EBFlowTrainer(fc_ebflow((4,)), "ssm", lr=3e-2, seed=1)
+        def interrupted(*args, **kwargs):
+            if cut.step == at:
+                raise KeyboardInterrupt
+            return nll(*args, **kwargs)
 
-    whole = make()
-    whole.fit(data, 30, **options)
-    cut = make()
-    nll = cut.nll
+        cut.nll = interrupted
 
-    def interrupted(*args, **kwargs):
-        if cut.step == at:
-            raise KeyboardInterrupt
-        return nll(*args, **kwargs)
-
-    cut.nll = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit(data, 30, checkpoint=tmp_path / "v.pt", **options)
+    _, cut = _resume_with_validation(tmp_path, interrupt)
     assert cut.step == at and len(cut.validation_nll) == at // 5 - 1
-    resumed = make()
-    resumed.fit(data, 30, checkpoint=tmp_path / "v.pt", resume=True, **options)
-    assert resumed.validation_nll == whole.validation_nll and resumed.losses == whole.losses
-    for p, q in zip(resumed.ema_model.parameters(), whole.ema_model.parameters(), strict=True):
-        assert torch.equal(p, q)
 
 
 def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_alone(tmp_path):

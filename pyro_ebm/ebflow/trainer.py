@@ -421,10 +421,9 @@ class EBFlowTrainer:
                 bar.set_postfix(val_nll=f"{nll:.4g}", best=f"{self._best[0]:.4g}")
 
         try:
-            if done > 0 and validation is not None:  # interrupted while validating: do it now
-                last = self.validation_nll[-1][0] if self.validation_nll else None
-                if last != self.step:
-                    validate_at(done)
+            recorded = self.validation_nll[-1][0] if self.validation_nll else None
+            if done > 0 and recorded != self.step:  # interrupted while validating: do it now
+                validate_at(done)
             for i in range(done, num_steps):
                 snapshot = (rng_states(self._device), self.step)  # to roll back a cut step
                 if self._train_step(data, batch_size, i, num_steps):

@@ -87,7 +87,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
         put them; the other walkers, and the chains when no start is known, start at a chain's
         start (zero when none is known) plus ``N(0, init_scale^2 I)`` noise in the
         unconstrained space: broad enough to touch every mode's basin.
-    :param global_move: the global move during warmup, ``"isir"`` or ``"imh"``.
+    :param global_move: ``"isir"`` or ``"imh"``.
     :param num_particles: i-SIR particles, the most used: during warmup as few as keep a
         walker moving 9 times in 10 (see :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`'s
         ``adapt_num_particles``), and after it, when the frozen flow's Pareto k-hat is at most
