@@ -6,6 +6,7 @@ the trainer's options."""
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -411,7 +412,8 @@ def test_trainer_initializes_the_cnn_once_and_it_trains_in_a_few_steps():
     resumed = EBFlowTrainer(cnn_ebflow((8, 8)), "dsm", seed=1)
     resumed.load_state_dict(trainer.state_dict())
     weights = resumed.model.layers[0].weight.clone()
-    resumed.fit(train, num_steps=1, batch_size=100, progress=False)
+    resumed.fit(train, num_steps=151, batch_size=100, progress=False)
+    assert resumed.step == 151
     # one Adam step moves a weight by at most about the rate; a second initialisation by far more
     assert (resumed.model.layers[0].weight - weights).abs().max() < 2e-3
     off = EBFlowTrainer(cnn_ebflow((8, 8)), "dsm", data_init=False, seed=0)
@@ -503,7 +505,7 @@ def test_energy_regulariser_adds_lambda_times_mean_energy():
             fc_ebflow((2,)), objective="ml", energy_reg=reg, ema=None, map=False
         )
         torch.manual_seed(0)
-        losses.append(trainer.fit(data, num_steps=1, batch_size=64, progress=False)[0])
+        losses.append(trainer.fit(data, num_steps=1, batch_size=64, progress=False).last["loss"])
     model = fc_ebflow((2,))
     torch.manual_seed(0)
     x = data[torch.randint(64, (64,))]
@@ -586,7 +588,7 @@ def test_energy_on_lines_equals_the_energy_at_each_point(make):
     assert torch.allclose(got, expected, atol=1e-10)
 
 
-def test_trainer_cosine_schedule_decays_the_rate_over_each_fit():
+def test_trainer_cosine_schedule_decays_the_rate_over_the_steps():
     from pyro_ebm.ebflow import EBFlowTrainer
 
     data = torch.randn(64, 2)
@@ -598,7 +600,7 @@ def test_trainer_cosine_schedule_decays_the_rate_over_each_fit():
         rates.append(trainer.opt.param_groups[0]["lr"])
         return orig(*args, **kwargs)
 
-    trainer.opt.step = step
+    trainer.opt.step = types.MethodType(lambda _, *a, **k: step(*a, **k), trainer.opt)
     trainer.fit(data, num_steps=10, batch_size=16, progress=False)
     assert rates[0] == pytest.approx(1e-2) and rates[-1] < 0.03 * 1e-2
     assert all(a >= b for a, b in zip(rates[:-1], rates[1:], strict=True))  # decreasing
@@ -642,6 +644,11 @@ def test_bits_per_dim_is_the_nll_in_bits_per_coordinate():
     assert trainer.bits_per_dim(data) > 7
 
 
+def _records(trainer) -> list[dict]:
+    """The history's records without their times (which differ between runs)."""
+    return [{k: v for k, v in r.items() if k != "time"} for r in trainer.history]
+
+
 def _interrupt_at(trainer, step: int) -> None:
     """Make ``trainer``'s loss raise ``KeyboardInterrupt`` when ``trainer.step`` is ``step``
     (in the middle of that step, after its random draws)."""
@@ -668,14 +675,17 @@ def test_trainer_checkpoint_resumes_exactly_and_is_written_on_interrupt(tmp_path
 
     a = make()
     a.fit(data, num_steps=6, batch_size=8, progress=False, checkpoint=tmp_path / "a.pt")
-    a.fit(data, num_steps=4, batch_size=8, progress=False)
+    a.fit(data, num_steps=10, batch_size=8, progress=False)
     b = make()
     b.load(tmp_path / "a.pt")
     assert b.step == 6 and len(b.model.layers) == len(a.model.layers)  # logit layer restored
-    b.fit(data, num_steps=4, batch_size=8, progress=False)
+    b.fit(data, num_steps=10, batch_size=8, progress=False)
     for p, q in zip(a.ema_model.parameters(), b.ema_model.parameters(), strict=True):
         assert torch.equal(p, q)
-    assert a.losses == b.losses and all(math.isfinite(v) for v in a.losses)
+    assert _records(a) == _records(b) and len(a.history) == 10
+    assert all(math.isfinite(v) for v in a.history["loss"])
+    with pytest.warns(UserWarning, match=r"fit\(num_steps=4\) does nothing: .* done 10 steps"):
+        a.fit(data, num_steps=4, batch_size=8, progress=False)
 
     c = make()
     _interrupt_at(c, 3)
@@ -683,7 +693,7 @@ def test_trainer_checkpoint_resumes_exactly_and_is_written_on_interrupt(tmp_path
         c.fit(data, num_steps=10, batch_size=8, progress=False, checkpoint=tmp_path / "c.pt")
     d = make()
     d.load(tmp_path / "c.pt")
-    assert d.step == 3 and len(d.losses) == 3
+    assert d.step == 3 and len(d.history) == 3
     # re-running the interrupted call with resume=True finishes it exactly as one run would
     # (the cosine schedule over its 10 steps, the random draws of the cut step rolled back)
     e = make()
@@ -692,7 +702,7 @@ def test_trainer_checkpoint_resumes_exactly_and_is_written_on_interrupt(tmp_path
     )
     whole = make()
     whole.fit(data, num_steps=10, batch_size=8, progress=False)
-    assert e.step == 10 and e.losses == whole.losses
+    assert e.step == 10 and _records(e) == _records(whole)
     for p, q in zip(e.ema_model.parameters(), whole.ema_model.parameters(), strict=True):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="resume=True needs a checkpoint"):
@@ -720,7 +730,7 @@ def _resume_with_validation(tmp_path, interrupt):
         cut.fit(data, 30, checkpoint=tmp_path / "v.pt", **options)
     resumed = make()
     resumed.fit(data, 30, checkpoint=tmp_path / "v.pt", resume=True, **options)
-    assert resumed.validation_nll == whole.validation_nll and resumed.losses == whole.losses
+    assert resumed.validation_nll == whole.validation_nll and _records(resumed) == _records(whole)
     for p, q in zip(resumed.ema_model.parameters(), whole.ema_model.parameters(), strict=True):
         assert torch.equal(p, q)
     return whole, cut
@@ -787,10 +797,10 @@ def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_a
         assert torch.equal(v, snapshots[1][k])
     assert not torch.equal(a.ema_model.layers[0].weight, snapshots[-1]["layers.0.weight"])
     b = make()  # seeds the global generator again
-    b.fit(data, num_steps=35, batch_size=8, progress=False)
+    b.fit(data, num_steps=35, batch_size=8, progress=False, eval_every=10)
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q)
-    assert a.losses == b.losses
+    assert a.history["loss"] == b.history["loss"]
 
     c = make()  # the real figures: the restored weights give the best recorded NLL
     c.fit(data, num_steps=30, batch_size=8, progress=False, validation=val, eval_every=10)
@@ -808,7 +818,7 @@ def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_a
     e = make()
     e.load(tmp_path / "d")
     assert e.step == 32 and e.validation_nll == [(10, 5.0), (20, 3.0), (30, 4.0)]
-    assert e._best[0] == 3.0 and e._run_start == 0
+    assert e._best[0] == 3.0
     for k, v in e._best[1].items():
         assert torch.equal(v, snapshots[1][k])
     assert not torch.equal(e.ema_model.layers[0].weight, snapshots[1]["layers.0.weight"])
@@ -902,11 +912,12 @@ def test_data_far_from_centred_and_unit_scale_are_whitened_by_default():
 
 def test_non_finite_losses_warn_and_stop_training():
     """From step 3 on the loss is nan: a warning at the first, the weights stay those after
-    step 3 (the skipped steps do not move them), and fit stops after MAX_NONFINITE in a row."""
+    step 3 (the skipped steps do not move them), and fit stops after MAX_SKIPPED_IN_A_ROW in a
+    row."""
     from pyro_ebm.ebflow import EBFlowTrainer
 
     trainer = EBFlowTrainer(fc_ebflow((2,)), "ml", seed=0)
-    trainer.MAX_NONFINITE = 5
+    trainer.MAX_SKIPPED_IN_A_ROW = 5
     loss_fn = trainer.loss_fn
     kept = []
 
@@ -917,10 +928,11 @@ def test_non_finite_losses_warn_and_stop_training():
 
     trainer.loss_fn = nan_from_step_3
     with pytest.warns(RuntimeWarning, match="step 4: the loss is not finite"):
-        with pytest.raises(RuntimeError, match="not finite at the last 5 steps"):
+        with pytest.raises(RuntimeError, match=r"5 of the 8 steps .* skipped \(5 in a row"):
             trainer.fit(torch.randn(50, 2), num_steps=20, batch_size=10, progress=False)
-    assert trainer.step == 8 and all(math.isnan(v) for v in trainer.losses[3:])
-    assert all(math.isfinite(v) for v in trainer.losses[:3])
+    losses = trainer.history["loss"]
+    assert trainer.step == 8 and all(math.isnan(v) for v in losses[3:]) and len(losses) == 8
+    assert all(math.isfinite(v) for v in losses[:3]) and trainer.history["skipped"][3:] == [1.0] * 5
     for p, q in zip(kept, trainer.model.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -932,18 +944,22 @@ def test_checkpoints_load_across_ema_settings_and_a_stale_log_z_is_never_used(tm
     plain = EBFlowTrainer(fc_ebflow((3,)), "ml", ema=None, lr=1e-2, seed=0)
     plain.fit(data, num_steps=30, batch_size=50, progress=False)
     plain.save(tmp_path / "plain.pt")
-    with_ema = EBFlowTrainer(fc_ebflow((3,)), "ml", seed=1)
-    with_ema.load(tmp_path / "plain.pt")  # the EMA starts from the saved weights
+    with_ema = EBFlowTrainer(fc_ebflow((3,)), "ml", lr=1e-2, seed=1)
+    with pytest.raises(ValueError, match="written with ema=None, this trainer has ema=0.999"):
+        with_ema.load(tmp_path / "plain.pt")
+    with_ema.load(tmp_path / "plain.pt", force=True)  # the EMA starts from the saved weights
     assert with_ema.nll(data) == pytest.approx(plain.nll(data), rel=1e-6)
     with_ema.save(tmp_path / "ema.pt")
-    with pytest.warns(UserWarning, match="EMA weights, but this trainer has ema=None"):
-        EBFlowTrainer(fc_ebflow((3,)), "ml", ema=None).load(tmp_path / "ema.pt")
+    with pytest.warns(UserWarning, match="averaged weights, but this trainer averages none"):
+        EBFlowTrainer(fc_ebflow((3,)), "ml", ema=None, lr=1e-2).load(
+            tmp_path / "ema.pt", force=True
+        )
     # a model left in eval mode by the user trains with a live log Z (ml moves it)
     user = EBFlowTrainer(fc_ebflow((3,)), "ml", ema=None, lr=1e-2, seed=0)
     user.model.eval()
     user.model.log_prob(data)
     user.fit(data, num_steps=30, batch_size=50, progress=False)
-    assert user.losses == plain.losses
+    assert _records(user) == _records(plain)
 
 
 def test_float64_models_empty_samples_and_samples_in_range():
@@ -996,15 +1012,16 @@ def test_a_real_ctrl_c_during_the_update_waits_for_the_step_to_end(tmp_path, ctr
             ctrl_c()
         return step(*args, **kwargs)
 
-    first.opt.step = interrupted
+    first.opt.step = types.MethodType(lambda _, *a, **k: interrupted(*a, **k), first.opt)
     with pytest.raises(KeyboardInterrupt):
         first.fit(data, 10, 8, progress=False, checkpoint=tmp_path / "c.pt")
-    assert first.step == 4 and len(first.losses) == 4
+    # the step's record is left to the resume (the interrupt comes before it)
+    assert first.step == 4 and len(first.history) == 3
     whole = make()  # (the seed is the global generator's: run one trainer at a time)
     whole.fit(data, 10, 8, progress=False)
     resumed = make()
     resumed.fit(data, 10, 8, progress=False, checkpoint=tmp_path / "c.pt", resume=True)
-    assert resumed.losses == whole.losses
+    assert _records(resumed) == _records(whole)
     for p, q in zip(resumed.ema_model.parameters(), whole.ema_model.parameters(), strict=True):
         assert torch.equal(p, q)
 

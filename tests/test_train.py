@@ -225,6 +225,33 @@ def _trainer(seed=0, sampler="adaptive-flow", **kwargs):
     )
 
 
+class _InfEnergy(MLPEnergy):
+    """An energy that is +inf for x[0] > 0.5 (where the data have no mass)."""
+
+    def energy(self, x):
+        e = super().energy(x)
+        return torch.where(x[:, 0] > 0.5, torch.full_like(e, math.inf), e)
+
+
+@pytest.mark.parametrize("name", ["ula", "short-run", "coopflow"])
+def test_nonfinite_negatives_restart_their_walkers_and_the_step_is_taken(name):
+    """Unadjusted Langevin walkers that step into the energy's infinite region are left out of
+    the loss and (when persistent) restarted at data points, and counted: no step is skipped.
+    (The whole step used to be skipped: 12 of 12 steps here.)"""
+    torch.manual_seed(0)
+    data = torch.randn(500, 2) * 0.5 + torch.tensor([-2.0, 0.0])
+    data = data[data[:, 0] < 0.5]
+    trainer = EBMTrainer(
+        _InfEnergy(2, hidden=(16,)), sampler=name, num_walkers=64, standardize=False, seed=0
+    )
+    trainer.fit(data, num_steps=12, batch_size=64, eval_every=1, progress=False)
+    assert trainer.history["skipped"] == [0.0] * 12
+    assert sum(trainer.history["nonfinite_negatives"]) > 0
+    assert all(torch.isfinite(p).all() for p in trainer.energy.parameters())
+    if name == "ula":  # persistent: the walkers are all back where the energy is finite
+        assert torch.isfinite(trainer.model.energy(trainer.walkers)).all()
+
+
 def test_resume_continues_exactly(tmp_path):
     """Train 10 steps in one go, and the same run interrupted after 6 steps (KeyboardInterrupt),
     then resumed from its checkpoint by a brand-new trainer: parameters, walkers and history are
@@ -361,7 +388,7 @@ def test_interruption_writes_a_checkpoint(tmp_path):
         )
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 4
-    assert torch.equal(state["energy"]["net.0.weight"], trainer.energy.net[0].weight)
+    assert torch.equal(state["weights"]["energy"]["net.0.weight"], trainer.energy.net[0].weight)
 
 
 def test_average_last_is_the_mean_of_the_last_iterates():
@@ -562,9 +589,10 @@ def test_standardization_argument_and_checkpoint(tmp_path):
     first = EBMTrainer(MLPEnergy(2, hidden=(8,)), num_walkers=16, seed=0)
     first.fit(x, num_steps=3, batch_size=16, checkpoint=ckpt, progress=False)
     second = EBMTrainer(MLPEnergy(2, hidden=(8,)), num_walkers=16, seed=1)
-    second.fit(
-        x[:150] + 1.0, num_steps=3, batch_size=16, checkpoint=ckpt, resume=True, progress=False
-    )
+    other = dict(num_steps=3, batch_size=16, checkpoint=ckpt, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"data had shape \(300, 2\).*these \(150, 2\)"):
+        second.fit(x[:150] + 1.0, **other)
+    second.fit(x[:150] + 1.0, **other, force=True)
     for a, b in zip(first.standardization, second.standardization, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(first.walkers, second.walkers)
@@ -705,16 +733,16 @@ def test_a_checkpoint_of_another_set_up_is_refused_before_anything_is_loaded(tmp
     other = _trainer(sampler="ula")
     other.fit(data, num_steps=1, batch_size=32, progress=False)
     before = [p.clone() for p in other.energy.parameters()]
-    with pytest.raises(ValueError, match="sampler='adaptive-flow', this trainer has sampler='ula'"):
+    with pytest.raises(
+        ValueError, match="with sampler='adaptive-flow', this trainer has sampler='ula'"
+    ):
         other.load(tmp_path / "a.pt")
     assert all(torch.equal(a, b) for a, b in zip(before, other.energy.parameters(), strict=True))
     torch.manual_seed(0)
     fewer = EBMTrainer(
         MLPEnergy(2, hidden=(16, 16)), flow=RealNVP(2, num_layers=2, hidden=(16,)), num_walkers=16
     )
-    with pytest.raises(
-        ValueError, match="the checkpoint has 32 walkers, this trainer num_walkers=16"
-    ):
+    with pytest.raises(ValueError, match="with num_walkers=32, this trainer has num_walkers=16"):
         fewer.fit(data, 4, 32, checkpoint=tmp_path / "a.pt", resume=True, progress=False)
 
 

@@ -46,14 +46,9 @@ from torch import Tensor
 
 from pyro_ebm._checks import check_int, check_positive
 from pyro_ebm.energy import EnergyModel
-from pyro_ebm.train.checkpoint import (
-    atomic_save,
-    deferred_interrupt,
-    load_checkpoint,
-    rng_states,
-    set_rng_states,
-)
-from pyro_ebm.train.trainer import needs_standardization
+from pyro_ebm.train.history import History
+from pyro_ebm.train.loop import SCHEDULES, Averager, Trainer
+from pyro_ebm.train.trainer import _shapes, needs_standardization
 
 from .layers import Logit, zca_whitening
 from .model import EBFlow
@@ -139,7 +134,7 @@ class WhitenedEnergy(EnergyModel):
         return -self.energy(x) - self.log_normalizer()
 
 
-class EBFlowTrainer:
+class EBFlowTrainer(Trainer):
     r"""Fit an :class:`~pyro_ebm.ebflow.model.EBFlow`.
 
     :param model: the EBFlow (e.g. :func:`~pyro_ebm.ebflow.fc_ebflow`).
@@ -167,8 +162,8 @@ class EBFlowTrainer:
         Adam's steps cannot carry the biases that far.
     :param ema: EMA decay of the weights (``None``: no EMA).
     :param lr: Adam learning rate.
-    :param lr_schedule: ``"cosine"`` (default: the rate decays to 0 over the steps of each
-        :meth:`fit` call) or ``"constant"``. On MNIST (FC model, lr 1e-3, 6000 steps) the decay
+    :param lr_schedule: ``"cosine"`` (default: the rate decays to 0 over :meth:`fit`'s
+        ``num_steps``) or ``"constant"``. On MNIST (FC model, lr 1e-3, 6000 steps) the decay
         gave plain SSM a test NLL of 1509 against 1776 with the constant rate; DSM at
         ``sigma=0.5`` was poor with both (1971 / 1893).
     :param sigma: DSM noise level. Default: 1.0 for images under MaP (in the logit space, where
@@ -197,15 +192,13 @@ class EBFlowTrainer:
         >>> from pyro_ebm.ebflow import fc_ebflow
         >>> data = torch.randn(256, 2) * torch.tensor([2.0, 0.5])
         >>> trainer = EBFlowTrainer(fc_ebflow((2,)), objective="ssm", lr=1e-2, seed=0)
-        >>> _ = trainer.fit(data, num_steps=50, batch_size=64, progress=False)
-        >>> trainer.nll(data) < trainer.nll(data * 3)
-        True
+        >>> history = trainer.fit(data, num_steps=50, batch_size=64, progress=False)
+        >>> history.last["step"], trainer.nll(data) < trainer.nll(data * 3)
+        (50, True)
     """
 
     #: vectors are whitened by default when their covariance's condition number exceeds this
     WHITEN_CONDITION = 10.0
-    #: :meth:`fit` stops when this many steps in a row had a non-finite loss
-    MAX_NONFINITE = 100
 
     def __init__(
         self,
@@ -232,8 +225,8 @@ class EBFlowTrainer:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
         if ema is not None and not 0 < ema < 1:
             raise ValueError(f"ema must lie in (0, 1) or be None, got {ema!r}")
-        if lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
         if max_grad_norm is not None:
             max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
         if seed is not None:
@@ -253,6 +246,12 @@ class EBFlowTrainer:
             raise ValueError(f"energy_reg must be non-negative, got {energy_reg!r}")
         self.energy_reg = float(energy_reg)
         self.sigma = None if sigma is None else check_positive("sigma", sigma)
+        self._sigma_arg = self.sigma
+        self._kwargs = {
+            "xi": xi,
+            "num_slices": num_slices,
+            "variance_reduction": variance_reduction,
+        }
         kwargs = {
             "ssm": {
                 "num_slices": check_int("num_slices", num_slices, 1),
@@ -265,15 +264,27 @@ class EBFlowTrainer:
         self._logit = Logit(lam)
         self._images: bool | None = None
         self.opt = make_adam(model.parameters(), check_positive("lr", lr))
-        self.ema_model = copy.deepcopy(model) if ema is not None else model
-        self.step = 0
-        #: the step at which the current (or last) :meth:`fit` call started
-        self._run_start = 0
+        self.averaged_model = model
+        self.averager = None if ema is None else Averager(model, ema=ema)
+        self._init_loop()
         #: ``(nll, EMA weights)`` of the best validation so far in the current :meth:`fit` call
         self._best: tuple[float, dict] | None = None
-        self.losses: list[float] = []
-        #: ``(step, nll)`` of each evaluation on :meth:`fit`'s ``validation`` data
-        self.validation_nll: list[tuple[int, float]] = []
+        self._validation: Tensor | None = None
+
+    @property
+    def ema_model(self) -> EBFlow:
+        """The EMA of the weights (:attr:`model` itself with ``ema=None``): what :meth:`nll`,
+        :meth:`sample` and :attr:`data_model` use."""
+        return self.model if self.averager is None else self.averager.module
+
+    @property
+    def validation_nll(self) -> list[tuple[int, float]]:
+        """``(step, nll)`` of each evaluation on :meth:`fit`'s ``validation`` data."""
+        return [(r["step"], r["val_nll"]) for r in self.history if "val_nll" in r]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------ pre-processing
     def _prepare(self, data: Tensor) -> Tensor:
@@ -348,43 +359,45 @@ class EBFlowTrainer:
         data: Tensor,
         num_steps: int = 1000,
         batch_size: int = 100,
-        progress: bool = True,
-        checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int = 1000,
+        *,
+        eval_every: int | None = None,
         validation: Tensor | None = None,
-        eval_every: int = 500,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
         resume: bool = False,
-    ) -> list[float]:
-        """Train for ``num_steps`` more steps on minibatches drawn with replacement (the cosine
-        schedule spans these steps); returns the losses of all steps so far.
+        progress: bool = True,
+        force: bool = False,
+    ) -> History:
+        """Train until ``num_steps`` steps in all are done (counting steps already done), on
+        minibatches drawn with replacement; the cosine schedule spans the ``num_steps``.
 
-        A step whose loss is not finite is skipped (the weights do not move) with a warning;
-        after :attr:`MAX_NONFINITE` such steps in a row training stops with a ``RuntimeError``.
+        A step whose loss or gradient is not finite is skipped (the weights do not move) with
+        a warning; when more than half of the call's steps (20 or more) or
+        :attr:`MAX_SKIPPED_IN_A_ROW` in a row were skipped, training stops with a
+        ``RuntimeError``.
 
+        :param eval_every: steps between the records of :attr:`history` (the mean loss, and the
+            validation NLL; default ``num_steps // 20``).
         :param checkpoint: file the whole trainer (:meth:`save`) is written to, atomically, every
-            ``checkpoint_every`` steps, at the end, and when the run stops on an exception
-            (``KeyboardInterrupt`` included, re-raised after the write); :meth:`load` restores
-            it.
-        :param resume: with ``checkpoint``, load that file first if it exists and finish the
-            ``fit`` call that wrote it: ``num_steps`` then counts from that call's first step,
-            so re-running the same line after an interruption continues the run exactly (the
-            same schedule, random draws and, with ``validation``, best weights so far).
-        :param validation: held-out data of the same kind as ``data``. Every ``eval_every``
-            steps and at the end, :meth:`nll` of the EMA weights on it (with a fixed
-            dequantisation draw, outside the training's random stream) is appended to
-            :attr:`validation_nll` as ``(step, nll)``; at the end of the call the EMA weights
-            with the lowest are restored (model selection by held-out likelihood, as in the
-            paper's code, which reports the test NLL of its best-validation checkpoint). The
-            training weights and the optimizer are left as they are (without EMA they are the
-            same weights and are restored too). Score matching does not minimise the NLL, which
-            can rise again late in training; on MNIST this selection matters.
+            ``checkpoint_every`` steps (default: at every record), at the end, and when the run
+            stops on an exception (``KeyboardInterrupt`` included, re-raised after the write);
+            :meth:`load` restores it.
+        :param resume: with ``checkpoint``, load that file first if it exists and continue the
+            run exactly (the same schedule, random draws and, with ``validation``, best weights
+            so far). The checkpoint records the trainer's settings, the data's shape and hash,
+            and ``batch_size``; resuming with any of them changed is refused with a
+            ``ValueError`` naming it, unless ``force=True``.
+        :param validation: held-out data of the same kind as ``data``. At every record,
+            :meth:`nll` of the EMA weights on it (with a fixed dequantisation draw, outside the
+            training's random stream) is recorded as ``val_nll`` (also in
+            :attr:`validation_nll`); at the end of the call the EMA weights with the lowest are
+            restored (model selection by held-out likelihood, as in the paper's code, which
+            reports the test NLL of its best-validation checkpoint). The training weights and
+            the optimizer are left as they are (without EMA they are the same weights and are
+            restored too). Score matching does not minimise the NLL, which can rise again late
+            in training; on MNIST this selection matters.
+        :returns: the :class:`~pyro_ebm.train.history.History` (also :attr:`history`).
         """
-        check_int("num_steps", num_steps, 1)
-        check_int("batch_size", batch_size, 1)
-        check_int("checkpoint_every", checkpoint_every, 1)
-        check_int("eval_every", eval_every, 1)
-        if resume and checkpoint is None:
-            raise ValueError("resume=True needs a checkpoint path")
         data = self._check_data("data", data, warn_quantised=True)
         if len(data) < 2:
             raise ValueError(f"data must have at least 2 examples, got {len(data)}")
@@ -394,83 +407,107 @@ class EBFlowTrainer:
                 raise ValueError(
                     "validation must be of the same kind as data (uint8 images or floats)"
                 )
-        if resume and os.path.isfile(checkpoint):
-            self.load(checkpoint)  # also restores where the interrupted call started
-        else:
-            self._run_start, self._best = self.step, None
+        self._validation, self._best = validation, None
+        return self._run(
+            data,
+            num_steps,
+            batch_size,
+            eval_every,
+            checkpoint,
+            checkpoint_every,
+            resume,
+            progress,
+            force,
+        )
+
+    # ------------------------------------------------------------------ the loop's hooks
+    def _setup(self, data: Tensor) -> None:
         self._setup_for(data.dtype == torch.uint8)
         self._fit_whitening(data)
         if self.data_init and self.step == 0 and not bool(self.model.initialized):
             self._initialize(data)
         self.model.train()  # (log Z must not come from an eval-mode cache)
-        done = self.step - self._run_start
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=num_steps, initial=done, desc=f"EBFlow ({self.objective})")
-        completed, nonfinite, skipped, snapshot = False, 0, 0, None
+    def _training_data(self, data: Tensor) -> Tensor:
+        return data
 
-        def validate_at(k: int) -> None:  # after the call's k-th step, when it is due
-            if validation is None or not (k % eval_every == 0 or k == num_steps):
-                return
-            nll = self._validate(validation)
-            if self._best is None or nll < self._best[0]:  # (non-finite: +inf)
-                self._best = (nll, copy.deepcopy(self.ema_model.state_dict()))
-            if bar is not None:
-                bar.set_postfix(val_nll=f"{nll:.4g}", best=f"{self._best[0]:.4g}")
+    def _optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
+        return [(self.opt, self.lr)]
 
-        try:
-            recorded = self.validation_nll[-1][0] if self.validation_nll else None
-            if done > 0 and recorded != self.step:  # interrupted while validating: do it now
-                validate_at(done)
-            for i in range(done, num_steps):
-                snapshot = (rng_states(self._device), self.step)  # to roll back a cut step
-                if self._train_step(data, batch_size, i, num_steps):
-                    nonfinite = 0
-                else:
-                    nonfinite, skipped = nonfinite + 1, skipped + 1
-                    self._check_progress(nonfinite, skipped)
-                validate_at(i + 1)
-                if checkpoint is not None and (i + 1) % checkpoint_every == 0:
-                    self.save(checkpoint)
-                if bar is not None:
-                    bar.update(1)
-            completed = True
-        finally:
-            if bar is not None:
-                bar.close()
-            if not completed and snapshot is not None and self.step == snapshot[1]:
-                set_rng_states(snapshot[0], self._device)  # cut mid-step: as before the step
-            if checkpoint is not None and not completed:
-                self.save(checkpoint)  # the state to resume from, best weights alongside
-            if self._best is not None:  # the best EMA weights, kept also when interrupted
-                self.ema_model.load_state_dict(self._best[1])
-                self._best = None
-            if checkpoint is not None and completed:
-                self.save(checkpoint)
-        return self.losses
+    def _loss(self, data: Tensor, batch_size: int) -> tuple[Tensor, dict]:
+        x = self._prepare(data[torch.randint(len(data), (batch_size,))])
+        loss = self.loss_fn(self.model, x)
+        if self.energy_reg:
+            loss = loss + self.energy_reg * self.model.energy(x).mean()
+        return loss, {}
 
-    @property
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def _after_update(self, stats: dict) -> None:
+        pass
 
-    def _check_progress(self, nonfinite: int, skipped: int) -> None:
-        """After a step with a non-finite loss (``nonfinite`` in a row, ``skipped`` in this
-        call): warn at the first of the call; stop after :attr:`MAX_NONFINITE` in a row."""
-        if skipped == 1:
-            warnings.warn(
-                f"step {self.step}: the loss is not finite; the step is skipped (the weights "
-                "do not move). A lower lr or max_grad_norm may help.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        if nonfinite >= self.MAX_NONFINITE:
-            raise RuntimeError(
-                f"the loss was not finite at the last {nonfinite} steps (up to step "
-                f"{self.step}): training is not progressing. Check the data and the objective's "
-                "settings; a lower lr or max_grad_norm may help."
-            )
+    def _evaluate(self) -> dict:
+        """The validation NLL (a fixed dequantisation draw), and the best weights so far."""
+        if self._validation is None:
+            return {}
+        torch.manual_seed(0)  # (the loop has forked the random stream)
+        nll = self.nll(self._validation)
+        score = nll if math.isfinite(nll) else math.inf
+        if self._best is None or score < self._best[0]:
+            self._best = (score, copy.deepcopy(self.ema_model.state_dict()))
+        return {"val_nll": nll, "best_val_nll": self._best[0]}
+
+    def _end_of_fit(self, completed: bool) -> None:
+        if self._best is not None:  # the best EMA weights, kept also when interrupted
+            self.ema_model.load_state_dict(self._best[1])
+            self._best = None
+
+    def _description(self) -> str:
+        return f"EBFlow ({self.objective})"
+
+    def _postfix(self, record: dict) -> dict:
+        out = super()._postfix(record)
+        if "val_nll" in record:
+            out.update(val_nll=f"{record['val_nll']:.4g}", best=f"{record['best_val_nll']:.4g}")
+        return out
+
+    def _config(self) -> dict:
+        return {
+            "objective": self.objective,
+            "map": self.map,
+            "ema": self.ema,
+            "lr": self.lr,
+            "lr_schedule": self.lr_schedule,
+            "sigma": self._sigma_arg,
+            **self._kwargs,
+            "max_grad_norm": self.max_grad_norm,
+            "energy_reg": self.energy_reg,
+            "lam": self.lam,
+            "whiten": self.whiten,
+            "model": _shapes(self.model),
+        }
+
+    def _extra_state(self) -> dict:
+        return {
+            "weights": {"model": self.model.state_dict()},
+            "images": self._images,
+            "sigma": self.sigma,
+            "whitening": self._whitening,
+            "best": self._best,
+        }
+
+    def _load_extra_state(self, state: dict) -> None:
+        if state["images"] is not None:
+            self._setup_for(state["images"])  # the same layers (logit without MaP)
+        self.model.load_state_dict(state["weights"]["model"])
+        if self.averager is not None and state["averager"] is None:  # the EMA starts here
+            self.ema_model.load_state_dict(state["weights"]["model"])
+        self._best = state["best"]
+        whitening = state["whitening"]
+        if whitening is not None:  # onto this trainer's device (a GPU checkpoint on a CPU)
+            whitening = (whitening[0].to(self.device), whitening[1].to(self.device), whitening[2])
+        self._whitening = whitening
+        if self.objective == "dsm" and state["sigma"] is not None:
+            self.sigma = state["sigma"]
+            self.loss_fn = partial(OBJECTIVES["dsm"], sigma=self.sigma)
 
     def _initialize(self, data: Tensor, n: int = 1000) -> None:
         """Data-dependent initialisation on ``n`` random training examples (the EMA weights
@@ -516,107 +553,6 @@ class EBFlowTrainer:
                     stacklevel=3,
                 )
         return data.to(device=param.device, dtype=param.dtype)
-
-    def _validate(self, data: Tensor) -> float:
-        """:meth:`nll` on ``data`` with a fixed dequantisation draw, recorded in
-        :attr:`validation_nll`; the training's random stream is left untouched."""
-        device = self._device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(0)
-            nll = self.nll(data)
-        self.validation_nll.append((self.step, nll))
-        return nll if math.isfinite(nll) else math.inf
-
-    def _train_step(self, data: Tensor, batch_size: int, i: int, num_steps: int) -> bool:
-        """One optimiser step (skipped when the loss is not finite); whether it was taken."""
-        if self.lr_schedule == "cosine":
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr * 0.5 * (1.0 + math.cos(math.pi * i / num_steps))
-        x = self._prepare(data[torch.randint(len(data), (batch_size,))])
-        loss = self.loss_fn(self.model, x)
-        if self.energy_reg:
-            loss = loss + self.energy_reg * self.model.energy(x).mean()
-        with deferred_interrupt():  # the updates below happen together or not at all
-            self.opt.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-                self.opt.step()
-            self.step += 1
-            self._update_ema()
-            self.losses.append(float(loss.detach()))
-        return finite
-
-    # ------------------------------------------------------------------ saving
-    def state_dict(self) -> dict:
-        """Everything needed to continue training: weights, EMA weights, optimizer, step,
-        losses, the kind of data seen, the DSM noise level, the whitening, where the current
-        :meth:`fit` call started and its best validated weights, and torch's RNG states (the
-        CPU's, and the model's GPU's when it is on one)."""
-        return {
-            "model": self.model.state_dict(),
-            "ema_model": None if self.ema_model is self.model else self.ema_model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "step": self.step,
-            "losses": list(self.losses),
-            "validation_nll": list(self.validation_nll),
-            "images": self._images,
-            "sigma": self.sigma,
-            "whitening": self._whitening,
-            "run_start": self._run_start,
-            "best": self._best,
-            **rng_states(self._device),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` into a trainer built with the same model and options."""
-        if state["images"] is not None:
-            self._setup_for(state["images"])  # the same layers (logit without MaP)
-        self.model.load_state_dict(state["model"])
-        if state["ema_model"] is None:
-            if self.ema_model is not self.model:  # saved with ema=None: the EMA starts here
-                self.ema_model.load_state_dict(state["model"])
-        elif self.ema_model is self.model:
-            warnings.warn(
-                "the checkpoint has EMA weights, but this trainer has ema=None: they are "
-                "dropped (nll and sample use the training weights); build the trainer with ema "
-                "to keep them",
-                stacklevel=2,
-            )
-        else:
-            self.ema_model.load_state_dict(state["ema_model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.step, self.losses = state["step"], list(state["losses"])
-        self._run_start = state.get("run_start", self.step)
-        self._best = state.get("best")
-        self.validation_nll = [tuple(v) for v in state.get("validation_nll", [])]
-        device = self._device
-        whitening = state.get("whitening")
-        if whitening is not None:  # onto this trainer's device (a GPU checkpoint on a CPU)
-            whitening = (whitening[0].to(device), whitening[1].to(device), whitening[2])
-        self._whitening = whitening
-        if self.objective == "dsm" and state["sigma"] is not None:
-            self.sigma = state["sigma"]
-            self.loss_fn = partial(OBJECTIVES["dsm"], sigma=self.sigma)
-        set_rng_states(state, device)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (never a half-written file)."""
-        atomic_save(self.state_dict(), path)
-
-    def load(self, path: str | os.PathLike) -> None:
-        """Restore a file written by :meth:`save` (only load files you trust)."""
-        self.load_state_dict(load_checkpoint(path))
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        d = min(self.ema, (1 + self.step) / (10 + self.step))
-        for e, p in zip(self.ema_model.parameters(), self.model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1 - d)
 
     @torch.no_grad()
     def nll(self, data: Tensor, batch_size: int = 1000) -> float:

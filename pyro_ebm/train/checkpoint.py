@@ -1,12 +1,16 @@
 r"""Atomic file writes: a checkpoint or a history file is either the old one or the new one,
 never half written (write to a temporary file in the same folder, flush, ``fsync``, then
-``os.replace``, which is atomic on POSIX and Windows). Also the random states a checkpoint
+``os.replace``, which is atomic on POSIX and Windows; the temporary file is removed when the
+write fails). Checkpoints end with a SHA-256 of their bytes, checked when they are loaded
+(a flipped byte in a tensor is otherwise read without an error). Also the random states a checkpoint
 holds, so that a resumed run continues the same random stream, and :func:`deferred_interrupt`,
 which keeps Ctrl-C from cutting a training step's updates in half."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import signal
 import tempfile
@@ -20,6 +24,7 @@ import torch
 __all__ = [
     "atomic_save",
     "atomic_write",
+    "check_file_path",
     "deferred_interrupt",
     "load_checkpoint",
     "rng_states",
@@ -57,18 +62,90 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], binary: bo
     return path
 
 
+#: what precedes the SHA-256 at the end of a file written by :func:`atomic_save`
+_CHECKSUM_TAG = b"\npyro_ebm-sha256:"
+
+
+class _Hashing:
+    """A binary file that hashes what is written to it."""
+
+    def __init__(self, file: IO) -> None:
+        self.file, self.sha = file, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)``, atomically."""
-    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    """``torch.save(obj, path)``, atomically, followed by the SHA-256 of the bytes written
+    (:func:`load_checkpoint` checks it).
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> p = atomic_save({"step": 3}, pathlib.Path(tempfile.mkdtemp()) / "c.pt")
+        >>> load_checkpoint(p)
+        {'step': 3}
+    """
+
+    def write(f: IO) -> None:
+        hashing = _Hashing(f)
+        torch.save(obj, hashing)
+        f.write(_CHECKSUM_TAG + hashing.sha.digest())
+
+    return atomic_write(path, write, binary=True)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by :func:`atomic_save` (``weights_only=False``: checkpoints hold
-    optimizer and RNG states; load only files you trust)."""
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Load a file written by :func:`atomic_save`, after checking its SHA-256 (a damaged file
+    raises a ``ValueError`` naming it; a file without the checksum, e.g. written by
+    ``torch.save``, is loaded as it is). ``weights_only=False``: checkpoints hold optimiser and
+    random states; load only files you trust."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    raw = path.read_bytes()
+    size = len(_CHECKSUM_TAG) + hashlib.sha256().digest_size
+    if raw[-size : -size + len(_CHECKSUM_TAG)] == _CHECKSUM_TAG:
+        payload = memoryview(raw)[:-size]
+        if hashlib.sha256(payload).digest() != raw[-size + len(_CHECKSUM_TAG) :]:
+            raise ValueError(
+                f"{path} is damaged (its bytes do not match the checksum written with it): "
+                "resume from another checkpoint or start afresh"
+            )
+        raw = payload
+    try:
+        return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=False)
+    except Exception as e:  # (not a torch file, or truncated)
+        raise ValueError(f"{path} is not a readable checkpoint: {e}") from e
+
+
+def check_file_path(name: str, path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``, if a file can be written there: not a folder, and no existing
+    part of its folder is a file (checked before training starts, not at the first save).
+
+    Example::
+
+        >>> check_file_path("checkpoint", "/")
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint must be a file path, got the folder /
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} must be a file path, got the folder {path}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name}: {parent} is a file, not a folder ({path})")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{name}: cannot write into {parent} ({path})")
+            break
+    return path
 
 
 def rng_states(device: torch.device) -> dict:

@@ -28,11 +28,8 @@ Adaptive Flow Sampling", https://arxiv.org/abs/2306.00684
 
 from __future__ import annotations
 
-import math
 import os
-import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,19 +41,11 @@ from pyro_ebm.flows import Flow, RealNVP, Standardized, fit_reverse_kl, forward_
 from pyro_ebm.metrics import bounds_around, mode_weights, model_mode_weights
 from pyro_ebm.metrics.density import Bounds
 
-from .checkpoint import (
-    atomic_save,
-    deferred_interrupt,
-    load_checkpoint,
-    rng_states,
-    set_rng_states,
-)
 from .history import History
+from .loop import SCHEDULES, Averager, Trainer
 from .negatives import SAMPLERS, CDNegatives, NegativeSampler, make_sampler
 
 __all__ = ["EBMTrainer", "contrastive_loss", "needs_standardization"]
-
-_SCHEDULES = ("cosine", "constant")
 
 
 def contrastive_loss(
@@ -116,6 +105,12 @@ def base_scale(data: Tensor) -> float:
     return float(data.std(0).pow(2).mean().sqrt())
 
 
+def _shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
+    """The shapes of a module's parameters and buffers in order: its architecture, for a
+    checkpoint's fingerprint (the names are left out: layers without weights shift them)."""
+    return [tuple(v.shape) for v in module.state_dict().values()]
+
+
 def needs_standardization(data: Tensor) -> bool:
     r"""Whether :class:`EBMTrainer` (``standardize=None``) trains on standardized data: when a
     coordinate's mean lies more than 2 RMS standard deviations from 0, the RMS sd is outside
@@ -137,7 +132,7 @@ def needs_standardization(data: Tensor) -> bool:
     return float(sd.max()) > 100.0 * float(sd.min())
 
 
-class EBMTrainer:
+class EBMTrainer(Trainer):
     r"""Train an energy-based model by maximum likelihood with persistent, flow-assisted negatives.
 
     :param energy: the learnable correction :math:`E_\theta` (e.g.
@@ -148,7 +143,8 @@ class EBMTrainer:
         deviation, so that :math:`\rho` roughly covers the data.
     :param sampler: ``"adaptive-flow"`` (default), ``"ula"``, ``"neutra-mala"``, ``"cd"``,
         ``"short-run"``, ``"coopflow"``, or a :class:`~pyro_ebm.train.negatives.NegativeSampler`.
-    :param num_walkers: persistent walkers (negatives per block).
+    :param num_walkers: persistent walkers (negatives per block; in a distributed run, per
+        process).
     :param lr: Adam learning rate of the energy.
     :param flow_lr: Adam learning rate of the flow (default ``lr``, as in the paper).
     :param lr_schedule: ``"cosine"`` (decay to 0 over ``num_steps``, default) or ``"constant"``.
@@ -229,8 +225,8 @@ class EBMTrainer:
                 "standardize=True needs the default flow: a given flow's base is the tilt, in "
                 "the data's coordinates"
             )
-        if lr_schedule not in _SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {_SCHEDULES}, got {lr_schedule!r}")
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
         if isinstance(regularization, bool) or not regularization >= 0:
             raise ValueError(f"regularization must be >= 0, got {regularization!r}")
         self.sampler = make_sampler(sampler, **(sampler_kwargs or {}))
@@ -245,8 +241,6 @@ class EBMTrainer:
         if isinstance(average_last, bool) or not 0.0 <= average_last < 1.0:
             raise ValueError(f"average_last must lie in [0, 1), got {average_last!r}")
         self.average_last = float(average_last)
-        self._average: list[Tensor] | None = None
-        self._average_count = 0
         self.flow_pretrain_steps = check_int("flow_pretrain_steps", flow_pretrain_steps, 0)
         if target is not None and not (hasattr(target, "weights") and hasattr(target, "dim")):
             raise TypeError(
@@ -269,12 +263,14 @@ class EBMTrainer:
         self.device = torch.device(device)
         self.energy = energy.to(self.device)
         self.flow = flow.to(self.device) if flow is not None else None
-        self.step = 0
-        self.elapsed = 0.0
-        self.history = History()
+        self.averaged_model = self.energy
+        self.averager = (
+            Averager(self.energy, ema=None, last=self.average_last) if self.average_last else None
+        )
+        self._init_loop()
         self._ready = False
-        self._window: dict[str, list] = {}  # per-step statistics since the last record
-        self._neg_counts: Tensor | None = None  # mode counts of the negatives since then
+        self._neg_counts: Tensor | None = None  # mode counts of the negatives since the record
+        self._eval_samples = 20_000
 
     # ------------------------------------------------------------------ model and state
     @property
@@ -356,13 +352,15 @@ class EBMTrainer:
 
     def _setup(self, data: Tensor) -> None:
         """Build what the first fit needs, from the data (in the data's coordinates)."""
+        if self._ready:
+            return
         constant = (data.std(0) == 0).nonzero().flatten().tolist()
         if constant:
             warnings.warn(
                 f"data are constant in coordinates {constant[:10]}"
                 f"{' ...' if len(constant) > 10 else ''}: maximum likelihood then drives the "
                 "model toward a point mass there; drop those coordinates or add a little noise",
-                stacklevel=3,  # the user's fit() call
+                stacklevel=4,  # the user's fit() call
             )
         use = self.standardize
         if use is None:
@@ -387,20 +385,18 @@ class EBMTrainer:
         self.sampler.init(self._potential, self.flow, self.num_walkers)
         self._ready = True
 
-    # ------------------------------------------------------------------ training
-    def _lr_factor(self, num_steps: int, step: int | None = None) -> float:
-        """The learning-rate factor of step ``step`` (default: the next one)."""
-        if self.lr_schedule == "constant":
-            return 1.0
-        step = self.step if step is None else step
-        return 0.5 * (1.0 + math.cos(math.pi * step / num_steps))
+    # ------------------------------------------------------------------ the loop's hooks
+    def _training_data(self, data: Tensor) -> Tensor:
+        return self._to_z(data)
 
-    def _train_step(self, data: Tensor, batch_size: int, num_steps: int) -> float:
-        """One training step; returns the learning-rate factor it used."""
-        factor = self._lr_factor(num_steps)
-        for opt, lr in ((self.energy_opt, self.lr), (self.flow_opt, self.flow_lr)):
-            for group in opt.param_groups:
-                group["lr"] = lr * factor
+    def _optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
+        return [(self.energy_opt, self.lr), (self.flow_opt, self.flow_lr)]
+
+    def _loss(self, data: Tensor, batch_size: int) -> tuple[Tensor, dict]:
+        """Draw a minibatch, move the walkers, and the contrastive loss. Negatives at a
+        non-finite point or energy are left out of the loss and their walkers restart from
+        points of the minibatch (counted as ``nonfinite_negatives`` in the history: unadjusted
+        samplers such as ULA walk into regions where the energy is infinite)."""
         idx = torch.randint(data.shape[0], (batch_size,), device=self.device)
         x_pos = data[idx]
         negatives, stats = self.sampler.sample(self._potential, self.flow, x_pos)
@@ -408,36 +404,129 @@ class EBMTrainer:
         loss, e_pos, e_neg = contrastive_loss(
             self.energy, x_pos, negatives, regularization=self.regularization
         )
-        with deferred_interrupt():  # the updates below happen together or not at all
-            self.energy_opt.zero_grad(set_to_none=True)
-            skipped = not torch.isfinite(loss)
-            if not skipped:
-                loss.backward()
-                params = [p for p in self.energy.parameters() if p.grad is not None]
-                if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                skipped = not all(torch.isfinite(p.grad).all() for p in params)
-                if not skipped:
-                    self.energy_opt.step()
-            if self.sampler.uses_flow:
-                stats["flow_nll"] = forward_kl_step(self.flow, self.flow_opt, negatives)
-            stats.update(
-                loss=float(loss.detach()),
-                e_pos=float(e_pos.detach().mean()),
-                e_neg=float(e_neg.detach().mean()),
-                skipped=float(skipped),
-            )
-            for key, value in stats.items():
-                self._window.setdefault(key, []).append(value)
-            if self.target is not None and hasattr(self.target, "mode_index"):
-                idx = self.target.mode_index(self._to_x(negatives)).reshape(-1).cpu()
-                counts = torch.bincount(idx, minlength=self.target.weights.shape[0]).double()
-                self._neg_counts = counts if self._neg_counts is None else self._neg_counts + counts
-            self.step += 1
-            self._update_average(num_steps)  # within the step: an interrupt must not split them
-        return factor
+        bad = ~(torch.isfinite(negatives).all(-1) & torch.isfinite(e_neg.detach()))
+        stats["nonfinite_negatives"] = float(bad.sum())
+        if bool(bad.any()):
+            self._restart(bad, x_pos)
+            negatives = negatives[~bad]
+            if len(negatives):
+                loss, e_pos, e_neg = contrastive_loss(
+                    self.energy, x_pos, negatives, regularization=self.regularization
+                )
+            else:  # nothing to contrast with: the step is skipped
+                loss = e_neg = torch.full((), float("nan"), device=self.device)
+        self._negatives = negatives
+        stats.update(e_pos=float(e_pos.detach().mean()), e_neg=float(e_neg.detach().mean()))
+        return loss, stats
 
-    @torch.no_grad()
+    def _restart(self, bad: Tensor, x_pos: Tensor) -> None:
+        """Restart the persistent walkers among the negatives flagged ``bad`` (the walkers are
+        the last ``num_walkers`` negatives) at random points of the minibatch ``x_pos``."""
+        walkers = self.sampler.walkers
+        if not self.sampler.persistent or walkers is None:
+            return
+        last = bad[-len(walkers) :]
+        starts = x_pos[torch.randint(len(x_pos), (len(walkers),), device=x_pos.device)]
+        self.sampler.walkers = torch.where(last[:, None], starts.to(walkers.dtype), walkers)
+
+    def _after_update(self, stats: dict) -> None:
+        """The flow's step on the negatives, and their mode counts."""
+        negatives, self._negatives = self._negatives, None
+        if self.sampler.uses_flow and len(negatives):
+            stats["flow_nll"] = forward_kl_step(self.flow, self.flow_opt, negatives)
+        if self.target is not None and hasattr(self.target, "mode_index"):
+            idx = self.target.mode_index(self._to_x(negatives)).reshape(-1).cpu()
+            counts = torch.bincount(idx, minlength=self.target.weights.shape[0]).double()
+            self._neg_counts = counts if self._neg_counts is None else self._neg_counts + counts
+
+    def _snapshot(self) -> dict:
+        return self.sampler.state_dict()
+
+    def _restore(self, snapshot: dict) -> None:
+        self.sampler.load_state_dict(snapshot)
+
+    def _evaluate(self) -> dict:
+        """:meth:`evaluate`, and the mode weights of the negatives since the last record
+        (their counts are cleared last: an interrupt before leaves them to the resume)."""
+        record = self.evaluate(self._eval_samples)
+        counts, self._neg_counts = self._neg_counts, None
+        if counts is not None:
+            w_neg = (counts / counts.sum()).tolist()
+            record["neg_weights"] = w_neg
+            if "model_weights" in record:
+                record["neg_vs_model_mse"] = float(
+                    (torch.tensor(w_neg) - torch.tensor(record["model_weights"])).pow(2).mean()
+                )
+        return record
+
+    def _description(self) -> str:
+        return f"EBM ({self._sampler_name()})"
+
+    def _postfix(self, record: dict) -> dict:
+        out = super()._postfix(record)
+        if "global_accept" in record:
+            out["acc"] = f"{record['global_accept']:.2f}"
+        if "model_weights" in record:
+            out["w"] = " ".join(f"{w:.2f}" for w in record["model_weights"][:8])
+        return out
+
+    def _sampler_name(self) -> str:
+        """The name of the built-in sampler this one is (or derives from), else its class."""
+        names = {cls: name for name, cls in SAMPLERS.items()}
+        for cls in type(self.sampler).__mro__:
+            if cls in names:
+                return names[cls]
+        return type(self.sampler).__name__
+
+    def _config(self) -> dict:
+        """The settings a resume must match (a custom sampler's are not compared)."""
+        name = self._sampler_name()
+        sampler = {}
+        if name in SAMPLERS:
+            settings = vars(self.sampler).items()
+            sampler["sampler"] = name
+            sampler["sampler_settings"] = {
+                k: v
+                for k, v in sorted(settings)
+                if isinstance(v, (bool, int, float, str)) and not k.startswith("_")
+            }
+        return {
+            **sampler,
+            "num_walkers": self.num_walkers,
+            "lr": self.lr,
+            "flow_lr": self.flow_lr,
+            "lr_schedule": self.lr_schedule,
+            "regularization": self.regularization,
+            "max_grad_norm": self.max_grad_norm,
+            "average_last": self.average_last,
+            "standardize": self.standardize,
+            "energy": _shapes(self.energy),
+            "flow": None if self.flow is None else _shapes(self.flow),
+        }
+
+    def _extra_state(self) -> dict:
+        if not self._ready:
+            raise RuntimeError("nothing to save before the first fit()")
+        return {
+            "weights": {"energy": self.energy.state_dict(), "flow": self.flow.state_dict()},
+            "sampler": self.sampler.state_dict(),
+            "neg_counts": self._neg_counts,
+            "standardization": self.standardization,
+        }
+
+    def _load_extra_state(self, state: dict) -> None:
+        if not self._ready:
+            raise RuntimeError(
+                "call load() after the trainer has been set up by fit(), or use "
+                "fit(..., checkpoint=path, resume=True)"
+            )
+        self.energy.load_state_dict(state["weights"]["energy"])
+        self.flow.load_state_dict(state["weights"]["flow"])
+        self.sampler.load_state_dict(state["sampler"])
+        self._neg_counts = state["neg_counts"]
+        self._loc, self._scale = state["standardization"] or (None, None)
+
+    # ------------------------------------------------------------------ evaluation and fit
     def evaluate(self, eval_samples: int = 20_000) -> dict:
         r"""Metrics of the current model: with a ``target``, the model's mode weights (2-D grid
         quadrature, else self-normalised importance sampling with the flow), their MSE against
@@ -492,44 +581,21 @@ class EBMTrainer:
             chain.append(self.walkers.detach())
         return torch.stack(chain)
 
-    def _record(self, eval_samples: int, lr_factor: float) -> dict:
-        """Append the history record of this step. The evaluation draws outside the training's
-        random stream, and the window of statistics is cleared only once the record is in:
-        an interrupt during the (slow) evaluation leaves the record to :meth:`fit`'s resume."""
-        record: dict[str, Any] = {
-            "step": self.step,
-            "time": round(self.elapsed, 3),
-            "lr": self.lr * lr_factor,
-        }
-        for key, values in sorted(self._window.items()):
-            record[key] = float(sum(values) / len(values))
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            record.update(self.evaluate(eval_samples))
-        counts, self._neg_counts, self._window = self._neg_counts, None, {}
-        if counts is not None:
-            w_neg = (counts / counts.sum()).tolist()
-            record["neg_weights"] = w_neg
-            if "model_weights" in record:
-                record["neg_vs_model_mse"] = float(
-                    (torch.tensor(w_neg) - torch.tensor(record["model_weights"])).pow(2).mean()
-                )
-        self.history.append(record)
-        return record
-
     def fit(
         self,
         data: Tensor,
         num_steps: int = 1000,
         batch_size: int = 256,
+        *,
         eval_every: int | None = None,
         eval_samples: int = 20_000,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
         resume: bool = False,
         progress: bool = True,
+        force: bool = False,
     ) -> History:
-        r"""Train for ``num_steps`` steps in all (counting steps already done).
+        r"""Train until ``num_steps`` steps in all are done (counting steps already done).
 
         :param data: ``(num_points, dim)`` float tensor; minibatches are drawn with replacement.
         :param num_steps: total number of training steps (the cosine schedule spans them; to
@@ -538,162 +604,30 @@ class EBMTrainer:
         :param eval_every: steps between history records (default: ``num_steps // 20``).
         :param eval_samples: importance samples for the model's mode weights when ``dim > 2``.
         :param checkpoint: file to write the full training state to (atomically) every
-            ``checkpoint_every`` steps (default: at every evaluation), at the end, and when
-            interrupted (``KeyboardInterrupt``); with ``resume=True`` an existing file is
-            loaded first and training continues exactly where it stopped.
+            ``checkpoint_every`` steps (default: at every evaluation), at the end, and when the
+            run stops on an exception (``KeyboardInterrupt`` included); with ``resume=True`` an
+            existing file is loaded first and training continues exactly where it stopped.
+        :param resume: see ``checkpoint``. The checkpoint records the trainer's settings, the
+            data's shape and hash, and ``batch_size``; resuming with any of them changed is
+            refused with a ``ValueError`` naming it, unless ``force=True``.
         :param progress: show a tqdm progress bar with the loss, acceptance and mode weights.
         :returns: the :class:`~pyro_ebm.train.history.History` (also :attr:`history`).
+
+        A step whose loss or gradient is not finite is skipped (the energy does not move),
+        with a warning at the first; when more than half of the call's steps (20 or more) or
+        :attr:`MAX_SKIPPED_IN_A_ROW` in a row were skipped, training stops with a
+        ``RuntimeError`` (the checkpoint, if any, is written first).
         """
-        num_steps = check_int("num_steps", num_steps, 1)
-        batch_size = check_int("batch_size", batch_size, 1)
-        check_int("eval_samples", eval_samples, 1)
-        eval_every = (
-            max(1, num_steps // 20)
-            if eval_every is None
-            else check_int("eval_every", eval_every, 1)
-        )
-        checkpoint_every = (
-            eval_every
-            if checkpoint_every is None
-            else check_int("checkpoint_every", checkpoint_every, 1)
-        )
-        if resume and checkpoint is None:
-            raise ValueError("resume=True needs a checkpoint path")
+        self._eval_samples = check_int("eval_samples", eval_samples, 1)
         data = self._check_data(data)
-        if not self._ready:
-            self._setup(data)
-        if resume and Path(checkpoint).is_file():
-            self.load(checkpoint)
-            recorded = self.history.records[-1]["step"] if len(self.history) else 0
-            if self.step != recorded and (self.step % eval_every == 0 or self.step == num_steps):
-                # interrupted while evaluating: the record of the last step, as it would have been
-                self._record(eval_samples, self._lr_factor(num_steps, self.step - 1))
-        data = self._to_z(data)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=num_steps, initial=self.step, desc=f"EBM ({self._sampler_name()})")
-        snapshot, done = None, self.step
-        try:
-            while self.step < num_steps:
-                # what an interruption in the middle of this step must roll back to
-                snapshot, done = (rng_states(self.device), self.sampler.state_dict()), self.step
-                start = time.perf_counter()
-                factor = self._train_step(data, batch_size, num_steps)
-                self.elapsed += time.perf_counter() - start
-                if self.step % eval_every == 0 or self.step == num_steps:
-                    record = self._record(eval_samples, factor)
-                    if bar is not None:
-                        bar.set_postfix(self._postfix(record), refresh=False)
-                if checkpoint is not None and (
-                    self.step % checkpoint_every == 0 or self.step == num_steps
-                ):
-                    self.save(checkpoint)
-                if bar is not None:
-                    bar.update(1)
-        except KeyboardInterrupt:
-            if snapshot is not None and self.step == done:  # interrupted mid-step: roll back
-                set_rng_states(snapshot[0], self.device)
-                self.sampler.load_state_dict(snapshot[1])
-            if checkpoint is not None:
-                self.save(checkpoint)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        return self.history
-
-    @torch.no_grad()
-    def _update_average(self, num_steps: int) -> None:
-        if not self.average_last or self.step <= num_steps * (1.0 - self.average_last):
-            return
-        params = [p.detach() for p in self.energy.parameters()]
-        if self._average is None:
-            self._average, self._average_count = [p.clone() for p in params], 1
-        else:
-            self._average_count += 1
-            for a, p in zip(self._average, params, strict=True):
-                a.add_((p - a) / self._average_count)
-        if self.step == num_steps:  # the average becomes the trained energy
-            for a, p in zip(self._average, self.energy.parameters(), strict=True):
-                p.copy_(a)
-
-    def _sampler_name(self) -> str:
-        for name, cls in SAMPLERS.items():
-            if type(self.sampler) is cls:
-                return name
-        return type(self.sampler).__name__
-
-    @staticmethod
-    def _postfix(record: dict) -> dict:
-        out = {"loss": f"{record.get('loss', float('nan')):.3g}"}
-        if "global_accept" in record:
-            out["acc"] = f"{record['global_accept']:.2f}"
-        if "model_weights" in record:
-            out["w"] = " ".join(f"{w:.2f}" for w in record["model_weights"][:8])
-        return out
-
-    # ------------------------------------------------------------------ checkpoints
-    def _check_compatible(self, state: dict) -> None:
-        """Raise, before anything is loaded, if the checkpoint's sampler or walkers do not fit
-        this trainer (the load used to fail half-way, or the next step)."""
-        name, mine = state.get("sampler_name"), self._sampler_name()
-        if name in SAMPLERS and mine in SAMPLERS and name != mine:  # (built-in samplers)
-            raise ValueError(
-                f"the checkpoint was written with sampler={name!r}, this trainer has "
-                f"sampler={mine!r}"
-            )
-        saved, walkers = state["sampler"].get("walkers"), self.sampler.walkers
-        if saved is not None and walkers is not None and saved.shape != walkers.shape:
-            raise ValueError(
-                f"the checkpoint has {saved.shape[0]} walkers, this trainer num_walkers="
-                f"{walkers.shape[0]}"
-            )
-
-    def state_dict(self) -> dict:
-        """The full training state: models, optimizers, sampler, RNG, step, history."""
-        if not self._ready:
-            raise RuntimeError("nothing to save before the first fit()")
-        return {
-            "step": self.step,
-            "elapsed": self.elapsed,
-            "energy": self.energy.state_dict(),
-            "flow": self.flow.state_dict(),
-            "energy_opt": self.energy_opt.state_dict(),
-            "flow_opt": self.flow_opt.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "sampler_name": self._sampler_name(),
-            "history": self.history.records,
-            "window": (self._window, self._neg_counts),
-            "average": (self._average, self._average_count),
-            "standardization": self.standardization,
-            **rng_states(self.device),
-        }
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`state_dict` to ``path`` atomically."""
-        return atomic_save(self.state_dict(), path)
-
-    def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save` into this trainer (built with the same
-        architecture and settings); the next :meth:`fit` continues exactly."""
-        state = load_checkpoint(path, map_location=self.device)
-        if not self._ready:
-            raise RuntimeError(
-                "call load() after the trainer has been set up by fit(), or use "
-                "fit(..., checkpoint=path, resume=True)"
-            )
-        self._check_compatible(state)
-        self.energy.load_state_dict(state["energy"])
-        self.flow.load_state_dict(state["flow"])
-        self.energy_opt.load_state_dict(state["energy_opt"])
-        self.flow_opt.load_state_dict(state["flow_opt"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.history = History(state["history"])
-        self._window, self._neg_counts = state["window"]
-        self._average, self._average_count = state["average"]
-        self._loc, self._scale = state.get("standardization") or (None, None)
-        self.step = state["step"]
-        self.elapsed = state["elapsed"]
-        set_rng_states(state, self.device)
+        return self._run(
+            data,
+            num_steps,
+            batch_size,
+            eval_every,
+            checkpoint,
+            checkpoint_every,
+            resume,
+            progress,
+            force,
+        )
