@@ -918,11 +918,16 @@ def _step(
     terms: Tensor,
     weights: Tensor | None,
     max_grad_norm: float | None,
+    sync=None,
 ) -> float:
-    """Minimise the (weighted) mean of the finite ``terms``; skip the step if none is finite."""
+    """Minimise the (weighted) mean of the finite ``terms``; skip the step if none is finite.
+    With ``sync`` (a :class:`~pyro_ebm.train.distributed.DataParallel`), the mean is over the
+    finite terms of all the processes."""
     ok = torch.isfinite(terms)
     if weights is not None:
         ok = ok & (weights > 0)
+    if sync is not None:
+        return _synced_step(optimizer, terms, weights, ok, max_grad_norm, sync)
     if not ok.any():
         optimizer.zero_grad(set_to_none=True)
         return math.nan
@@ -934,6 +939,27 @@ def _step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return _clipped_step(optimizer, params, max_grad_norm, loss)
+
+
+def _synced_step(optimizer, terms: Tensor, weights, ok: Tensor, max_grad_norm, sync) -> float:
+    """:func:`_step` over processes: every process calls the same collectives in turn."""
+    w = torch.ones_like(terms) if weights is None else weights
+    w = torch.where(ok, w, torch.zeros_like(w))
+    total = sync.all_sum(w.sum().detach())
+    optimizer.zero_grad(set_to_none=True)
+    if not total > 0:
+        return math.nan
+    loss = (w[ok] * terms[ok]).sum() / total
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sync.sum_grads(params)
+    _clipped_step(optimizer, params, max_grad_norm, loss)
+    return float(sync.all_sum(loss.detach()))
+
+
+def _clipped_step(optimizer, params: list[Tensor], max_grad_norm, loss: Tensor) -> float:
+    """Clip, and step when every gradient is finite; the loss as a float."""
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if all(torch.isfinite(p.grad).all() for p in params):
@@ -947,6 +973,7 @@ def forward_kl_step(
     x: Tensor,
     weights: Tensor | None = None,
     max_grad_norm: float | None = None,
+    sync=None,
 ) -> float:
     r"""One optimizer step of maximum likelihood, :math:`-\sum_i w_i \log q(x_i) / \sum_i w_i`.
 
@@ -957,6 +984,8 @@ def forward_kl_step(
     :param x: samples of shape ``(n, dim)``.
     :param weights: optional non-negative importance weights of shape ``(n,)``.
     :param max_grad_norm: clip the gradient norm to this value if given.
+    :param sync: a :class:`~pyro_ebm.train.distributed.DataParallel`: the step is over the
+        samples of all its processes (each passes its own; call it on all of them).
     :return: the loss before the step (NaN if no sample had a finite density).
 
     Example:
@@ -971,16 +1000,18 @@ def forward_kl_step(
     weights = _check_weights(weights, x.shape[0])
     if max_grad_norm is not None:
         _check_positive("max_grad_norm", max_grad_norm)
-    return _forward_kl(flow, optimizer, x, weights, max_grad_norm)
+    return _forward_kl(flow, optimizer, x, weights, max_grad_norm, sync)
 
 
-def _forward_kl(flow, optimizer, x: Tensor, weights: Tensor | None, max_grad_norm) -> float:
+def _forward_kl(
+    flow, optimizer, x: Tensor, weights: Tensor | None, max_grad_norm, sync=None
+) -> float:
     """:func:`_step` on ``-log q(x)``, rows of ``x`` that are not finite left out before
     ``log_prob`` (through it, their nan gradient would cancel the whole step)."""
     keep = torch.isfinite(x).all(-1)
     if not keep.all():
         x, weights = x[keep], None if weights is None else weights[keep]
-    return _step(flow, optimizer, -flow.log_prob(x), weights, max_grad_norm)
+    return _step(flow, optimizer, -flow.log_prob(x), weights, max_grad_norm, sync)
 
 
 def _range(num_steps: int, progress: bool, desc: str):

@@ -73,7 +73,7 @@ def test_a_resume_with_other_settings_or_data_is_refused_and_names_what_differs(
         _ebm().fit(_data(seed=1), batch_size=16, **resume)
     with pytest.raises(ValueError, match=r"shape \(200, 2\).*these \(100, 2\)"):
         _ebm().fit(_data()[:100], batch_size=16, **resume)
-    with pytest.raises(ValueError, match="num_mala_steps"):  # a sampler's setting
+    with pytest.raises(ValueError, match="with sampler.num_mala_steps=5, this trainer has sampler"):
         _ebm(sampler_kwargs={"num_mala_steps": 2}).fit(_data(), batch_size=16, **resume)
     forced = _ebm(lr=2e-3)
     forced.fit(_data(seed=1), batch_size=16, force=True, **resume)

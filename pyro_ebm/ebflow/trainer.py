@@ -431,6 +431,12 @@ class EBFlowTrainer(Trainer):
     def _training_data(self, data: Tensor) -> Tensor:
         return data
 
+    def _sync_setup(self, dp) -> None:
+        dp.broadcast_module(self.model)
+        if self.averager is not None:
+            dp.broadcast_module(self.ema_model)
+        self._whitening = dp.broadcast_object(self._whitening)
+
     def _optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
         return [(self.opt, self.lr)]
 

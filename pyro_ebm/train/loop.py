@@ -37,6 +37,7 @@ from .checkpoint import (
     rng_states,
     set_rng_states,
 )
+from .distributed import DataParallel
 from .history import History
 
 __all__ = ["SCHEDULES", "Averager", "Trainer", "cosine_factor", "data_fingerprint"]
@@ -194,6 +195,8 @@ class Trainer:
         self._window: dict[str, list] = {}  # per-step statistics since the last record
         self._data_fingerprint: dict | None = None
         self._fit_settings: dict | None = None
+        self._dp: DataParallel | None | bool = False  # (False: not looked up yet)
+        self._rank_seeded = False
 
     # ------------------------------------------------------------------ hooks (defaults)
     def _snapshot(self) -> Any:
@@ -204,6 +207,16 @@ class Trainer:
 
     def _end_of_fit(self, completed: bool) -> None:
         pass
+
+    def _sync_setup(self, dp: DataParallel) -> None:
+        """Make what :meth:`_setup` built the same on every process (process 0's)."""
+
+    def _sync_record(self, dp: DataParallel) -> None:
+        """Reduce over the processes what a record reads besides the step statistics."""
+
+    def _rank_keys(self) -> tuple[str, ...]:
+        """The checkpoint's entries that each process has its own of."""
+        return ("rng", "cuda_rng", "window")
 
     def _postfix(self, record: dict) -> dict:
         return {"loss": f"{record.get('loss', float('nan')):.3g}"}
@@ -227,14 +240,34 @@ class Trainer:
                 )
             self._schedulers.append(scheduler)
 
+    @property
+    def data_parallel(self) -> DataParallel | None:
+        """The processes this trainer trains over (:mod:`~pyro_ebm.train.distributed`;
+        initialised from the environment at the first use), or ``None`` for one process."""
+        if self._dp is False:
+            self._dp = DataParallel.from_environment(self.device)
+        return self._dp
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes the files (always, on one process)."""
+        dp = self.data_parallel
+        return dp is None or dp.is_main
+
     def _optimizer_step(self, loss: Tensor, params: list[Tensor]) -> str | None:
         """Backward, clip and step the first optimiser; the reason when the step is skipped
-        (a non-finite loss or gradient: the weights do not move), else ``None``."""
-        opt = self._optimizers()[0][0]
+        (a non-finite loss or gradient: the weights do not move), else ``None``. Across
+        processes the gradients are averaged and the processes skip together."""
+        opt, dp = self._optimizers()[0][0], self.data_parallel
         opt.zero_grad(set_to_none=True)
-        if not bool(torch.isfinite(loss)):
+        bad = not bool(torch.isfinite(loss))
+        if dp is not None and dp.any(bad):
+            return "the loss is not finite" + ("" if bad else " on another process")
+        if bad:
             return "the loss is not finite"
         loss.backward()
+        if dp is not None:
+            dp.mean_grads(params)
         grads = [p for p in params if p.grad is not None]
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
@@ -271,11 +304,17 @@ class Trainer:
             "time": round(self.elapsed, 3),
             "lr": self._optimizers()[0][1] * self._factor(self.step - 1),
         }
-        for key, values in sorted(self._window.items()):
-            record[key] = float(sum(values) / len(values))
+        means = {key: sum(values) / len(values) for key, values in self._window.items()}
+        dp = self.data_parallel
+        if dp is not None:
+            means = dp.mean_floats(means)
+            self._sync_record(dp)
+        record.update(sorted(means.items()))
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             record.update(self._evaluate())
+        if dp is not None:  # (evaluated on every process, written as process 0's)
+            record = dp.broadcast_object(record)
         self._window = {}
         self.history.append(record)
         return record
@@ -289,7 +328,7 @@ class Trainer:
             return
         counts[0] += 1
         counts[1] += 1
-        if counts[1] == 1:
+        if counts[1] == 1 and self.is_main_process:
             warnings.warn(
                 f"step {self.step}: {reason}; the step is skipped (the weights do not move). "
                 "A lower lr or max_grad_norm may help.",
@@ -336,7 +375,14 @@ class Trainer:
             raise ValueError("resume=True needs a checkpoint path")
         if checkpoint is not None:
             checkpoint = check_file_path("checkpoint", checkpoint)
+        dp = self.data_parallel
+        if dp is not None and self.step == 0 and not self._rank_seeded:
+            # every process its own random stream (walkers, minibatches), from the seed
+            torch.manual_seed(int(torch.randint(2**62, ())) + dp.rank)
+            self._rank_seeded = True
         self._setup(data)
+        if dp is not None and self.step == 0:  # (later, the weights move together)
+            self._sync_setup(dp)
         fingerprint = data_fingerprint(data)
         settings = {"batch_size": batch_size}
         if resume and checkpoint.is_file():
@@ -351,12 +397,14 @@ class Trainer:
                 stacklevel=3,
             )
         data = self._training_data(data)
+        if dp is not None:  # this process's shard
+            data = data[dp.rank :: dp.world_size]
         self._make_schedulers(num_steps)
         due = self.step > 0 and (self.step % eval_every == 0 or self.step == num_steps)
         if due and (not len(self.history) or self.history.last["step"] != self.step):
             self._record()  # interrupted while evaluating: the record of the last step
         bar = None
-        if progress:
+        if progress and self.is_main_process:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=num_steps, initial=min(self.step, num_steps), desc=self._description())
@@ -387,8 +435,10 @@ class Trainer:
                 if snapshot is not None and self.step == done:  # cut mid-step: roll back
                     set_rng_states(snapshot[0], self.device)
                     self._restore(snapshot[1])
-                if checkpoint is not None:
-                    self.save(checkpoint)  # the state to resume from
+                # the state to resume from (across processes, the last periodic checkpoint:
+                # the processes stop at different points, and a save needs all of them)
+                if checkpoint is not None and dp is None:
+                    self.save(checkpoint)
             self._end_of_fit(completed)
         return self.history
 
@@ -433,6 +483,17 @@ class Trainer:
                 f"{state.get('format', 1) if isinstance(state, dict) else '?'}, this version "
                 f"reads {CHECKPOINT_FORMAT}): start afresh"
             )
+        dp = self.data_parallel
+        world, saved_world = (1 if dp is None else dp.world_size), state.get("world_size", 1)
+        if saved_world != world and not force:
+            raise ValueError(
+                f"the checkpoint was written by {saved_world} processes, this run has {world}: "
+                f"resume it on {saved_world} (pyro-ebm train --nproc {saved_world}, or torchrun "
+                f"--nproc_per_node={saved_world}); force=True resumes anyway, every process "
+                "from process 0's walkers and random state"
+            )
+        if "ranks" in state:
+            state = {**state, **state["ranks"][dp.rank if saved_world == world else 0]}
         if state["trainer"] != type(self).__name__:
             raise ValueError(
                 f"the checkpoint was written by {state['trainer']}, not {type(self).__name__}"
@@ -486,10 +547,20 @@ class Trainer:
         self.history = History(state["history"])
         self._window = state["window"]
         set_rng_states(state, self.device)
+        if dp is not None and saved_world != world:  # (forced) every process its own stream
+            torch.manual_seed(int(torch.randint(2**62, ())) + dp.rank)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`state_dict` to ``path`` atomically, with a checksum."""
-        return atomic_save(self.state_dict(), path)
+        """Write :meth:`state_dict` to ``path`` atomically, with a checksum. Across processes
+        (call it on all of them), process 0 writes every process's own state with its own."""
+        state, dp = self.state_dict(), self.data_parallel
+        if dp is not None:
+            mine = {k: state.pop(k) for k in self._rank_keys() if k in state}
+            ranks = dp.gather_object(mine)
+            if not dp.is_main:
+                return Path(path)
+            state["ranks"], state["world_size"] = ranks, dp.world_size
+        return atomic_save(state, path)
 
     def load(self, path: str | os.PathLike, force: bool = False) -> None:
         """Restore a checkpoint written by :meth:`save` (see :meth:`load_state_dict`); the

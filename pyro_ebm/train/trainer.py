@@ -28,6 +28,7 @@ Adaptive Flow Sampling", https://arxiv.org/abs/2306.00684
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
@@ -432,12 +433,26 @@ class EBMTrainer(Trainer):
     def _after_update(self, stats: dict) -> None:
         """The flow's step on the negatives, and their mode counts."""
         negatives, self._negatives = self._negatives, None
-        if self.sampler.uses_flow and len(negatives):
-            stats["flow_nll"] = forward_kl_step(self.flow, self.flow_opt, negatives)
+        dp = self.data_parallel
+        if self.sampler.uses_flow and (len(negatives) or dp is not None):
+            if not len(negatives):  # (a row the step leaves out: every process takes part)
+                negatives = torch.full((1, self.energy.dim), math.nan, device=self.device)
+            stats["flow_nll"] = forward_kl_step(self.flow, self.flow_opt, negatives, sync=dp)
         if self.target is not None and hasattr(self.target, "mode_index"):
             idx = self.target.mode_index(self._to_x(negatives)).reshape(-1).cpu()
             counts = torch.bincount(idx, minlength=self.target.weights.shape[0]).double()
             self._neg_counts = counts if self._neg_counts is None else self._neg_counts + counts
+
+    def _sync_setup(self, dp) -> None:
+        dp.broadcast_module(self.energy)
+        dp.broadcast_module(self.flow)
+
+    def _sync_record(self, dp) -> None:
+        if self._neg_counts is not None:
+            self._neg_counts = dp.all_sum(self._neg_counts)
+
+    def _rank_keys(self) -> tuple[str, ...]:
+        return (*super()._rank_keys(), "sampler", "neg_counts")
 
     def _snapshot(self) -> dict:
         return self.sampler.state_dict()
@@ -485,11 +500,13 @@ class EBMTrainer(Trainer):
         if name in SAMPLERS:
             settings = vars(self.sampler).items()
             sampler["sampler"] = name
-            sampler["sampler_settings"] = {
-                k: v
+            sampler.update(
+                (f"sampler.{k}", v)
                 for k, v in sorted(settings)
-                if isinstance(v, (bool, int, float, str)) and not k.startswith("_")
-            }
+                if isinstance(v, (bool, int, float, str))
+                and not k.startswith("_")
+                and k != "num_walkers"  # (the trainer's)
+            )
         return {
             **sampler,
             "num_walkers": self.num_walkers,
