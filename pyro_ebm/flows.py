@@ -946,16 +946,18 @@ def _synced_step(optimizer, terms: Tensor, weights, ok: Tensor, max_grad_norm, s
     """:func:`_step` over processes: every process calls the same collectives in turn."""
     w = torch.ones_like(terms) if weights is None else weights
     w = torch.where(ok, w, torch.zeros_like(w))
-    total = sync.all_sum(w.sum().detach())
+    total = (w[ok] * terms[ok]).sum()
     optimizer.zero_grad(set_to_none=True)
-    if not total > 0:
-        return math.nan
-    loss = (w[ok] * terms[ok]).sum() / total
-    loss.backward()
+    total.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    sync.sum_grads(params)
-    _clipped_step(optimizer, params, max_grad_norm, loss)
-    return float(sync.all_sum(loss.detach()))
+    # one collective: the gradients of the sums, the weights' and the terms' sums
+    den, num = sync.sum_grads(params, extra=torch.stack([w.sum(), total]).detach())
+    if not den > 0:
+        optimizer.zero_grad(set_to_none=True)
+        return math.nan
+    for p in params:
+        p.grad.div_(den)
+    return _clipped_step(optimizer, params, max_grad_norm, num / den)
 
 
 def _clipped_step(optimizer, params: list[Tensor], max_grad_norm, loss: Tensor) -> float:

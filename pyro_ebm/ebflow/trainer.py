@@ -447,7 +447,7 @@ class EBFlowTrainer(Trainer):
             loss = loss + self.energy_reg * self.model.energy(x).mean()
         return loss, {}
 
-    def _after_update(self, stats: dict) -> None:
+    def _other_updates(self, stats: dict) -> None:
         pass
 
     def _evaluate(self) -> dict:

@@ -89,29 +89,23 @@ class DataParallel:
         dist.all_reduce(out)
         return out.to(t.device)
 
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any process."""
-        return bool(self.all_sum(torch.tensor(float(flag))) > 0)
-
-    def sum_grads(self, params: list[Tensor]) -> None:
+    def sum_grads(self, params: list[Tensor], extra: Tensor | None = None) -> Tensor | None:
         """Replace each parameter's gradient by its sum over the processes (a missing gradient
-        counts as zeros), with one ``all_reduce`` of a flat buffer."""
-        if not params:
-            return
+        counts as zeros), and return the sums of the numbers ``extra``, all in one
+        ``all_reduce`` of a flat buffer (each collective makes the processes wait for the
+        slowest: one per update)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.all_sum(flat)
+        parts = [g.detach().reshape(-1) for g in grads]
+        if extra is not None:
+            like = parts[0] if parts else extra
+            parts.append(extra.detach().reshape(-1).to(like.device, like.dtype))
+        flat = self.all_sum(torch.cat(parts))
         offset = 0
         for p, g in zip(params, grads, strict=True):
             n = g.numel()
             p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
-
-    def mean_grads(self, params: list[Tensor]) -> None:
-        """Replace each parameter's gradient by its mean over the processes."""
-        self.sum_grads(params)
-        for p in params:
-            p.grad.div_(self.world_size)
+        return None if extra is None else flat[offset:]
 
     def mean_floats(self, values: dict[str, float]) -> dict[str, float]:
         """The means of a dict of numbers over the processes (the same keys on each)."""

@@ -166,8 +166,10 @@ class Trainer:
     - ``_training_data(data) -> data``: the data as the steps use them;
     - ``_optimizers() -> [(optimizer, base lr), ...]``, the first one minimising the loss;
     - ``_loss(data, batch_size) -> (loss, stats)``: a step's forward pass;
-    - ``_after_update(stats)``: the rest of a step's updates (run with the optimiser step,
-      Ctrl-C deferred), adding to ``stats``;
+    - ``_other_updates(stats)``: the rest of a step's updates, adding to ``stats`` (run just
+      before the loss's optimiser step, Ctrl-C deferred with it: across processes, their
+      collectives and the step's then follow each other, and the processes wait for each
+      other about once per step rather than twice);
     - ``_evaluate() -> dict``: metrics for a history record;
     - ``_config() -> dict``: the settings a checkpoint must match to be resumed (a key
       missing on either side is not compared);
@@ -261,13 +263,18 @@ class Trainer:
         opt, dp = self._optimizers()[0][0], self.data_parallel
         opt.zero_grad(set_to_none=True)
         bad = not bool(torch.isfinite(loss))
-        if dp is not None and dp.any(bad):
-            return "the loss is not finite" + ("" if bad else " on another process")
-        if bad:
+        if dp is not None:  # one collective: the gradients' sums and the processes' flags
+            if not bad:
+                loss.backward()
+            if dp.sum_grads(params, extra=torch.tensor([float(bad)]))[0] > 0:
+                opt.zero_grad(set_to_none=True)
+                return "the loss is not finite" + ("" if bad else " on another process")
+            for p in params:
+                p.grad.div_(dp.world_size)
+        elif bad:
             return "the loss is not finite"
-        loss.backward()
-        if dp is not None:
-            dp.mean_grads(params)
+        else:
+            loss.backward()
         grads = [p for p in params if p.grad is not None]
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
@@ -280,8 +287,8 @@ class Trainer:
         """One step; the reason it was skipped, or ``None``."""
         loss, stats = self._loss(data, batch_size)
         with deferred_interrupt():  # the updates below happen together or not at all
+            self._other_updates(stats)
             reason = self._optimizer_step(loss, list(self.averaged_model.parameters()))
-            self._after_update(stats)
             stats["loss"] = float(loss.detach())
             stats["skipped"] = float(reason is not None)
             for scheduler in self._schedulers:

@@ -430,7 +430,7 @@ class EBMTrainer(Trainer):
         starts = x_pos[torch.randint(len(x_pos), (len(walkers),), device=x_pos.device)]
         self.sampler.walkers = torch.where(last[:, None], starts.to(walkers.dtype), walkers)
 
-    def _after_update(self, stats: dict) -> None:
+    def _other_updates(self, stats: dict) -> None:
         """The flow's step on the negatives, and their mode counts."""
         negatives, self._negatives = self._negatives, None
         dp = self.data_parallel
