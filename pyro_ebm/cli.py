@@ -9,7 +9,12 @@ truth, and writes the histories and plots to an output folder.
 resume); ``--data FILE`` trains on the user's own points instead of a built-in data set (a
 ``(n, d)`` array in ``.npy``, ``.pt``, ``.csv`` or whitespace-separated ``.txt``; data far from
 centred and unit-scaled are standardized by the trainer, see
-:func:`pyro_ebm.train.needs_standardization`).
+:func:`pyro_ebm.train.needs_standardization`). It ends with a summary (steps, time,
+acceptance, and the mode weights or the NLL measured) and writes ``model.pt``, which
+:func:`pyro_ebm.train.load` reads back. ``--nproc N`` trains on N processes (``torchrun``
+is launched for you; ``--num-walkers`` and ``--batch-size`` are then per process);
+``python -m pyro_ebm train ...`` also runs under a ``torchrun`` of your own. Every option and
+path is checked before training starts (a usage error, exit status 2, names the option).
 
 ``pyro-ebm sample`` samples the imbalanced two-mode mixture of
 :func:`pyro_ebm.datasets.imbalanced_pair` (weights 0.2 / 0.8, modes at -4 and +4 times the
@@ -22,6 +27,9 @@ next to the truth. No files are needed.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -85,49 +93,90 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_outputs(trainer, data, target, out: Path) -> None:
-    """History (JSON, CSV), the trained model, and the plots into ``out``."""
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from .train.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), True)
+    plt.close(fig)
+
+
+def _write_outputs(trainer, data, target, out: Path, sampler: str) -> None:
+    """History (JSON, CSV), the trained model, and the plots into ``out`` (process 0 only)."""
+    if not trainer.is_main_process:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .train.checkpoint import atomic_save
     from .train.plots import plot_density_2d, plot_mode_weights, plot_negatives
 
     out.mkdir(parents=True, exist_ok=True)
     trainer.history.to_json(out / "history.json")
     trainer.history.to_csv(out / "history.csv")
-    model = {"energy": trainer.energy.state_dict(), "flow": trainer.flow.state_dict()}
-    model["standardization"] = trainer.standardization
-    atomic_save(model, out / "model.pt")
+    trainer.export(out / "model.pt")
     if getattr(target, "weights", None) is not None:
-        ax = plot_mode_weights(trainer.history, truth=target.weights)
-        ax.figure.savefig(out / "mode_weights.png", dpi=120, bbox_inches="tight")
-        plt.close(ax.figure)
-    ax = plot_negatives(trainer.walkers, data)
-    ax.figure.savefig(out / "negatives.png", dpi=120, bbox_inches="tight")
-    plt.close(ax.figure)
+        ax = plot_mode_weights(
+            trainer.history, truth=target.weights, title=f"mode weights ({sampler})"
+        )
+        _save(ax.figure, out / "mode_weights.png")
+    ax = plot_negatives(trainer.walkers, data, title=f"negatives ({sampler}) and data")
+    _save(ax.figure, out / "negatives.png")
     if data.shape[1] == 2:
-        ax = plot_density_2d(trainer.model, data)
-        ax.figure.savefig(out / "density.png", dpi=120, bbox_inches="tight")
-        plt.close(ax.figure)
+        ax = plot_density_2d(trainer.model, data, title=f"model density ({sampler})")
+        _save(ax.figure, out / "density.png")
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        hidden = tuple(int(h) for h in text.split(","))
+    except ValueError:
+        hidden = ()
+    if not hidden or min(hidden) < 1:
+        raise ValueError(f"--hidden must be positive integers separated by commas, got {text!r}")
+    return hidden
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every option and path of ``train`` / ``demo``, before anything is trained."""
+    from ._checks import check_int, check_positive
+    from .train.checkpoint import check_file_path
+
+    for option, minimum in [
+        ("steps", 1),
+        ("batch_size", 1),
+        ("num_walkers", 1),
+        ("num_particles", 2),
+        ("num_mala_steps", 0),
+        ("num_data", 2),
+        ("nproc", 1),
+    ]:
+        if hasattr(args, option):
+            check_int("--" + option.replace("_", "-"), getattr(args, option), minimum)
+    check_positive("--lr", args.lr)
+    _hidden(args.hidden)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file, not a folder")
+    check_file_path("--output", out / "sampler" / "checkpoint.pt")
 
 
 def _make_trainer(args: argparse.Namespace, sampler: str, target, dim: int):
     from .energy import MLPEnergy
     from .train import EBMTrainer
 
-    try:
-        hidden = tuple(int(h) for h in args.hidden.split(","))
-    except ValueError:
-        hidden = ()
-    if not hidden or min(hidden) < 1:
-        raise ValueError(
-            f"--hidden must be positive integers separated by commas, got {args.hidden!r}"
-        )
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA device")
+    hidden = _hidden(args.hidden)
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # (under torchrun: a GPU per process)
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     kwargs = None
     if sampler == "adaptive-flow":
         kwargs = {"num_particles": args.num_particles, "num_mala_steps": args.num_mala_steps}
@@ -140,7 +189,7 @@ def _make_trainer(args: argparse.Namespace, sampler: str, target, dim: int):
         target=target,
         sampler_kwargs=kwargs,
         seed=args.seed,
-        device=args.device,
+        device=device,
     )
 
 
@@ -194,7 +243,7 @@ def _weights_row(name: str, w, truth, seconds: float | None = None) -> str:
 def _fit(args, sampler: str, target, data, out: Path):
     trainer = _make_trainer(args, sampler, target, data.shape[1])
     resume = getattr(args, "resume", False)
-    if not resume and (out / "checkpoint.pt").is_file():
+    if not resume and (out / "checkpoint.pt").is_file() and trainer.is_main_process:
         print(f"{out}/ holds an earlier run: starting afresh (--resume continues it)")
     trainer.fit(
         data,
@@ -203,39 +252,95 @@ def _fit(args, sampler: str, target, data, out: Path):
         checkpoint=out / "checkpoint.pt",
         resume=resume,
         progress=not args.quiet,
+        force=getattr(args, "force", False),
     )
-    _write_outputs(trainer, data, target, out)
+    _write_outputs(trainer, data, target, out, sampler)
     return trainer
 
 
+def _summary(trainer, data, target, sampler: str) -> list[str]:
+    """What a finished run measured, as lines to print."""
+    from .metrics import nll
+
+    rec = trainer.history.last
+    dp = trainer.data_parallel
+    procs = "" if dp is None else f" on {dp.world_size} processes"
+    lines = [f"{sampler}: {trainer.step} steps in {trainer.elapsed:.0f} s{procs}"]
+    acc = [f"{k.split('_')[0]} {rec[k]:.2f}" for k in ("global_accept", "local_accept") if k in rec]
+    if acc:
+        lines.append("acceptance at the end: " + ", ".join(acc))
+    if rec.get("nonfinite_negatives"):
+        lines.append(
+            f"walkers restarted from non-finite points: {rec['nonfinite_negatives']:.1f}"
+            " per step at the end"
+        )
+    if target is not None and "model_weights" in rec:
+        truth = target.weights.double()
+        lines.append("mode weights of the trained model (grid quadrature or importance sampling)")
+        lines.append(_weights_row("truth", truth.tolist(), truth))
+        lines.append(_weights_row(sampler, rec["model_weights"], truth, trainer.elapsed))
+    else:
+        value, se = nll(trainer.potential, data.to(trainer.dtype), trainer.data_flow, 20_000)
+        lines.append(
+            f"NLL of the training data: {value:.3f} ± {se:.3f} nats per point (log Z by "
+            "importance sampling with the flow)"
+        )
+    return lines
+
+
 def _train(args: argparse.Namespace) -> int:
+    _check_args(args)
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _launch(args.nproc)
     target, data = _load_data(args)
     out = Path(args.output)
     trainer = _fit(args, args.sampler, target, data, out)
-    rec = trainer.history.last
+    if not trainer.is_main_process:
+        return 0
     if target is None:
         print(f"{args.data}: {len(data)} points in {data.shape[1]} dimensions")
         if trainer.standardization is not None:
             print("trained on the data standardized coordinate-wise (mean and sd saved with it)")
-    elif "model_weights" in rec:
-        truth = target.weights.double()
-        print(f"{args.dataset}: mode weights of the trained model ({args.sampler})")
-        print(_weights_row("truth", truth.tolist(), truth))
-        print(_weights_row(args.sampler, rec["model_weights"], truth, trainer.elapsed))
-    print(f"history, model, checkpoint and plots written to {out}/")
+    else:
+        print(f"{args.dataset} ({len(data)} points)")
+    print("\n".join(_summary(trainer, data, target, args.sampler)))
+    print(f"history, model.pt (pyro_ebm.train.load), checkpoint and plots written to {out}/")
     return 0
 
 
+def _launch(nproc: int) -> int:
+    """Run this command again on ``nproc`` processes under ``torchrun``."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd += [f"--master_port={port}", "-m", "pyro_ebm", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
 def _demo(args: argparse.Namespace) -> int:
+    _check_args(args)
     target, data = _load_data(args)
     out = Path(args.output)
     truth = target.weights.double()
-    rows = []
+    rows, trainers = [], {}
     for sampler in ("adaptive-flow", "ula"):
-        trainer = _fit(args, sampler, target, data, out / sampler)
+        trainer = trainers[sampler] = _fit(args, sampler, target, data, out / sampler)
         rows.append(
             _weights_row(sampler, trainer.history.last["model_weights"], truth, trainer.elapsed)
         )
+    from .train.plots import plot_runs
+
+    _save(plot_runs(trainers, data, truth), out / "comparison.png")
     k = len(truth)
     print(f"{args.dataset} ({args.num_data} points), {args.steps} training steps per sampler:")
     print("mode weights of the trained EBM (grid quadrature), MSE against the truth")
@@ -246,7 +351,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(_weights_row("truth", truth.tolist(), truth))
     print("\n".join(rows))
-    print(f"histories, models and plots written to {out}/")
+    print(f"histories, models and plots written to {out}/ (comparison.png: both samplers)")
     return 0
 
 
@@ -275,6 +380,7 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int, output: str) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-ebm`` console script."""
+    from .train.loop import TrainingError
     from .train.negatives import SAMPLERS
 
     description = "Train and sample energy-based models with pyro_ebm."
@@ -303,6 +409,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="continue from OUTPUT/checkpoint.pt if it exists (with the same --steps, exactly "
         "where it stopped; more steps stretch the learning-rate schedule)",
     )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume, continue even when the checkpoint was written with other settings "
+        "or data (refused otherwise, naming what differs)",
+    )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N processes (torchrun is launched; --num-walkers and --batch-size are "
+        "per process)",
+    )
     sample = sub.add_parser("sample", help="sample an imbalanced mixture with adaptive flow MCMC")
     sample.add_argument("--dim", type=int, default=16, help="dimension of the mixture (default 16)")
     sample.add_argument("--num-walkers", type=int, default=128)
@@ -317,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except ValueError as e:  # bad option values: argparse's usage message and exit status 2
         parser.error(str(e))
+    except TrainingError as e:  # (the checkpoint holds the run up to there)
+        print(f"pyro-ebm: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if args.command == "train":
             print(

@@ -153,3 +153,30 @@ def test_paths_and_arguments_are_checked_before_training(tmp_path):
         with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
             trainer.fit(_data(), **args)
     assert trainer.step == 0 and not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_load_gives_back_the_trained_model_of_either_trainer(tmp_path):
+    """``pyro_ebm.train.load`` on an export or a checkpoint, without building a trainer: the
+    EBM's model in the data's coordinates (standardized here) with its flow, and the EBFlow's
+    data model (EMA weights, through its whitening) with an exact log_prob."""
+    from pyro_ebm.train import load
+
+    data = _data() * 0.01 + torch.tensor([30.0, -10.0])  # far from centred: standardized
+    ebm = EBMTrainer(MLPEnergy(2, hidden=(8,)), num_walkers=16, seed=0)  # the default flow
+    ebm.fit(data, num_steps=3, batch_size=16, checkpoint=tmp_path / "ebm.pt", progress=False)
+    assert ebm.standardization is not None
+    for path in (ebm.export(tmp_path / "model.pt"), tmp_path / "ebm.pt"):
+        model = load(path)
+        assert torch.allclose(model.energy(data), ebm.model.energy(data))
+        x = model.flow.sample(4)
+        assert torch.allclose(model.flow.log_prob(x), ebm.data_flow.log_prob(x))
+    ebflow = EBFlowTrainer(fc_ebflow((2,)), "ssm", seed=0)
+    wide = torch.randn(200, 2) * torch.tensor([1.0, 30.0])  # ill-conditioned: whitened
+    ebflow.fit(wide, 5, 20, checkpoint=tmp_path / "f.pt", progress=False)
+    assert ebflow.whitening is not None
+    for path in (ebflow.export(tmp_path / "f_model.pt"), tmp_path / "f.pt"):
+        model = load(path)
+        assert torch.allclose(model.log_prob(wide), ebflow.data_model.log_prob(wide))
+    with pytest.raises(ValueError, match="holds no trained model"):
+        atomic_save({"step": 1}, tmp_path / "other.pt")
+        load(tmp_path / "other.pt")

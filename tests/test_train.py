@@ -456,7 +456,11 @@ def test_history_json_and_csv(tmp_path):
     assert lines[1] == "1,0.5,0.25,0.75,"
 
 
-def run_two_to_one(seed: int, sampler: str = "adaptive-flow", steps: int = 400):
+def run_two_to_one(
+    seed: int, sampler: str = "adaptive-flow", steps: int = 400, num_walkers: int = 512
+):
+    """The heavy mode's weight after ``steps`` steps on two_to_one (``num_walkers`` walkers and
+    points per step; per process in a distributed run)."""
     ds = two_to_one()
     data = ds.sample(20_000, torch.Generator().manual_seed(seed)).float()
     torch.set_default_dtype(torch.float32)
@@ -464,7 +468,7 @@ def run_two_to_one(seed: int, sampler: str = "adaptive-flow", steps: int = 400):
         trainer = EBMTrainer(
             MLPEnergy(2, hidden=(64, 64)),
             sampler=sampler,
-            num_walkers=512,
+            num_walkers=num_walkers,
             lr=3e-3,
             target=ds,
             seed=seed,
@@ -472,7 +476,7 @@ def run_two_to_one(seed: int, sampler: str = "adaptive-flow", steps: int = 400):
             if sampler == "adaptive-flow"
             else None,
         )
-        trainer.fit(data, num_steps=steps, batch_size=512, progress=False)
+        trainer.fit(data, num_steps=steps, batch_size=num_walkers, progress=False)
     finally:
         torch.set_default_dtype(torch.float64)
     return trainer.history.last["model_weights"][1]
@@ -723,7 +727,8 @@ def test_history_mode_weights_of_a_2d_target_away_from_the_origin():
 
     matplotlib.use("Agg")
     ax = plot_negatives(torch.randn(50, 1), torch.randn(50, 1))
-    assert ax.get_title() == "negatives (orange) and data (grey)"
+    assert ax.get_title() == "negatives and data"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["data", "negatives"]
 
 
 def test_a_checkpoint_of_another_set_up_is_refused_before_anything_is_loaded(tmp_path):
@@ -766,3 +771,9 @@ def test_atomic_writes_leave_no_partial_file_and_the_usual_permissions(tmp_path)
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, failing)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["h.json"]
+    # a write killed (kill -9) leaves its temporary file: the next write of that file removes
+    # it, and no other file's
+    (tmp_path / ".h.json.abc123.tmp").write_text("")
+    (tmp_path / ".other.json.abc123.tmp").write_text("")
+    atomic_write(path, lambda f: f.write("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.abc123.tmp", "h.json"]

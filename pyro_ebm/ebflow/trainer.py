@@ -491,10 +491,18 @@ class EBFlowTrainer(Trainer):
             "model": _shapes(self.model),
         }
 
+    def _modules(self) -> dict:
+        return {"model": self.model}
+
+    def _model_keys(self) -> tuple[str, ...]:
+        return ("whitening", "images", "map", "lam")
+
     def _extra_state(self) -> dict:
         return {
             "weights": {"model": self.model.state_dict()},
             "images": self._images,
+            "map": self.map,
+            "lam": self.lam,
             "sigma": self.sigma,
             "whitening": self._whitening,
             "best": self._best,

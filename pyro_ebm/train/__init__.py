@@ -1,6 +1,10 @@
 r"""Training energy-based models by maximum likelihood with flow-assisted negatives.
 
-- :class:`EBMTrainer`: the trainer (Grenioux, Moulines, Gabrié 2023, Alg. 1, and baselines).
+- :class:`EBMTrainer`: the trainer (Grenioux, Moulines, Gabrié 2023, Alg. 1, and baselines),
+  on the training loop of :mod:`~pyro_ebm.train.loop` (shared with
+  :class:`~pyro_ebm.ebflow.EBFlowTrainer`), data-parallel over processes under ``torchrun``
+  (:mod:`~pyro_ebm.train.distributed`).
+- :func:`load`: a trained model back from a ``model.pt`` or a checkpoint.
 - :mod:`~pyro_ebm.train.negatives`: the negative samplers (``"adaptive-flow"``, ``"ula"``,
   ``"neutra-mala"``, ``"cd"``, ``"short-run"``, ``"coopflow"``).
 - :class:`History`: per-evaluation metrics, saved as JSON/CSV; checkpoints are atomic.
@@ -8,6 +12,7 @@ r"""Training energy-based models by maximum likelihood with flow-assisted negati
 """
 
 from .history import History
+from .loop import Trainer
 from .negatives import (
     SAMPLERS,
     AdaptiveFlowNegatives,
@@ -18,6 +23,7 @@ from .negatives import (
     ShortRunNegatives,
     ULANegatives,
 )
+from .saved import load
 from .trainer import EBMTrainer, contrastive_loss, needs_standardization
 
 __all__ = [
@@ -30,7 +36,9 @@ __all__ = [
     "NegativeSampler",
     "NeutraMALANegatives",
     "ShortRunNegatives",
+    "Trainer",
     "ULANegatives",
     "contrastive_loss",
+    "load",
     "needs_standardization",
 ]

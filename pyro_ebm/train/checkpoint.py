@@ -1,14 +1,16 @@
 r"""Atomic file writes: a checkpoint or a history file is either the old one or the new one,
 never half written (write to a temporary file in the same folder, flush, ``fsync``, then
 ``os.replace``, which is atomic on POSIX and Windows; the temporary file is removed when the
-write fails). Checkpoints end with a SHA-256 of their bytes, checked when they are loaded
-(a flipped byte in a tensor is otherwise read without an error). Also the random states a checkpoint
-holds, so that a resumed run continues the same random stream, and :func:`deferred_interrupt`,
-which keeps Ctrl-C from cutting a training step's updates in half."""
+write fails, and those of writes killed before are removed by the next write). Checkpoints
+end with a SHA-256 of their bytes, checked when they are loaded (a flipped byte in a tensor is
+otherwise read without an error). Also the random states a checkpoint holds, so that a
+resumed run continues the same random stream, and :func:`deferred_interrupt`, which keeps
+Ctrl-C from cutting a training step's updates in half."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import os
@@ -59,6 +61,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], binary: bo
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed write
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -8,7 +8,12 @@ GPU), every process draws its minibatches from its own shard of the data and kee
 walkers, the gradients are averaged over the processes after each backward pass (so every
 process holds the same weights after every step), the metrics are reduced over them, and
 process 0 writes the history, checkpoints and plots. Every process's walkers and random states
-go into the checkpoint, so a resumed run on the same number of processes continues exactly.
+go into the checkpoint, so a resumed run on the same number of processes continues exactly;
+another number of processes is refused. ``num_walkers`` and ``batch_size`` are per process.
+On GPUs, build each process's trainer on its own device, ``cuda:LOCAL_RANK``. A checkpoint is
+written every ``checkpoint_every`` steps and at the end, but not when the run is interrupted
+(the processes stop at different points, and a save needs all of them): a stopped run resumes
+from its last periodic checkpoint.
 
 The gradients are averaged by hand, not by wrapping the models in
 ``torch.nn.parallel.DistributedDataParallel``: the trainers call the models through ``energy``,

@@ -14,6 +14,7 @@ supplies the loss of a step and its evaluation; ``fit(data, num_steps)`` means t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -40,13 +41,24 @@ from .checkpoint import (
 from .distributed import DataParallel
 from .history import History
 
-__all__ = ["SCHEDULES", "Averager", "Trainer", "cosine_factor", "data_fingerprint"]
+__all__ = [
+    "SCHEDULES",
+    "Averager",
+    "Trainer",
+    "TrainingError",
+    "cosine_factor",
+    "data_fingerprint",
+]
 
 #: the learning-rate schedules of ``lr_schedule``
 SCHEDULES = ("cosine", "constant")
 
 #: the checkpoint format this version writes (older ones are refused with a message)
 CHECKPOINT_FORMAT = 2
+
+
+class TrainingError(RuntimeError):
+    """Training stopped because it is not progressing (most steps skipped)."""
 
 
 def cosine_factor(step: int, num_steps: int) -> float:
@@ -137,6 +149,11 @@ class Averager:
         self.averaged.load_state_dict(state)
 
 
+def _architecture(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` on the ``meta`` device: its architecture, pickled without data."""
+    return copy.deepcopy(module).to("meta")
+
+
 def _nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
     """Names of the floating-point tensors with a nan or inf in a (nested) state dict."""
     if isinstance(state, Tensor):
@@ -173,7 +190,11 @@ class Trainer:
     - ``_evaluate() -> dict``: metrics for a history record;
     - ``_config() -> dict``: the settings a checkpoint must match to be resumed (a key
       missing on either side is not compared);
-    - ``_extra_state()`` / ``_load_extra_state(state)``: the rest of the checkpoint;
+    - ``_extra_state()`` / ``_load_extra_state(state)``: the rest of the checkpoint, the
+      trained weights under ``"weights"``;
+    - ``_modules() -> {name: module}``: the trained modules (their architecture is saved,
+      for :func:`~pyro_ebm.train.load`), named as in ``"weights"``;
+    - ``_model_keys()``: the entries besides the weights that :meth:`export` keeps;
     - optionally ``_snapshot()`` / ``_restore(snapshot)``: state a step changes before its
       updates (e.g. persistent walkers), rolled back when the step is interrupted;
       ``_end_of_fit(completed)``; ``_postfix(record)``.
@@ -346,7 +367,7 @@ class Trainer:
         if in_a_row >= self.MAX_SKIPPED_IN_A_ROW or (
             skipped >= self.MIN_SKIPPED_TO_STOP and 2 * skipped > steps
         ):
-            raise RuntimeError(
+            raise TrainingError(
                 f"{skipped} of the {steps} steps of this fit() were skipped ({in_a_row} in a "
                 f"row, up to step {self.step}; the last because {reason}): training is not "
                 "progressing. Check the data and the model's settings; a lower lr or "
@@ -434,6 +455,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 self._check_skips(reason, counts)
+            if dp is not None:  # every process's collectives done before any leaves fit
+                dp.barrier()
             completed = True
         finally:
             if bar is not None:
@@ -465,10 +488,19 @@ class Trainer:
             "window": self._window,
             "optimizers": [opt.state_dict() for opt, _ in self._optimizers()],
             "averager": None if self.averager is None else self.averager.state_dict(),
+            "modules": {name: _architecture(m) for name, m in self._modules().items()},
             **rng_states(self.device),
         }
         state.update(self._extra_state())
         return state
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write the trained model alone (weights, averaged weights, architecture and
+        coordinates; no optimiser or sampler state), atomically: what
+        :func:`pyro_ebm.train.load` reads back, as it reads a checkpoint."""
+        state = self.state_dict()
+        keep = ("format", "trainer", "config", "modules", "weights", "averager")
+        return atomic_save({k: state[k] for k in (*keep, *self._model_keys())}, path)
 
     def load_state_dict(self, state: dict, force: bool = False) -> None:
         """Restore :meth:`state_dict` into a trainer built with the same settings (checked

@@ -521,6 +521,12 @@ class EBMTrainer(Trainer):
             "flow": None if self.flow is None else _shapes(self.flow),
         }
 
+    def _modules(self) -> dict:
+        return {"energy": self.energy, "flow": self.flow}
+
+    def _model_keys(self) -> tuple[str, ...]:
+        return ("standardization",)
+
     def _extra_state(self) -> dict:
         if not self._ready:
             raise RuntimeError("nothing to save before the first fit()")
