@@ -233,6 +233,11 @@ def _load_data(args: argparse.Namespace):
     return target, data.to(torch.get_default_dtype())
 
 
+def _weights_header(k: int) -> str:
+    modes = "".join(f"{'mode ' + str(i):>8}" for i in range(k))
+    return f"{'':<16}{modes}{'MSE':>10}{'seconds':>9}"
+
+
 def _weights_row(name: str, w, truth, seconds: float | None = None) -> str:
     cells = "".join(f"{v:>8.3f}" for v in w)
     mse = float(((torch.as_tensor(w) - truth) ** 2).mean()) if name != "truth" else None
@@ -277,6 +282,7 @@ def _summary(trainer, data, target, sampler: str) -> list[str]:
     if target is not None and "model_weights" in rec:
         truth = target.weights.double()
         lines.append("mode weights of the trained model (grid quadrature or importance sampling)")
+        lines.append(_weights_header(len(truth)))
         lines.append(_weights_row("truth", truth.tolist(), truth))
         lines.append(_weights_row(sampler, rec["model_weights"], truth, trainer.elapsed))
     else:
@@ -344,11 +350,7 @@ def _demo(args: argparse.Namespace) -> int:
     k = len(truth)
     print(f"{args.dataset} ({args.num_data} points), {args.steps} training steps per sampler:")
     print("mode weights of the trained EBM (grid quadrature), MSE against the truth")
-    print(
-        f"{'':<16}"
-        + "".join(f"{'mode ' + str(i):>8}" for i in range(k))
-        + f"{'MSE':>10}{'seconds':>9}"
-    )
+    print(_weights_header(k))
     print(_weights_row("truth", truth.tolist(), truth))
     print("\n".join(rows))
     print(f"histories, models and plots written to {out}/ (comparison.png: both samplers)")
