@@ -789,13 +789,18 @@ def test_fit_with_validation_restores_the_best_ema_weights_and_leaves_training_a
 
     a = make()  # the selection logic, on prescribed figures (a non-finite one is never best)
     snapshots = prescribe(a, [math.nan, 3.0, 4.0, 6.0])
-    a.fit(data, num_steps=35, batch_size=8, progress=False, validation=val, eval_every=10)
+    a.fit(data, 35, 8, progress=False, validation=val, eval_every=10, checkpoint=tmp_path / "a")
     assert [r[0] for r in a.validation_nll] == [10, 20, 30, 35]
     assert math.isnan(a.validation_nll[0][1])
     assert a.validation_nll[1:] == [(20, 3.0), (30, 4.0), (35, 6.0)]
     for k, v in a.ema_model.state_dict().items():
         assert torch.equal(v, snapshots[1][k])
     assert not torch.equal(a.ema_model.layers[0].weight, snapshots[-1]["layers.0.weight"])
+    # the finished fit's checkpoint holds its outcome, the best weights (it held the last)
+    from pyro_ebm.train import load
+
+    for k, v in load(tmp_path / "a").state_dict().items():
+        assert torch.equal(v, snapshots[1][k]), k
     b = make()  # seeds the global generator again
     b.fit(data, num_steps=35, batch_size=8, progress=False, eval_every=10)
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):

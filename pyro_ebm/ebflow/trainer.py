@@ -461,10 +461,14 @@ class EBFlowTrainer(Trainer):
             self._best = (score, copy.deepcopy(self.ema_model.state_dict()))
         return {"val_nll": nll, "best_val_nll": self._best[0]}
 
-    def _end_of_fit(self, completed: bool) -> None:
-        if self._best is not None:  # the best EMA weights, kept also when interrupted
-            self.ema_model.load_state_dict(self._best[1])
-            self._best = None
+    def _end_of_fit(self, completed: bool) -> bool:
+        """The best EMA weights replace the last, also when interrupted (the checkpoint of an
+        interrupted fit keeps the last, with the best beside them, to resume from)."""
+        if self._best is None:
+            return False
+        self.ema_model.load_state_dict(self._best[1])
+        self._best = None
+        return True
 
     def _description(self) -> str:
         return f"EBFlow ({self.objective})"

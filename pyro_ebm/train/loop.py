@@ -197,7 +197,7 @@ class Trainer:
     - ``_model_keys()``: the entries besides the weights that :meth:`export` keeps;
     - optionally ``_snapshot()`` / ``_restore(snapshot)``: state a step changes before its
       updates (e.g. persistent walkers), rolled back when the step is interrupted;
-      ``_end_of_fit(completed)``; ``_postfix(record)``.
+      ``_end_of_fit(completed) -> changed``; ``_postfix(record)``.
     """
 
     #: stop with an error after this many skipped steps in a row
@@ -228,8 +228,9 @@ class Trainer:
     def _restore(self, snapshot: Any) -> None:
         pass
 
-    def _end_of_fit(self, completed: bool) -> None:
-        pass
+    def _end_of_fit(self, completed: bool) -> bool:
+        """After a fit (also an interrupted one); whether it changed the trained state."""
+        return False
 
     def _sync_setup(self, dp: DataParallel) -> None:
         """Make what :meth:`_setup` built the same on every process (process 0's)."""
@@ -469,7 +470,9 @@ class Trainer:
                 # the processes stop at different points, and a save needs all of them)
                 if checkpoint is not None and dp is None:
                     self.save(checkpoint)
-            self._end_of_fit(completed)
+            changed = self._end_of_fit(completed)
+        if changed and checkpoint is not None:  # the checkpoint of a finished fit is its outcome
+            self.save(checkpoint)
         return self.history
 
     # ------------------------------------------------------------------ checkpoints
