@@ -15,8 +15,9 @@ from pyro_ebm.datasets import two_to_one
 from pyro_ebm.ebflow import EBFlowTrainer, fc_ebflow
 from pyro_ebm.flows import RealNVP
 from pyro_ebm.train import EBMTrainer
+from pyro_ebm.train.averaging import Averager
 from pyro_ebm.train.checkpoint import atomic_save, load_checkpoint
-from pyro_ebm.train.loop import Averager, cosine_factor
+from pyro_ebm.train.loop import cosine_factor
 
 
 def _ebm(**kwargs) -> EBMTrainer:

@@ -46,9 +46,11 @@ from torch import Tensor
 
 from pyro_ebm._checks import check_int, check_positive
 from pyro_ebm.energy import EnergyModel
+from pyro_ebm.train.averaging import Averager
+from pyro_ebm.train.checkpoint import shapes
 from pyro_ebm.train.history import History
-from pyro_ebm.train.loop import SCHEDULES, Averager, Trainer
-from pyro_ebm.train.trainer import _shapes, needs_standardization
+from pyro_ebm.train.loop import SCHEDULES, Trainer
+from pyro_ebm.train.trainer import needs_standardization
 
 from .layers import Logit, zca_whitening
 from .model import EBFlow
@@ -492,7 +494,7 @@ class EBFlowTrainer(Trainer):
             "energy_reg": self.energy_reg,
             "lam": self.lam,
             "whiten": self.whiten,
-            "model": _shapes(self.model),
+            "model": shapes(self.model),
         }
 
     def _modules(self) -> dict:

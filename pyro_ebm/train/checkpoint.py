@@ -10,6 +10,7 @@ Ctrl-C from cutting a training step's updates in half."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import hashlib
 import io
@@ -22,15 +23,20 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from torch import Tensor
 
 __all__ = [
     "atomic_save",
     "atomic_write",
     "check_file_path",
+    "data_fingerprint",
     "deferred_interrupt",
     "load_checkpoint",
+    "meta_copy",
+    "nonfinite_entries",
     "rng_states",
     "set_rng_states",
+    "shapes",
 ]
 
 
@@ -197,3 +203,52 @@ def deferred_interrupt() -> Iterator[None]:
             previous(signal.SIGINT, None)
         elif previous == signal.SIG_DFL:
             raise KeyboardInterrupt
+
+
+def data_fingerprint(data: Tensor) -> dict:
+    """The shape, dtype and SHA-256 of ``data``'s bytes: what a checkpoint records to refuse
+    resuming on other data.
+
+    Example::
+
+        >>> a = data_fingerprint(torch.zeros(3, 2))
+        >>> a == data_fingerprint(torch.zeros(3, 2)), a == data_fingerprint(torch.ones(3, 2))
+        (True, False)
+    """
+    flat = data.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return {"shape": tuple(data.shape), "dtype": str(data.dtype), "sha256": digest}
+
+
+def shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
+    """The shapes of a module's parameters and buffers in order: its architecture, for a
+    checkpoint's fingerprint (the names are left out: layers without weights shift them).
+
+    Example::
+
+        >>> shapes(torch.nn.Linear(3, 2))
+        [(2, 3), (2,)]
+    """
+    return [tuple(v.shape) for v in module.state_dict().values()]
+
+
+def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` on the ``meta`` device: its architecture, pickled without data."""
+    return copy.deepcopy(module).to("meta")
+
+
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors with a nan or inf in a (nested) state dict."""
+    if isinstance(state, Tensor):
+        bad = state.is_floating_point() and not bool(torch.isfinite(state).all())
+        return [prefix] if bad else []
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    out = []
+    for key, value in items:
+        out += nonfinite_entries(value, f"{prefix}.{key}" if prefix else str(key))
+    return out

@@ -3,7 +3,7 @@ r"""The training loop that :class:`~pyro_ebm.train.EBMTrainer` and
 
 :class:`Trainer` owns everything the two trainers share: the steps and their count, the
 learning-rate schedule (``torch.optim.lr_scheduler.LambdaLR``), parameter averaging
-(:class:`Averager`, on ``torch.optim.swa_utils.AveragedModel``: an EMA, or the Polyak mean of
+(:class:`~pyro_ebm.train.averaging.Averager`, on ``AveragedModel``: an EMA, or the Polyak mean of
 the last iterates), gradient clipping, steps skipped on non-finite losses or gradients (with a
 warning, and an error when most steps are skipped), Ctrl-C-safe steps, atomic checkpoints with
 a fingerprint of the configuration and the data, exact resume (random states included), the
@@ -14,8 +14,6 @@ supplies the loss of a step and its evaluation; ``fit(data, num_steps)`` means t
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import math
 import os
 import time
@@ -26,29 +24,25 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel
 
 from pyro_ebm._checks import check_int
 
+from .averaging import Averager
 from .checkpoint import (
     atomic_save,
     check_file_path,
+    data_fingerprint,
     deferred_interrupt,
     load_checkpoint,
+    meta_copy,
+    nonfinite_entries,
     rng_states,
     set_rng_states,
 )
 from .distributed import DataParallel
 from .history import History
 
-__all__ = [
-    "SCHEDULES",
-    "Averager",
-    "Trainer",
-    "TrainingError",
-    "cosine_factor",
-    "data_fingerprint",
-]
+__all__ = ["SCHEDULES", "Trainer", "TrainingError", "cosine_factor"]
 
 #: the learning-rate schedules of ``lr_schedule``
 SCHEDULES = ("cosine", "constant")
@@ -77,98 +71,6 @@ def _schedule(kind: str, num_steps: int) -> Callable[[int], float]:
     if kind == "constant":
         return lambda step: 1.0
     return lambda step: cosine_factor(step, num_steps)
-
-
-def data_fingerprint(data: Tensor) -> dict:
-    """The shape, dtype and SHA-256 of ``data``'s bytes: what a checkpoint records to refuse
-    resuming on other data.
-
-    Example::
-
-        >>> a = data_fingerprint(torch.zeros(3, 2))
-        >>> a == data_fingerprint(torch.zeros(3, 2)), a == data_fingerprint(torch.ones(3, 2))
-        (True, False)
-    """
-    flat = data.detach().cpu().contiguous().reshape(-1)
-    digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
-    return {"shape": tuple(data.shape), "dtype": str(data.dtype), "sha256": digest}
-
-
-class Averager:
-    r"""Parameter averaging on ``torch.optim.swa_utils.AveragedModel``.
-
-    - ``ema=d``: an exponential moving average, updated at every step, with the warm-up
-      :math:`\min(d, (1 + t) / (10 + t))` at the average's ``t``-th update (its first update
-      copies the weights); :attr:`module` is the averaged model, kept beside the trained one.
-    - ``ema=None``: the Polyak-Ruppert mean of the iterates of the last fraction ``last`` of a
-      run's steps, which replaces the trained weights after the run's last step.
-
-    :param model: the trained module. :param ema: the EMA decay, or ``None`` for the mean.
-    :param last: with ``ema=None``, the fraction of the steps, at the end, that are averaged.
-
-    Example::
-
-        >>> net = torch.nn.Linear(2, 1)
-        >>> avg = Averager(net, ema=0.9)
-        >>> avg.update(net, step=1, num_steps=10)
-        >>> torch.equal(avg.module.weight, net.weight)
-        True
-    """
-
-    def __init__(self, model: torch.nn.Module, ema: float | None = None, last: float = 1.0) -> None:
-        self.ema, self.last = ema, float(last)
-        multi_avg_fn = None if ema is None else self._ema_update
-        self.averaged = AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
-
-    @property
-    def module(self) -> torch.nn.Module:
-        """The averaged model (a copy of the trained one's architecture)."""
-        return self.averaged.module
-
-    @torch.no_grad()
-    def _ema_update(self, averaged: list[Tensor], current: list[Tensor], count: Tensor) -> None:
-        t = int(count) + 1  # (the first update, t = 1, copied the weights)
-        decay = min(self.ema, (1 + t) / (10 + t))
-        torch._foreach_lerp_(averaged, current, 1.0 - decay)
-
-    def update(self, model: torch.nn.Module, step: int, num_steps: int) -> None:
-        """Fold in ``model``'s weights after step ``step`` of ``num_steps`` (the Polyak mean
-        only over its last fraction, and it then replaces ``model``'s weights at the end)."""
-        if self.ema is None and step <= num_steps * (1.0 - self.last):
-            return
-        self.averaged.update_parameters(model)
-        if self.ema is None and step == num_steps:
-            with torch.no_grad():
-                for a, p in zip(self.module.parameters(), model.parameters(), strict=True):
-                    p.copy_(a)
-
-    def state_dict(self) -> dict:
-        return self.averaged.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.averaged.load_state_dict(state)
-
-
-def _architecture(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``module`` on the ``meta`` device: its architecture, pickled without data."""
-    return copy.deepcopy(module).to("meta")
-
-
-def _nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors with a nan or inf in a (nested) state dict."""
-    if isinstance(state, Tensor):
-        bad = state.is_floating_point() and not bool(torch.isfinite(state).all())
-        return [prefix] if bad else []
-    if isinstance(state, dict):
-        items = state.items()
-    elif isinstance(state, (list, tuple)):
-        items = enumerate(state)
-    else:
-        return []
-    out = []
-    for key, value in items:
-        out += _nonfinite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
-    return out
 
 
 class Trainer:
@@ -491,7 +393,7 @@ class Trainer:
             "window": self._window,
             "optimizers": [opt.state_dict() for opt, _ in self._optimizers()],
             "averager": None if self.averager is None else self.averager.state_dict(),
-            "modules": {name: _architecture(m) for name, m in self._modules().items()},
+            "modules": {name: meta_copy(m) for name, m in self._modules().items()},
             **rng_states(self.device),
         }
         state.update(self._extra_state())
@@ -540,7 +442,7 @@ class Trainer:
             raise ValueError(
                 f"the checkpoint was written by {state['trainer']}, not {type(self).__name__}"
             )
-        bad = _nonfinite_tensors({"weights": state.get("weights"), "average": state["averager"]})
+        bad = nonfinite_entries({"weights": state.get("weights"), "average": state["averager"]})
         if bad:
             raise ValueError(
                 f"the checkpoint's weights are not finite ({', '.join(bad[:3])}"

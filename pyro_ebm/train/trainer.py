@@ -42,8 +42,10 @@ from pyro_ebm.flows import Flow, RealNVP, Standardized, fit_reverse_kl, forward_
 from pyro_ebm.metrics import bounds_around, mode_weights, model_mode_weights
 from pyro_ebm.metrics.density import Bounds
 
+from .averaging import Averager
+from .checkpoint import shapes
 from .history import History
-from .loop import SCHEDULES, Averager, Trainer
+from .loop import SCHEDULES, Trainer
 from .negatives import SAMPLERS, CDNegatives, NegativeSampler, make_sampler
 
 __all__ = ["EBMTrainer", "contrastive_loss", "needs_standardization"]
@@ -104,12 +106,6 @@ def base_scale(data: Tensor) -> float:
     """The sd of the default flow's Gaussian base, hence of the tilt rho: the data's RMS
     per-coordinate standard deviation."""
     return float(data.std(0).pow(2).mean().sqrt())
-
-
-def _shapes(module: torch.nn.Module) -> list[tuple[int, ...]]:
-    """The shapes of a module's parameters and buffers in order: its architecture, for a
-    checkpoint's fingerprint (the names are left out: layers without weights shift them)."""
-    return [tuple(v.shape) for v in module.state_dict().values()]
 
 
 def needs_standardization(data: Tensor) -> bool:
@@ -517,8 +513,8 @@ class EBMTrainer(Trainer):
             "max_grad_norm": self.max_grad_norm,
             "average_last": self.average_last,
             "standardize": self.standardize,
-            "energy": _shapes(self.energy),
-            "flow": None if self.flow is None else _shapes(self.flow),
+            "energy": shapes(self.energy),
+            "flow": None if self.flow is None else shapes(self.flow),
         }
 
     def _modules(self) -> dict:
