@@ -433,8 +433,8 @@ class Trainer:
             raise ValueError(
                 f"the checkpoint was written by {saved_world} processes, this run has {world}: "
                 f"resume it on {saved_world} (pyro-ebm train --nproc {saved_world}, or torchrun "
-                f"--nproc_per_node={saved_world}); force=True resumes anyway, every process "
-                "from process 0's walkers and random state"
+                f"--nproc_per_node={saved_world}); force=True (--force) resumes anyway, every "
+                "process from process 0's walkers and random state"
             )
         if "ranks" in state:
             state = {**state, **state["ranks"][dp.rank if saved_world == world else 0]}
