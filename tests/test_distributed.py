@@ -35,14 +35,19 @@ def _worker(rank: int, port: int, job, out: str, args: tuple) -> None:
     )
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
+    import datetime
+
+    import torch.distributed as dist
+
+    # (the trainers use a group that exists; this one gives up after 2 minutes, not 30, when a
+    # process is gone, so a broken test fails instead of hanging the suite)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     try:
         result = job(*args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     except Exception:  # (reported to the parent through the file)
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.barrier()  # (a process leaving while another still talks to it aborts both)
             dist.destroy_process_group()
