@@ -10,10 +10,16 @@ mode-weight MSE (``line4``) or the max R-hat of 128 negative chains over 200 fur
 steps (``mixture_hd``, 16-D). The table reports medians over seeds and the ratio of 2 processes
 to 1.
 
+``--profile`` measures where the time of 2 processes goes instead (``line4``, 100 steps): the
+step time of one process alone (mean and sd), two independent single-process runs side by side
+(what sharing the machine costs before any communication), and 2 processes with the seconds
+they spend in collectives (waiting for each other included).
+
 Usage::
 
     python benchmarks/distributed.py --cases line4 --seeds 0 1 2
     python benchmarks/distributed.py --cases mixture_hd --seeds 0 --steps 2000
+    python benchmarks/distributed.py --profile
 """
 
 from __future__ import annotations
@@ -33,13 +39,31 @@ CASES = {
 MOVES_PER_STEP = 1 + 3  # one i-SIR move and three MALA moves per training step
 
 
-def worker(case: str, seed: int, steps: int) -> None:
+def _timed(obj, name: str, times: list) -> None:
+    """Wrap ``obj.name`` so that each call's seconds are appended to ``times``."""
+    import time
+
+    inner = getattr(obj, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+        return out
+
+    setattr(obj, name, timed)
+
+
+def worker(case: str, seed: int, steps: int, profile: bool = False) -> None:
+    import statistics
+
     import torch
 
     from pyro_ebm import MLPEnergy
     from pyro_ebm.datasets import load
     from pyro_ebm.metrics import rhat
     from pyro_ebm.train import EBMTrainer
+    from pyro_ebm.train.distributed import DataParallel
 
     torch.set_num_threads(1)
     cfg = CASES[case]
@@ -53,7 +77,12 @@ def worker(case: str, seed: int, steps: int) -> None:
         sampler_kwargs={"num_particles": 16, "num_mala_steps": 3},
         seed=seed,
     )
-    trainer.fit(data, num_steps=steps, batch_size=1024, progress=False)
+    step_times, collective_times = [], []
+    if profile:  # (every collective of a step goes through all_sum)
+        _timed(trainer, "_train_step", step_times)
+        _timed(DataParallel, "all_sum", collective_times)
+    every = steps if profile else None  # (profiles: one record, at the end)
+    trainer.fit(data, num_steps=steps, batch_size=1024, progress=False, eval_every=every)
     dp = trainer.data_parallel
     world = 1 if dp is None else dp.world_size
     out = {
@@ -65,7 +94,14 @@ def worker(case: str, seed: int, steps: int) -> None:
         "steps_per_s": steps / trainer.elapsed,
         "walker_updates_per_s": world * 1024 * MOVES_PER_STEP * steps / trainer.elapsed,
     }
-    if case == "line4":
+    if profile:
+        ms = [1e3 * t for t in step_times[5:]]  # (the first steps warm up)
+        out.update(
+            step_ms_mean=statistics.fmean(ms),
+            step_ms_sd=statistics.stdev(ms),
+            collective_s=sum(collective_times),
+        )
+    elif case == "line4":
         out["mse"] = trainer.history.last["model_mse"]
     else:
         chains = trainer.run_sampler(200)[:, :128]  # (draws, chains, dim) of this process
@@ -80,7 +116,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(case: str, seed: int, steps: int, processes: int) -> dict:
+def run(case: str, seed: int, steps: int, processes: int, profile: bool = False) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -92,6 +128,7 @@ def run(case: str, seed: int, steps: int, processes: int) -> dict:
         case,
         str(seed),
         str(steps),
+        *(["profile"] if profile else []),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -101,16 +138,41 @@ def run(case: str, seed: int, steps: int, processes: int) -> dict:
     raise RuntimeError(f"no result from {' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}")
 
 
+def _profile(steps: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    print(f"\n## line4, {steps} steps: where the time of 2 processes goes\n")
+    print("| run | steps/s | step ms (mean, sd) | s in collectives |")
+    print("|---|---|---|---|")
+    alone = run("line4", 0, steps, 1, profile=True)
+    with ThreadPoolExecutor(2) as pool:  # two independent runs at once
+        pair = list(pool.map(lambda seed: run("line4", seed, steps, 1, profile=True), (0, 1)))
+    together = run("line4", 0, steps, 2, profile=True)
+    rows = [("1 process alone", alone)]
+    rows += [(f"1 process beside another ({k + 1})", r) for k, r in enumerate(pair)]
+    rows += [("2 processes, data parallel (process 0)", together)]
+    for name, r in rows:
+        print(
+            f"| {name} | {r['steps_per_s']:.2f} | {r['step_ms_mean']:.1f}, {r['step_ms_sd']:.1f} "
+            f"| {r['collective_s']:.2f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), profile=len(sys.argv) > 5)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=["line4"], choices=sorted(CASES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=None, help="default: the case's")
     parser.add_argument("--processes", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--profile", action="store_true", help="where 2 processes' time goes")
     args = parser.parse_args()
+    if args.profile:
+        _profile(args.steps or 100)
+        return
     for case in args.cases:
         steps = args.steps or CASES[case]["steps"]
         quality = "mse" if case == "line4" else "rhat"
