@@ -463,7 +463,7 @@ class EBFlowTrainer(Trainer):
             self._best = (score, copy.deepcopy(self.ema_model.state_dict()))
         return {"val_nll": nll, "best_val_nll": self._best[0]}
 
-    def _end_of_fit(self, completed: bool) -> bool:
+    def _end_of_fit(self) -> bool:
         """The best EMA weights replace the last, also when interrupted (the checkpoint of an
         interrupted fit keeps the last, with the best beside them, to resume from)."""
         if self._best is None:

@@ -14,6 +14,7 @@ supplies the loss of a step and its evaluation; ``fit(data, num_steps)`` means t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -49,6 +50,15 @@ SCHEDULES = ("cosine", "constant")
 
 #: the checkpoint format this version writes (older ones are refused with a message)
 CHECKPOINT_FORMAT = 2
+
+
+@dataclasses.dataclass
+class _Skips:
+    """A :meth:`Trainer.fit` call's steps, skipped steps, and skipped steps in a row."""
+
+    steps: int = 0
+    skipped: int = 0
+    in_a_row: int = 0
 
 
 class TrainingError(RuntimeError):
@@ -99,7 +109,7 @@ class Trainer:
     - ``_model_keys()``: the entries besides the weights that :meth:`export` keeps;
     - optionally ``_snapshot()`` / ``_restore(snapshot)``: state a step changes before its
       updates (e.g. persistent walkers), rolled back when the step is interrupted;
-      ``_end_of_fit(completed) -> changed``; ``_postfix(record)``.
+      ``_end_of_fit() -> changed`` (also after an interrupted fit); ``_postfix(record)``.
     """
 
     #: stop with an error after this many skipped steps in a row
@@ -130,7 +140,7 @@ class Trainer:
     def _restore(self, snapshot: Any) -> None:
         pass
 
-    def _end_of_fit(self, completed: bool) -> bool:
+    def _end_of_fit(self) -> bool:
         """After a fit (also an interrupted one); whether it changed the trained state."""
         return False
 
@@ -250,31 +260,30 @@ class Trainer:
         self.history.append(record)
         return record
 
-    def _check_skips(self, reason: str | None, counts: list[int]) -> None:
-        """Count a skipped step (``counts``: in a row, in this call, steps in this call); warn at
-        the call's first, stop when training is not progressing."""
-        counts[2] += 1
+    def _check_skips(self, reason: str | None, skips: _Skips) -> None:
+        """Count a step (skipped when ``reason`` is given); warn at the call's first skipped
+        step, stop when training is not progressing."""
+        skips.steps += 1
         if reason is None:
-            counts[0] = 0
+            skips.in_a_row = 0
             return
-        counts[0] += 1
-        counts[1] += 1
-        if counts[1] == 1 and self.is_main_process:
+        skips.in_a_row += 1
+        skips.skipped += 1
+        if skips.skipped == 1 and self.is_main_process:
             warnings.warn(
                 f"step {self.step}: {reason}; the step is skipped (the weights do not move). "
                 "A lower lr or max_grad_norm may help.",
                 RuntimeWarning,
                 stacklevel=4,  # the user's fit() call
             )
-        in_a_row, skipped, steps = counts
-        if in_a_row >= self.MAX_SKIPPED_IN_A_ROW or (
-            skipped >= self.MIN_SKIPPED_TO_STOP and 2 * skipped > steps
+        if skips.in_a_row >= self.MAX_SKIPPED_IN_A_ROW or (
+            skips.skipped >= self.MIN_SKIPPED_TO_STOP and 2 * skips.skipped > skips.steps
         ):
             raise TrainingError(
-                f"{skipped} of the {steps} steps of this fit() were skipped ({in_a_row} in a "
-                f"row, up to step {self.step}; the last because {reason}): training is not "
-                "progressing. Check the data and the model's settings; a lower lr or "
-                "max_grad_norm may help."
+                f"{skips.skipped} of the {skips.steps} steps of this fit() were skipped "
+                f"({skips.in_a_row} in a row, up to step {self.step}; the last because "
+                f"{reason}): training is not progressing. Check the data and the model's "
+                "settings; a lower lr or max_grad_norm may help."
             )
 
     def _run(
@@ -339,7 +348,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=num_steps, initial=min(self.step, num_steps), desc=self._description())
-        snapshot, done, completed, counts = None, self.step, False, [0, 0, 0]
+        snapshot, done, completed, skips = None, self.step, False, _Skips()
         try:
             while self.step < num_steps:
                 # what an interruption in the middle of this step must roll back to
@@ -357,7 +366,7 @@ class Trainer:
                     self.save(checkpoint)
                 if bar is not None:
                     bar.update(1)
-                self._check_skips(reason, counts)
+                self._check_skips(reason, skips)
             if dp is not None:  # every process's collectives done before any leaves fit
                 dp.barrier()
             completed = True
@@ -372,7 +381,7 @@ class Trainer:
                 # the processes stop at different points, and a save needs all of them)
                 if checkpoint is not None and dp is None:
                     self.save(checkpoint)
-            changed = self._end_of_fit(completed)
+            changed = self._end_of_fit()
         if changed and checkpoint is not None:  # the checkpoint of a finished fit is its outcome
             self.save(checkpoint)
         return self.history
