@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .._checks import NOT_GIVEN, check_flag, check_int, renamed
+from ..flows import GuideFlow, as_flow
 from ..samplers import (
     GOOD_KHAT,
     AdaptiveFlowSampler,
@@ -213,7 +214,9 @@ class AdaptiveFlowMCMC(WalkerKernel):
             raise ValueError(f"num_walkers must be an integer >= 2, got {num_walkers!r}")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
-        self.flow = flow
+        self.flow = as_flow(flow)
+        if isinstance(self.flow, GuideFlow):  # trained, in the model's scale: not re-standardized
+            sampler_kwargs.setdefault("standardize", False)
         self.num_walkers = num_walkers
         if production_local_steps not in (None, "auto") and (
             isinstance(production_local_steps, (str, bool))
@@ -250,7 +253,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
         dim, chains = self.target.layout.dim, self.num_chains
         flow = None
         if self.flow is not None:
-            check_flow(self.flow, dim)
+            check_flow(self.flow, dim, self.target.layout)
             flow = copy.deepcopy(self.flow)
         self.sampler = AdaptiveFlowSampler(self.target.potential, flow, **self.sampler_options)
         if x0 is None and chains == 1:

@@ -37,6 +37,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
 from .._checks import check_int
+from ..layout import SiteLayout
 from ..metrics.psis import KHAT_THRESHOLD, FlowCheck, flow_importance_diagnostic
 from ..samplers import FlowFit, MoveInfo, WalkerState, fit_flow, guarded, valid_starts
 from .target import FlatTarget, make_target
@@ -350,7 +351,7 @@ class TargetKernel(MCMCKernel):
         ``MCMC`` sets up one at a time share it."""
         dim = self.target.layout.dim
         if self.flow is not None:
-            check_flow(self.flow, dim)
+            check_flow(self.flow, dim, self.target.layout)
             return self.flow
         if self._fit_cache is not None and self._fit_cache[0] == self._run_key:
             self.flow_fit = self._fit_cache[1]
@@ -608,10 +609,26 @@ def _device_of(potential: Callable) -> torch.device:
     return torch.device("cpu")
 
 
-def check_flow(flow, dim: int) -> None:
-    """Raise if ``flow`` cannot serve as a proposal over the ``dim``-dimensional flat space."""
+def check_flow(flow, dim: int, layout: SiteLayout | None = None) -> None:
+    """Raise if ``flow`` cannot serve as a proposal over the ``dim``-dimensional flat space
+    (with ``layout``, the target's sites: a flow that names its sites, a
+    :class:`~pyro_ebm.flows.GuideFlow`, must have the same sites in the same order)."""
     if not (hasattr(flow, "sample_and_log_prob") and hasattr(flow, "log_prob")):
-        raise TypeError("flow must offer sample_and_log_prob(n) and log_prob(x), e.g. RealNVP")
+        raise TypeError(
+            "flow must offer sample_and_log_prob(n) and log_prob(x), e.g. RealNVP, or be a "
+            "Pyro AutoContinuous guide"
+        )
+    sites = getattr(flow, "site_shapes", None)
+    if (
+        layout is not None
+        and sites is not None
+        and list(sites.items()) != list(layout.site_shapes.items())
+    ):
+        ours = dict(layout.site_shapes)
+        raise ValueError(
+            f"flow (a {type(flow).__name__}) is over the sites {sites} but the model's latent "
+            f"sites are {ours}, in this order: train the guide on the same model"
+        )
     flow_dim = getattr(flow, "dim", dim)
     if flow_dim != dim:
         raise ValueError(f"flow has dim {flow_dim} but the target has {dim} unconstrained dims")

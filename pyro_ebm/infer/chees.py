@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_flag, check_int, check_positive
+from ..flows import as_flow
 from ..samplers import (
     ChEESAdapter,
     MoveInfo,
@@ -163,7 +164,7 @@ class ChEESHMC(WalkerKernel):
             hasattr(flow, "forward") and hasattr(flow, "inverse")
         ):
             raise TypeError("flow must be a pyro_ebm.flows.Flow (forward/inverse), None or False")
-        self.flow = flow
+        self.flow = as_flow(flow)
         self.adapt_step_size = bool(adapt_step_size)
         self.adapt_trajectory_length = bool(adapt_trajectory_length)
         self.adapt_mass_matrix = bool(adapt_mass_matrix)

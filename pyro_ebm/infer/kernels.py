@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .._checks import NOT_GIVEN, DefaultValue, check_flag, check_int, check_positive, renamed
+from ..flows import as_flow
 from ..metrics.psis import FlowCheck
 from ..samplers import (
     GOOD_KHAT,
@@ -118,7 +119,7 @@ class FlowIMH(WalkerKernel):
         if not 0.0 <= defensive < 1.0:
             raise ValueError(f"defensive must lie in [0, 1), got {defensive}")
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
-        self.flow = flow
+        self.flow = as_flow(flow)
         self.block_size = block_size
         self.defensive = defensive
         self.defensive_scale = defensive_scale

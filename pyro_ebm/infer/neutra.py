@@ -31,6 +31,7 @@ from pyro.util import ignore_jit_warnings
 from torch import Tensor
 
 from .._checks import check_int, check_positive
+from ..flows import as_flow
 from ..samplers import REJECTED_ERRORS, PullbackPotential, valid_starts
 from .base import SAMPLE_STATS, TargetKernel
 
@@ -296,8 +297,12 @@ class _NeuTraKernel(TargetKernel):
         **kwargs,
     ) -> None:
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
+        flow = as_flow(flow)
         if flow is not None and not (hasattr(flow, "forward") and hasattr(flow, "inverse")):
-            raise TypeError("flow must be a pyro_ebm.flows.Flow (forward/inverse), or None")
+            raise TypeError(
+                "flow must be a pyro_ebm.flows.Flow (forward/inverse), a Pyro AutoContinuous "
+                "guide, or None"
+            )
         self.flow = flow
         if self._inner_cls is _CappedHMC and kwargs.get("num_steps") is kwargs.get(
             "trajectory_length"

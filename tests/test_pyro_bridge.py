@@ -1,0 +1,244 @@
+r"""pyro_ebm flows inside Pyro, and trained Pyro autoguides inside the pyro_ebm kernels.
+
+- A flow's :attr:`~pyro_ebm.flows.Flow.transform` is a Pyro ``TransformModule``: it trains by
+  SVI in ``AutoNormalizingFlow`` and serves ``NeuTraReparam``.
+- Every flow kernel takes a trained ``AutoContinuous`` guide as ``flow=``
+  (:class:`~pyro_ebm.flows.GuideFlow`).
+
+Posterior checks use the Monte Carlo tolerances of :mod:`test_posteriors` (``|z| < 4`` per mean
+and sd, from the ESS of the draws and of posteriordb's reference draws).
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoIAFNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    AutoNormalizingFlow,
+)
+from pyro.infer.reparam import NeuTraReparam
+from test_posteriors import (
+    EIGHT_SCHOOLS_ARGS,
+    EIGHT_SCHOOLS_REF,
+    GAUSS_MIX_REF,
+    check_moments,
+    eight_schools_draws,
+    gauss_mix_draws,
+    load_gauss_mix_data,
+    run_mcmc,
+)
+
+from pyro_ebm.flows import AffineFlow, FlowTransform, GuideFlow, RealNVP, as_flow
+from pyro_ebm.infer import AdaptiveFlowMCMC, FlowHMC, FlowIMH, FlowISIR, FlowNUTS
+from pyro_ebm.models import eight_schools_noncentered, low_dim_gauss_mix
+
+
+def fit_guide(model, args, make_transform, num_steps: int, lr: float = 5e-3, seed: int = 0):
+    """An ``AutoNormalizingFlow`` guide fitted by SVI (16 vectorized particles per step)."""
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    guide = AutoNormalizingFlow(model, make_transform)
+    elbo = Trace_ELBO(num_particles=16, vectorize_particles=True)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": lr}), elbo)
+    for _ in range(num_steps):
+        svi.step(*args)
+    return guide
+
+
+def eight_schools_guide(seed: int = 0) -> AutoNormalizingFlow:
+    return fit_guide(
+        eight_schools_noncentered,
+        EIGHT_SCHOOLS_ARGS,
+        lambda dim: RealNVP(dim, num_layers=4, hidden=(32, 32)).transform,
+        num_steps=800,
+        seed=seed,
+    )
+
+
+def moments_of(samples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Eight-schools draws named as in posteriordb, from one chain's ``{site: draws}``."""
+
+    class _One:
+        def get_samples(self, group_by_chain=False):
+            return {k: v[None] for k, v in samples.items()}
+
+    return eight_schools_draws(_One())
+
+
+@pytest.fixture(scope="module")
+def guide() -> AutoNormalizingFlow:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return eight_schools_guide(0)
+    finally:
+        torch.set_default_dtype(old)
+
+
+# -- the transform is a TransformModule ---------------------------------------------------------
+def test_flow_transform_is_a_transform_module_whose_parameters_register():
+    flow = RealNVP(3, num_layers=2, hidden=(8,))
+    t = flow.transform
+    assert isinstance(t, pyro.distributions.TransformModule)
+    assert isinstance(t, FlowTransform) and t.flow is flow
+    assert {id(p) for p in t.parameters()} == {id(p) for p in flow.parameters()}
+    z = torch.randn(5, 3)
+    x = t(z)
+    assert torch.allclose(t.inv(x), z, atol=1e-10)
+    assert torch.allclose(t.log_abs_det_jacobian(z, x), flow.forward(z)[1])
+
+
+def test_svi_trains_a_pyro_ebm_flow_in_auto_normalizing_flow():
+    """SVI moves the flow's weights (they are in Pyro's parameter store), lowers the loss and
+    fits the posterior N((3, -1), 0.5^2 I)."""
+
+    def model():
+        pyro.sample("x", dist.Normal(torch.tensor([3.0, -1.0]), 0.5).to_event(1))
+
+    guide = AutoNormalizingFlow(
+        model, lambda dim: RealNVP(dim, num_layers=2, hidden=(8,)).transform
+    )
+    optim = pyro.optim.ClippedAdam({"lr": 2e-2, "lrd": 0.995})
+    svi = SVI(model, guide, optim, Trace_ELBO(num_particles=8))
+    first = svi.step()
+    flow = guide.transform.flow
+    before = [p.detach().clone() for p in flow.parameters()]
+    names = set(pyro.get_param_store().keys())
+    assert any(n.startswith("AutoNormalizingFlow.transform$$$flow.layers") for n in names), names
+    losses = [svi.step() for _ in range(600)]
+    assert any(not torch.equal(b, p) for b, p in zip(before, flow.parameters(), strict=True))
+    assert sum(losses[-50:]) / 50 < first - 5.0
+    x = guide.get_posterior().sample((4000,))
+    # seeds 0-5: mean errors up to 0.084, sd errors up to 0.053 (the optimizer's noise)
+    assert torch.allclose(x.mean(0), torch.tensor([3.0, -1.0]), atol=0.15)
+    assert torch.allclose(x.std(0), torch.tensor([0.5, 0.5]), atol=0.1)
+
+
+def test_neutra_reparam_with_a_pyro_ebm_flow_guide_samples_eight_schools(guide):
+    """Pyro's own NeuTraReparam + NUTS in the latent space of a pyro_ebm RealNVP trained by SVI
+    (~25 s): posteriordb's eight-schools moments within Monte Carlo error."""
+    neutra = NeuTraReparam(guide.requires_grad_(False))
+    model = pyro.poutine.reparam(eight_schools_noncentered, config=lambda _: neutra)
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(NUTS(model), num_samples=600, warmup_steps=150, disable_progbar=True)
+    mcmc.run(*EIGHT_SCHOOLS_ARGS)
+    (latent,) = mcmc.get_samples().values()
+    check_moments(moments_of(neutra.transform_sample(latent)), EIGHT_SCHOOLS_REF)
+
+
+# -- the kernels take a trained guide -----------------------------------------------------------
+@pytest.mark.parametrize("kernel", [FlowISIR, FlowIMH])
+def test_flow_kernels_sample_eight_schools_with_a_trained_guide(guide, kernel):
+    """The guide's flow as the proposal of i-SIR / IMH: posteriordb's moments within Monte Carlo
+    error. An injected bug, the guide's log-determinant dropped from its densities, fails
+    (:func:`test_guide_check_catches_a_dropped_log_det`)."""
+    mcmc, _ = run_mcmc(kernel(eight_schools_noncentered, flow=guide), 50, 2000, *EIGHT_SCHOOLS_ARGS)
+    check_moments(eight_schools_draws(mcmc), EIGHT_SCHOOLS_REF)
+
+
+def test_flow_nuts_samples_eight_schools_with_a_trained_guide(guide):
+    mcmc, _ = run_mcmc(
+        FlowNUTS(eight_schools_noncentered, flow=guide), 100, 400, *EIGHT_SCHOOLS_ARGS
+    )
+    check_moments(eight_schools_draws(mcmc), EIGHT_SCHOOLS_REF)
+
+
+def test_guide_check_catches_a_dropped_log_det(guide, monkeypatch):
+    """With the log-determinant of the guide's transform dropped, i-SIR's weights are wrong and
+    the moment check fails."""
+    monkeypatch.setattr(GuideFlow, "_ladj", staticmethod(lambda t, z, x: z.new_zeros(z.shape[:-1])))
+    mcmc, _ = run_mcmc(
+        FlowISIR(eight_schools_noncentered, flow=guide), 50, 2000, *EIGHT_SCHOOLS_ARGS
+    )
+    with pytest.raises(AssertionError, match=r"\|z\|"):
+        check_moments(eight_schools_draws(mcmc), EIGHT_SCHOOLS_REF)
+
+
+@pytest.mark.parametrize("kernel", [FlowISIR, FlowIMH, FlowHMC, FlowNUTS, AdaptiveFlowMCMC])
+def test_every_flow_kernel_takes_a_multivariate_normal_guide(kernel):
+    def model():
+        pyro.sample("s", dist.LogNormal(0.0, 0.3))
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = AutoMultivariateNormal(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(200):
+        svi.step()
+    k = kernel(model, flow=guide)
+    assert isinstance(k.flow, GuideFlow) and k.flow.guide is guide
+    mcmc = MCMC(k, num_samples=300, warmup_steps=100, disable_progbar=True)
+    mcmc.run()
+    s = mcmc.get_samples()
+    assert s["x"].shape == (300, 2) and bool((s["s"] > 0).all())
+    assert abs(float(s["s"].log().mean())) < 0.2
+
+
+@pytest.mark.slow
+def test_flow_nuts_with_a_guide_on_posteriordb_gauss_mix(shared_dir):
+    """SVI with a RealNVP in ``AutoNormalizingFlow`` on posteriordb's ``low_dim_gauss_mix``
+    (~20 s), then FlowNUTS with that guide (~20 s): moments within Monte Carlo error of the
+    reference draws in ``../shared``. Seed 0: max |z| 1.1, min ESS 585."""
+    y = load_gauss_mix_data(shared_dir)
+    guide = fit_guide(
+        low_dim_gauss_mix,
+        (y,),
+        lambda dim: RealNVP(dim, num_layers=4, hidden=(32, 32)).transform,
+        num_steps=1500,
+    )
+    mcmc, _ = run_mcmc(FlowNUTS(low_dim_gauss_mix, flow=guide), 100, 1000, y)
+    check_moments(gauss_mix_draws(mcmc), GAUSS_MIX_REF)
+
+
+# -- GuideFlow ----------------------------------------------------------------------------------
+def _model():
+    pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        AutoDiagonalNormal,
+        AutoMultivariateNormal,
+        lambda m: AutoIAFNormal(m, num_transforms=2),
+        lambda m: AutoNormalizingFlow(m, lambda d: AffineFlow(d).transform),
+    ],
+)
+def test_guide_flow_densities_match_the_guide(make):
+    guide = make(_model)
+    guide()
+    flow = GuideFlow(guide)
+    assert flow.dim == 3 and flow.site_shapes == {"scale": (), "x": (2,)}
+    x, log_q = flow.sample_and_log_prob(50)
+    assert torch.allclose(log_q, flow.log_prob(x), atol=1e-6)
+    assert torch.allclose(log_q, guide.get_posterior().log_prob(x), atol=1e-6)
+    z, ladj = flow.inverse(x)
+    x2, ladj2 = flow.forward(z)
+    assert torch.allclose(x2, x, atol=1e-6) and torch.allclose(ladj, -ladj2, atol=1e-6)
+
+
+def test_guide_flow_errors_name_what_is_wrong():
+    with pytest.raises(TypeError, match="AutoContinuous"):
+        GuideFlow(AutoNormal(_model))
+    with pytest.raises(ValueError, match="has not run yet"):
+        GuideFlow(AutoMultivariateNormal(_model))
+    assert as_flow(None) is None
+
+
+def test_a_guide_of_another_model_is_refused():
+    def other():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+
+    guide = AutoMultivariateNormal(other)
+    guide()
+    mcmc = MCMC(FlowISIR(_model, flow=guide), num_samples=5, warmup_steps=0, disable_progbar=True)
+    with pytest.raises(ValueError, match="the model's latent sites"):
+        mcmc.run()
