@@ -36,6 +36,8 @@ from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.contract import contract_to_tensor
 from torch import Tensor, nn
 
+from ._checks import check_hidden, check_int, check_tensor
+from .coordinates import AffineCoordinates
 from .layout import SiteLayout
 
 __all__ = [
@@ -79,17 +81,25 @@ class EnergyModel(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        self.dim = dim
+        self.dim = check_int("dim", dim, 1)
 
     def check_input(self, x: Tensor, name: str = "x") -> Tensor:
-        r"""Return ``x`` unchanged, or raise if it is not a ``(batch, dim)`` tensor.
+        r"""Return ``x``, in the model's dtype (a floating ``x`` of another dtype is converted:
+        float64 data meet a float32 model), or raise if it is not a ``(batch, dim)`` tensor.
 
         :param Tensor x: candidate input.
         :param str name: argument name used in the error message.
         """
-        return _check_batch(x, self.dim, name)
+        x = _check_batch(x, self.dim, name)
+        dtype = self._input_dtype()
+        if dtype is not None and x.dtype != dtype and x.is_floating_point():
+            x = x.to(dtype)
+        return x
+
+    def _input_dtype(self) -> torch.dtype | None:
+        """The dtype :meth:`check_input` converts to: the parameters' (``None``: none)."""
+        p = next(self.parameters(), None)
+        return None if p is None else p.dtype
 
     def energy(self, x: Tensor) -> Tensor:
         r"""Energy of each row of ``x``.
@@ -141,9 +151,7 @@ class MLPEnergy(EnergyModel):
             raise ValueError(
                 f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
             )
-        hidden = tuple(hidden)
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"hidden must be a sequence of positive ints, got {hidden!r}")
+        hidden = check_hidden("hidden", hidden)
         layers: list[nn.Module] = []
         width = dim
         for h in hidden:
@@ -251,17 +259,23 @@ class TiltedEnergy(EnergyModel):
 
 
 class StandardizedEnergy(EnergyModel):
-    r"""An energy over standardized coordinates read as an energy over the data's:
+    r"""An energy over standardized coordinates :math:`u` read as an energy over the data's,
+    :math:`x = m + S u` (:class:`~pyro_ebm.coordinates.AffineCoordinates`):
 
-    .. math:: E_x(x) = E\big((x - m) / s\big) + \textstyle\sum_i \log s_i,
+    .. math:: E_x(x) = E\big(S^{-1} (x - m)\big) + \log|\det S|,
 
-    so that :math:`e^{-E_x}` is the density of :math:`x = m + s \odot z` when :math:`e^{-E}` is
-    that of :math:`z` (the constant keeps normalised quantities such as log-likelihoods right).
+    so that :math:`e^{-E_x}` is the density of :math:`x` when :math:`e^{-E}` is that of
+    :math:`u` (the constant keeps normalised quantities such as log-likelihoods right; an inner
+    energy with a ``log_normalizer``, an EBFlow, keeps it, and :meth:`log_prob` is exact).
     :class:`~pyro_ebm.train.EBMTrainer` trains on standardized data when the data are far from
-    centred and unit-scaled, and returns its model this way.
+    centred and unit-scaled, and :class:`~pyro_ebm.ebflow.EBFlowTrainer` on whitened vectors
+    when they are ill-conditioned; both return their model this way.
 
     :param EnergyModel energy: the energy :math:`E` on standardized coordinates.
-    :param Tensor loc: :math:`m`, ``(dim,)``. :param Tensor scale: :math:`s > 0`, ``(dim,)``.
+    :param Tensor loc: :math:`m`, ``(dim,)``, with
+    :param Tensor scale: a diagonal :math:`S = \mathrm{diag}(s)`, :math:`s > 0`, ``(dim,)``;
+    :param coordinates: or, instead of ``loc`` and ``scale``, any
+        :class:`~pyro_ebm.coordinates.AffineCoordinates` (shared, not copied).
 
     Example::
 
@@ -273,25 +287,59 @@ class StandardizedEnergy(EnergyModel):
         True
     """
 
-    def __init__(self, energy: EnergyModel, loc: Tensor, scale: Tensor) -> None:
+    def __init__(
+        self,
+        energy: EnergyModel,
+        loc: Tensor | None = None,
+        scale: Tensor | None = None,
+        *,
+        coordinates: AffineCoordinates | None = None,
+    ) -> None:
         if not isinstance(energy, EnergyModel):
             raise TypeError(f"energy must be an EnergyModel, got {type(energy).__name__}")
         super().__init__(energy.dim)
-        for name, t in (("loc", loc), ("scale", scale)):
-            if not isinstance(t, Tensor) or t.shape != (energy.dim,):
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be a tensor of shape ({energy.dim},), got {shape}")
-        if not (torch.isfinite(scale).all() and (scale > 0).all()):
-            raise ValueError("scale must be finite and positive")
+        if (coordinates is None) == (loc is None or scale is None):
+            raise ValueError("give either loc and scale, or coordinates")
+        if coordinates is None:
+            check_tensor("loc", loc, shape=(energy.dim,))
+            check_tensor("scale", scale, shape=(energy.dim,))
+            coordinates = AffineCoordinates(loc, scale)
+        elif not isinstance(coordinates, AffineCoordinates):
+            raise TypeError(
+                f"coordinates must be an AffineCoordinates, got {type(coordinates).__name__}"
+            )
+        elif coordinates.dim != energy.dim:
+            raise ValueError(f"coordinates has dim {coordinates.dim}, the energy {energy.dim}")
         self.inner = energy
-        self.register_buffer("loc", loc.detach().clone())
-        self.register_buffer("scale", scale.detach().clone())
+        self.coordinates = coordinates
+
+    @property
+    def loc(self) -> Tensor:
+        """:math:`m`."""
+        return self.coordinates.loc
+
+    @property
+    def scale(self) -> Tensor:
+        """The marginal scales of :math:`S`."""
+        return self.coordinates.scale
+
+    def log_normalizer(self) -> Tensor:
+        r""":math:`\log Z` of the inner energy (which must define ``log_normalizer``): the
+        density over :math:`x` has the same, since the log-determinant is in the energy."""
+        return self.inner.log_normalizer()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log-density of ``x`` ``(batch, dim)`` when the inner energy is normalised."""
+        return -self.energy(x) - self.log_normalizer()
+
+    def _input_dtype(self) -> torch.dtype | None:
+        return None  # standardized in the wider dtype, then converted (see energy)
 
     def energy(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        z = (x - self.loc) / self.scale  # in the wider of the two dtypes (float64 moments of
+        z = self.coordinates.to_u(x)  # in the wider of the two dtypes (float64 moments of
         p = next(self.inner.parameters(), None)  # data at large offsets keep their precision)
-        return self.inner.energy(z if p is None else z.to(p.dtype)) + self.scale.log().sum()
+        return self.inner.energy(z if p is None else z.to(p.dtype)) + self.coordinates.log_det()
 
 
 class EnergyPotential:

@@ -188,7 +188,12 @@ def test_standardized_moments_and_density():
     assert 0 < flow.scale[1] < 1e-6 and torch.isfinite(flow.log_prob(data)).all()
     # buffers follow the inner flow's dtype, and travel in the state_dict
     assert Standardized(RealNVP(2).float()).loc.dtype == torch.float32
-    assert {"loc", "scale"} <= set(flow.state_dict())
+    assert {"coordinates.loc", "coordinates.scale"} <= set(flow.state_dict())
+    # a state_dict of the earlier layout (the buffers on the flow itself) still loads
+    old = {k.replace("coordinates.", ""): v for k, v in flow.state_dict().items()}
+    other = Standardized(copy.deepcopy(flow.flow))
+    other.load_state_dict(old)
+    assert torch.equal(other.loc, flow.loc) and torch.equal(other.scale, flow.scale)
     with pytest.raises(ValueError, match="x must have shape"):
         flow.standardize_(torch.randn(10, 2))
     with pytest.raises(TypeError, match="dim"):

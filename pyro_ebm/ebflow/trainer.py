@@ -45,18 +45,18 @@ import torch
 from torch import Tensor
 
 from pyro_ebm._checks import check_int, check_positive
-from pyro_ebm.energy import EnergyModel
+from pyro_ebm.coordinates import AffineCoordinates, needs_standardization
+from pyro_ebm.energy import EnergyModel, StandardizedEnergy
 from pyro_ebm.train.averaging import Averager
 from pyro_ebm.train.checkpoint import shapes
 from pyro_ebm.train.history import History
 from pyro_ebm.train.loop import SCHEDULES, Trainer
-from pyro_ebm.train.trainer import needs_standardization
 
 from .layers import Logit, zca_whitening
 from .model import EBFlow
 from .objectives import OBJECTIVES
 
-__all__ = ["EBFlowTrainer", "WhitenedEnergy", "make_adam"]
+__all__ = ["EBFlowTrainer", "make_adam"]
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -107,35 +107,6 @@ def _quantisation_warning(data: Tensor, n: int = 10_000) -> str | None:
     return None
 
 
-class WhitenedEnergy(EnergyModel):
-    r"""An EBFlow fitted on whitened vectors :math:`y = M (x - \mu)`, read as a density of
-    :math:`x`: :math:`E_x(x) = E(M (x - \mu))` and :math:`\log Z_x = \log Z - \log|\det M|`,
-    so that :meth:`log_prob` is the exact log-density of the data (what
-    :attr:`EBFlowTrainer.data_model` returns when the trainer whitened).
-
-    :param model: the EBFlow on ``y``. :param mean, matrix, log_det: :math:`\mu`, :math:`M`,
-        :math:`\log|\det M|`.
-    """
-
-    def __init__(self, model: EBFlow, mean: Tensor, matrix: Tensor, log_det: float) -> None:
-        super().__init__(model.dim)
-        self.inner = model
-        self.register_buffer("mean", mean.detach().clone())
-        self.register_buffer("matrix", matrix.detach().clone())
-        self.log_det = float(log_det)
-
-    def energy(self, x: Tensor) -> Tensor:
-        x = self.check_input(x)
-        return self.inner.energy((x - self.mean) @ self.matrix.T)
-
-    def log_normalizer(self) -> Tensor:
-        return self.inner.log_normalizer() - self.log_det
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        """Exact log-density of ``x`` ``(batch,)``."""
-        return -self.energy(x) - self.log_normalizer()
-
-
 class EBFlowTrainer(Trainer):
     r"""Fit an :class:`~pyro_ebm.ebflow.model.EBFlow`.
 
@@ -154,7 +125,7 @@ class EBFlowTrainer(Trainer):
         density as an energy, for :func:`pyro_ebm.potential_fn`) work on the original scale.
         Default (``None``): vectors whose covariance has a condition number above
         :attr:`WHITEN_CONDITION` (10), or that are far from centred and unit-scaled
-        (:func:`~pyro_ebm.train.trainer.needs_standardization`, the rule of
+        (:func:`~pyro_ebm.coordinates.needs_standardization`, the rule of
         :class:`~pyro_ebm.train.EBMTrainer`), are whitened; images and other vectors are not.
         On tabular data (scikit-learn's breast cancer and wine) score matching without it
         ended tens to thousands of nats from maximum likelihood; on the 2-D toys (condition
@@ -242,7 +213,7 @@ class EBFlowTrainer(Trainer):
         self.data_init = bool(data_init)
         self.whiten = None if whiten is None else bool(whiten)
         #: ``(mean, M, log|det M|)`` of the whitening map, set at the first fit
-        self._whitening: tuple[Tensor, Tensor, float] | None = None
+        self._coords: AffineCoordinates | None = None
         self.max_grad_norm = max_grad_norm
         if energy_reg < 0:
             raise ValueError(f"energy_reg must be non-negative, got {energy_reg!r}")
@@ -300,23 +271,30 @@ class EBFlowTrainer(Trainer):
             return self._logit(x)[0] if self.map else x
         return data
 
+    @property
+    def _whitening(self) -> tuple[Tensor, Tensor, float] | None:
+        """``(mean, M, log|det M|)`` of the whitening (the form checkpoints hold), or ``None``."""
+        c = self._coords
+        return None if c is None else (c.loc, c.whitening, -c.whitening_log_det)
+
+    @_whitening.setter
+    def _whitening(self, value: tuple[Tensor, Tensor, float] | None) -> None:
+        self._coords = None
+        if value is not None:
+            mean, m, log_det_m = value
+            self._coords = AffineCoordinates(mean, whitening=m, log_det=-log_det_m)
+
     def _whiten(self, x: Tensor) -> Tensor:
-        if self._whitening is None:
-            return x
-        mean, m, _ = self._whitening
-        return (x - mean) @ m.T
+        return x if self._coords is None else self._coords.to_u(x)
 
     def _unwhiten(self, y: Tensor) -> Tensor:
-        if self._whitening is None:
-            return y
-        mean, m, _ = self._whitening
-        return torch.linalg.solve(m, y.T).T + mean
+        return y if self._coords is None else self._coords.to_x(y)
 
     def _fit_whitening(self, data: Tensor, n: int = 10_000) -> None:
         """The whitening map of up to ``n`` random training examples (after :meth:`_elementwise`),
         at the first fit of a fresh trainer under MaP when ``whiten`` says so (by default:
         vectors whose covariance has a condition number above :attr:`WHITEN_CONDITION`, or far
-        from centred and unit-scaled by :func:`~pyro_ebm.train.trainer.needs_standardization`)."""
+        from centred and unit-scaled by :func:`~pyro_ebm.coordinates.needs_standardization`)."""
         auto = self.whiten is None
         if not self.map or self._whitening is not None or self.step > 0:
             return
@@ -676,7 +654,8 @@ class EBFlowTrainer(Trainer):
     @property
     def data_model(self) -> EnergyModel:
         """The trained density (EMA weights) of float vectors in the data's own coordinates:
-        :attr:`ema_model` itself, or a :class:`WhitenedEnergy` over it when the trainer whitened
+        :attr:`ema_model` itself, or a :class:`~pyro_ebm.energy.StandardizedEnergy` over it (in
+        the whitening's coordinates) when the trainer whitened
         (:attr:`model` and :attr:`ema_model` then model the whitened vectors). Plugs into
         :func:`pyro_ebm.potential_fn` and the kernels of :mod:`pyro_ebm.infer`; its
         ``log_prob`` is exact. Images have no such model (their density is over dequantised
@@ -687,7 +666,7 @@ class EBFlowTrainer(Trainer):
             raise ValueError("data_model is for float vectors; for images use nll, sample, impute")
         if self._whitening is None:
             return self.ema_model
-        return WhitenedEnergy(self.ema_model, *self._whitening)
+        return StandardizedEnergy(self.ema_model, coordinates=self._coords)
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_flag
+from ..coordinates import AffineCoordinates
 from .base import Flow
 from .fitting import _check_samples
 
@@ -38,6 +40,9 @@ class Standardized(Flow):
         ``sample_and_log_prob`` and ``log_prob`` serves for sampling and densities).
     :param dense: a lower-triangular :math:`S` (``O(dim^2)`` per point) instead of a diagonal
         one.
+    :param coordinates: the :class:`~pyro_ebm.coordinates.AffineCoordinates` to use (shared,
+        not copied; diagonal, or lower-triangular when ``dense``), e.g. a trainer's
+        standardization; by default the identity until :meth:`standardize_`.
 
     Example:
 
@@ -55,22 +60,52 @@ class Standardized(Flow):
     True
     """
 
-    def __init__(self, flow: nn.Module, dense: bool = False) -> None:
+    def __init__(
+        self, flow: nn.Module, dense: bool = False, coordinates: AffineCoordinates | None = None
+    ) -> None:
         dim = getattr(flow, "dim", None)
         if not isinstance(dim, int):
             raise TypeError(f"flow must have an integer `dim`, got {type(flow).__name__}")
-        if not isinstance(dense, bool):
-            raise TypeError(f"dense must be a bool, got {dense!r}")
+        dense = check_flag("dense", dense)
         nn.Module.__init__(self)  # no base of its own: the wrapped flow's is used
         self.dim = dim
         self.flow = flow
         self.dense = dense
         ref = next(iter([*flow.parameters(), *flow.buffers()]), torch.zeros(()))
-        self.register_buffer("loc", torch.zeros(dim, dtype=ref.dtype, device=ref.device))
-        self.register_buffer("scale", torch.ones(dim, dtype=ref.dtype, device=ref.device))
-        if dense:
-            eye = torch.eye(dim, dtype=ref.dtype, device=ref.device)
-            self.register_buffer("scale_tril", eye)
+        loc = torch.zeros(dim, dtype=ref.dtype, device=ref.device)
+        eye = torch.eye(dim, dtype=ref.dtype, device=ref.device)
+        if coordinates is None:
+            coordinates = (
+                AffineCoordinates(loc, scale_tril=eye) if dense else AffineCoordinates(loc)
+            )
+        elif not isinstance(coordinates, AffineCoordinates) or coordinates.kind != (
+            "tril" if dense else "diagonal"
+        ):
+            kind = "lower-triangular" if dense else "diagonal"
+            raise ValueError(f"coordinates must be {kind} AffineCoordinates of dim {dim}")
+        elif coordinates.dim != dim:
+            raise ValueError(f"coordinates has dim {coordinates.dim}, the flow {dim}")
+        #: the map :math:`x = m + S u` (lower-triangular :math:`S` when ``dense``; shared when
+        #: given)
+        self.coordinates = coordinates
+        self._register_load_state_dict_pre_hook(_old_buffer_names)
+
+    @property
+    def loc(self) -> Tensor:
+        """:math:`m`, ``(dim,)``."""
+        return self.coordinates.loc
+
+    @property
+    def scale(self) -> Tensor:
+        """The marginal scales :math:`\\sqrt{\\mathrm{diag}(S S^\top)}`, ``(dim,)``."""
+        return self.coordinates.scale
+
+    @property
+    def scale_tril(self) -> Tensor:
+        """:math:`S`, ``(dim, dim)`` (``dense`` only)."""
+        if not self.dense:
+            raise AttributeError("scale_tril: this Standardized is diagonal (dense=False)")
+        return self.coordinates.scale_tril
 
     @torch.no_grad()
     def standardize_(self, x: Tensor, grad: Tensor | None = None) -> Standardized:
@@ -100,7 +135,7 @@ class Standardized(Flow):
         still far out, whose gradients are huge; rows whose gradient is not finite (a walker
         started where the potential is not) are left out. An sd is floored at
         ``sqrt(eps) * (1 + |loc|)``. Returns ``self``."""
-        _check_samples(self, x, "x")
+        x = _check_samples(self, x, "x", convert=False)  # moments in the data's dtype
         if grad is not None and (not isinstance(grad, Tensor) or grad.shape != x.shape):
             shape = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
             raise ValueError(f"grad must have the shape of x, {tuple(x.shape)}, got {shape}")
@@ -168,19 +203,13 @@ class Standardized(Flow):
         return self.scale.pow(2)
 
     def _log_scale(self) -> Tensor:
-        if self.dense:
-            return self.scale_tril.diagonal().log().sum()
-        return self.scale.log().sum()
+        return self.coordinates.log_det()
 
     def _to_x(self, u: Tensor) -> Tensor:
-        return self.loc + (u @ self.scale_tril.T if self.dense else self.scale * u)
+        return self.coordinates.to_x(u)
 
     def _to_u(self, x: Tensor) -> Tensor:
-        if not self.dense:
-            return (x - self.loc) / self.scale
-        r = (x - self.loc).reshape(-1, self.dim).T
-        u = torch.linalg.solve_triangular(self.scale_tril, r, upper=False).T
-        return u.reshape(x.shape)
+        return self.coordinates.to_u(x)
 
     @property
     def base_dist(self) -> torch.distributions.Distribution:
@@ -201,7 +230,7 @@ class Standardized(Flow):
         return z, ladj - self._log_scale()
 
     def log_prob(self, x: Tensor) -> Tensor:
-        self._check_x(x)
+        x = self._check_x(x)
         return self.flow.log_prob(self._to_u(x)) - self._log_scale()
 
     def rsample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
@@ -212,3 +241,11 @@ class Standardized(Flow):
     def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
         u, log_q = self.flow.sample_and_log_prob(n)
         return self._to_x(u), log_q - self._log_scale()
+
+
+def _old_buffer_names(state_dict, prefix, *args) -> None:
+    """Load a ``state_dict`` saved before the coordinates object: ``loc``, ``scale`` and
+    ``scale_tril`` were buffers of the flow itself."""
+    for name in ("loc", "scale", "scale_tril"):
+        if prefix + name in state_dict:
+            state_dict[f"{prefix}coordinates.{name}"] = state_dict.pop(prefix + name)

@@ -11,6 +11,7 @@ r"""Training energy-based models by maximum likelihood with flow-assisted negati
 - :mod:`~pyro_ebm.train.plots`: density, mode weights over training, negatives.
 """
 
+from ..coordinates import needs_standardization
 from .history import History
 from .loop import Trainer
 from .negatives import (
@@ -24,7 +25,7 @@ from .negatives import (
     ULANegatives,
 )
 from .saved import load
-from .trainer import EBMTrainer, contrastive_loss, needs_standardization
+from .trainer import EBMTrainer, contrastive_loss
 
 __all__ = [
     "SAMPLERS",

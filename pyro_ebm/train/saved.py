@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from pyro_ebm.coordinates import AffineCoordinates
 from pyro_ebm.energy import EnergyModel, StandardizedEnergy, TiltedEnergy
 from pyro_ebm.flows import Standardized
 
@@ -67,17 +68,12 @@ def load(path: str | os.PathLike, map_location: Any = "cpu") -> EnergyModel:
         flow = _restore(state["modules"]["flow"], weights["flow"], map_location)
         model: EnergyModel = TiltedEnergy(energy, _Base(flow))
         if state["standardization"] is not None:
-            loc, scale = state["standardization"]
-            model = StandardizedEnergy(model, loc, scale)
-            view = Standardized(flow)
-            view.loc.copy_(loc)
-            view.scale.copy_(scale)
-            flow = view
+            coords = AffineCoordinates(*state["standardization"])
+            model = StandardizedEnergy(model, coordinates=coords)
+            flow = Standardized(flow, coordinates=coords)
         model.flow = flow
         return model.eval()
     if state["trainer"] == "EBFlowTrainer":
-        from pyro_ebm.ebflow.trainer import WhitenedEnergy
-
         trained = weights["model"]
         if state["averager"] is not None:  # the EMA weights
             trained = {
@@ -87,6 +83,8 @@ def load(path: str | os.PathLike, map_location: Any = "cpu") -> EnergyModel:
             }
         model = _restore(state["modules"]["model"], trained, map_location)
         if not state["images"] and state["whitening"] is not None:
-            model = WhitenedEnergy(model, *state["whitening"]).eval()
+            mean, m, log_det_m = state["whitening"]
+            coords = AffineCoordinates(mean, whitening=m, log_det=-log_det_m)
+            model = StandardizedEnergy(model, coordinates=coords).eval()
         return model
     raise ValueError(f"{path}: unknown trainer {state['trainer']!r}")

@@ -18,9 +18,9 @@ to the identity at initialisation, model and flow agree exactly at the start. Ea
    negatives), so the flow keeps following the model.
 
 Both learning rates follow a cosine decay to zero over ``num_steps`` by default: the gradient
-noise moves the mode weights by about 0.1 from step to step at a rate of 1e-3 (see
-``benchmarks/line4_weights.png``), and the decay damps these swings over the last quarter of
-training (``line4``: mode-weight MSE about 1e-5 after 4000 steps).
+noise moves the mode weights by about 0.1 from step to step at a rate of 1e-3, and the decay
+damps these swings over the last quarter of training (``line4``: mode-weight MSE about 1e-5
+after 4000 steps).
 
 Reference: Grenioux, Moulines, Gabrié (2023), "Balanced Training of Energy-Based Models with
 Adaptive Flow Sampling", https://arxiv.org/abs/2306.00684
@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_ebm._checks import check_int, check_positive
+from pyro_ebm._checks import check_int, check_positive, check_real
+from pyro_ebm.coordinates import AffineCoordinates, needs_standardization
 from pyro_ebm.energy import EnergyModel, StandardizedEnergy, TiltedEnergy
 from pyro_ebm.flows import Flow, RealNVP, Standardized, fit_reverse_kl, forward_kl_step
 from pyro_ebm.metrics import bounds_around, mode_weights, model_mode_weights
@@ -48,7 +49,7 @@ from .history import History
 from .loop import SCHEDULES, Trainer
 from .negatives import SAMPLERS, CDNegatives, NegativeSampler, make_sampler
 
-__all__ = ["EBMTrainer", "contrastive_loss", "needs_standardization"]
+__all__ = ["EBMTrainer", "contrastive_loss"]
 
 
 def contrastive_loss(
@@ -108,27 +109,6 @@ def base_scale(data: Tensor) -> float:
     return float(data.std(0).pow(2).mean().sqrt())
 
 
-def needs_standardization(data: Tensor) -> bool:
-    r"""Whether :class:`EBMTrainer` (``standardize=None``) trains on standardized data: when a
-    coordinate's mean lies more than 2 RMS standard deviations from 0, the RMS sd is outside
-    ``[0.1, 10]``, or the coordinates' sds differ by more than a factor 100. Off for the toy
-    data sets of :mod:`pyro_ebm.datasets` (means within 0.7 RMS sd, RMS sds 0.7-3.4).
-
-    Why: the tilt :math:`\rho` is centred at 0 with the RMS sd, and the energy's and flow's
-    networks see the raw coordinates. On ``two_to_one`` moved to (50, -25) and halved, 150
-    steps left the walkers 54-58 data sds away from the data on the raw coordinates and within
-    0.2 sd standardized (seeds 0-2); centring the tilt alone did not
-    help (a one-off run of 600 steps on two moons moved there: the flow's global acceptance
-    fell to 0 and the walkers ended 2 sds off).
-    """
-    sd, rms = data.std(0), base_scale(data)
-    if not 0.1 <= rms <= 10.0:
-        return True
-    if float(data.mean(0).abs().max()) > 2.0 * rms:
-        return True
-    return float(sd.max()) > 100.0 * float(sd.min())
-
-
 class EBMTrainer(Trainer):
     r"""Train an energy-based model by maximum likelihood with persistent, flow-assisted negatives.
 
@@ -159,10 +139,10 @@ class EBMTrainer(Trainer):
         training (0 by default: at initialisation they already agree).
     :param standardize: train on the data standardized coordinate-wise,
         :math:`z = (x - m) / s` (the data's mean and sd at the first :meth:`fit`); ``None``
-        (default) does so when :func:`needs_standardization` says the data are far from
-        centred and unit-scaled, and only with the default flow (a given flow's base is the
-        tilt, in the data's coordinates; ``True`` with a flow is an error). The energy, the
-        flow and the sampler then work on :math:`z`; :attr:`model`, :attr:`walkers`,
+        (default) does so when :func:`~pyro_ebm.coordinates.needs_standardization` says the
+        data are far from centred and unit-scaled, and only with the default flow (a given
+        flow's base is the tilt, in the data's coordinates; ``True`` with a flow is an error).
+        The energy, the flow and the sampler then work on :math:`z`; :attr:`model`, :attr:`walkers`,
         :meth:`potential`, :attr:`data_flow` and the metrics are in the data's coordinates.
     :param seed: seeds torch's global generator at construction, and so every draw of the run
         that follows (the flow's initialisation, the walkers, the minibatches). The ``energy``
@@ -224,8 +204,7 @@ class EBMTrainer(Trainer):
             )
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
-        if isinstance(regularization, bool) or not regularization >= 0:
-            raise ValueError(f"regularization must be >= 0, got {regularization!r}")
+        regularization = check_real("regularization", regularization, 0.0)
         self.sampler = make_sampler(sampler, **(sampler_kwargs or {}))
         self.num_walkers = check_int("num_walkers", num_walkers, 1)
         self.lr = check_positive("lr", lr)
@@ -235,9 +214,7 @@ class EBMTrainer(Trainer):
         self.max_grad_norm = (
             None if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
         )
-        if isinstance(average_last, bool) or not 0.0 <= average_last < 1.0:
-            raise ValueError(f"average_last must lie in [0, 1), got {average_last!r}")
-        self.average_last = float(average_last)
+        self.average_last = check_real("average_last", average_last, 0.0, 1.0, high_open=True)
         self.flow_pretrain_steps = check_int("flow_pretrain_steps", flow_pretrain_steps, 0)
         if target is not None and not (hasattr(target, "weights") and hasattr(target, "dim")):
             raise TypeError(
@@ -248,9 +225,8 @@ class EBMTrainer(Trainer):
             raise ValueError(f"target has dim {target.dim} but the energy has dim {energy.dim}")
         self.target = target
         self.standardize = standardize
-        # the standardization z = (x - loc) / scale, or None (set at the first fit)
-        self._loc: Tensor | None = None
-        self._scale: Tensor | None = None
+        # the standardized coordinates training works in, or None (set at the first fit)
+        self._coords: AffineCoordinates | None = None
         self._bounds: Bounds | None = None  # the evaluation's 2-D grid (see _grid_bounds)
         if seed is not None:
             torch.manual_seed(seed)
@@ -279,18 +255,19 @@ class EBMTrainer(Trainer):
     def standardization(self) -> tuple[Tensor, Tensor] | None:
         """``(loc, scale)`` of the standardized coordinates training works in, or ``None`` when
         it works in the data's own (decided at the first :meth:`fit`)."""
-        return None if self._loc is None else (self._loc, self._scale)
+        return None if self._coords is None else (self._coords.loc, self._coords.scale)
 
     def _to_z(self, x: Tensor) -> Tensor:
         """Data to the training coordinates, in the energy's dtype (standardized in the
         standardization's own dtype, the data's: float64 data at large offsets keep their
         precision)."""
-        if self._loc is not None:
-            x = (x.to(self._loc.dtype) - self._loc) / self._scale
+        if self._coords is not None:
+            x = self._coords.to_u(x.to(self._coords.loc.dtype))
         return x.to(self.dtype)
 
     def _to_x(self, z: Tensor) -> Tensor:
-        return z if self._loc is None else self._loc + self._scale * z.to(self._loc.dtype)
+        c = self._coords
+        return z if c is None else c.to_x(z.to(c.loc.dtype))
 
     @property
     def model(self) -> EnergyModel:
@@ -300,7 +277,9 @@ class EBMTrainer(Trainer):
         if self.flow is None:
             raise RuntimeError("the flow is built at the first fit(); call fit() first")
         tilted = TiltedEnergy(self.energy, _Base(self.flow))
-        return tilted if self._loc is None else StandardizedEnergy(tilted, self._loc, self._scale)
+        if self._coords is None:
+            return tilted
+        return StandardizedEnergy(tilted, coordinates=self._coords)
 
     @property
     def data_flow(self) -> Flow:
@@ -309,12 +288,9 @@ class EBMTrainer(Trainer):
         an importance or i-SIR proposal for :attr:`model`."""
         if self.flow is None:
             raise RuntimeError("the flow is built at the first fit(); call fit() first")
-        if self._loc is None:
+        if self._coords is None:
             return self.flow
-        view = Standardized(self.flow)
-        view.loc.copy_(self._loc)
-        view.scale.copy_(self._scale)
-        return view
+        return Standardized(self.flow, coordinates=self._coords)
 
     @property
     def walkers(self) -> Tensor | None:
@@ -362,11 +338,8 @@ class EBMTrainer(Trainer):
         use = self.standardize
         if use is None:
             use = self.flow is None and needs_standardization(data)
-        if use:  # moments in float64, kept in the data's dtype; the floor only for constants
-            wide = data.double()
-            loc, scale = wide.mean(0), wide.std(0)
-            floor = 4 * torch.finfo(data.dtype).eps * (1 + loc.abs())
-            self._loc, self._scale = loc.to(data.dtype), scale.clamp(min=floor).to(data.dtype)
+        if use:
+            self._coords = AffineCoordinates.standardizing(data)
         data = self._to_z(data)
         if self.flow is None:
             width = max(64, 2 * self.energy.dim)
@@ -543,7 +516,8 @@ class EBMTrainer(Trainer):
         self.flow.load_state_dict(state["weights"]["flow"])
         self.sampler.load_state_dict(state["sampler"])
         self._neg_counts = state["neg_counts"]
-        self._loc, self._scale = state["standardization"] or (None, None)
+        st = state["standardization"]
+        self._coords = None if st is None else AffineCoordinates(*st)
 
     # ------------------------------------------------------------------ evaluation and fit
     def evaluate(self, eval_samples: int = 20_000) -> dict:
