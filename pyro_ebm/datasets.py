@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ._checks import check_int
+
 __all__ = [
     "DATASETS",
     "Dataset",
@@ -60,16 +62,12 @@ def _as_points(x: torch.Tensor, dim: int, argname: str = "x") -> torch.Tensor:
 
 
 def _check_n(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    return n
+    return check_int("n", n, 0)
 
 
 def _row_chunk(per_row: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        return chunk_size
+        return check_int("chunk_size", chunk_size, 1)
     return max(1, _MAX_ELEMENTS // max(per_row, 1))
 
 
@@ -514,9 +512,7 @@ def rings(scale: float = 0.15) -> Rings:
 
 
 def _check_dim(dim: int, minimum: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < minimum:
-        raise ValueError(f"dim must be an int >= {minimum}, got {dim!r}")
-    return dim
+    return check_int("dim", dim, minimum)
 
 
 def mixture_hd(dim: int = 16) -> GaussianMixture:

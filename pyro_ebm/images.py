@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .energy import EnergyModel
 from .flows import Flow
 
@@ -32,12 +33,11 @@ __all__ = ["ConvEnergy", "ImageRealNVP", "cifar10_trainer", "load_cifar10"]
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = tuple(shape)
-    if len(shape) != 3 or any(
-        isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape
-    ):
-        raise ValueError(f"shape must be (channels, height, width) positive ints, got {shape!r}")
-    return shape
+    if isinstance(shape, str) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be (channels, height, width), got {shape!r}")
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (channels, height, width), got {shape!r}")
+    return tuple(check_int(f"shape[{i}]", s, 1) for i, s in enumerate(shape))
 
 
 class ConvEnergy(EnergyModel):

@@ -35,6 +35,8 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 
+from ._checks import check_int, check_positive
+
 __all__ = [
     "EIGHT_SCHOOLS_DATA",
     "SortedNormal",
@@ -70,8 +72,7 @@ class SortedNormal(TorchDistribution):
     def __init__(
         self, loc: float | Tensor, scale: float | Tensor, size: int, validate_args=None
     ) -> None:
-        if int(size) != size or size < 1:
-            raise ValueError(f"size must be a positive integer, got {size!r}")
+        size = check_int("size", size, 1)
         self.loc = torch.as_tensor(loc, dtype=torch.get_default_dtype())
         self.scale = torch.as_tensor(scale, dtype=torch.get_default_dtype())
         self.size = int(size)
@@ -234,10 +235,9 @@ def label_switching_data(
         >>> y.shape, bool((y < 0).sum() > 35 and (y > 0).sum() > 35)
         (torch.Size([100]), True)
     """
-    if int(num_points) != num_points or num_points < 2 or num_points % 2:
+    if check_int("num_points", num_points, 2) % 2:
         raise ValueError(f"num_points must be an even integer >= 2, got {num_points!r}")
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    check_positive("scale", scale)
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.get_default_dtype()
     centres = torch.tensor(means, dtype=dtype).repeat_interleave(num_points // 2)

@@ -278,7 +278,7 @@ def test_adaptive_reverse_kl_steps_train_the_flow():
     assert float(run.global_accept[60:].mean()) > 0.6
     with pytest.raises(ValueError, match="reverse_kl_steps"):
         AdaptiveFlowSampler(two_to_one().potential, reverse_kl_steps=-1)
-    with pytest.raises(ValueError, match="flow_steps"):
+    with pytest.raises(TypeError, match="flow_steps"):
         AdaptiveFlowSampler(two_to_one().potential, flow_steps=1.5)
 
 

@@ -441,7 +441,6 @@ def test_adaptation_learns_a_gaussian():
     "kwargs, name",
     [
         (dict(dim=0), "dim"),
-        (dict(dim=2.0), "dim"),
         (dict(warmup_steps=-1), "warmup_steps"),
         (dict(step_size=0.0), "step_size"),
         (dict(step_size=math.nan), "step_size"),

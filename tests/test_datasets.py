@@ -223,8 +223,10 @@ def test_mixture_hd_modes_do_not_overlap():
 
 def test_bad_inputs():
     ds = two_to_one()
-    for n in (-1, 2.5, True, "3"):
-        with pytest.raises(ValueError, match="n must"):
+    with pytest.raises(ValueError, match="n must"):
+        ds.sample(-1)
+    for n in (2.5, True, "3"):  # a wrong type
+        with pytest.raises(TypeError, match="n must"):
             ds.sample(n)
     with pytest.raises(ValueError, match="x must"):
         ds.log_prob(torch.zeros(4, 3))
@@ -232,9 +234,11 @@ def test_bad_inputs():
         ds.mode_index(torch.zeros(4, 3))
     with pytest.raises(ValueError, match="x must"):
         rings().log_prob(torch.zeros(3))
-    for dim in (0, 1, 3, 2.0):
+    for dim in (0, 1, 3):
         with pytest.raises(ValueError, match="dim"):
             mixture_hd(dim)
+    with pytest.raises(TypeError, match="dim"):
+        mixture_hd(2.0)
     with pytest.raises(ValueError, match="dim"):
         imbalanced_pair(0)
     means = torch.zeros(2, 2)

@@ -265,10 +265,10 @@ def test_bad_numbers_of_particles_and_walkers():
     pot = gauss_potential_2d()
     with pytest.raises(ValueError, match="num_particles"):
         FlowISIR(potential_fn=pot, flow=small_flow(), num_particles="many")
-    for bad in (1, 0, 2.5):
-        with pytest.raises(ValueError, match="num_particles"):
+    for bad, error in ((1, ValueError), (0, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="num_particles"):
             FlowISIR(potential_fn=pot, flow=small_flow(), num_particles=bad)
-        with pytest.raises(ValueError, match="num_walkers"):
+        with pytest.raises(error, match="num_walkers"):
             AdaptiveFlowMCMC(potential_fn=pot, num_walkers=bad)
     with pytest.raises(ValueError, match="num_particles"):
         AdaptiveFlowMCMC(potential_fn=pot, num_particles=1)
@@ -279,8 +279,8 @@ def test_bad_numbers_of_particles_and_walkers():
     with pytest.raises(ValueError, match="init_scale"):
         AdaptiveFlowMCMC(potential_fn=pot, init_scale=0.0)
     # found by a new user's probe: each was accepted, then crashed, hung or froze the chain
-    for bad in (-1, 2.5):
-        with pytest.raises(ValueError, match="num_local_steps"):
+    for bad, error in ((-1, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="num_local_steps"):
             AdaptiveFlowMCMC(potential_fn=pot, num_local_steps=bad)
     with pytest.raises(ValueError, match="block_size"):
         AdaptiveFlowMCMC(potential_fn=pot, block_size=0)

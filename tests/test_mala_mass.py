@@ -434,7 +434,7 @@ def test_target_accept_is_deprecated():
         ({"step_size": 0.0}, ValueError, "step_size"),
         ({"step_size": -1.0}, ValueError, "step_size"),
         ({"step_size": float("nan")}, ValueError, "step_size"),
-        ({"step_size": "0.1"}, ValueError, "step_size"),
+        ({"step_size": "0.1"}, TypeError, "step_size"),
         ({"target_accept_prob": 0.0}, ValueError, "target_accept_prob"),
         ({"target_accept_prob": 1.0}, ValueError, "target_accept_prob"),
         ({"target_accept_prob": "0.8"}, TypeError, "target_accept_prob"),

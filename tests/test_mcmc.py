@@ -665,14 +665,14 @@ def test_argument_errors():
         MCMC(kernel, 10, num_chains=3, initial_params={})
     with pytest.raises(ValueError, match="chain_method"):
         MCMC(kernel, 10, chain_method="threads")
-    for kwargs, name in [
-        ({"num_chains": 0}, "num_chains"),
-        ({"num_chains": 2.5}, "num_chains"),
-        ({"num_samples": 0}, "num_samples"),
-        ({"num_samples": True}, "num_samples"),
-        ({"warmup_steps": -1}, "warmup_steps"),
+    for kwargs, name, error in [
+        ({"num_chains": 0}, "num_chains", ValueError),
+        ({"num_chains": 2.5}, "num_chains", TypeError),
+        ({"num_samples": 0}, "num_samples", ValueError),
+        ({"num_samples": True}, "num_samples", TypeError),
+        ({"warmup_steps": -1}, "warmup_steps", ValueError),
     ]:
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(error, match=name):
             MCMC(kernel, **{"num_samples": 10, **kwargs})
     for bad in (MALA, "MALA", pot, None):
         with pytest.raises(TypeError, match="kernel"):

@@ -336,7 +336,7 @@ def test_adaptive_default_target_depends_on_the_local_move():
         ({"target_accept_prob": "0.8"}, TypeError, "target_accept_prob"),
         ({"target_accept_prob": True}, TypeError, "target_accept_prob"),
         ({"num_steps": 0}, ValueError, "num_steps"),
-        ({"num_steps": 2.5}, ValueError, "num_steps"),
+        ({"num_steps": 2.5}, TypeError, "num_steps"),
         ({"adapt_step_size": "no"}, TypeError, "adapt_step_size"),
     ],
 )

@@ -585,7 +585,7 @@ def test_flow_proposals_draw_in_blocks():
     assert flow.num_sample_calls == 5
     with pytest.raises(ValueError, match="block_size"):
         FlowProposals(flow, U, 6, block_size=0)
-    with pytest.raises(ValueError, match="num_per_step"):
+    with pytest.raises(TypeError, match="num_per_step"):
         FlowProposals(flow, U, 6, num_per_step=1.5)
     with pytest.raises(ValueError, match="num_walkers"):
         FlowProposals(flow, U, -1)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_flag, check_hidden
 from .._checks import check_int as _check_int
 from .._checks import check_positive as _check_positive
 from .base import Flow
@@ -171,13 +172,16 @@ class AffineFlow(Flow):
         super().__init__(dim, base_scale)
         _check_int("num_coupling_layers", num_coupling_layers, 0)
         _check_positive("log_scale_bound", log_scale_bound)
+        hidden = check_hidden("hidden", hidden)
+        full = check_flag("full", full)
+        sinh_arcsinh = check_flag("sinh_arcsinh", sinh_arcsinh)
         if num_coupling_layers:
             self.layers.extend(
                 _couplings(dim, num_coupling_layers, hidden, nn.SiLU, log_scale_bound)
             )
         if sinh_arcsinh:
             self.layers.append(_SinhArcsinhLayer(dim))
-        self.layers.append(_AffineLayer(dim, bool(full)))
+        self.layers.append(_AffineLayer(dim, full))
 
     @property
     def loc(self) -> Tensor:

@@ -2,6 +2,7 @@ r"""The :class:`Flow` base class and its bijection as a Pyro ``TransformModule``
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -68,6 +69,7 @@ class FlowTransform(TransformModule):
         return state
 
     def with_cache(self, cache_size: int = 1) -> FlowTransform:
+        """This transform with a cache of ``cache_size`` (itself when unchanged)."""
         return self if cache_size == self._cache_size else FlowTransform(self.flow, cache_size)
 
     def _call(self, z: Tensor) -> Tensor:
@@ -170,14 +172,21 @@ class Flow(nn.Module):
         return dist.TransformedDistribution(self.base_dist, [self.transform])
 
     # ---------------------------------------------------------------- sampling / density
-    def _check_x(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be a tensor of shape (..., {self.dim}), got {shape}")
+    def _check_x(self, x: Tensor, name: str = "x") -> Tensor:
+        """``x`` of shape ``(..., dim)`` in the flow's dtype (a floating ``x`` of another dtype
+        is converted), else a clear error."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"{name} must have shape (..., {self.dim}), got {tuple(x.shape)}")
+        dtype = float_dtype(self)
+        if dtype is not None and x.dtype != dtype and x.is_floating_point():
+            x = x.to(dtype)
+        return x
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Log density of ``x`` of shape ``(..., dim)``; returns shape ``(...)``."""
-        self._check_x(x)
+        x = self._check_x(x)
         z, ladj = self.inverse(x)
         return self.base_log_prob(z) + ladj
 
@@ -206,3 +215,10 @@ class Flow(nn.Module):
     def sample(self, n: int) -> Tensor:
         """Draw ``n`` samples, shape ``(n, dim)``, without gradients."""
         return self.rsample(n)
+
+
+def float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating buffer or parameter (``None``: it has none): the
+    dtype its inputs are converted to."""
+    tensors = itertools.chain(module.buffers(), module.parameters())
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_hidden
 from .._checks import check_int as _check_int
 from .._checks import check_positive as _check_positive
 from .base import Flow
@@ -153,7 +154,7 @@ def _couplings(
     log_scale_bound: float,
 ) -> list[nn.Module]:
     """``num_layers`` affine coupling layers with alternating permutations (RealNVP)."""
-    hidden = tuple(_check_int("hidden", h, 1) for h in hidden)
+    hidden = check_hidden("hidden", hidden)
     return [
         _AffineCoupling(dim, perm, hidden, 2, activation, log_scale_bound=log_scale_bound)
         for perm in _perms(dim, num_layers)
@@ -254,7 +255,7 @@ class SplineFlow(Flow):
         _check_int("num_layers", num_layers, 1)
         _check_int("count_bins", count_bins, 2)
         _check_positive("bound", bound)
-        hidden = tuple(_check_int("hidden", h, 1) for h in hidden)
+        hidden = check_hidden("hidden", hidden)
         for perm in _perms(dim, num_layers):
             self.layers.append(
                 _SplineCoupling(

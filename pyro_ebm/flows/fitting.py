@@ -11,18 +11,25 @@ from torch import Tensor, nn
 
 from .._checks import check_int as _check_int
 from .._checks import check_positive as _check_positive
-from .base import Flow
+from .base import Flow, float_dtype
 
 __all__ = ["fit_forward_kl", "fit_reverse_kl", "forward_kl_step", "reverse_kl_step"]
 
 
-def _check_samples(flow: nn.Module, x: Tensor, name: str) -> None:
+def _check_samples(flow: nn.Module, x: Tensor, name: str, convert: bool = True) -> Tensor:
+    """``x`` if it is a non-empty ``(n, dim)`` tensor, with ``convert`` in the flow's dtype (a
+    floating ``x`` of another dtype is converted), else a clear error naming ``name``."""
     dim = getattr(flow, "dim", None)
-    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] == 0:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a non-empty 2-D tensor (n, dim), got {shape}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D tensor (n, dim), got {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} must have shape (n, {dim}), got {tuple(x.shape)}")
+    dtype = float_dtype(flow) if convert else None
+    if dtype is not None and x.dtype != dtype and x.is_floating_point():
+        x = x.to(dtype)
+    return x
 
 
 def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
@@ -123,7 +130,7 @@ def forward_kl_step(
     >>> isinstance(loss, float)
     True
     """
-    _check_samples(flow, x, "x")
+    x = _check_samples(flow, x, "x")
     weights = _check_weights(weights, x.shape[0])
     if max_grad_norm is not None:
         _check_positive("max_grad_norm", max_grad_norm)
@@ -180,7 +187,7 @@ def fit_forward_kl(
     >>> len(losses), losses[-1] < losses[0]
     (30, True)
     """
-    _check_samples(flow, samples, "samples")
+    samples = _check_samples(flow, samples, "samples")
     n = samples.shape[0]
     weights = _check_weights(weights, n)
     _check_int("num_steps", num_steps, 1)

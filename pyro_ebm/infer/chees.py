@@ -19,12 +19,11 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from numbers import Real
 
 import torch
 from torch import Tensor
 
-from .._checks import check_flag, check_int, check_positive
+from .._checks import check_flag, check_int, check_positive, check_real
 from ..flows import as_flow
 from ..samplers import (
     ChEESAdapter,
@@ -154,10 +153,9 @@ class ChEESHMC(WalkerKernel):
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self.step_size = check_positive("step_size", step_size)
         self.trajectory_length = check_positive("trajectory_length", trajectory_length)
-        if isinstance(target_accept_prob, bool) or not isinstance(target_accept_prob, Real):
-            raise TypeError(f"target_accept_prob must be a number, got {target_accept_prob!r}")
-        if not 0 < target_accept_prob < 1:
-            raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}")
+        target_accept_prob = check_real(
+            "target_accept_prob", target_accept_prob, 0.0, 1.0, low_open=True, high_open=True
+        )
         self.target_accept_prob = float(target_accept_prob)
         self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
         if flow not in (None, False) and not (

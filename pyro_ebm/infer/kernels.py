@@ -19,12 +19,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from numbers import Real
 
 import torch
 from torch import Tensor
 
-from .._checks import NOT_GIVEN, DefaultValue, check_flag, check_int, check_positive, renamed
+from .._checks import (
+    NOT_GIVEN,
+    DefaultValue,
+    check_flag,
+    check_int,
+    check_positive,
+    check_real,
+    renamed,
+)
 from ..flows import as_flow
 from ..metrics.psis import FlowCheck
 from ..samplers import (
@@ -116,8 +123,8 @@ class FlowIMH(WalkerKernel):
         init_strategy: Callable | None = None,
         max_plate_nesting: int | None = None,
     ) -> None:
-        if not 0.0 <= defensive < 1.0:
-            raise ValueError(f"defensive must lie in [0, 1), got {defensive}")
+        defensive = check_real("defensive", defensive, 0.0, 1.0, high_open=True)
+        defensive_scale = check_positive("defensive_scale", defensive_scale)
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self.flow = as_flow(flow)
         self.block_size = block_size
@@ -316,10 +323,9 @@ class MALA(WalkerKernel):
         if jit_options is not None and not isinstance(jit_options, dict):
             raise TypeError(f"jit_options must be a dict or None, got {jit_options!r}")
         step_size = check_positive("step_size", step_size)
-        if isinstance(target_accept_prob, bool) or not isinstance(target_accept_prob, Real):
-            raise TypeError(f"target_accept_prob must be a number, got {target_accept_prob!r}")
-        if not 0 < target_accept_prob < 1:
-            raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}")
+        target_accept_prob = check_real(
+            "target_accept_prob", target_accept_prob, 0.0, 1.0, low_open=True, high_open=True
+        )
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self.initial_step_size = step_size
         self.adapt_step_size = bool(adapt_step_size)

@@ -24,7 +24,7 @@ from pyro.util import optional
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_int
+from .._checks import check_flag, check_int
 from ..metrics import format_summary, summarize
 from .base import WalkerKernel
 
@@ -134,7 +134,7 @@ class MCMC(AbstractMCMC):
         self.initial_params = initial_params
         self.hook_fn = hook_fn
         self.mp_context = mp_context
-        self.disable_progbar = bool(disable_progbar)
+        self.disable_progbar = check_flag("disable_progbar", disable_progbar)
         self.disable_validation = disable_validation
         self._samples: dict[str, Tensor] | None = None
         self._diagnostics: list[dict] = [{} for _ in range(num_chains)]

@@ -30,7 +30,7 @@ from pyro.infer.mcmc import HMC, NUTS
 from pyro.util import ignore_jit_warnings
 from torch import Tensor
 
-from .._checks import check_int, check_positive
+from .._checks import check_flag, check_int, check_positive, check_real
 from ..flows import as_flow
 from ..samplers import REJECTED_ERRORS, PullbackPotential, valid_starts
 from .base import SAMPLE_STATS, TargetKernel
@@ -112,11 +112,8 @@ def compile_value_and_grad(
     :func:`torch.func.grad_and_value` of ``fn`` at ``z`` (the backward pass written out as
     ordinary operations), and :func:`torch.jit.trace` turns that graph into one TorchScript
     call. On small models each call then costs about what the forward and backward operations
-    themselves cost, without autograd's bookkeeping: on eight schools a FlowNUTS gradient
-    (model and sinh-arcsinh affine flow) costs about 60% of the traced potential
-    differentiated by autograd, and about what Pyro's own ``jit_compile`` of the model alone
-    costs.
-    Like any trace, the graph is only valid when ``fn`` has no data-dependent control flow.
+    themselves cost, without autograd's bookkeeping. Like any
+    trace, the graph is only valid when ``fn`` has no data-dependent control flow.
     Falls back to a :func:`torch.jit.trace` of ``fn`` alone, differentiated by autograd, when
     ``fn`` cannot be recorded this way.
 
@@ -267,7 +264,7 @@ class _AutogradValueAndGrad:
 class _CappedHMC(HMC):
     """Pyro's HMC with at most ``max_num_steps`` leapfrog steps per iteration: with a fixed
     trajectory length, a step size adapted toward 0 (a target with an infinite region) would
-    otherwise ask for an unbounded number (tens of thousands per draw were seen)."""
+    otherwise ask for an unbounded number."""
 
     def __init__(self, *args, max_num_steps: int = 1024, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -310,10 +307,25 @@ class _NeuTraKernel(TargetKernel):
             # Pyro's default trajectory (2π) is one full period of a standard Gaussian, which is
             # what a good flow's latent space looks like: the chain would return to its start
             kwargs["trajectory_length"] = 2.0
-        # (Pyro's HMC hangs on a negative step size and takes num_steps=0)
+        # Pyro's HMC/NUTS check few of their options (a negative step size hangs, num_steps=0
+        # and a string pass): the ones it takes are checked here, by name
         check_positive("step_size", kwargs.get("step_size", 1.0))
         if kwargs.get("num_steps") is not None:
             check_int("num_steps", kwargs["num_steps"], 1)
+        if "max_tree_depth" in kwargs:
+            check_int("max_tree_depth", kwargs["max_tree_depth"], 1)
+        if kwargs.get("trajectory_length") is not None:
+            check_positive("trajectory_length", kwargs["trajectory_length"])
+        check_real(
+            "target_accept_prob",
+            kwargs.get("target_accept_prob", 0.8),
+            0.0,
+            1.0,
+            low_open=True,
+            high_open=True,
+        )
+        for name in ("adapt_step_size", "adapt_mass_matrix", "jit_compile"):
+            check_flag(name, kwargs.get(name, False))
         self.inner_kwargs = kwargs
         self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)  # validate the HMC/NUTS options
 
@@ -432,12 +444,9 @@ class FlowHMC(_NeuTraKernel):
         gradient, into one traced graph (see :class:`LatentPotential` and
         :func:`compile_value_and_grad`); Pyro's own option would be ignored, since the inner
         kernel gets a ``potential_fn``. On small models the Python of Pyro's model trace and
-        autograd's bookkeeping dominate each gradient, so this is the main speed option: on
-        eight schools a compiled FlowNUTS gradient, model and flow, costs about as much as one
-        of Pyro's NUTS with ``jit_compile=True``, model alone. With it, a cheap flow beats an
-        expressive one: on eight schools ``AffineFlow(dim, sinh_arcsinh=True)`` fitted by 300
-        steps of :func:`~pyro_ebm.flows.fit_reverse_kl` gave the most effective draws per
-        second.
+        autograd's bookkeeping dominate each gradient, so this is the main speed option. With
+        it, a cheap flow such as ``AffineFlow(dim, sinh_arcsinh=True)`` can beat an expressive
+        one in effective draws per second.
 
     At setup the flow is checked once per run: ``diagnostics()`` reports its Pareto
     :math:`\hat k` as an importance sampler of the target (``"flow k-hat"``) and the

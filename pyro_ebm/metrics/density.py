@@ -93,8 +93,7 @@ def _evaluate(potential_fn: PotentialFn, x: Tensor, chunk_size: int) -> Tensor:
 
 
 def _grid(bounds: Bounds, resolution: int, dtype, device) -> tuple[Tensor, float]:
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 2:
-        raise ValueError(f"resolution must be an int >= 2, got {resolution!r}")
+    resolution = check_int("resolution", resolution, 2)
     b = torch.as_tensor(bounds, dtype=torch.float64)
     if b.shape == (2,):
         b = torch.stack([b, b])

@@ -117,12 +117,10 @@ def flow_importance_diagnostic(
     :math:`\min(1 - 1/\log_{10} S, 0.7)`, at 0.7, and fits the Pareto tail to the largest
     :math:`3\sqrt{S} \approx 190` weights. It costs 4096 potential evaluations without
     gradients, in one batch: what :class:`~pyro_ebm.infer.FlowISIR` with 16 chains and 16
-    particles evaluates in 17 steps, or :class:`~pyro_ebm.infer.FlowIMH` with 16 chains in 256;
-    on eight schools 0.06 s, against about 40 s for a default run of
-    :class:`~pyro_ebm.infer.AdaptiveFlowMCMC` (16 chains, 500 warmup steps). Near
-    :math:`k = 1` the estimate from 4096 draws has a standard deviation of about 0.13; pass
-    more draws for a sharper one.
-    Runs under :func:`torch.no_grad`.
+    particles evaluates in 17 steps, or :class:`~pyro_ebm.infer.FlowIMH` with 16 chains in 256:
+    usually a small part of a sampler's run. Near :math:`k = 1`
+    the estimate from 4096 draws has a standard deviation of about 0.13; pass more draws for a
+    sharper one. Runs under :func:`torch.no_grad`.
 
     :param flow: proposal with ``sample_and_log_prob(n) -> (x (n, D), log q (n,))``, e.g. a
         :class:`pyro_ebm.flows.Flow`.

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._checks import check_choice, check_flag, check_int, check_positive, check_real
 from ..flows import RealNVP, Standardized, forward_kl_step, reverse_kl_step
 from ..metrics.psis import FlowCheck, flow_importance_diagnostic
 from .adaptation import StepSizeAdapter
@@ -46,9 +47,8 @@ def default_flow(dim: int) -> nn.Module:
     identity, 6 coupling layers of two hidden layers of 64 units.
 
     The width does not grow with the dimension: the flow is fitted on a history of a few
-    thousand walker positions, which a wider network overfits (on a two-mode mixture in 64
-    dimensions, width 128 lost half its global acceptance over warmup while width 64 kept
-    0.86), and each fit and proposal costs the square of the width."""
+    thousand walker positions, which a wider network overfits, and each fit and proposal costs
+    the square of the width."""
     return RealNVP(dim, num_layers=6, hidden=(64, 64))
 
 
@@ -88,10 +88,8 @@ class AdaptiveFlowSampler:
     :param num_leapfrog: leapfrog steps per HMC move.
     :param flow_lr: Adam learning rate of the flow for the first 25 training cycles; it then
         decays as ``1 / cycle`` (:attr:`current_flow_lr`; a Robbins-Monro schedule, so the
-        adaptation diminishes). At a constant rate the fit drifted over a long warmup: on a
-        two-mode mixture in 64 dimensions the global acceptance rose to 0.6 and fell to near 0
-        by cycle 250, the walkers drifting with it into the heavier mode; with the decay it
-        rose to 0.86 and stayed.
+        adaptation diminishes). At a constant rate the fit can drift over a long warmup, the
+        walkers drifting with it into the heavier mode.
     :param flow_steps: flow gradient steps per training iteration.
     :param flow_batch_size: minibatch size of each flow step, drawn from the history.
     :param reverse_kl_steps: reverse-KL gradient steps (:func:`~pyro_ebm.flows.reverse_kl_step`,
@@ -116,34 +114,22 @@ class AdaptiveFlowSampler:
         ``True`` standardizes densely (the history's covariance, so that correlations are in
         the standardization and the local moves' preconditioner) up to
         :data:`~pyro_ebm.samplers.flow_fit.DENSE_MAX_DIM` (256) dimensions and diagonally
-        above; ``"dense"`` or ``"diagonal"`` choose. On Pyro's correlated Gaussian chains
-        (10-45 dimensions, 200 warmup steps) the diagonal standardization left
-        AdaptiveFlowMCMC's draws off by up to 8 times the tolerance of Pyro's test; the dense
-        one passed 6 of 9 model-seed pairs (9 with AdaptiveFlowMCMC's automatic
-        ``production_local_steps``).
-        Should a scale move by more than a factor 2 from the one the flow was started under,
-        the flow restarts from its initial state (:attr:`num_flow_restarts` counts it). The
-        sd alone measures the distance between separated modes: on ``imbalanced_pair(64)``
-        (float32, 128 walkers) the flow scaled by the sd still moved no walker between the
-        modes after 20 cycles on seeds 0 and 3 of 0-9. Without
-        standardizing, a flow started at its
-        unit base learns a posterior a hundred times narrower than that base only slowly:
-        on posteriordb's ``low_dim_gauss_mix`` (posterior sds 0.015-0.05 in the unconstrained
-        space) 100 training cycles ended with global acceptance near 0 on some seeds, and the
-        chains stuck. Set ``False`` for a flow already fitted to
-        the target, whose own coordinates are to be kept. :attr:`flow` is then the wrapper.
+        above; ``"dense"`` or ``"diagonal"`` choose (on a strongly correlated target a
+        diagonal standardization can leave the draws off). Should a scale move by more than a
+        factor 2 from the one the flow was started under, the flow restarts from its initial
+        state (:attr:`num_flow_restarts` counts it). The sd alone would measure the distance
+        between separated modes, not their width (hence the narrowing). Without
+        standardizing, a flow started at its unit base learns a posterior a hundred times
+        narrower than that base only slowly, and the chains can stick. Set ``False`` for a
+        flow already fitted to the target, whose own coordinates are to be kept. :attr:`flow`
+        is then the wrapper.
     :param precondition: the local moves use the standardization's squared scales as a
         diagonal preconditioner (MALA's :math:`A`, HMC's inverse mass), so that one step size
         suits coordinates of very different scales; fixed with the flow at :meth:`freeze`.
     :param local_only_cycles: the first training cycles make local moves only, so that the
         first global move is proposed by a flow fitted on the walkers (twice, by default).
         Without them the first global moves, proposed by the flow's unfitted start, draw every
-        walker into whatever mode lies under it: on a three-mode mixture whose modes are 0.1-10
-        wide per coordinate, walkers started over all three basins all ended in the central one
-        and the chain reported one mode with global acceptance 0.93
-       . More is not better: with 10 of 100 cycles local only, a
-        seed of posteriordb's ``low_dim_gauss_mix`` ended warmup with acceptance 0.46 (0.92
-        with 2; one-off runs).
+        walker into whatever mode lies under it. More is not better.
     :param adapt_step_size: adapt the local step size toward ``target_accept`` during training
         (dual averaging; its average is fixed at :meth:`freeze`); ``False`` keeps ``step_size``.
     :param adapt_num_particles: during training, i-SIR uses as few particles (2 to
@@ -189,20 +175,18 @@ class AdaptiveFlowSampler:
         adapt_step_size: bool = True,
         adapt_num_particles: bool = True,
     ) -> None:
-        if standardize not in (True, False, "dense", "diagonal"):
-            raise ValueError(
-                f"standardize must be True, False, 'dense' or 'diagonal', got {standardize!r}"
+        check_choice("standardize", standardize, (True, False, "dense", "diagonal"))
+        check_choice("global_move", global_move, ("isir", "imh"))
+        check_choice("local_move", local_move, ("mala", "hmc"))
+        num_particles = check_int("num_particles", num_particles, 2 if global_move == "isir" else 1)
+        defensive = check_real("defensive", defensive, 0.0, 1.0, high_open=True)
+        defensive_scale = check_positive("defensive_scale", defensive_scale)
+        step_size = check_positive("step_size", step_size)
+        flow_lr = check_positive("flow_lr", flow_lr)
+        if target_accept is not None:
+            target_accept = check_real(
+                "target_accept", target_accept, 0.0, 1.0, low_open=True, high_open=True
             )
-        if global_move not in ("isir", "imh"):
-            raise ValueError(f"global_move must be 'isir' or 'imh', got {global_move!r}")
-        if local_move not in ("mala", "hmc"):
-            raise ValueError(f"local_move must be 'mala' or 'hmc', got {local_move!r}")
-        if global_move == "isir" and num_particles < 2:
-            raise ValueError(f"num_particles must be >= 2, got {num_particles}")
-        if not 0.0 <= defensive < 1.0:
-            raise ValueError(f"defensive must lie in [0, 1), got {defensive!r}")
-        if not defensive_scale > 0:
-            raise ValueError(f"defensive_scale must be positive, got {defensive_scale!r}")
         for name, value, low in [
             ("local_only_cycles", local_only_cycles, 0),
             ("num_local_steps", num_local_steps, 0),
@@ -214,11 +198,10 @@ class AdaptiveFlowSampler:
             ("reverse_kl_steps", reverse_kl_steps, 0),
             ("reverse_kl_samples", reverse_kl_samples, 1),
         ]:
-            if int(value) != value or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low)
         self.potential_fn = potential_fn
         self.standardize = standardize
-        self.precondition = bool(precondition)
+        self.precondition = check_flag("precondition", precondition)
         self.local_only_cycles = int(local_only_cycles)
         self._cycles = 0  # training cycles done
         self.flow = None if flow is None else self._wrap(flow)
@@ -227,7 +210,7 @@ class AdaptiveFlowSampler:
         self._proposal = self.flow  # the flow, or after freeze its defensive mixture
         self.global_move = global_move
         self.num_particles = num_particles
-        self.adapt_num_particles = bool(adapt_num_particles)
+        self.adapt_num_particles = check_flag("adapt_num_particles", adapt_num_particles)
         #: i-SIR particles of the next global moves (see ``adapt_num_particles``); reset to
         #: ``num_particles`` by :meth:`freeze`, and taken up by :meth:`init` after it
         self.num_active_particles = num_particles
@@ -237,7 +220,7 @@ class AdaptiveFlowSampler:
         if target_accept is None:
             target_accept = 0.574 if local_move == "mala" else 0.75
         self.adapter = StepSizeAdapter(step_size, target_accept)
-        self.adapt_step_size = bool(adapt_step_size)
+        self.adapt_step_size = check_flag("adapt_step_size", adapt_step_size)
         self.step_size = step_size
         self.flow_steps = flow_steps
         self.flow_batch_size = flow_batch_size
@@ -389,10 +372,7 @@ class AdaptiveFlowSampler:
         """Re-standardize the flow on the history; restart the flow from its initial state when
         a scale has moved by more than :attr:`_RESTART_RATIO` from the one it started under:
         a flow fitted in coordinates a hundred times too narrow or wide is worse than a fresh
-        one (early in warmup walkers far out make the scales small). On the narrow offset
-        Gaussian, seeds 0-7, the production acceptance is
-        0.85-0.87 with the restart and without it 0.000 on three seeds and 0.16-0.40 on the
-        others."""
+        one (early in warmup walkers far out make the scales small)."""
         grad = None if self._grad_buffer is None else self._grad_buffer.reshape(data.shape)
         self.flow.standardize_(data, grad)
         if self._start_scale is None:
@@ -462,19 +442,17 @@ class AdaptiveFlowSampler:
         """End the training phase: fix the step size and stop updating the flow. If the global
         acceptance of the last :attr:`_WINDOW` cycles has fallen below half of the best such mean
         seen in training, the flow of that best stretch is restored: flow training with a constant
-        learning rate can blow up late (it froze one eight-schools chain of three for good,
-        a test injects such a blow-up). Otherwise
-        the final flow is kept (early flows can score well on a walker ensemble that has not
-        spread out yet). With ``standardize``, that flow is then compared, as an importance
-        sampler of the target (:func:`~pyro_ebm.metrics.flow_importance_diagnostic`, 4096
-        draws each), with the flow's start (the identity, for the default flow) standardized
-        on the history, and the one with the larger importance-sampling ESS is kept
-        (:attr:`flow_check` holds its check): on a near-Gaussian target the history's
+        learning rate can blow up late. Otherwise the final flow is kept (early flows can score
+        well on a walker ensemble that has not spread out yet). With ``standardize``, that flow
+        is then compared, as an importance sampler of the target
+        (:func:`~pyro_ebm.metrics.flow_importance_diagnostic`, 4096 draws each), with the
+        flow's start (the identity, for the default flow) standardized on the history, and the
+        one with the larger importance-sampling ESS is kept (:attr:`flow_check` holds its
+        check): on a near-Gaussian target the history's
         Gaussian alone (its mean and covariance, without the gradients' narrowing, which makes
         its tails too light) is the better proposal, and the couplings fitted on a history of
-        a few thousand correlated walker positions only add noise (on Pyro's 45-dimensional
-        Gaussian chain, 200 warmup steps, IS ESS 1725-1911 of 4096 draws against 34-250). The choice
-        depends on the training phase only, so the chain after it is a valid MCMC chain.
+        a few thousand correlated walker positions only add noise. The choice depends on the
+        training phase only, so the chain after it is a valid MCMC chain.
 
         :param num_local_steps: local moves per cycle from now on (default: unchanged). With a
             good flow, pure i-SIR (0) is the cheapest per effective draw; local moves matter

@@ -206,9 +206,8 @@ class ChEESAdapter:
         \log T \leftarrow \log T + \tfrac12 \sum_i w_i \log(a_i / a'_i),
         \qquad w_i = a_i'^2 / \textstyle\sum_j a_j'^2.
 
-    Without it, a :math:`T` learnt under the unit metric (ten times too long for the whitened
-    coordinates of a Gaussian with scales 0.1-10) stays near a local maximum of the oscillating
-    ChEES objective of the new metric: :math:`T \approx 20` instead of 2 on that Gaussian.
+    Without it, a :math:`T` learnt under the old metric can stay near a local maximum of the
+    oscillating ChEES objective of the new metric, far from its best value.
 
     With ``full_mass`` the inverse mass :math:`A` is dense: at a window's end it becomes the
     pooled covariance :math:`\frac{n}{n + 5}\hat\Sigma + 10^{-3}\frac{5}{n + 5} I`

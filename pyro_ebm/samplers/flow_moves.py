@@ -26,6 +26,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from .state import MoveInfo, PotentialFn, WalkerState, accept_reject, potential_and_grad
 
 __all__ = [
@@ -44,9 +45,13 @@ __all__ = [
 class Proposal(Protocol):
     """What the flow moves need from a proposal distribution."""
 
-    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]: ...
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` draws ``(n, dim)`` and their log densities ``(n,)``."""
+        ...
 
-    def log_prob(self, x: Tensor) -> Tensor: ...
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log density of ``x`` ``(n, dim)``, shape ``(n,)``."""
+        ...
 
 
 class FlowDraw(NamedTuple):
@@ -112,8 +117,7 @@ class FlowProposals:
             ("num_per_step", num_per_step),
             ("block_size", block_size),
         ]:
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, value, 1)
         self.flow = flow
         self.potential_fn = potential_fn
         self.num_walkers = num_walkers
@@ -184,6 +188,7 @@ class DefensiveProposal:
 
     @torch.no_grad()
     def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` draws ``(n, dim)`` and their log densities ``(n,)``."""
         k = int(torch.distributions.Binomial(n, torch.tensor(self.weight)).sample())
         x_q, lq_q = self.flow.sample_and_log_prob(n - k)
         x_g = self.loc + self.scale * torch.randn(k, self.loc.shape[0], dtype=self.loc.dtype)
@@ -193,6 +198,7 @@ class DefensiveProposal:
         return x[perm], self._mix(log_q_flow, x)[perm]
 
     def log_prob(self, x: Tensor) -> Tensor:
+        """Log density of ``x`` ``(n, dim)``, shape ``(n,)``."""
         return self._mix(self.flow.log_prob(x), x)
 
 
