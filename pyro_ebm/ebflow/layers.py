@@ -47,6 +47,7 @@ class EBFlowLayer(nn.Module):
     has_jet: bool = False
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The input ``x`` that this layer maps to ``y`` (same shape)."""
         raise NotImplementedError
 
     def log_det(self) -> Tensor:
@@ -174,6 +175,7 @@ class Dense(LinearLayer):
         return self.bias
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The input ``x`` that this layer maps to ``y`` (same shape)."""
         return torch.linalg.solve(self.weight, (y - self.bias).T).T
 
     def log_det(self) -> Tensor:
@@ -212,6 +214,7 @@ class SmoothLeakyReLU(ElementwiseLayer):
         return y, d1, d2, d2 * (1 - 2 * sig)
 
     def inverse(self, y: Tensor, num_iter: int = 50) -> Tensor:
+        """The input ``x`` that this layer maps to ``y``, by ``num_iter`` Newton steps."""
         x = y.clone()
         for _ in range(num_iter):
             fx, slope, _, _ = self._derivatives(x)
@@ -241,6 +244,7 @@ class ActNorm(LinearLayer):
         return self.shift
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The input ``x`` that this layer maps to ``y`` (same shape)."""
         return (y - self.shift) * torch.exp(-self.log_scale)
 
     def log_det(self) -> Tensor:
@@ -353,6 +357,7 @@ class Conv2d(LinearLayer):
         return ((y.reshape(len(y), c, -1) - mean.view(shape)) / scale.view(shape)).reshape(y.shape)
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The input ``x`` that this layer maps to ``y`` (same shape)."""
         return torch.linalg.solve(self.matrix(), (y - self._offset()).T).T
 
     def log_det(self) -> Tensor:
@@ -389,6 +394,7 @@ class Squeeze(LinearLayer):
         return self.inverse(g)  # a permutation: its transpose is its inverse
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The input ``x`` that this layer maps to ``y`` (same shape)."""
         c, h, w = self.shape
         x = y.reshape(-1, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(y.shape)
@@ -441,5 +447,6 @@ class AffineCoupling(EBFlowLayer):
         return x * s.exp() + t, s.sum(-1)
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The input ``x`` that this layer maps to ``y`` (same shape)."""
         s, t = self._shift_scale(y * self.mask)
         return (y - t) * torch.exp(-s)

@@ -143,6 +143,7 @@ class TrackingStepSize:
         return math.exp(self.log_step)
 
     def update(self, accept_prob: Tensor) -> None:
+        """Move the step size after a move whose acceptance probabilities were ``accept_prob``."""
         if self.target_accept is not None:
             a = float(accept_prob.float().nan_to_num(0.0).mean())
             self.log_step = min(max(self.log_step + self.rate * (a - self.target_accept), -12), 2)

@@ -55,6 +55,7 @@ class PotentialErrors:
         self.first: str | None = None
 
     def record(self, error: BaseException, rows: int) -> None:
+        """Count ``error``, raised on a batch of ``rows`` points (all of them rejected)."""
         self.count += rows
         if self.first is None:
             self.first = f"{type(error).__name__.lstrip('_')}: {error}"

@@ -59,7 +59,9 @@ class Averager:
                     p.copy_(a)
 
     def state_dict(self) -> dict:
+        """The averaged weights and the count of averaged steps."""
         return self.averaged.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.averaged.load_state_dict(state)

@@ -141,4 +141,5 @@ class DataParallel:
         return out
 
     def barrier(self) -> None:
+        """Wait until every process gets here."""
         dist.barrier()

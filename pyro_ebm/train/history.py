@@ -40,6 +40,7 @@ class History:
         self.records: list[dict] = list(records or [])
 
     def append(self, record: dict) -> None:
+        """Add one step's record ``{name: value}``."""
         self.records.append(dict(record))
 
     def __len__(self) -> int:

@@ -92,6 +92,7 @@ class NegativeSampler:
             self.walkers = flow.sample(num_walkers)
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
+        """Negatives ``(num_walkers, dim)`` of the current model and a dict of statistics."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -102,6 +103,7 @@ class NegativeSampler:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.walkers = state["walkers"]
         if "log_step" in state:
             self.step.log_step = state["log_step"]
@@ -141,6 +143,7 @@ class AdaptiveFlowNegatives(NegativeSampler):
         self.step = TrackingStepSize(_check_positive("step_size", step_size), target_accept)
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
+        """Negatives ``(num_walkers, dim)`` of the current model and a dict of statistics."""
         proposals = FlowProposals(
             flow, potential_fn, self.num_walkers, self.num_particles - 1, self.num_blocks
         )
@@ -185,6 +188,7 @@ class ULANegatives(NegativeSampler):
         return state.x, {}
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
+        """Negatives ``(num_walkers, dim)`` of the current model and a dict of statistics."""
         self.walkers, stats = self._langevin(potential_fn, self.walkers)
         return self.walkers, stats
 
@@ -199,6 +203,7 @@ class CDNegatives(ULANegatives):
         self.num_walkers = _check_int("num_walkers", num_walkers, 1)
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
+        """Negatives ``(num_walkers, dim)`` of the current model and a dict of statistics."""
         x, stats = self._langevin(potential_fn, data)
         self.walkers = x
         return x, stats
@@ -215,6 +220,7 @@ class ShortRunNegatives(ULANegatives):
         return flow.base_rsample(self.num_walkers)
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
+        """Negatives ``(num_walkers, dim)`` of the current model and a dict of statistics."""
         with torch.no_grad():
             x = self._start(flow)
         self.walkers, stats = self._langevin(potential_fn, x)
@@ -259,6 +265,7 @@ class NeutraMALANegatives(NegativeSampler):
         self.step = TrackingStepSize(_check_positive("step_size", step_size), target_accept)
 
     def sample(self, potential_fn: PotentialFn, flow, data: Tensor) -> tuple[Tensor, dict]:
+        """Negatives ``(num_walkers, dim)`` of the current model and a dict of statistics."""
         latent = PullbackPotential(potential_fn, flow)
         with torch.no_grad():
             z, _ = flow.inverse(self.walkers)
