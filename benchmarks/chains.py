@@ -72,11 +72,14 @@ from pyro.infer import MCMC as PyroMCMC  # noqa: E402
 from pyro.infer import NUTS  # noqa: E402
 
 import pyro_ebm  # noqa: E402
-from pyro_ebm.datasets import imbalanced_pair  # noqa: E402
+from pyro_ebm.datasets import (  # noqa: E402
+    EIGHT_SCHOOLS_DATA,
+    eight_schools_noncentered,
+    imbalanced_pair,  # noqa: E402
+)
 from pyro_ebm.flows import AffineFlow, fit_reverse_kl  # noqa: E402
 from pyro_ebm.infer import MALA, MCMC, AdaptiveFlowMCMC, ChEESHMC  # noqa: E402
 from pyro_ebm.metrics import mode_weights_mcse  # noqa: E402
-from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered  # noqa: E402
 
 try:  # optional: the NumPyro rows
     import jax

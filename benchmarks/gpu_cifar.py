@@ -1,5 +1,5 @@
 """The CIFAR-10 configuration of issue 4 on a GPU: time per training step, peak GPU memory, and
-a checkpoint resumed on the GPU, for :func:`pyro_ebm.images.cifar10_trainer` (conv EBM,
+a checkpoint resumed on the GPU, for :func:`pyro_ebm.energy.images.cifar10_trainer` (conv EBM,
 RealNVP image flow, adaptive flow sampling with 1024 walkers) through the same ``EBMTrainer``.
 
 No CIFAR-10 files can reach the lent GPU machine (nothing is downloaded there), so the images
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_ebm.images import cifar10_trainer
+from pyro_ebm.energy.images import cifar10_trainer
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:

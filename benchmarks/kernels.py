@@ -30,7 +30,7 @@
 11. ``fit_flow`` (what the flow kernels fit when given no flow) on Pyro's test models and on
     eight schools, centred and non-centred: the stages it took, reverse-KL steps, k-hat, IS ESS
     and seconds, from 16 uniform starts in [-2, 2] and no budget.
-9. A Pyro model with a label-switching posterior (``pyro_ebm.models.label_switching_mixture``,
+9. A Pyro model with a label-switching posterior (``pyro_ebm.datasets.label_switching_mixture``,
    two symmetric modes of mass 1/2 each): the weight of each mode with its MCSE and the wall time
    for AdaptiveFlowMCMC (one chain) and Pyro's NUTS (one chain, and 4 chains), over seeds.
 
@@ -139,8 +139,8 @@ _ES_FLOWS = {
 
 
 def bench_eight_schools(seeds, args) -> None:
+    from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
     from pyro_ebm.flows import fit_reverse_kl
-    from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 
     data = EIGHT_SCHOOLS_DATA
     model_args = (data["J"], torch.tensor(data["y"]), torch.tensor(data["sigma"]))
@@ -272,7 +272,7 @@ def bench_overhead(repeats, args) -> None:
 
 
 def bench_adaptive_robustness(seeds, args) -> None:
-    from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
+    from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 
     data = EIGHT_SCHOOLS_DATA
     model_args = (data["J"], torch.tensor(data["y"]), torch.tensor(data["sigma"]))
@@ -470,9 +470,9 @@ def bench_gradient_cost(args) -> None:
     from pyro.infer.mcmc.util import initialize_model
     from pyro.ops.integrator import potential_grad
 
+    from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
     from pyro_ebm.flows import fit_reverse_kl
     from pyro_ebm.infer import LatentPotential
-    from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 
     data = EIGHT_SCHOOLS_DATA
     model_args = (data["J"], torch.tensor(data["y"]), torch.tensor(data["sigma"]))
@@ -524,7 +524,7 @@ def bench_gradient_cost(args) -> None:
 
 # -- 9. label switching --------------------------------------------------------------------------
 def bench_label_switching(seeds, args) -> None:
-    from pyro_ebm.models import label_switching_data, label_switching_mixture
+    from pyro_ebm.datasets import label_switching_data, label_switching_mixture
 
     y = label_switching_data(100, seed=0)
     a, b = float(y[:50].mean()), float(y[50:].mean())
@@ -565,7 +565,7 @@ def _default_targets() -> dict:
     import sys
     from pathlib import Path
 
-    from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered, low_dim_gauss_mix
+    from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA, eight_schools_noncentered, low_dim_gauss_mix
 
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root / "tests"))
@@ -692,8 +692,8 @@ def bench_defaults(args) -> None:
 
 # -- 11. fit_flow ----------------------------------------------------------------------------------
 def bench_fit_flow(args) -> None:
+    from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA
     from pyro_ebm.infer import MALA
-    from pyro_ebm.models import EIGHT_SCHOOLS_DATA
     from pyro_ebm.samplers import fit_flow
 
     torch.set_default_dtype(torch.float64)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from conftest import perturb
 from pyro_ebm import GaussianEnergy, StandardizedEnergy
 from pyro_ebm.coordinates import AffineCoordinates, needs_standardization
+from pyro_ebm.energy import SiteLayout
 from pyro_ebm.flows import AffineFlow, RealNVP, SplineFlow, Standardized
-from pyro_ebm.layout import SiteLayout
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -29,6 +29,7 @@ import torch
 from pyro.infer import MCMC as PyroMCMC
 
 import pyro_ebm
+from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 from pyro_ebm.flows import AffineFlow
 from pyro_ebm.infer import (
     MALA,
@@ -41,9 +42,8 @@ from pyro_ebm.infer import (
     FlowNUTS,
     to_arviz,
 )
-from pyro_ebm.infer.base import longest_rejection_run, stuck_threshold
+from pyro_ebm.infer.stats import longest_rejection_run, stuck_threshold
 from pyro_ebm.metrics import FlowCheck, flow_importance_diagnostic, pareto_khat
-from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 
 MEAN = torch.tensor([1.0, -0.5])
 COV = torch.tensor([[1.0, 0.6], [0.6, 2.0]])

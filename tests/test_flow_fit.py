@@ -21,9 +21,9 @@ from pyro.infer import MCMC as PyroMCMC
 from test_flow_check import eight_schools_centered
 from test_kernels import moment_series, z_critical, zscores
 
+from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 from pyro_ebm.flows import AffineFlow
 from pyro_ebm.infer import MCMC, ChEESHMC, FlowHMC, FlowIMH, FlowISIR, FlowNUTS
-from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 from pyro_ebm.samplers import fit_flow, flow_fit
 
 # a badly scaled, strongly correlated Gaussian

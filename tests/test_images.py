@@ -1,5 +1,6 @@
-"""The image configuration (pyro_ebm.images): exact log-determinants, invertibility, the CIFAR-10
-loader on small files written here, and the CIFAR-10 trainer running a few steps on tiny images."""
+"""The image configuration (pyro_ebm.energy.images): exact log-determinants, invertibility, the
+CIFAR-10 loader on small files written here, and the CIFAR-10 trainer running a few steps on
+tiny images."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_ebm.images import ConvEnergy, ImageRealNVP, cifar10_trainer, load_cifar10
+from pyro_ebm.energy.images import ConvEnergy, ImageRealNVP, cifar10_trainer, load_cifar10
 
 
 def _perturbed(flow):

@@ -45,6 +45,7 @@ from test_posteriors import eight_schools_draws
 from torch.distributions import transforms as T
 
 import pyro_ebm
+from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 from pyro_ebm.flows import AffineFlow, RealNVP
 from pyro_ebm.infer import (
     MALA,
@@ -59,7 +60,6 @@ from pyro_ebm.infer import (
     to_arviz,
 )
 from pyro_ebm.metrics import effective_sample_size, rhat
-from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 from pyro_ebm.samplers import MoveInfo
 
 # Pyro's driver warns when it runs num_chains > cpu_count - 1 chains one after another

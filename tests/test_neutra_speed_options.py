@@ -10,10 +10,10 @@ from test_kernels import _assert_within_mcse, gauss_chains, gauss_target, moment
 
 import pyro_ebm
 from conftest import perturb
+from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 from pyro_ebm.flows import AffineFlow, fit_reverse_kl
 from pyro_ebm.infer import FlowHMC, FlowNUTS, LatentPotential, compile_value_and_grad
 from pyro_ebm.infer.neutra import _AutogradValueAndGrad
-from pyro_ebm.models import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 
 MODEL_ARGS = (
     EIGHT_SCHOOLS_DATA["J"],

@@ -39,16 +39,16 @@ from pyro.ops.stats import effective_sample_size
 
 import pyro_ebm.samplers.flow_moves as flow_moves
 from pyro_ebm import ModelEnergy
-from pyro_ebm.flows import AffineFlow, RealNVP, fit_reverse_kl
-from pyro_ebm.infer import MALA, AdaptiveFlowMCMC, FlowHMC, FlowISIR, FlowNUTS
-from pyro_ebm.metrics import mode_weights_mcse
-from pyro_ebm.models import (
+from pyro_ebm.datasets import (
     EIGHT_SCHOOLS_DATA,
     eight_schools_noncentered,
     label_switching_data,
     label_switching_mixture,
     low_dim_gauss_mix,
 )
+from pyro_ebm.flows import AffineFlow, RealNVP, fit_reverse_kl
+from pyro_ebm.infer import MALA, AdaptiveFlowMCMC, FlowHMC, FlowISIR, FlowNUTS
+from pyro_ebm.metrics import mode_weights_mcse
 from pyro_ebm.samplers import PullbackPotential
 
 Z = 4.0

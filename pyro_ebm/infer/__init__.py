@@ -11,7 +11,7 @@ The kernels also plug into :class:`pyro.infer.mcmc.MCMC` (one chain at a time).
 
 from .adaptive import AdaptiveFlowMCMC
 from .arviz import to_arviz
-from .base import SAMPLE_STATS, DrawStats, TargetKernel, WalkerKernel
+from .base import TargetKernel, WalkerKernel
 from .chees import ChEESHMC
 from .kernels import MALA, FlowIMH, FlowISIR
 from .mcmc import CHAIN_METHODS, MCMC
@@ -22,6 +22,7 @@ from .neutra import (
     LatentPotential,
     compile_value_and_grad,
 )
+from .stats import SAMPLE_STATS, DrawStats
 
 __all__ = [
     "CHAIN_METHODS",

@@ -33,7 +33,8 @@ from torch import Tensor
 from .._checks import check_flag, check_int, check_positive, check_real
 from ..flows import as_flow
 from ..samplers import REJECTED_ERRORS, PullbackPotential, valid_starts
-from .base import SAMPLE_STATS, TargetKernel
+from .base import TargetKernel
+from .stats import SAMPLE_STATS
 
 __all__ = ["CompiledPotential", "FlowHMC", "FlowNUTS", "LatentPotential", "compile_value_and_grad"]
 

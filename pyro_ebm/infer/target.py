@@ -17,7 +17,7 @@ from pyro.infer.mcmc.util import initialize_model
 from torch import Tensor
 
 from ..energy import EnergyPotential, ModelEnergy
-from ..layout import SiteLayout
+from ..energy.layout import SiteLayout
 from ..samplers.guard import PotentialDefinitionError, guarded
 
 __all__ = ["FlatTarget", "make_target"]

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._checks import check_int
+from .._checks import check_int
 
 __all__ = [
     "DATASETS",

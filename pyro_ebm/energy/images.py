@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int
-from .energy import EnergyModel
-from .flows import Flow
+from .._checks import check_int
+from ..flows import Flow
+from .base import EnergyModel
 
 __all__ = ["ConvEnergy", "ImageRealNVP", "cifar10_trainer", "load_cifar10"]
 
@@ -189,7 +189,7 @@ def cifar10_trainer(
         data = load_cifar10("cifar-10-batches-py")
         trainer.fit(data, num_steps=50_000, batch_size=128, checkpoint="cifar.pt", resume=True)
     """
-    from .train import EBMTrainer
+    from ..train import EBMTrainer
 
     settings = dict(
         sampler="adaptive-flow",
