@@ -35,9 +35,9 @@ from test_posteriors import (
     run_mcmc,
 )
 
+from pyro_ebm.datasets import eight_schools_noncentered, low_dim_gauss_mix
 from pyro_ebm.flows import AffineFlow, FlowTransform, GuideFlow, RealNVP, as_flow
-from pyro_ebm.infer import AdaptiveFlowMCMC, FlowHMC, FlowIMH, FlowISIR, FlowNUTS
-from pyro_ebm.models import eight_schools_noncentered, low_dim_gauss_mix
+from pyro_ebm.infer import AdaptiveFlowMCMC, ChEESHMC, FlowHMC, FlowIMH, FlowISIR, FlowNUTS
 
 
 def fit_guide(model, args, make_transform, num_steps: int, lr: float = 5e-3, seed: int = 0):
@@ -161,7 +161,9 @@ def test_guide_check_catches_a_dropped_log_det(guide, monkeypatch):
         check_moments(eight_schools_draws(mcmc), EIGHT_SCHOOLS_REF)
 
 
-@pytest.mark.parametrize("kernel", [FlowISIR, FlowIMH, FlowHMC, FlowNUTS, AdaptiveFlowMCMC])
+@pytest.mark.parametrize(
+    "kernel", [FlowISIR, FlowIMH, FlowHMC, FlowNUTS, AdaptiveFlowMCMC, ChEESHMC]
+)
 def test_every_flow_kernel_takes_a_multivariate_normal_guide(kernel):
     def model():
         pyro.sample("s", dist.LogNormal(0.0, 0.3))

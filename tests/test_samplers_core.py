@@ -22,8 +22,11 @@ from pyro_ebm.samplers import (
     FlowProposals,
     MoveInfo,
     StepSizeAdapter,
+    StepSizeController,
+    TrackingStepSize,
     WalkerState,
     accept_reject,
+    global_local_move,
     global_local_step,
     hmc_step,
     imh_step,
@@ -781,6 +784,43 @@ def test_global_local_step_info_shapes(k):
         assert torch.equal(info.local_info.potential_energy[-1], new.potential_energy)
     with pytest.raises(ValueError, match="num_local_steps"):
         global_local_step(state, lambda s: (s, None), lambda s: (s, None), -1)
+
+
+def test_the_cycle_is_one_global_then_k_local_moves():
+    """global_local_move: the global move at index 0 of each cycle of k + 1 moves (none in a
+    local-only cycle, whose info then reports no global move)."""
+    U = _gauss_potential(*_target()[::2])
+    state = init_state(U, torch.zeros(3, 2))
+    calls = []
+
+    def move(kind):
+        def m(s):
+            calls.append(kind)
+            return mala_step(s, U, 0.1)
+
+        return m
+
+    for i in range(7):
+        state, _, is_global = global_local_move(state, i, move("g"), move("l"), 2)
+        assert is_global == (i % 3 == 0)
+    assert "".join(calls) == "gllgllg"
+    calls.clear()
+    state, info = global_local_step(state, move("g"), move("l"), 2, local_only=True)
+    assert "".join(calls) == "lll"
+    assert torch.isnan(info.global_info.accept_prob).all() and not info.global_info.accepted.any()
+
+
+@pytest.mark.parametrize("ctrl", [StepSizeAdapter(0.1, 0.6), TrackingStepSize(0.1, 0.6)])
+def test_step_size_controllers_share_one_interface(ctrl):
+    """Both controllers: step_size, update(accept_prob) -> the next step size (larger after
+    accepting everything), final_step_size and reset."""
+    assert isinstance(ctrl, StepSizeController)
+    first = float(ctrl.step_size)
+    nxt = ctrl.update(torch.ones(4))
+    assert float(nxt) == float(ctrl.step_size) > first
+    assert float(ctrl.final_step_size) > 0
+    ctrl.reset(0.5)
+    assert float(ctrl.step_size) == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------------------------

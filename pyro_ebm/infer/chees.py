@@ -158,16 +158,22 @@ class ChEESHMC(WalkerKernel):
         )
         self.target_accept_prob = float(target_accept_prob)
         self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
+        flow = flow if flow is False else as_flow(flow)
         if flow not in (None, False) and not (
             hasattr(flow, "forward") and hasattr(flow, "inverse")
         ):
-            raise TypeError("flow must be a pyro_ebm.flows.Flow (forward/inverse), None or False")
-        self.flow = as_flow(flow)
-        self.adapt_step_size = bool(adapt_step_size)
-        self.adapt_trajectory_length = bool(adapt_trajectory_length)
-        self.adapt_mass_matrix = bool(adapt_mass_matrix)
-        self.full_mass = bool(full_mass)
-        self.jit_compile = bool(jit_compile)
+            raise TypeError(
+                "flow must be a pyro_ebm.flows.Flow (forward/inverse), a Pyro AutoContinuous "
+                "guide, None or False"
+            )
+        self.flow = flow
+        self.adapt_step_size = check_flag("adapt_step_size", adapt_step_size)
+        self.adapt_trajectory_length = check_flag(
+            "adapt_trajectory_length", adapt_trajectory_length
+        )
+        self.adapt_mass_matrix = check_flag("adapt_mass_matrix", adapt_mass_matrix)
+        self.full_mass = check_flag("full_mass", full_mass)
+        self.jit_compile = check_flag("jit_compile", jit_compile)
         self.jit_options = jit_options
         self.adapter: ChEESAdapter | None = None
 

@@ -14,6 +14,7 @@ math lives here only.
 from .adaptation import (
     MassMatrixAdapter,
     StepSizeAdapter,
+    StepSizeController,
     TrackingStepSize,
     diagonal_curvature,
     find_reasonable_step_size,
@@ -21,7 +22,13 @@ from .adaptation import (
 )
 from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
 from .chees import ChEESAdapter, ChEESProposal, chees_hmc_step
-from .composite import GlobalLocalInfo, global_local_step, stack_infos
+from .composite import (
+    GlobalLocalInfo,
+    cycle_info,
+    global_local_move,
+    global_local_step,
+    stack_infos,
+)
 from .flow_fit import GOOD_KHAT, FlowFit, fit_flow
 from .flow_moves import (
     DefensiveProposal,
@@ -64,6 +71,7 @@ __all__ = [
     "PullbackPotential",
     "REJECTED_ERRORS",
     "StepSizeAdapter",
+    "StepSizeController",
     "TrackingStepSize",
     "WalkerState",
     "accept_reject",
@@ -72,6 +80,8 @@ __all__ = [
     "diagonal_curvature",
     "find_reasonable_step_size",
     "fit_flow",
+    "cycle_info",
+    "global_local_move",
     "global_local_step",
     "guarded",
     "hmc_step",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -27,6 +28,7 @@ __all__ = [
     "warmup_windows",
     "MassMatrixAdapter",
     "StepSizeAdapter",
+    "StepSizeController",
     "TrackingStepSize",
     "find_reasonable_step_size",
 ]
@@ -123,30 +125,66 @@ class TrackingStepSize:
     :math:`\log\epsilon \leftarrow \log\epsilon + \gamma(\bar a - a^*)`, clipped to
     :math:`[e^{-12}, e^2]`. Unlike dual averaging it never settles, which is what a sampler
     chasing a moving target (an EBM during training) needs. ``target_accept=None`` keeps the step
-    size fixed.
+    size fixed. The interface of :class:`StepSizeController`.
 
     Example::
 
         >>> ctrl = TrackingStepSize(0.1, target_accept=0.6)
-        >>> ctrl.update(torch.tensor([1.0, 1.0]))  # accepting too often: grow
-        >>> ctrl.value > 0.1
+        >>> ctrl.update(torch.tensor([1.0, 1.0])) > 0.1  # accepting too often: grow
         True
     """
 
     def __init__(self, step_size: float, target_accept: float | None, rate: float = 0.05):
-        self.log_step = math.log(step_size)
         self.target_accept = target_accept
         self.rate = rate
+        self.reset(step_size)
+
+    def reset(self, step_size: float) -> None:
+        """Restart from ``step_size``."""
+        self.log_step = math.log(step_size)
 
     @property
-    def value(self) -> float:
+    def step_size(self) -> float:
+        """The step size to use for the next step."""
         return math.exp(self.log_step)
 
-    def update(self, accept_prob: Tensor) -> None:
-        """Move the step size after a move whose acceptance probabilities were ``accept_prob``."""
+    @property
+    def final_step_size(self) -> float:
+        """The current step size (tracking does not average)."""
+        return self.step_size
+
+    def update(self, accept_prob: Tensor) -> float:
+        """Move the step size after a move whose acceptance probabilities were ``accept_prob``;
+        return the next step size."""
         if self.target_accept is not None:
             a = float(accept_prob.float().nan_to_num(0.0).mean())
             self.log_step = min(max(self.log_step + self.rate * (a - self.target_accept), -12), 2)
+        return self.step_size
+
+
+@runtime_checkable
+class StepSizeController(Protocol):
+    """The interface of the step-size controllers, :class:`StepSizeAdapter` (dual averaging,
+    which settles: warmup) and :class:`TrackingStepSize` (Robbins-Monro, which keeps tracking:
+    a target that moves during training)."""
+
+    @property
+    def step_size(self) -> float | Tensor:
+        """The step size to use for the next step."""
+        ...
+
+    @property
+    def final_step_size(self) -> float | Tensor:
+        """The step size to keep once adaptation stops."""
+        ...
+
+    def update(self, accept_prob: Tensor) -> float | Tensor:
+        """Record one move's acceptance probabilities ``(C,)``; return the next step size."""
+        ...
+
+    def reset(self, step_size: float) -> None:
+        """Restart adaptation from ``step_size``."""
+        ...
 
 
 def find_reasonable_step_size(

@@ -33,7 +33,7 @@ from .._checks import check_choice, check_flag, check_int, check_positive, check
 from ..flows import RealNVP, Standardized, forward_kl_step, reverse_kl_step
 from ..metrics.psis import FlowCheck, flow_importance_diagnostic
 from .adaptation import StepSizeAdapter
-from .composite import GlobalLocalInfo, stack_infos
+from .composite import GlobalLocalInfo, cycle_info, global_local_move
 from .flow_fit import DENSE_MAX_DIM
 from .flow_moves import DefensiveProposal, FlowProposals, imh_step, isir_particles, isir_step
 from .local import hmc_step, mala_step
@@ -305,20 +305,16 @@ class AdaptiveFlowSampler:
 
         :returns: ``(state, info, is_global)``.
         """
-        slot = index % (self.num_local_steps + 1)
         local_only = adapt and self._cycles < self.local_only_cycles
-        if slot == 0 and not local_only:
-            state, info = self._global(state)
-            is_global = True
-            if adapt:
-                self._score_candidate(self._as_configured(float(info.accept_prob.mean())))
-                self._adapt_particles()
-        else:
-            state, info = self._local(state)
-            is_global = False
-            if adapt and self.adapt_step_size:
-                self.step_size = self.adapter.update(info.accept_prob)
-        if adapt and slot == self.num_local_steps:
+        state, info, is_global = global_local_move(
+            state, index, self._global, self._local, self.num_local_steps, local_only
+        )
+        if adapt and is_global:
+            self._score_candidate(self._as_configured(float(info.accept_prob.mean())))
+            self._adapt_particles()
+        elif adapt and self.adapt_step_size:
+            self.step_size = self.adapter.update(info.accept_prob)
+        if adapt and index % (self.num_local_steps + 1) == self.num_local_steps:
             self._cycles += 1
             self._push(state)
             self._fit_flow()
@@ -334,12 +330,7 @@ class AdaptiveFlowSampler:
             state, info, is_global = self.move(state, i, adapt)
             infos.append(info)
             kinds.append(is_global)
-        first = infos[0]
-        if not kinds[0]:
-            no = torch.zeros_like(first.accepted)  # no global move was made
-            nan = torch.full_like(first.accept_prob, math.nan)
-            first = first._replace(accept_prob=nan, accepted=no, nonfinite=no)
-        return state, GlobalLocalInfo(first, stack_infos(infos[1:], like=infos[0]))
+        return state, cycle_info(infos, kinds)
 
     def _push(self, state: WalkerState) -> None:
         """Store the walkers, and their gradients while every stored state has them."""

@@ -50,8 +50,11 @@ from pyro_ebm._checks import check_int as _check_int
 from pyro_ebm._checks import check_positive as _check_positive
 from pyro_ebm.samplers import (
     FlowProposals,
+    MoveInfo,
     PullbackPotential,
     TrackingStepSize,
+    WalkerState,
+    global_local_step,
     init_state,
     isir_step,
     mala_step,
@@ -149,19 +152,27 @@ class AdaptiveFlowNegatives(NegativeSampler):
         )
         state = init_state(potential_fn, self.walkers)
         negatives, global_acc, local_acc = [], [], []
+
+        def local(s: WalkerState) -> tuple[WalkerState, MoveInfo]:
+            s, info = mala_step(s, potential_fn, self.step.step_size)
+            self.step.update(info.accept_prob)
+            local_acc.append(info.accept_prob.mean())
+            return s, info
+
         for _ in range(self.num_blocks):
-            state, info = isir_step(state, proposals.draw(), flow, potential_fn)
-            global_acc.append(info.accept_prob.mean())
-            for _ in range(self.num_mala_steps):
-                state, info = mala_step(state, potential_fn, self.step.value)
-                self.step.update(info.accept_prob)
-                local_acc.append(info.accept_prob.mean())
+            state, info = global_local_step(
+                state,
+                lambda s: isir_step(s, proposals.draw(), flow, potential_fn),
+                local,
+                self.num_mala_steps,
+            )
+            global_acc.append(info.global_info.accept_prob.mean())
             negatives.append(state.x)
         self.walkers = state.x
         stats = {"global_accept": float(torch.stack(global_acc).mean())}
         if local_acc:
             stats["local_accept"] = float(torch.stack(local_acc).mean())
-            stats["step_size"] = self.step.value
+            stats["step_size"] = self.step.step_size
         return torch.cat(negatives), stats
 
 
@@ -272,7 +283,7 @@ class NeutraMALANegatives(NegativeSampler):
         state = init_state(latent, z)
         acc = []
         for _ in range(self.num_steps):
-            state, info = mala_step(state, latent, self.step.value)
+            state, info = mala_step(state, latent, self.step.step_size)
             self.step.update(info.accept_prob)
             acc.append(info.accept_prob.mean())
         with torch.no_grad():
@@ -280,7 +291,7 @@ class NeutraMALANegatives(NegativeSampler):
         # a walker whose round trip through the flow is not finite stays where it was
         ok = torch.isfinite(x).all(-1, keepdim=True)
         self.walkers = torch.where(ok, x, self.walkers)
-        stats = {"local_accept": float(torch.stack(acc).mean()), "step_size": self.step.value}
+        stats = {"local_accept": float(torch.stack(acc).mean()), "step_size": self.step.step_size}
         return self.walkers, stats
 
 
