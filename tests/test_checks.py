@@ -197,3 +197,71 @@ def test_non_floating_data_are_refused_by_name():
         RealNVP(2).log_prob([[0.0, 1.0]])
     with pytest.raises(TypeError, match="samples must be a tensor"):
         fit_forward_kl(RealNVP(2), np.zeros((4, 2)))
+
+
+def _probe() -> None:  # pragma: no cover - a one-off measurement, not a test
+    """``python tests/test_checks.py``: try 7 bad values on 65 arguments of 14 constructors and
+    count the errors that do not name the argument (or are not a TypeError/ValueError) and the
+    values accepted. Values that are valid for some arguments (1.5, None, True for flags, [1]
+    for hidden widths) count as accepted without being wrong; the invalid acceptances are
+    listed."""
+    import warnings
+
+    from pyro_ebm.ebflow import EBFlowTrainer  # noqa: F401 (imported as a user would)
+
+    warnings.simplefilter("ignore")
+    probes = {
+        "RealNVP": (lambda **k: RealNVP(**{"dim": 2, **k}),
+                    ["dim", "num_layers", "hidden", "base_scale", "log_scale_bound"]),
+        "SplineFlow": (lambda **k: SplineFlow(**{"dim": 2, **k}),
+                       ["num_layers", "hidden", "count_bins", "bound", "base_scale"]),
+        "AffineFlow": (lambda **k: AffineFlow(**{"dim": 2, **k}),
+                       ["num_coupling_layers", "hidden", "base_scale", "full", "sinh_arcsinh"]),
+        "MLPEnergy": (lambda **k: MLPEnergy(**{"dim": 2, **k}), ["dim", "hidden"]),
+        "MALA": (lambda **k: MALA(potential_fn=pot, **k),
+                 ["step_size", "target_accept_prob", "adapt_step_size", "adapt_mass_matrix",
+                  "full_mass", "max_plate_nesting", "jit_compile"]),
+        "FlowIMH": (lambda **k: FlowIMH(potential_fn=pot, **k), ["defensive", "max_plate_nesting"]),
+        "FlowISIR": (lambda **k: FlowISIR(potential_fn=pot, **k), ["num_particles", "defensive"]),
+        "FlowHMC": (lambda **k: FlowHMC(potential_fn=pot, **k),
+                    ["step_size", "num_steps", "trajectory_length", "target_accept_prob",
+                     "jit_compile", "adapt_step_size"]),
+        "FlowNUTS": (lambda **k: FlowNUTS(potential_fn=pot, **k),
+                     ["step_size", "max_tree_depth", "target_accept_prob"]),
+        "AdaptiveFlowMCMC": (lambda **k: AdaptiveFlowMCMC(potential_fn=pot, **k),
+                             ["num_walkers", "init_scale", "num_particles", "num_local_steps",
+                              "production_local_steps", "min_global_accept", "step_size",
+                              "defensive", "target_accept_prob", "num_steps", "adapt_step_size"]),
+        "ChEESHMC": (lambda **k: ChEESHMC(potential_fn=pot, **k),
+                     ["step_size", "trajectory_length", "target_accept_prob", "max_num_steps",
+                      "full_mass", "jit_compile"]),
+        "MCMC": (lambda **k: MCMC(MALA(potential_fn=pot), **{"num_samples": 5, **k}),
+                 ["num_samples", "warmup_steps", "num_chains", "disable_progbar"]),
+        "EBMTrainer": (lambda **k: EBMTrainer(MLPEnergy(2), **k),
+                       ["num_walkers", "lr", "flow_lr", "regularization", "max_grad_norm",
+                        "average_last", "flow_pretrain_steps"]),
+        "AdaptiveFlowSampler": (lambda **k: AdaptiveFlowSampler(quadratic, **k),
+                                ["num_particles", "num_local_steps", "step_size", "flow_lr",
+                                 "flow_steps", "flow_batch_size", "history", "block_size"]),
+    }  # fmt: skip
+    unclear, accepted, wrong = 0, 0, []
+    for owner, (make, names) in probes.items():
+        for name in names:
+            for value in ("0.1", None, True, [1], -1, 1.5, math.nan):
+                try:
+                    make(**{name: value})
+                except (TypeError, ValueError) as err:
+                    unclear += name not in str(err)
+                except Exception:  # noqa: BLE001 (a raw error is what is counted)
+                    unclear += 1
+                else:
+                    accepted += 1
+                    if not (value in (1.5, None, True) or (value == [1] and name == "hidden")):
+                        wrong.append(f"{owner}({name}={value!r})")
+    tries = 7 * sum(len(n) for _, n in probes.values())
+    print(f"{tries} tries: {unclear} raw or unclear errors, {accepted} accepted, of which "
+          f"{len(wrong)} invalid: {wrong}")  # fmt: skip
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _probe()

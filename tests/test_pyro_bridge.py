@@ -244,3 +244,56 @@ def test_a_guide_of_another_model_is_refused():
     mcmc = MCMC(FlowISIR(_model, flow=guide), num_samples=5, warmup_steps=0, disable_progbar=True)
     with pytest.raises(ValueError, match="the model's latent sites"):
         mcmc.run()
+
+
+def _seed_sweep(num_seeds: int) -> None:  # pragma: no cover - a validation run, not a test
+    """``python tests/test_pyro_bridge.py N``: the eight-schools bridge checks on seeds 0..N-1
+    (a guide fitted per seed): max |z| and min ESS of FlowISIR, FlowIMH, FlowNUTS, NeuTraReparam
+    with Pyro's NUTS, and of FlowISIR with the guide's log-determinant dropped (an injected bug,
+    which must fail)."""
+    from test_posteriors import moment_zscores
+
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+
+    def worst(draws):
+        z = moment_zscores(draws, EIGHT_SCHOOLS_REF)
+        return max(max(abs(a), abs(b)) for a, b, _ in z.values()), min(e for *_, e in z.values())
+
+    for seed in range(num_seeds):
+        guide = eight_schools_guide(seed)
+        row = {}
+        for kernel, warmup, draws in (
+            (FlowISIR, 50, 2000),
+            (FlowIMH, 50, 2000),
+            (FlowNUTS, 100, 400),
+        ):
+            mcmc, _ = run_mcmc(
+                kernel(eight_schools_noncentered, flow=guide), warmup, draws, *EIGHT_SCHOOLS_ARGS,
+                seed=seed,
+            )  # fmt: skip
+            row[kernel.__name__] = worst(eight_schools_draws(mcmc))
+        original = GuideFlow.__dict__["_ladj"]
+        GuideFlow._ladj = staticmethod(lambda t, z, x: z.new_zeros(z.shape[:-1]))
+        try:
+            mcmc, _ = run_mcmc(
+                FlowISIR(eight_schools_noncentered, flow=guide), 50, 2000, *EIGHT_SCHOOLS_ARGS,
+                seed=seed,
+            )  # fmt: skip
+            row["FlowISIR, log-det dropped"] = worst(eight_schools_draws(mcmc))
+        finally:
+            GuideFlow._ladj = original
+        neutra = NeuTraReparam(guide.requires_grad_(False))
+        model = pyro.poutine.reparam(eight_schools_noncentered, config=lambda _, n=neutra: n)
+        pyro.set_rng_seed(seed)
+        mcmc = MCMC(NUTS(model), num_samples=600, warmup_steps=150, disable_progbar=True)
+        mcmc.run(*EIGHT_SCHOOLS_ARGS)
+        (latent,) = mcmc.get_samples().values()
+        row["NeuTraReparam + NUTS"] = worst(moments_of(neutra.transform_sample(latent)))
+        print(seed, {k: f"|z| {z:.2f}, ESS {e:.0f}" for k, (z, e) in row.items()}, flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    _seed_sweep(int(sys.argv[1]) if len(sys.argv) > 1 else 6)

@@ -110,15 +110,12 @@ class Standardized(Flow):
     @torch.no_grad()
     def standardize_(self, x: Tensor, grad: Tensor | None = None) -> Standardized:
         r"""Set ``loc`` to the mean of ``x`` ``(n, dim)`` and the scale to its standard
-        deviation or, when dense, to the Cholesky factor of its covariance
-        (its correlations shrunk toward zero by ``dim / (n + dim)``, so that few rows give a
-        well-conditioned factor) if the gradients confirm it: a dense scale is kept only when
-        the narrowing below leaves every coordinate of the space it whitens at least half its
-        width, since the covariance of separated modes, or of a funnel, is no picture of their
-        shape (on
-        ``imbalanced_pair(64)`` the dense scale left a flow with global acceptance 0.40 after
-        20 cycles, against 0.74-0.81 diagonal), else the scale is diagonal. Dense and
-        without ``grad``, it is the covariance's factor.
+        deviation or, when dense, to the Cholesky factor of its covariance (its correlations
+        shrunk toward zero by ``dim / (n + dim)``, so that few rows give a well-conditioned
+        factor) if the gradients confirm it: a dense scale is kept only when the narrowing below
+        leaves every coordinate of the space it whitens at least half its width, since the
+        covariance of separated modes, or of a funnel, is no picture of their shape; else the
+        scale is diagonal. Dense and without ``grad``, it is the covariance's factor.
 
         Given the gradients ``grad`` ``(n, dim)`` of the potential at ``x``, each coordinate
         ``u_i`` of the standardized space (``x = loc + S u``; its gradients are
@@ -127,14 +124,12 @@ class Standardized(Flow):
         the median of :math:`\chi^2_1`, but not below a third. At stationarity
         :math:`E[\partial_i U^2] = E[\partial_i^2 U]`, so for a Gaussian the score-based scale
         is the conditional sd :math:`(\Sigma^{-1})_{ii}^{-1/2}`; for a mixture of separated
-        modes it is the modes' width, where the sd is their distance, which a flow then has to
-        shrink by as much in every dimension (on ``imbalanced_pair(64)``, sd / width = 3.4, it
-        did not within a warmup). The floor at a third of the sd keeps the modes near the
-        flow's base: on a three-mode mixture with sd / width = 5 the unfloored scale left the
-        flow with global acceptance 0. The median ignores walkers
-        still far out, whose gradients are huge; rows whose gradient is not finite (a walker
-        started where the potential is not) are left out. An sd is floored at
-        ``sqrt(eps) * (1 + |loc|)``. Returns ``self``."""
+        modes it is the modes' width, where the sd is their distance, which a flow would
+        otherwise have to shrink by as much in every dimension. The floor at a third of the sd
+        keeps the modes near the flow's base. The median ignores walkers still far out, whose
+        gradients are huge; rows whose gradient is not finite (a walker started where the
+        potential is not) are left out. An sd is floored at ``sqrt(eps) * (1 + |loc|)``.
+        Returns ``self``."""
         x = _check_samples(self, x, "x", convert=False)  # moments in the data's dtype
         if grad is not None and (not isinstance(grad, Tensor) or grad.shape != x.shape):
             shape = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__

@@ -245,8 +245,8 @@ class CoopFlowNegatives(ShortRunNegatives):
     the flow learns to do the Langevin revision's work (not persistent). Unlike the paper's
     untilted EBM, the Langevin steps run on the tilted model :math:`E_\theta - \log\rho` of
     :class:`~pyro_ebm.train.EBMTrainer`; like the paper's, they are unadjusted. Non-persistent
-    chains from a flow that lags the model can diverge: on ``line4`` with 4 steps of 0.01 the
-    energy ran away and the model put its mass on one mode.
+    chains from a flow that lags the model can diverge: the energy runs away where the revised
+    samples never reach.
     """
 
     uses_flow = True
