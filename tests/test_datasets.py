@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from pyro_ebm.datasets import toy
 from pyro_ebm.datasets import (
     DATASETS,
     GaussianMixture,
@@ -16,6 +15,7 @@ from pyro_ebm.datasets import (
     mixture_hd,
     nearest_mean_index,
     rings,
+    toy,
     two_to_one,
 )
 
