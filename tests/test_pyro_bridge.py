@@ -11,6 +11,9 @@ and sd, from the ESS of the draws and of posteriordb's reference draws).
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -23,6 +26,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
     AutoNormalizingFlow,
 )
+from pyro.infer.autoguide.initialization import init_to_value
 from pyro.infer.reparam import NeuTraReparam
 from test_posteriors import (
     EIGHT_SCHOOLS_ARGS,
@@ -38,6 +42,7 @@ from test_posteriors import (
 from pyro_ebm.datasets import eight_schools_noncentered, low_dim_gauss_mix
 from pyro_ebm.flows import AffineFlow, FlowTransform, GuideFlow, RealNVP, as_flow
 from pyro_ebm.infer import AdaptiveFlowMCMC, ChEESHMC, FlowHMC, FlowIMH, FlowISIR, FlowNUTS
+from pyro_ebm.samplers import AdaptiveFlowSampler
 
 
 def fit_guide(model, args, make_transform, num_steps: int, lr: float = 5e-3, seed: int = 0):
@@ -297,3 +302,61 @@ if __name__ == "__main__":  # pragma: no cover
     import sys
 
     _seed_sweep(int(sys.argv[1]) if len(sys.argv) > 1 else 6)
+
+
+# -- a given flow: where the chains start, and what training may do to it ------------------------
+def _narrow_flow(dim: int, loc: float = 3.0, scale: float = 0.01) -> AffineFlow:
+    flow = AffineFlow(dim)
+    with torch.no_grad():
+        flow.layers[-1].loc.fill_(loc)
+        flow.layers[-1].log_diag.fill_(math.log(scale))
+    return flow
+
+
+def test_chees_starts_from_draws_of_a_given_flow():
+    """With a given flow and no start, ChEESHMC's chains start at draws of the flow's base: a
+    uniform start mapped back through a narrow flow lands hundreds of units out in its latent
+    space, where the chains stayed (a new user's hierarchical model: R-hat 4.4, no warning)."""
+
+    def model():
+        pyro.sample("x", dist.Normal(3.0 * torch.ones(2), 0.01).to_event(1))
+
+    kernel = ChEESHMC(model, flow=_narrow_flow(2))
+    kernel.setup_chains(8, warmup_steps=10)
+    z = kernel._state.x  # the chains' latent positions
+    assert float(z.abs().max()) < 6.0, z
+    # a start the user asks for is kept
+    kernel = ChEESHMC(
+        model, flow=_narrow_flow(2), init_strategy=init_to_value(values={"x": 3 + torch.zeros(2)})
+    )
+    kernel.setup_chains(2, warmup_steps=10)
+    assert torch.allclose(kernel._state.x, torch.zeros(2, 2), atol=1e-6)
+
+
+def test_training_never_leaves_a_given_unstandardized_flow_worse():
+    """AdaptiveFlowSampler with a given flow that is not standardized (what AdaptiveFlowMCMC
+    does with a Pyro guide): a flow that is the target, trained at a rate that ruins it, is
+    restored at freeze (a guide's k-hat went from 0.52 to 2.69 before)."""
+    target = _narrow_flow(2, loc=1.0, scale=0.5)
+    flow = copy.deepcopy(target)
+    sampler = AdaptiveFlowSampler(lambda x: -target.log_prob(x), flow, standardize=False,
+                                  flow_lr=1.0, num_local_steps=1)  # fmt: skip
+    given = copy.deepcopy(flow.state_dict())
+    sampler.run(1.0 + 0.5 * torch.randn(32, 2), num_adapt_steps=30, num_samples=2)
+    assert sampler.kept_flow_start
+    for k, v in sampler.flow.state_dict().items():
+        assert torch.equal(v, given[k]), k
+
+
+def test_kernel_options_are_checked_by_name():
+    pot = lambda p: (p["x"] ** 2).sum()  # noqa: E731
+    with pytest.raises(TypeError, match="FlowNUTS got an unexpected keyword argument 'bogus'"):
+        FlowNUTS(potential_fn=pot, bogus=1)
+    with pytest.raises(TypeError, match="AdaptiveFlowMCMC got an unexpected keyword argument"):
+        AdaptiveFlowMCMC(potential_fn=pot, bogus=1)
+    with pytest.raises(TypeError, match="init_strategy must be a Pyro init strategy"):
+        FlowISIR(potential_fn=pot, init_strategy="median")
+    with pytest.raises(TypeError, match="potential_fn must be callable"):
+        FlowISIR(potential_fn="x")
+    with pytest.raises(TypeError, match="full_mass must be a bool"):
+        FlowNUTS(potential_fn=pot, full_mass="yes")

@@ -142,7 +142,8 @@ class EBFlowTrainer(Trainer):
     :param sigma: DSM noise level. Default: 1.0 for images under MaP (in the logit space, where
         the pixels spread over about [-14, 14]; on MNIST, FC model, 6000 steps, sigma 1.0 gave a
         test NLL of 1186 nats against 1378 for 2.0 and 1971 for 0.5), 0.1 otherwise.
-    :param xi: FDSSM step. :param num_slices: SSM projections.
+    :param xi: FDSSM step.
+    :param num_slices: SSM projections.
     :param variance_reduction: SSM-VR (default; :func:`~pyro_ebm.ebflow.objectives.ssm_loss`),
         the form of SSM the paper's code trains with.
     :param max_grad_norm: gradient-norm clipping (``None``: none).

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_flag
 from .._checks import check_int as _check_int
 from .._checks import check_positive as _check_positive
 from .base import Flow, float_dtype
@@ -149,7 +150,7 @@ def _forward_kl(
 
 
 def _range(num_steps: int, progress: bool, desc: str):
-    if progress:
+    if check_flag("progress", progress):
         from tqdm.auto import trange
 
         return trange(num_steps, desc=desc)

@@ -91,7 +91,8 @@ class AdaptiveFlowMCMC(WalkerKernel):
         0.5, :math:`1 + \lceil 9 / r \rceil` for its importance-sampling ESS per draw
         :math:`r` (:func:`~pyro_ebm.samplers.isir_particles`; 10 for a flow that is the
         target): each particle costs a potential evaluation per chain and step.
-    :param local_move: ``"mala"`` or ``"hmc"``. :param num_local_steps: local moves per cycle.
+    :param local_move: ``"mala"`` or ``"hmc"``.
+    :param num_local_steps: local moves per cycle.
     :param production_local_steps: local moves per cycle after warmup (``None``: as in warmup).
         ``"auto"`` (default): ``0`` (pure i-SIR, or IMH) when the frozen flow is a good importance
         sampler of the target (Pareto k-hat at most 0.5, the check made at the end of warmup),
@@ -232,7 +233,13 @@ class AdaptiveFlowMCMC(WalkerKernel):
         if num_steps is not None:
             self.sampler_options["num_leapfrog"] = num_steps
         # validate the options now rather than at the first chain
-        AdaptiveFlowSampler(lambda x: x.sum(-1), None, **self.sampler_options)
+        try:
+            AdaptiveFlowSampler(lambda x: x.sum(-1), None, **self.sampler_options)
+        except TypeError as err:
+            if "unexpected keyword" not in str(err):
+                raise
+            unknown = str(err).split("argument")[-1].strip()
+            raise TypeError(f"{name} got an unexpected keyword argument {unknown}") from None
         self.flow_: torch.nn.Module | None = None
 
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:

@@ -120,6 +120,14 @@ class TargetKernel(MCMCKernel):
     ) -> None:
         if (model is None) == (potential_fn is None):
             raise ValueError("exactly one of `model` and `potential_fn` must be given")
+        for name, fn in (("model", model), ("potential_fn", potential_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if init_strategy is not None and not callable(init_strategy):
+            raise TypeError(
+                "init_strategy must be a Pyro init strategy (a callable, e.g. init_to_median), "
+                f"got {init_strategy!r}"
+            )
         if max_plate_nesting is not None:
             check_int("max_plate_nesting", max_plate_nesting, 0)
         self.max_plate_nesting = max_plate_nesting
@@ -163,7 +171,7 @@ class TargetKernel(MCMCKernel):
             self.init_strategy,
             dim=getattr(getattr(self, "flow", None), "dim", None),
             # a flow to fit starts from the model's init strategy
-            model_init=not self._starts_from_flow or getattr(self, "flow", None) is None,
+            model_init=not self._starts_from_flow or getattr(self, "flow", None) in (None, False),
             num_chains=num_chains,
             max_plate_nesting=self.max_plate_nesting,
         )

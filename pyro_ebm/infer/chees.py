@@ -123,6 +123,9 @@ class ChEESHMC(WalkerKernel):
         "steps, diverge or mix slowly, and may not reach what the flow misses"
     )
     _flow_khat_remedy = "run without a flow (flow=False)"
+    #: with a given flow, the chains start from draws of it (a uniform start mapped back through
+    #: a flow can land far out in its latent space, where the chains stay)
+    _starts_from_flow = True
 
     def __init__(
         self,

@@ -328,7 +328,17 @@ class _NeuTraKernel(TargetKernel):
         for name in ("adapt_step_size", "adapt_mass_matrix", "jit_compile"):
             check_flag(name, kwargs.get(name, False))
         self.inner_kwargs = kwargs
-        self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)  # validate the HMC/NUTS options
+        if "full_mass" in kwargs:  # one flat latent site: a dense mass matrix or not
+            kwargs["full_mass"] = check_flag("full_mass", kwargs["full_mass"])
+        try:  # validate the HMC/NUTS options
+            self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)
+        except TypeError as err:
+            if "unexpected keyword" not in str(err):
+                raise
+            unknown = str(err).split("argument")[-1].strip()
+            raise TypeError(
+                f"{type(self).__name__} got an unexpected keyword argument {unknown}"
+            ) from None
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
         given = self._user_initial is not None

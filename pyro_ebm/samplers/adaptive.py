@@ -205,6 +205,11 @@ class AdaptiveFlowSampler:
         self.local_only_cycles = int(local_only_cycles)
         self._cycles = 0  # training cycles done
         self.flow = None if flow is None else self._wrap(flow)
+        #: the given flow's weights, when it is not standardized (e.g. a trained Pyro guide):
+        #: :meth:`freeze` keeps it if training made it worse
+        self._given_flow: dict | None = (
+            copy.deepcopy(flow.state_dict()) if flow is not None and not standardize else None
+        )
         self.defensive = defensive
         self.defensive_scale = defensive_scale
         self._proposal = self.flow  # the flow, or after freeze its defensive mixture
@@ -439,7 +444,9 @@ class AdaptiveFlowSampler:
         (:func:`~pyro_ebm.metrics.flow_importance_diagnostic`, 4096 draws each), with the
         flow's start (the identity, for the default flow) standardized on the history, and the
         one with the larger importance-sampling ESS is kept (:attr:`flow_check` holds its
-        check): on a near-Gaussian target the history's
+        check); a given flow that is not standardized (a trained Pyro guide) is compared with
+        itself as given, so that training on the walkers never leaves it worse. On a
+        near-Gaussian target the history's
         Gaussian alone (its mean and covariance, without the gradients' narrowing, which makes
         its tails too light) is the better proposal, and the couplings fitted on a history of
         a few thousand correlated walker positions only add noise. The choice depends on the
@@ -464,7 +471,7 @@ class AdaptiveFlowSampler:
             self.final_global_accept = self.best_global_accept
         else:
             self.final_global_accept = recent
-        if self.standardize and self._initial_flow is not None:
+        if (self.standardize and self._initial_flow is not None) or self._given_flow is not None:
             self.flow_check = self._keep_better_than_start()
         self._buffer = self._grad_buffer = self._candidate = self._best_flow = None
         self._frozen = True
@@ -476,14 +483,18 @@ class AdaptiveFlowSampler:
             self._proposals.reset()
 
     def _keep_better_than_start(self) -> FlowCheck:
-        """Keep the trained flow or its start standardized on the history without the
-        gradients' narrowing (for the default flow: the history's Gaussian), whichever has the
-        larger importance-sampling ESS (see :meth:`freeze`); the kept one's check."""
+        """Keep the trained flow or its start, whichever has the larger importance-sampling ESS
+        (see :meth:`freeze`); the kept one's check. The start is the flow's start standardized
+        on the history without the gradients' narrowing (for the default flow: the history's
+        Gaussian), or a given flow that is not standardized as it was given."""
         trained = flow_importance_diagnostic(self.flow, self.potential_fn)
         start = copy.deepcopy(self.flow)
-        start.flow.load_state_dict(self._initial_flow)
-        if self._buffer is not None:
-            start.standardize_(self._buffer.reshape(-1, self._buffer.shape[-1]))
+        if self._given_flow is not None:
+            start.load_state_dict(self._given_flow)
+        else:
+            start.flow.load_state_dict(self._initial_flow)
+            if self._buffer is not None:
+                start.standardize_(self._buffer.reshape(-1, self._buffer.shape[-1]))
         start_check = flow_importance_diagnostic(start, self.potential_fn)
         if trained.ess >= start_check.ess or not start_check.ess > 0:
             return trained

@@ -57,7 +57,9 @@ class Proposal(Protocol):
 class FlowDraw(NamedTuple):
     r"""``M`` scored proposals for each of ``C`` walkers.
 
-    :param x: ``(C, M, D)``. :param potential_energy: ``(C, M)``. :param log_q: ``(C, M)``.
+    :param x: ``(C, M, D)``.
+    :param potential_energy: ``(C, M)``.
+    :param log_q: ``(C, M)``.
     """
 
     x: Tensor

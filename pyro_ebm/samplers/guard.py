@@ -36,7 +36,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: exceptions of a potential that reject the point instead of ending the run: torch's linear
-#: algebra errors are ``RuntimeError``s, a distribution's argument validation raises
+#: algebra errors are of type ``RuntimeError``, a distribution's argument validation raises
 #: ``ValueError``, Python's math ``ArithmeticError``
 REJECTED_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, ArithmeticError)
 

@@ -19,7 +19,8 @@ class Averager:
     - ``ema=None``: the Polyak-Ruppert mean of the iterates of the last fraction ``last`` of a
       run's steps, which replaces the trained weights after the run's last step.
 
-    :param model: the trained module. :param ema: the EMA decay, or ``None`` for the mean.
+    :param model: the trained module.
+    :param ema: the EMA decay, or ``None`` for the mean.
     :param last: with ``ema=None``, the fraction of the steps, at the end, that are averaged.
 
     Example::

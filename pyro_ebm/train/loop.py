@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_ebm._checks import check_int
+from pyro_ebm._checks import check_flag, check_int
 
 from .averaging import Averager
 from .checkpoint import (
@@ -301,6 +301,10 @@ class Trainer:
         """:meth:`fit`'s loop, on checked ``data`` (the subclass's own arguments are set)."""
         num_steps = check_int("num_steps", num_steps, 1)
         batch_size = check_int("batch_size", batch_size, 1)
+        resume, progress, force = (
+            check_flag(name, value)
+            for name, value in (("resume", resume), ("progress", progress), ("force", force))
+        )
         eval_every = (
             max(1, num_steps // 20)
             if eval_every is None
