@@ -192,6 +192,16 @@ def test_float64_data_meet_a_float32_model(call):
     assert out.dtype == torch.float32
 
 
+def test_progress_and_resume_are_bools():
+    data = torch.randn(32, 2)
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        fit_forward_kl(RealNVP(2), data, num_steps=2, progress="yes")
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        EBMTrainer(MLPEnergy(2), num_walkers=8).fit(data, num_steps=1, progress="no")
+    with pytest.raises(TypeError, match="resume must be a bool"):
+        EBMTrainer(MLPEnergy(2), num_walkers=8).fit(data, num_steps=1, resume="yes")
+
+
 def test_non_floating_data_are_refused_by_name():
     with pytest.raises(TypeError, match="x must be a tensor"):
         RealNVP(2).log_prob([[0.0, 1.0]])
