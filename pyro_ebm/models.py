@@ -8,20 +8,7 @@ Example:
 8
 """
 
-from .datasets.posteriors import (
-    EIGHT_SCHOOLS_DATA,
-    SortedNormal,
-    eight_schools_noncentered,
-    label_switching_data,
-    label_switching_mixture,
-    low_dim_gauss_mix,
-)
+from .datasets import posteriors
+from .datasets.posteriors import *  # noqa: F403 (the same names, kept importable here)
 
-__all__ = [
-    "EIGHT_SCHOOLS_DATA",
-    "SortedNormal",
-    "eight_schools_noncentered",
-    "label_switching_data",
-    "label_switching_mixture",
-    "low_dim_gauss_mix",
-]
+__all__ = list(posteriors.__all__)

@@ -128,9 +128,6 @@ class GuideFlow(Flow):
                 "AutoNormalizingFlow"
             ) from err
 
-    def _transform(self) -> torch.distributions.Transform:
-        return self.guide.get_transform()
-
     @property
     def base_dist(self) -> torch.distributions.Distribution:
         return self.guide.get_base_dist()
@@ -146,12 +143,12 @@ class GuideFlow(Flow):
         return _sum_rightmost(t.log_abs_det_jacobian(z, x), 1 - t.domain.event_dim)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        t = self._transform()
+        t = self.guide.get_transform()
         x = t(z)
         return x, self._ladj(t, z, x)
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        t = self._transform()
+        t = self.guide.get_transform()
         z = t.inv(x)
         return z, -self._ladj(t, z, x)
 
