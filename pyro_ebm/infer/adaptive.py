@@ -121,7 +121,8 @@ class AdaptiveFlowMCMC(WalkerKernel):
         ``target_accept_prob``, then frozen at its average); ``False`` keeps ``step_size``.
     :param sampler_kwargs: further options of :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`
         (``flow_lr``, ``flow_steps``, ``flow_batch_size``, ``history``, ``block_size``,
-        ``defensive_scale``, ``standardize``, ``precondition``, ``local_only_cycles``, and
+        ``defensive_scale``, ``standardize``, ``precondition``, ``local_only_cycles``,
+        ``forget_transient``, and
         ``reverse_kl_steps``/``reverse_kl_samples`` to add reverse-KL steps to the forward-KL
         fit of each cycle). The first two cycles of warmup make local moves only
         (``local_only_cycles``), so that the first global move is proposed by a flow fitted on

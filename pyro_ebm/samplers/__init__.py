@@ -18,6 +18,7 @@ from .adaptation import (
     TrackingStepSize,
     diagonal_curvature,
     find_reasonable_step_size,
+    stationary_start,
     warmup_windows,
 )
 from .adaptive import AdaptiveFlowSampler, AdaptiveRun, default_flow
@@ -94,6 +95,7 @@ __all__ = [
     "potential_and_grad",
     "sir_draws",
     "stack_infos",
+    "stationary_start",
     "ula_step",
     "valid_starts",
     "warmup_windows",

@@ -31,6 +31,7 @@ __all__ = [
     "StepSizeController",
     "TrackingStepSize",
     "find_reasonable_step_size",
+    "stationary_start",
 ]
 
 
@@ -460,3 +461,70 @@ def diagonal_curvature(
     _, grad = potential_and_grad(potential, points)
     index = torch.arange(dim, device=x.device)
     return (grad[index, index] - grad[dim + index, index]) / (2 * step)
+
+
+def stationary_start(
+    potential_energy: Tensor, recent: int = 5, min_points: int = 64, shift: float = 1.0
+) -> int:
+    r"""The first iteration of a walker history that belongs to the walkers' present state:
+    the end of the warmup transient, read off the walkers' potential energies :math:`U(x)`
+    (the log-density trace, the usual burn-in diagnostic), so that what is fitted on the history
+    (a standardization, a flow) is fitted on where the walkers are, not on where they came from.
+
+    The last ``recent`` iterations (at least ``min_points`` walker positions) are the reference.
+    The older iterations are grouped, newest first, into blocks of at least ``min_points``
+    positions (the oldest block takes what is left); a block is *off* when its median potential
+    lies more than ``shift`` reference standard deviations (from the interquartile range) from
+    the reference median. Everything up
+    to the newest off block is the transient. Walkers converging from a broad start onto a
+    narrow posterior have potentials far above the typical set's; walkers started at a mode, far
+    below it in more than a few dimensions. A stationary ensemble is not off: the median
+    potentials of 64 walkers differ by about a sixth of a standard deviation; the shift of
+    separated modes' weights barely moves them. Medians, so that one walker stuck far out does
+    not cut the history.
+
+    :param potential_energy: ``(T, C)`` potential energies of ``C`` walkers over ``T``
+        iterations, oldest first (non-finite values are ignored).
+    :param recent: iterations pooled into the reference (more when they hold fewer than
+        ``min_points`` positions).
+    :param min_points: positions per block.
+    :param shift: the largest difference of medians, in reference standard deviations.
+    :returns: the index ``t`` such that ``potential_energy[t:]`` is stationary by this measure
+        (0 when nothing is off).
+
+    Example::
+
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> typical = 2.5 + torch.randn(30, 64, generator=g)  # U of the walkers, converged ...
+        >>> start = 1e3 * torch.rand(20, 64, generator=g)  # ... after a broad start
+        >>> stationary_start(torch.cat([start, typical])), stationary_start(typical)
+        (20, 0)
+    """
+    recent = check_int("recent", recent, 1)
+    min_points = check_int("min_points", min_points, 1)
+    shift = check_positive("shift", shift)
+    if not isinstance(potential_energy, Tensor) or potential_energy.dim() != 2:
+        raise ValueError("potential_energy must be a (T, C) tensor")
+    steps, walkers = potential_energy.shape
+    per_block = max(1, math.ceil(min_points / max(walkers, 1)))
+    reference = max(recent, per_block)
+    if steps <= reference:
+        return 0
+    u = potential_energy.detach()
+    ref = u[-reference:].reshape(-1)
+    ref = ref[torch.isfinite(ref)]
+    if len(ref) < 2:
+        return 0
+    q1, median, q3 = torch.quantile(ref, ref.new_tensor([0.25, 0.5, 0.75]))
+    floor = torch.finfo(ref.dtype).eps ** 0.5 * (1 + median.abs())
+    sd = torch.maximum((q3 - q1) / 1.349, floor)  # the IQR of a normal is 1.349 sd
+    end = steps - reference
+    while end > 0:
+        start = end - per_block if end >= 2 * per_block else 0  # (the oldest block: the rest)
+        block = u[start:end].reshape(-1)
+        block = block[torch.isfinite(block)]
+        if len(block) and bool((block.median() - median).abs() > shift * sd):
+            return end
+        end = start
+    return 0

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .._checks import check_choice, check_flag, check_int, check_positive, check_real
 from ..flows import RealNVP, Standardized, forward_kl_step, reverse_kl_step
 from ..metrics.psis import FlowCheck, flow_importance_diagnostic
-from .adaptation import StepSizeAdapter
+from .adaptation import StepSizeAdapter, stationary_start
 from .composite import GlobalLocalInfo, cycle_info, global_local_move
 from .flow_fit import DENSE_MAX_DIM
 from .flow_moves import DefensiveProposal, FlowProposals, imh_step, isir_particles, isir_step
@@ -140,6 +140,12 @@ class AdaptiveFlowSampler:
         :attr:`recent_global_accept`) by the acceptance that ``num_particles`` would have;
         production uses ``num_particles`` (set :attr:`num_active_particles` after
         :meth:`freeze` for fewer).
+    :param forget_transient: the history drops the iterations of the walkers' approach to the
+        target (:func:`~pyro_ebm.samplers.stationary_start`): walkers started broadly converge
+        onto a narrow posterior in a few dozen cycles, and a history that still holds their
+        start standardizes the flow, and trains it, on a cloud many times wider than the
+        target (on posteriordb's low-dimensional mixture, ten times wider for the 50 cycles
+        the history remembers, then restarts as the start left it).
     """
 
     #: number of training cycles over which the global acceptance is averaged
@@ -174,6 +180,7 @@ class AdaptiveFlowSampler:
         local_only_cycles: int = 2,
         adapt_step_size: bool = True,
         adapt_num_particles: bool = True,
+        forget_transient: bool = True,
     ) -> None:
         check_choice("standardize", standardize, (True, False, "dense", "diagonal"))
         check_choice("global_move", global_move, ("isir", "imh"))
@@ -216,6 +223,7 @@ class AdaptiveFlowSampler:
         self.global_move = global_move
         self.num_particles = num_particles
         self.adapt_num_particles = check_flag("adapt_num_particles", adapt_num_particles)
+        self.forget_transient = check_flag("forget_transient", forget_transient)
         #: i-SIR particles of the next global moves (see ``adapt_num_particles``); reset to
         #: ``num_particles`` by :meth:`freeze`, and taken up by :meth:`init` after it
         self.num_active_particles = num_particles
@@ -235,7 +243,8 @@ class AdaptiveFlowSampler:
         self.block_size = block_size
         self.flow_lr = flow_lr
         self.optimizer = None if flow is None else torch.optim.Adam(flow.parameters(), lr=flow_lr)
-        self._buffer: Tensor | None = None
+        self._buffer: Tensor | None = None  # (T, C, D) walker positions, oldest first
+        self._u_buffer: Tensor | None = None  # (T, C) their potentials
         self._grad_buffer: Tensor | None = None
         self._initial_flow: dict | None = None  # to restart from (see _standardize)
         self._start_scale: Tensor | None = None
@@ -268,7 +277,7 @@ class AdaptiveFlowSampler:
         the step size are kept, so this also moves a trained sampler to new walkers)."""
         if x0.dim() != 2 or not torch.isfinite(x0).all():
             raise ValueError("x0 must be a finite (num_walkers, dim) tensor")
-        self._buffer = self._grad_buffer = None
+        self._buffer = self._u_buffer = self._grad_buffer = None
         if self.flow is None:
             self.flow = self._wrap(default_flow(x0.shape[-1]).to(x0))
             self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.flow_lr)
@@ -338,17 +347,25 @@ class AdaptiveFlowSampler:
         return state, cycle_info(infos, kinds)
 
     def _push(self, state: WalkerState) -> None:
-        """Store the walkers, and their gradients while every stored state has them."""
-        x = state.x.detach()[None]
+        """Store the walkers (and their potentials, and their gradients while every stored
+        state has them); with ``forget_transient``, drop the iterations of their approach."""
+        x, u = state.x.detach()[None], state.potential_energy.detach()[None]
         grad = None if state.grad is None else state.grad.detach()[None]
         if self._buffer is None:
-            self._buffer, self._grad_buffer = x, grad
+            self._buffer, self._u_buffer, self._grad_buffer = x, u, grad
             return
-        self._buffer = torch.cat([self._buffer[-(self.history - 1) :], x])
+        keep = -(self.history - 1)
+        self._buffer = torch.cat([self._buffer[keep:], x])
+        self._u_buffer = torch.cat([self._u_buffer[keep:], u])
         if grad is None or self._grad_buffer is None:
             self._grad_buffer = None
         else:
-            self._grad_buffer = torch.cat([self._grad_buffer[-(self.history - 1) :], grad])
+            self._grad_buffer = torch.cat([self._grad_buffer[keep:], grad])
+        if self.forget_transient:
+            start = stationary_start(self._u_buffer)
+            self._buffer, self._u_buffer = self._buffer[start:], self._u_buffer[start:]
+            if self._grad_buffer is not None:
+                self._grad_buffer = self._grad_buffer[start:]
 
     def _fit_flow(self) -> None:
         data = self._buffer.reshape(-1, self._buffer.shape[-1])
@@ -473,7 +490,8 @@ class AdaptiveFlowSampler:
             self.final_global_accept = recent
         if (self.standardize and self._initial_flow is not None) or self._given_flow is not None:
             self.flow_check = self._keep_better_than_start()
-        self._buffer = self._grad_buffer = self._candidate = self._best_flow = None
+        self._buffer = self._u_buffer = self._grad_buffer = None
+        self._candidate = self._best_flow = None
         self._frozen = True
         if self.defensive > 0:
             self._proposal = DefensiveProposal(self.flow, self.defensive, self.defensive_scale)
