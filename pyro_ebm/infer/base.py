@@ -37,7 +37,12 @@ from torch import Tensor
 
 from .._checks import check_int
 from ..energy.layout import SiteLayout
-from ..metrics.psis import KHAT_THRESHOLD, FlowCheck, flow_importance_diagnostic
+from ..metrics.psis import (
+    DECISION_DRAWS,
+    KHAT_THRESHOLD,
+    FlowCheck,
+    flow_importance_diagnostic,
+)
 from ..samplers import FlowFit, MoveInfo, WalkerState, fit_flow, guarded, valid_starts
 from .stats import DrawStats
 from .target import FlatTarget, make_target
@@ -242,8 +247,9 @@ class TargetKernel(MCMCKernel):
         r"""Check the kernel's frozen flow once per run: the Pareto :math:`\hat k` and IS ESS of
         ``proposal`` as an importance sampler of the target
         (:func:`~pyro_ebm.metrics.flow_importance_diagnostic` with :data:`FLOW_CHECK_DRAWS`
-        draws), kept in :attr:`flow_check` for ``diagnostics()``; a warning when
-        :math:`\hat k > 0.7` says what it means for this kernel and what to do.
+        draws, up to :data:`~pyro_ebm.metrics.DECISION_DRAWS` near 0.5 or 0.7), kept in
+        :attr:`flow_check` for ``diagnostics()``; a warning when :math:`\hat k > 0.7` says what
+        it means for this kernel and what to do.
 
         With ``cache``, a check of the same ``flow`` (default ``proposal``; parameters
         unchanged) on the same target (same model or potential and arguments) is reused, so that
@@ -259,7 +265,9 @@ class TargetKernel(MCMCKernel):
         if check is None and fit is not None and proposal is fit.flow:  # checked by the fit
             check = FlowCheck(fit.khat, fit.ess, fit.num_draws)
         elif check is None:
-            check = flow_importance_diagnostic(proposal, self.target.potential, FLOW_CHECK_DRAWS)
+            check = flow_importance_diagnostic(
+                proposal, self.target.potential, FLOW_CHECK_DRAWS, max_draws=DECISION_DRAWS
+            )
         self.flow_check = check
         self._flow_check_cache = (key, check) if cache else None
         if not check.khat <= KHAT_THRESHOLD:  # nan too

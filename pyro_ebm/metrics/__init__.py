@@ -22,10 +22,20 @@ from .density import (
     nll,
 )
 from .modes import mode_indicator_ess, mode_weight_mse, mode_weights, mode_weights_mcse
-from .psis import KHAT_THRESHOLD, FlowCheck, flow_importance_diagnostic, pareto_khat
+from .psis import (
+    DECISION_DRAWS,
+    DECISION_KHATS,
+    KHAT_THRESHOLD,
+    FlowCheck,
+    flow_importance_diagnostic,
+    near_decision,
+    pareto_khat,
+)
 from .summary import format_summary, summarize
 
 __all__ = [
+    "DECISION_DRAWS",
+    "DECISION_KHATS",
     "KHAT_THRESHOLD",
     "FlowCheck",
     "bounds_around",
@@ -42,6 +52,7 @@ __all__ = [
     "mode_weights_mcse",
     "model_mode_weights",
     "nll",
+    "near_decision",
     "pareto_khat",
     "rhat",
     "summarize",
