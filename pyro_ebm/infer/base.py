@@ -38,8 +38,8 @@ from torch import Tensor
 from .._checks import check_int
 from ..energy.layout import SiteLayout
 from ..metrics.psis import (
-    DECISION_DRAWS,
     KHAT_THRESHOLD,
+    MAX_CHECK_DRAWS,
     FlowCheck,
     flow_importance_diagnostic,
 )
@@ -247,7 +247,7 @@ class TargetKernel(MCMCKernel):
         r"""Check the kernel's frozen flow once per run: the Pareto :math:`\hat k` and IS ESS of
         ``proposal`` as an importance sampler of the target
         (:func:`~pyro_ebm.metrics.flow_importance_diagnostic` with :data:`FLOW_CHECK_DRAWS`
-        draws, up to :data:`~pyro_ebm.metrics.DECISION_DRAWS` near 0.5 or 0.7), kept in
+        draws, up to :data:`~pyro_ebm.metrics.MAX_CHECK_DRAWS` near 0.7), kept in
         :attr:`flow_check` for ``diagnostics()``; a warning when :math:`\hat k > 0.7` says what
         it means for this kernel and what to do.
 
@@ -266,7 +266,7 @@ class TargetKernel(MCMCKernel):
             check = FlowCheck(fit.khat, fit.ess, fit.num_draws)
         elif check is None:
             check = flow_importance_diagnostic(
-                proposal, self.target.potential, FLOW_CHECK_DRAWS, max_draws=DECISION_DRAWS
+                proposal, self.target.potential, FLOW_CHECK_DRAWS, max_draws=MAX_CHECK_DRAWS
             )
         self.flow_check = check
         self._flow_check_cache = (key, check) if cache else None

@@ -23,20 +23,18 @@ from .density import (
 )
 from .modes import mode_indicator_ess, mode_weight_mse, mode_weights, mode_weights_mcse
 from .psis import (
-    DECISION_DRAWS,
-    DECISION_KHATS,
     KHAT_THRESHOLD,
+    MAX_CHECK_DRAWS,
     FlowCheck,
     flow_importance_diagnostic,
-    near_decision,
+    near_threshold,
     pareto_khat,
 )
 from .summary import format_summary, summarize
 
 __all__ = [
-    "DECISION_DRAWS",
-    "DECISION_KHATS",
     "KHAT_THRESHOLD",
+    "MAX_CHECK_DRAWS",
     "FlowCheck",
     "bounds_around",
     "effective_sample_size",
@@ -52,7 +50,7 @@ __all__ = [
     "mode_weights_mcse",
     "model_mode_weights",
     "nll",
-    "near_decision",
+    "near_threshold",
     "pareto_khat",
     "rhat",
     "summarize",

@@ -36,12 +36,11 @@ from torch import Tensor
 from .._checks import check_int
 
 __all__ = [
-    "DECISION_DRAWS",
-    "DECISION_KHATS",
     "KHAT_THRESHOLD",
+    "MAX_CHECK_DRAWS",
     "FlowCheck",
     "flow_importance_diagnostic",
-    "near_decision",
+    "near_threshold",
     "pareto_khat",
 ]
 
@@ -50,18 +49,14 @@ __all__ = [
 #: :math:`S \approx 2200` draws on)
 KHAT_THRESHOLD = 0.7
 
-#: the :math:`\hat k` values the kernels decide at: 0.5 (below it the weights have a finite
-#: variance, and the flow kernels use fewer i-SIR particles and no local moves) and
-#: :data:`KHAT_THRESHOLD` (the warning); :func:`flow_importance_diagnostic` draws more near them
-DECISION_KHATS = (0.5, KHAT_THRESHOLD)
-
-#: the standard deviation of :math:`\hat k` from 4096 draws of one flow near these values
+#: the standard deviation of :math:`\hat k` from 4096 draws of one flow near 0.5-0.7
 #: (0.10-0.13 measured); it falls as :math:`S^{-1/4}` with the draws :math:`S` (the Pareto tail
 #: is fitted to :math:`3 \sqrt S` of them)
 _KHAT_SD_4096 = 0.13
 
-#: the draws a decision check may go up to (:func:`flow_importance_diagnostic`'s ``max_draws``)
-DECISION_DRAWS = 32768
+#: the draws the kernels' checks go up to near :data:`KHAT_THRESHOLD`
+#: (:func:`flow_importance_diagnostic`'s ``max_draws``)
+MAX_CHECK_DRAWS = 32768
 
 
 class FlowCheck(NamedTuple):
@@ -140,24 +135,27 @@ def flow_importance_diagnostic(
     :math:`3\sqrt{S} \approx 190` weights. It costs 4096 potential evaluations without
     gradients, in one batch: what :class:`~pyro_ebm.infer.FlowISIR` with 16 chains and 16
     particles evaluates in 17 steps, or :class:`~pyro_ebm.infer.FlowIMH` with 16 chains in 256:
-    usually a small part of a sampler's run. Near :math:`k = 1`
-    the estimate from 4096 draws has a standard deviation of about 0.13; pass more draws for a
-    sharper one: with ``max_draws``, while :math:`\hat k` lies within two standard errors of a
-    value the kernels decide at (:data:`DECISION_KHATS`: 0.5 and 0.7; the standard error is
-    taken as :math:`0.13 (4096 / S)^{1/4}` from :math:`S` draws, since the tail fitted grows as
-    :math:`\sqrt S`), the draws are doubled, up to ``max_draws``. Eight times the draws make
-    the estimate only about 1.6 times sharper: for a proposal with :math:`k = 0.6` (a Gaussian
-    of 0.4 times the target's covariance) the sd over 100 seeds was 0.10 from 4096 draws and
-    0.07 from 32768; one flow trained on eight schools ranged over 0.24-0.58 in eight repeats of
-    4096 draws and over 0.51-0.61 of 32768 (from few draws :math:`\hat k` also runs low).
-    The kernels' checks use :data:`DECISION_DRAWS`. Runs under :func:`torch.no_grad`.
+    usually a small part of a sampler's run. Near :math:`k = 1` the estimate from 4096 draws
+    has a standard deviation of about 0.13; pass more draws for a sharper one. With
+    ``max_draws``, while :math:`\hat k` lies within two standard errors of 0.7 (the warning's
+    :data:`KHAT_THRESHOLD`; the standard error is taken as :math:`0.13 (4096 / S)^{1/4}` from
+    :math:`S` draws, since the tail fitted grows as :math:`\sqrt S`), the draws are doubled,
+    up to ``max_draws``. Eight times the draws make the estimate only about 1.5 times sharper:
+    for a proposal with :math:`k = 0.6` (a Gaussian of 0.4 times the target's covariance) the
+    sd over 100 seeds was 0.10 from 4096 draws and 0.07 from 32768; one flow trained on eight
+    schools ranged over 0.24-0.58 in eight repeats of 4096 draws and over 0.51-0.61 of 32768
+    (from few draws :math:`\hat k` also runs low). The kernels' checks use
+    :data:`MAX_CHECK_DRAWS`, so that their warning rests on the sharper estimate; their choice
+    at 0.5 of fewer i-SIR particles, a matter of speed, does not (with more draws near 0.5 too,
+    FlowISIR took 16.1 s on Pyro's logistic regression, against 9.8 s without; one run each).
+    Runs under :func:`torch.no_grad`.
 
     :param flow: proposal with ``sample_and_log_prob(n) -> (x (n, D), log q (n,))``, e.g. a
         :class:`pyro_ebm.flows.Flow`.
     :param potential: batched potential ``(n, D) -> (n,)`` of the target.
     :param num_draws: draws of the flow (at least 5).
     :param batch_size: draws evaluated per potential call (bounds the memory of the check).
-    :param max_draws: the most draws when :math:`\hat k` is near a decision value (``None``,
+    :param max_draws: the most draws when :math:`\hat k` is near 0.7 (``None``,
         the default, or at most ``num_draws``: no more draws).
     :returns: a :class:`FlowCheck` (``num_draws`` is the number of draws used).
 
@@ -183,18 +181,18 @@ def flow_importance_diagnostic(
     max_draws = num_draws if max_draws is None else check_int("max_draws", max_draws, 1)
     lw = _log_weights(flow, potential, num_draws, batch_size)
     check = _check(lw)
-    while len(lw) < max_draws and near_decision(check.khat, len(lw)):
+    while len(lw) < max_draws and near_threshold(check.khat, len(lw)):
         more = _log_weights(flow, potential, min(len(lw), max_draws - len(lw)), batch_size)
         lw = torch.cat([lw, more])
         check = _check(lw)
     return check
 
 
-def near_decision(khat: float, num_draws: int) -> bool:
-    """Whether ``khat`` from ``num_draws`` draws lies within two standard errors of a value the
-    kernels decide at (:data:`DECISION_KHATS`; see :func:`flow_importance_diagnostic`)."""
+def near_threshold(khat: float, num_draws: int) -> bool:
+    """Whether ``khat`` from ``num_draws`` draws lies within two standard errors of
+    :data:`KHAT_THRESHOLD` (see :func:`flow_importance_diagnostic`)."""
     se = _KHAT_SD_4096 * (4096 / num_draws) ** 0.25
-    return math.isfinite(khat) and any(abs(khat - k) < 2 * se for k in DECISION_KHATS)
+    return math.isfinite(khat) and abs(khat - KHAT_THRESHOLD) < 2 * se
 
 
 @torch.no_grad()

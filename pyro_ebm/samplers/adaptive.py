@@ -31,7 +31,12 @@ from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_flag, check_int, check_positive, check_real
 from ..flows import RealNVP, Standardized, forward_kl_step, reverse_kl_step
-from ..metrics.psis import DECISION_DRAWS, FlowCheck, flow_importance_diagnostic
+from ..metrics.psis import (
+    MAX_CHECK_DRAWS,
+    FlowCheck,
+    flow_importance_diagnostic,
+    near_threshold,
+)
 from .adaptation import StepSizeAdapter, stationary_start
 from .composite import GlobalLocalInfo, cycle_info, global_local_move
 from .flow_fit import DENSE_MAX_DIM
@@ -503,7 +508,7 @@ class AdaptiveFlowSampler:
     def _keep_better_than_start(self) -> FlowCheck:
         """Keep the trained flow or its start, whichever has the larger importance-sampling ESS
         (see :meth:`freeze`); the kept one's check (a new one, up to
-        :data:`~pyro_ebm.metrics.DECISION_DRAWS` draws near k-hat 0.5 or 0.7). The start is the
+        :data:`~pyro_ebm.metrics.MAX_CHECK_DRAWS` draws near k-hat 0.7). The start is the
         flow's start standardized on the history without the gradients' narrowing (for the
         default flow: the history's Gaussian), or a given flow that is not standardized as it
         was given."""
@@ -516,13 +521,14 @@ class AdaptiveFlowSampler:
             if self._buffer is not None:
                 start.standardize_(self._buffer.reshape(-1, self._buffer.shape[-1]))
         start_check = flow_importance_diagnostic(start, self.potential_fn)
-        if trained.ess >= start_check.ess or not start_check.ess > 0:
-            kept = self.flow
-        else:
+        kept, check = self.flow, trained
+        start_is_better = not (trained.ess >= start_check.ess or not start_check.ess > 0)
+        if start_is_better:  # (a trained ESS that is not a number too)
             self.flow.load_state_dict(start.state_dict())
-            self.kept_flow_start, kept = True, start
-        # the kept flow's check, with more draws where its k-hat is near a decision value
-        return flow_importance_diagnostic(kept, self.potential_fn, max_draws=DECISION_DRAWS)
+            self.kept_flow_start, kept, check = True, start, start_check
+        if near_threshold(check.khat, check.num_draws):  # (its warning: more draws)
+            check = flow_importance_diagnostic(kept, self.potential_fn, max_draws=MAX_CHECK_DRAWS)
+        return check
 
     # -- driver -----------------------------------------------------------------------------
     def run(

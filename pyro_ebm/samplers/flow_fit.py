@@ -177,12 +177,12 @@ def fit_flow(
 def _done(
     flow: AffineFlow, check, steps: int, stages: tuple, start_time: float, potential
 ) -> FlowFit:
-    from ..metrics.psis import DECISION_DRAWS, flow_importance_diagnostic, near_decision
+    from ..metrics.psis import MAX_CHECK_DRAWS, flow_importance_diagnostic, near_threshold
 
     flow.requires_grad_(False)
-    if check.num_draws < DECISION_DRAWS and near_decision(check.khat, check.num_draws):
-        # the kernels decide on this check: more draws near k-hat 0.5 or 0.7
-        check = flow_importance_diagnostic(flow, potential, max_draws=DECISION_DRAWS)
+    if check.num_draws < MAX_CHECK_DRAWS and near_threshold(check.khat, check.num_draws):
+        # the kernels warn on this check: more draws near k-hat 0.7
+        check = flow_importance_diagnostic(flow, potential, max_draws=MAX_CHECK_DRAWS)
     seconds = time.perf_counter() - start_time
     return FlowFit(flow, check.khat, check.ess, check.num_draws, steps, stages, seconds)
 
