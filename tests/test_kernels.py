@@ -968,3 +968,18 @@ def test_initial_params_with_a_site_the_model_does_not_have_get_a_clear_error():
     with pytest.raises(ValueError, match=r"sites \['sigma'\] that are not latent sample sites"):
         make_target(model, None, {"mu": torch.tensor(0.0), "sigma": torch.tensor(1.0)})
     assert make_target(model, None, {"mu": torch.tensor(0.5)}).initial.tolist() == [0.5]
+
+
+def test_flow_isir_signature_names_its_arguments():
+    """``help(FlowISIR)`` and IDEs show FlowIMH's arguments plus ``num_particles`` (it was
+    ``(*args, num_particles='auto', **kwargs)``), and they reach FlowIMH's checks."""
+    import inspect
+
+    imh = list(inspect.signature(FlowIMH).parameters)
+    isir = inspect.signature(FlowISIR).parameters
+    assert list(isir) == [*imh, "num_particles"]
+    assert isir["num_particles"].kind is inspect.Parameter.KEYWORD_ONLY
+    kernel = FlowISIR(potential_fn=lambda p: (p["x"] ** 2).sum(), block_size=8, num_particles=4)
+    assert (kernel.block_size, kernel.num_particles) == (8, 4)
+    with pytest.raises(ValueError, match="defensive"):
+        FlowISIR(potential_fn=lambda p: (p["x"] ** 2).sum(), defensive=1.5)

@@ -196,14 +196,35 @@ class FlowISIR(FlowIMH):
     #: the most particles of ``num_particles="auto"``
     MAX_AUTO_PARTICLES = 16
 
-    def __init__(self, *args, num_particles: int | str = "auto", **kwargs) -> None:
+    def __init__(
+        self,
+        model: Callable | None = None,
+        potential_fn: Callable | None = None,
+        flow=None,
+        block_size: int = 256,
+        defensive: float = 0.0,
+        defensive_scale: float = 3.0,
+        init_strategy: Callable | None = None,
+        max_plate_nesting: int | None = None,
+        *,
+        num_particles: int | str = "auto",
+    ) -> None:
         if isinstance(num_particles, str) and num_particles != "auto":
             raise ValueError(
                 f"num_particles must be an integer >= 2 or 'auto', got {num_particles!r}"
             )
         if num_particles != "auto":
             num_particles = check_int("num_particles", num_particles, 2)
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            model,
+            potential_fn,
+            flow,
+            block_size,
+            defensive,
+            defensive_scale,
+            init_strategy,
+            max_plate_nesting,
+        )
         self.num_particles = num_particles
         #: the particle count of the last run (``num_particles``, or the one ``"auto"`` chose)
         self.num_particles_: int | None = None
