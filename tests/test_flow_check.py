@@ -43,7 +43,13 @@ from pyro_ebm.infer import (
     to_arviz,
 )
 from pyro_ebm.infer.stats import longest_rejection_run, stuck_threshold
-from pyro_ebm.metrics import MAX_CHECK_DRAWS, FlowCheck, flow_importance_diagnostic, pareto_khat
+from pyro_ebm.metrics import (
+    MAX_CHECK_DRAWS,
+    FlowCheck,
+    flow_importance_diagnostic,
+    pareto_khat,
+    sharpened,
+)
 
 MEAN = torch.tensor([1.0, -0.5])
 COV = torch.tensor([[1.0, 0.6], [0.6, 2.0]])
@@ -128,7 +134,10 @@ def test_khat_near_the_threshold_is_refined_with_more_draws():
     torch.manual_seed(0)
     for flow in (gaussian_flow(0.9), gaussian_flow(1.2)):
         assert flow_importance_diagnostic(flow, U, max_draws=MAX_CHECK_DRAWS).num_draws == 4096
-    assert flow_importance_diagnostic(gaussian_flow(0.3**0.5), U).num_draws == 4096
+    first = flow_importance_diagnostic(gaussian_flow(0.3**0.5), U)
+    assert first.num_draws == 4096
+    # the kernels' final checks: sharpened, a new check up to 32768 draws near 0.7
+    assert sharpened(first, gaussian_flow(0.3**0.5), U).num_draws == 32768
 
 
 def test_khat_is_arviz_psis_and_nonfinite_weights_count_as_zero():

@@ -29,6 +29,7 @@ from .psis import (
     flow_importance_diagnostic,
     near_threshold,
     pareto_khat,
+    sharpened,
 )
 from .summary import format_summary, summarize
 
@@ -52,6 +53,7 @@ __all__ = [
     "nll",
     "near_threshold",
     "pareto_khat",
+    "sharpened",
     "rhat",
     "summarize",
 ]

@@ -475,15 +475,14 @@ def stationary_start(
     The older iterations are grouped, newest first, into blocks of at least ``min_points``
     positions (the oldest block takes what is left); a block is *off* when its median potential
     lies more than ``shift`` reference standard deviations (from the interquartile range) from
-    the reference median. Everything up
-    to the newest off block is the transient. Walkers converging from a broad start onto a
-    narrow posterior have potentials far above the typical set's; walkers started at a mode, far
-    below it in more than a few dimensions. A stationary ensemble is not off: the median
-    potentials of 64 walkers differ by about a sixth of a standard deviation, and a shift of
-    the weights of separated modes of the same shape barely moves them (a mode of weight
-    :math:`w` lies :math:`-\log w` higher; modes of very different widths lie at different
-    potentials, and a large shift of their weights can cut the history). Medians, so that one
-    walker stuck far out does not cut the history.
+    the reference median. Everything up to the newest off block is the transient. Walkers
+    converging from a broad start onto a narrow posterior have potentials far above the typical
+    set's; walkers started at a mode, far below it in more than a few dimensions. A stationary
+    ensemble is not off: the median potentials of 64 walkers differ by about a sixth of a
+    standard deviation, and a shift of the weights of separated modes of the same shape barely
+    moves them (a mode of weight :math:`w` lies :math:`-\log w` higher; modes of very different
+    widths lie at different potentials, and a large shift of their weights can cut the
+    history). Medians, so that one walker stuck far out does not cut the history.
 
     :param potential_energy: ``(T, C)`` potential energies of ``C`` walkers over ``T``
         iterations, oldest first (non-finite values are ignored).

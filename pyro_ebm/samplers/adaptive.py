@@ -31,12 +31,7 @@ from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_flag, check_int, check_positive, check_real
 from ..flows import RealNVP, Standardized, forward_kl_step, reverse_kl_step
-from ..metrics.psis import (
-    MAX_CHECK_DRAWS,
-    FlowCheck,
-    flow_importance_diagnostic,
-    near_threshold,
-)
+from ..metrics.psis import FlowCheck, flow_importance_diagnostic, sharpened
 from .adaptation import StepSizeAdapter, stationary_start
 from .composite import GlobalLocalInfo, cycle_info, global_local_move
 from .flow_fit import DENSE_MAX_DIM
@@ -526,9 +521,7 @@ class AdaptiveFlowSampler:
         if start_is_better:  # (a trained ESS that is not a number too)
             self.flow.load_state_dict(start.state_dict())
             self.kept_flow_start, kept, check = True, start, start_check
-        if near_threshold(check.khat, check.num_draws):  # (its warning: more draws)
-            check = flow_importance_diagnostic(kept, self.potential_fn, max_draws=MAX_CHECK_DRAWS)
-        return check
+        return sharpened(check, kept, self.potential_fn)  # (its warning: more draws near 0.7)
 
     # -- driver -----------------------------------------------------------------------------
     def run(

@@ -177,12 +177,10 @@ def fit_flow(
 def _done(
     flow: AffineFlow, check, steps: int, stages: tuple, start_time: float, potential
 ) -> FlowFit:
-    from ..metrics.psis import MAX_CHECK_DRAWS, flow_importance_diagnostic, near_threshold
+    from ..metrics.psis import sharpened
 
     flow.requires_grad_(False)
-    if check.num_draws < MAX_CHECK_DRAWS and near_threshold(check.khat, check.num_draws):
-        # the kernels warn on this check: more draws near k-hat 0.7
-        check = flow_importance_diagnostic(flow, potential, max_draws=MAX_CHECK_DRAWS)
+    check = sharpened(check, flow, potential)  # the kernels warn on it: more draws near 0.7
     seconds = time.perf_counter() - start_time
     return FlowFit(flow, check.khat, check.ess, check.num_draws, steps, stages, seconds)
 
