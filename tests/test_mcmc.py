@@ -966,6 +966,7 @@ def test_adaptive_auto_production_moves_follow_the_flow_check(khat, monkeypatch)
 
     made = FlowCheck(khat, 2048.0, 4096)
     monkeypatch.setattr(sampler_module, "flow_importance_diagnostic", lambda *a, **k: made)
+    monkeypatch.setattr(sampler_module, "sharpened", lambda check, *a, **k: check)
     pot, _, _ = gauss()
     kernel = AdaptiveFlowMCMC(potential_fn=pot, num_walkers=16)
     run(kernel, 8, 40, num_chains=8)
