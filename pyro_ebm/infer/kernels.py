@@ -38,12 +38,10 @@ from ..samplers import (
     GOOD_KHAT,
     DefensiveProposal,
     FlowProposals,
-    MassMatrixAdapter,
     MoveInfo,
-    StepSizeAdapter,
+    StanWarmup,
     WalkerState,
     diagonal_curvature,
-    find_reasonable_step_size,
     guarded,
     imh_step,
     init_state,
@@ -355,9 +353,7 @@ class MALA(WalkerKernel):
         self.target_accept_prob = float(target_accept_prob)
         self.jit_compile = bool(jit_compile)
         self.jit_options = jit_options
-        self._adapter = StepSizeAdapter(step_size, self.target_accept_prob)
-        self._mass: MassMatrixAdapter | None = None
-        self._potential: Callable[[Tensor], Tensor] | None = None
+        self._warmup: StanWarmup | None = None
         self.step_size = step_size
 
     @property
@@ -373,20 +369,21 @@ class MALA(WalkerKernel):
     @property
     def inverse_mass_matrix(self) -> Tensor | None:
         r"""The current inverse mass matrix :math:`A` over the flat unconstrained space:
-        ``(D,)`` (diagonal) or ``(D, D)`` (``full_mass``); ``None`` before :meth:`setup`."""
-        return None if self._mass is None else self._mass.inverse_mass
-
-    def _reset_adaptation(self) -> None:
-        """Per-run reset: the initial step size, a fresh dual averaging and an identity mass."""
-        self.step_size = self.initial_step_size
-        self._adapter.reset(self.initial_step_size)
-        dim = self.target.layout.dim
-        identity = torch.eye(dim) if self.full_mass else torch.ones(dim)
-        warmup = self._warmup_steps if self.adapt_mass_matrix else 0
-        self._mass = MassMatrixAdapter(dim, warmup, self.full_mass, identity.to(self.device))
+        ``(D,)`` or ``(D, D)`` (``full_mass``); ``None`` before :meth:`setup`."""
+        return None if self._warmup is None else self._warmup.inverse_mass
 
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
-        self._reset_adaptation()
+        self._warmup = StanWarmup(
+            self.target.layout.dim,
+            self._warmup_steps,
+            self.initial_step_size,
+            self.target_accept_prob,
+            self.adapt_step_size,
+            self.adapt_mass_matrix,
+            self.full_mass,
+            self.device,
+        )
+        self.step_size = self.initial_step_size
         self._potential = self.target.potential
         if self.jit_compile:
             # errors raised in the compiled graph are rejected and counted too
@@ -400,8 +397,10 @@ class MALA(WalkerKernel):
     def _restart(self, x: Tensor) -> WalkerState:
         return init_state(self._potential, x)
 
-    def _step(self, state: WalkerState, step_size: float | Tensor) -> tuple[WalkerState, MoveInfo]:
-        return mala_step(state, self._potential, step_size, self._mass.inverse_mass)
+    def _trial(self, state: WalkerState, step_size: float | Tensor) -> Tensor:
+        return mala_step(state, self._potential, step_size, self._warmup.inverse_mass)[
+            1
+        ].accept_prob
 
     def _curvature(self, mean: Tensor) -> Tensor:
         """The potential's diagonal curvature at the window's mean: a floor on the variances
@@ -409,22 +408,10 @@ class MALA(WalkerKernel):
         return diagonal_curvature(self._potential, mean)
 
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
-        state, info = self._step(state, self.step_size)
+        state, info = mala_step(state, self._potential, self.step_size, self._warmup.inverse_mass)
         if warmup:
-            if self.adapt_step_size:
-                self.step_size = self._adapter.update(info.accept_prob)
-            curvature = None if self.full_mass else self._curvature
-            if self._mass.update(state.x, curvature) and self.adapt_step_size:
-                # a new metric: restart the step size from a reasonable value (Stan)
-                step_size = find_reasonable_step_size(
-                    lambda eps: self._step(state, eps)[1].accept_prob,
-                    float(self.step_size),
-                    threshold=self.target_accept_prob,
-                )
-                self._adapter.reset(step_size)
-                self.step_size = step_size
-            if self._t == self._warmup_steps - 1 and self.adapt_step_size:
-                self.step_size = self._adapter.final_step_size
+            self._warmup.update(self._t, state, info.accept_prob, self._trial, self._curvature)
+            self.step_size = self._warmup.step_size
         return state, info, False
 
     def _extra_logging(self) -> dict:

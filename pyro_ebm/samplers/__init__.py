@@ -1,7 +1,8 @@
 r"""The one vectorized MCMC core of ``pyro_ebm``.
 
 Pure functions on a ``(num_walkers, dim)`` tensor, each returning ``(new_state, info)``: local
-moves (:func:`ula_step`, :func:`mala_step`, :func:`hmc_step`; the many-chain ChEES-HMC step
+moves (:func:`ula_step`, :func:`mala_step`, :func:`hmc_step`, the No-U-Turn sampler
+:func:`nuts_step`; the many-chain ChEES-HMC step
 :func:`chees_hmc_step` also returns the statistics its :class:`ChEESAdapter` learns from), global
 flow moves (:func:`imh_step`, :func:`isir_step` with :class:`FlowProposals` drawing proposals in
 blocks), their composition (:func:`global_local_step`), step-size and mass-matrix adaptation
@@ -13,6 +14,7 @@ math lives here only.
 
 from .adaptation import (
     MassMatrixAdapter,
+    StanWarmup,
     StepSizeAdapter,
     StepSizeController,
     TrackingStepSize,
@@ -51,6 +53,7 @@ from .guard import (
 )
 from .latent import PullbackPotential
 from .local import hmc_step, mala_step, ula_step
+from .nuts import nuts_step
 from .state import MoveInfo, WalkerState, accept_reject, init_state, potential_and_grad
 
 __all__ = [
@@ -71,6 +74,7 @@ __all__ = [
     "PotentialErrors",
     "PullbackPotential",
     "REJECTED_ERRORS",
+    "StanWarmup",
     "StepSizeAdapter",
     "StepSizeController",
     "TrackingStepSize",
@@ -92,6 +96,7 @@ __all__ = [
     "isir_step",
     "log_weights",
     "mala_step",
+    "nuts_step",
     "potential_and_grad",
     "sir_draws",
     "stack_infos",

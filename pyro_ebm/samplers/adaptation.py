@@ -27,6 +27,7 @@ __all__ = [
     "diagonal_curvature",
     "warmup_windows",
     "MassMatrixAdapter",
+    "StanWarmup",
     "StepSizeAdapter",
     "StepSizeController",
     "TrackingStepSize",
@@ -431,6 +432,114 @@ class MassMatrixAdapter:
 
     def _reset_window(self) -> None:
         self._n, self._mean, self._m2 = 0, None, None
+
+
+class StanWarmup:
+    r"""Stan's warmup of a gradient-based kernel over ``C`` chains advancing together: one step
+    size shared by the chains, adapted by dual averaging toward ``target_accept`` from their mean
+    acceptance (:class:`StepSizeAdapter`), and the inverse mass matrix estimated from their
+    positions in Stan's windows (:class:`MassMatrixAdapter`, the diagonal floored by the
+    potential's curvature). At the start, and after each new mass matrix, the step size restarts
+    from a reasonable value (:func:`find_reasonable_step_size`) and the dual averaging restarts
+    there; at the end of warmup the averaged step size is frozen. The kernels
+    :class:`~pyro_ebm.infer.MALA`, :class:`~pyro_ebm.infer.FlowHMC` and
+    :class:`~pyro_ebm.infer.FlowNUTS` run their warmup through it.
+
+    :param dim: dimension of the positions.
+    :param warmup_steps: warmup iterations (fewer than 20: the mass matrix is not adapted).
+    :param step_size: the initial step size.
+    :param target_accept: the mean acceptance to aim for.
+    :param adapt_step_size: adapt the step size.
+    :param adapt_mass_matrix: adapt the inverse mass matrix.
+    :param full_mass: a dense ``(D, D)`` inverse mass matrix instead of a diagonal one.
+    :param device: where the inverse mass matrix lives.
+    :param trial_threshold: the mean acceptance of one trial move that the reasonable step size
+        crosses (MALA's trial move is the move itself: ``target_accept``; HMC's one leapfrog
+        step: Pyro's 0.8).
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_ebm.samplers import init_state, mala_step
+        >>> U = lambda x: 0.5 * (x**2).sum(-1)
+        >>> warmup = StanWarmup(2, warmup_steps=100, step_size=1e-3, target_accept=0.574)
+        >>> state = init_state(U, torch.randn(8, 2))
+        >>> def trial(state, eps):
+        ...     return mala_step(state, U, eps, warmup.inverse_mass)[1].accept_prob
+        >>> warmup.start(state, trial)
+        >>> for t in range(100):
+        ...     state, info = mala_step(state, U, warmup.step_size, warmup.inverse_mass)
+        ...     warmup.update(t, state, info.accept_prob, trial)
+        >>> 0.1 < warmup.step_size < 10.0
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        warmup_steps: int,
+        step_size: float,
+        target_accept: float,
+        adapt_step_size: bool = True,
+        adapt_mass_matrix: bool = True,
+        full_mass: bool = False,
+        device: torch.device | str | None = None,
+        trial_threshold: float | None = None,
+    ) -> None:
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.adapt_step_size = bool(adapt_step_size)
+        self.target_accept = target_accept
+        self.trial_threshold = target_accept if trial_threshold is None else trial_threshold
+        self._adapter = StepSizeAdapter(step_size, target_accept)
+        identity = torch.eye(dim) if full_mass else torch.ones(dim)
+        self._mass = MassMatrixAdapter(
+            dim, warmup_steps if adapt_mass_matrix else 0, full_mass, identity.to(device)
+        )
+        #: the step size of the next move
+        self.step_size: float | Tensor = step_size
+
+    @property
+    def inverse_mass(self) -> Tensor:
+        r"""The current inverse mass matrix, ``(D,)`` or ``(D, D)``."""
+        return self._mass.inverse_mass
+
+    @property
+    def full_mass(self) -> bool:
+        return self._mass.full_mass
+
+    def start(self, state, trial: Callable) -> None:
+        r"""Search a reasonable first step size from the chains' starts (when the step size
+        adapts and there is a warmup). ``trial(state, step_size)`` returns the ``(C,)``
+        acceptance probabilities of one trial move."""
+        if self.adapt_step_size and self.warmup_steps > 0:
+            self._restart(state, trial)
+
+    def update(
+        self,
+        iteration: int,
+        state,
+        accept_prob: Tensor,
+        trial: Callable,
+        curvature: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        r"""After warmup move ``iteration`` (0-based) of the chains, now at ``state``, with
+        acceptance probabilities ``accept_prob`` ``(C,)``: update the step size and the mass
+        matrix. ``curvature``: the potential's diagonal curvature at a point (see
+        :meth:`MassMatrixAdapter.update`)."""
+        if self.adapt_step_size:
+            self.step_size = self._adapter.update(accept_prob)
+        floor = None if self._mass.full_mass else curvature
+        if self._mass.update(state.x, floor) and self.adapt_step_size:
+            self._restart(state, trial)  # a new metric: restart the step size (Stan)
+        if iteration == self.warmup_steps - 1 and self.adapt_step_size:
+            self.step_size = self._adapter.final_step_size
+
+    def _restart(self, state, trial: Callable) -> None:
+        step_size = find_reasonable_step_size(
+            lambda eps: trial(state, eps), float(self.step_size), threshold=self.trial_threshold
+        )
+        self._adapter.reset(step_size)
+        self.step_size = step_size
 
 
 def diagonal_curvature(

@@ -42,13 +42,18 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive
 from .adaptation import MassMatrixAdapter, StepSizeAdapter
-from .local import _check_inverse_mass, _hmc_metric, _kinetic, _leapfrog, _per_walker, _velocity
+from .local import (
+    MAX_ENERGY_ERROR,
+    _check_inverse_mass,
+    _kinetic,
+    _leapfrog,
+    _momentum,
+    _per_walker,
+    _velocity,
+)
 from .state import MoveInfo, PotentialFn, WalkerState, accept_reject
 
 __all__ = ["ChEESAdapter", "ChEESProposal", "chees_hmc_step"]
-
-#: an energy error :math:`H(q', p') - H(q, p)` above this is a divergence (as in Stan and Pyro)
-MAX_ENERGY_ERROR = 1000.0
 
 
 class ChEESProposal(NamedTuple):
@@ -122,14 +127,7 @@ def chees_hmc_step(
         raise ValueError("state.grad is None: build the state with init_state(..., with_grad=True)")
     _check_inverse_mass(inverse_mass, state.x, dense=True)
     eps = _per_walker(step_size, state.x)
-    if inverse_mass is None:
-        inv_m = torch.ones_like(state.x[0])
-        p = torch.randn_like(state.x) / inv_m.sqrt()
-    elif inverse_mass.dim() == 2:
-        inv_m, p = _hmc_metric(inverse_mass, state.x)
-    else:
-        inv_m = inverse_mass.to(dtype=state.x.dtype, device=state.x.device)
-        p = torch.randn_like(state.x) / inv_m.sqrt()
+    inv_m, p = _momentum(inverse_mass, state.x)
     kinetic0 = _kinetic(p, inv_m)
     x, p, u, g, ok = _leapfrog(potential_fn, state, p, eps, inv_m, num_steps)
     kinetic1 = _kinetic(p, inv_m)

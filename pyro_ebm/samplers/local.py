@@ -28,7 +28,10 @@ from .state import (
     select,
 )
 
-__all__ = ["hmc_step", "mala_step", "ula_step"]
+__all__ = ["MAX_ENERGY_ERROR", "hmc_step", "mala_step", "ula_step"]
+
+#: an energy error :math:`H(q', p') - H(q, p)` above this is a divergence (as in Stan and Pyro)
+MAX_ENERGY_ERROR = 1000.0
 
 
 def _per_walker(step_size: float | Tensor, x: Tensor) -> Tensor:
@@ -219,6 +222,16 @@ def _hmc_metric(inverse_mass: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return pre.a, torch.linalg.solve_triangular(pre.chol, z, upper=False, left=False)
 
 
+def _momentum(inverse_mass: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The inverse mass :math:`A` as the leapfrog takes it (``(D,)`` ones when ``None``, else
+    diagonal ``(D,)`` or dense ``(D, D)``) and a momentum :math:`p \sim \mathcal N(0, A^{-1})`
+    for each row of ``x``."""
+    if inverse_mass is not None and inverse_mass.dim() == 2:
+        return _hmc_metric(inverse_mass, x)
+    inv_m = torch.ones_like(x[0]) if inverse_mass is None else inverse_mass.to(x)
+    return inv_m, torch.randn_like(x) / inv_m.sqrt()
+
+
 def _kinetic(p: Tensor, inv_m: Tensor) -> Tensor:
     r"""Kinetic energy :math:`\tfrac12 p^\top A p` of each row of ``p``, ``(C,)``; ``inv_m``
     :math:`A` diagonal ``(D,)`` or dense ``(D, D)``."""
@@ -289,11 +302,7 @@ def hmc_step(
     if state.grad is None:
         raise ValueError("state.grad is None: build the state with init_state(..., with_grad=True)")
     eps = _per_walker(step_size, state.x)
-    if inverse_mass is not None and inverse_mass.dim() == 2:
-        inv_m, p = _hmc_metric(inverse_mass, state.x)
-    else:
-        inv_m = torch.ones_like(state.x[0]) if inverse_mass is None else inverse_mass
-        p = torch.randn_like(state.x) / inv_m.sqrt()
+    inv_m, p = _momentum(inverse_mass, state.x)
     kinetic0 = _kinetic(p, inv_m)
     x, p, u, g, ok = _leapfrog(potential_fn, state, p, eps, inv_m, num_steps)
     kinetic1 = _kinetic(p, inv_m)
