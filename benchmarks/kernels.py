@@ -610,9 +610,10 @@ def _default_kernels() -> dict:
         "ChEESHMC flow=False": (lambda m: ChEESHMC(m, flow=False), True),
         "FlowIMH": (lambda m: FlowIMH(m), True),
         "FlowISIR": (lambda m: FlowISIR(m), True),
-        "FlowHMC": (lambda m: FlowHMC(m), False),
-        "FlowNUTS": (lambda m: FlowNUTS(m), False),
-        "FlowNUTS jit": (lambda m: FlowNUTS(m, jit_compile=True), False),
+        "FlowHMC": (lambda m: FlowHMC(m), True),
+        "FlowHMC jit": (lambda m: FlowHMC(m, jit_compile=True), True),
+        "FlowNUTS": (lambda m: FlowNUTS(m), True),
+        "FlowNUTS jit": (lambda m: FlowNUTS(m, jit_compile=True), True),
         "AdaptiveFlowMCMC": (lambda m: AdaptiveFlowMCMC(m), True),
     }
 

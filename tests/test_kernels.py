@@ -49,10 +49,9 @@ from pyro_ebm.infer import (
     FlowIMH,
     FlowISIR,
     FlowNUTS,
-    LatentPotential,
 )
 from pyro_ebm.metrics import mode_weights_mcse
-from pyro_ebm.samplers import DefensiveProposal, flow_moves, local
+from pyro_ebm.samplers import DefensiveProposal, PullbackPotential, flow_moves, local
 
 pytestmark = pytest.mark.filterwarnings("ignore:num_chains=.*sequentially:UserWarning")
 
@@ -788,13 +787,13 @@ def test_flow_isir_targets_correlated_gaussian():
 
 def test_flow_hmc_targets_correlated_gaussian():
     """HMC in the latent space of a nonlinear flow (:func:`rough_flow`). Catches:
-    ``log|det J|`` dropped from ``infer.neutra.LatentPotential``."""
+    ``log|det J|`` dropped from ``samplers.PullbackPotential``."""
     _assert_within_mcse(moment_series(*run_flow_hmc(0)))
 
 
 def test_flow_nuts_targets_correlated_gaussian():
     """NUTS in the latent space of :func:`rough_flow`. Catches: ``log|det J|`` dropped from
-    ``infer.neutra.LatentPotential``."""
+    ``samplers.PullbackPotential``."""
     _assert_within_mcse(moment_series(*run_flow_nuts(0)))
 
 
@@ -890,17 +889,17 @@ def _unmixed_density(self, n):
     return x, self.flow.log_prob(x)
 
 
-def _drop_log_det(self, params):
-    x, _ = self.flow.forward(params["z"][None])
-    return self.potential(x)[0]
+def _drop_log_det(self, z):
+    x, _ = self.flow.forward(z)
+    return self.potential_fn(x)
 
 
 BUGS = {
     "mala": (local, "_langevin_log_q", _drop_hastings),
     "imh": (flow_moves, "log_weights", _flip_log_q),
     "isir": (flow_moves, "log_weights", _flip_log_q),
-    "flow_hmc": (LatentPotential, "__call__", _drop_log_det),
-    "flow_nuts": (LatentPotential, "__call__", _drop_log_det),
+    "flow_hmc": (PullbackPotential, "__call__", _drop_log_det),
+    "flow_nuts": (PullbackPotential, "__call__", _drop_log_det),
     "adaptive": (flow_moves, "log_weights", _flip_log_q),
     "adaptive_reverse_kl": (flow_moves, "log_weights", _flip_log_q),
     "adaptive_defensive": (DefensiveProposal, "sample_and_log_prob", _unmixed_density),

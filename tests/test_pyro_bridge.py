@@ -350,7 +350,9 @@ def test_training_never_leaves_a_given_unstandardized_flow_worse():
 
 def test_kernel_options_are_checked_by_name():
     pot = lambda p: (p["x"] ** 2).sum()  # noqa: E731
-    with pytest.raises(TypeError, match="FlowNUTS got an unexpected keyword argument 'bogus'"):
+    with pytest.raises(
+        TypeError, match=r"FlowNUTS.__init__\(\) got an unexpected keyword argument 'bogus'"
+    ):
         FlowNUTS(potential_fn=pot, bogus=1)
     with pytest.raises(TypeError, match="AdaptiveFlowMCMC got an unexpected keyword argument"):
         AdaptiveFlowMCMC(potential_fn=pot, bogus=1)

@@ -256,7 +256,7 @@ def test_flow_nuts_and_flow_hmc_survive_minus_inf_and_cap_leapfrog_steps():
     mcmc = MCMC(kernel, 100, 200, disable_progbar=True)
     energy.calls = 0
     mcmc.run()
-    assert kernel._inner.num_steps <= 30
+    assert kernel.num_steps <= 30
     assert energy.calls <= 300 * (30 + 2)  # one gradient per leapfrog step, plus the start
 
 

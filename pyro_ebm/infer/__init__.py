@@ -19,6 +19,7 @@ from .neutra import (
     CompiledPotential,
     FlowHMC,
     FlowNUTS,
+    LatentKernel,
     LatentPotential,
     compile_value_and_grad,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "FlowIMH",
     "FlowISIR",
     "FlowNUTS",
+    "LatentKernel",
     "LatentPotential",
     "TargetKernel",
     "WalkerKernel",

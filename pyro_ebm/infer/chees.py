@@ -16,33 +16,27 @@ References:
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from .._checks import check_flag, check_int, check_positive, check_real
-from ..flows import as_flow
 from ..samplers import (
     ChEESAdapter,
     MoveInfo,
-    PullbackPotential,
     WalkerState,
     chees_hmc_step,
-    guarded,
-    init_state,
+    find_reasonable_step_size,
 )
-from .base import WalkerKernel
-from .neutra import CompiledPotential
+from .neutra import LatentKernel
 
 __all__ = ["ChEESHMC"]
 
 logger = logging.getLogger(__name__)
 
 
-class ChEESHMC(WalkerKernel):
+class ChEESHMC(LatentKernel):
     r"""Hamiltonian Monte Carlo for many chains at once, tuned by the ChEES criterion.
 
     Every chain integrates for the same jittered time :math:`u_k T` (:math:`u_k` from a
@@ -117,15 +111,8 @@ class ChEESHMC(WalkerKernel):
         torch.Size([16, 50, 3])
     """
 
-    _flow_khat_meaning = (
-        "the flow misses part of the target; in its latent space the target is far from the "
-        "standard Gaussian NeuTra relies on (a bad geometry), so the chains will take small "
-        "steps, diverge or mix slowly, and may not reach what the flow misses"
-    )
     _flow_khat_remedy = "run without a flow (flow=False)"
-    #: with a given flow, the chains start from draws of it (a uniform start mapped back through
-    #: a flow can land far out in its latent space, where the chains stay)
-    _starts_from_flow = True
+    _allows_no_flow = True
 
     def __init__(
         self,
@@ -161,55 +148,19 @@ class ChEESHMC(WalkerKernel):
         )
         self.target_accept_prob = float(target_accept_prob)
         self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
-        flow = flow if flow is False else as_flow(flow)
-        if flow not in (None, False) and not (
-            hasattr(flow, "forward") and hasattr(flow, "inverse")
-        ):
-            raise TypeError(
-                "flow must be a pyro_ebm.flows.Flow (forward/inverse), a Pyro AutoContinuous "
-                "guide, None or False"
-            )
-        self.flow = flow
+        self._init_latent(flow, jit_compile, jit_options)
         self.adapt_step_size = check_flag("adapt_step_size", adapt_step_size)
         self.adapt_trajectory_length = check_flag(
             "adapt_trajectory_length", adapt_trajectory_length
         )
         self.adapt_mass_matrix = check_flag("adapt_mass_matrix", adapt_mass_matrix)
         self.full_mass = check_flag("full_mass", full_mass)
-        self.jit_compile = check_flag("jit_compile", jit_compile)
-        self.jit_options = jit_options
         self.adapter: ChEESAdapter | None = None
 
     # -- set-up ------------------------------------------------------------------------------
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
         dim = self.target.layout.dim
-        self._flow = None
-        self._potential = self.target.potential
-        if self.flow is not False:
-            flow = self._flow_for_run(x0)
-            if self.flow is None:  # fitted and frozen: no copy; start from it
-                self._flow = flow
-                x0 = None if not self._starts_given else x0
-            else:
-                self._flow = copy.deepcopy(flow).requires_grad_(False)
-            self._potential = PullbackPotential(self.target.potential, self._flow)
-        if self.jit_compile:
-            self._potential = CompiledPotential(self._potential, self.jit_options)
-        # errors raised in the flow or the compiled graph are rejected and counted too
-        self._potential = guarded(self._potential, self.target.potential.errors)
-        redraw = None  # spread out, as Pyro's init_to_uniform: R-hat then means something
-        if self._flow is not None:
-
-            def redraw(n: int) -> Tensor:
-                return self._flow.base_dist.sample((n,))
-
-        if x0 is None:
-            z0 = redraw(self.num_chains) if redraw else self._uniform(self.num_chains, dim)
-        else:
-            z0 = self._latent(x0)
-        state = self._valid_starts(self._potential, z0, True, redraw)
-        if self._flow is not None:
-            self._check_flow_quality(self._flow, self.flow_ if self.flow is None else self.flow)
+        state = self._latent_start(x0)
         step_size = self.step_size
         if self.adapt_step_size and self._warmup_steps > 0:
             step_size = self._reasonable_step_size(state, step_size)
@@ -242,32 +193,14 @@ class ChEESHMC(WalkerKernel):
         :meth:`setup`."""
         return None if self.adapter is None else self.adapter.inverse_mass
 
-    def _restart(self, x: Tensor) -> WalkerState:
-        return init_state(self._potential, self._latent(x))
-
-    def _latent(self, x: Tensor) -> Tensor:
-        """Flat positions in the coordinates the chains move in (the flow's latent space)."""
-        if self._flow is None:
-            return x
-        with torch.no_grad():
-            return self._flow.inverse(x)[0]
-
-    def _uniform(self, n: int, dim: int) -> Tensor:
-        return 4.0 * torch.rand(n, dim, device=self.device) - 2.0
-
     def _reasonable_step_size(self, state: WalkerState, step_size: float) -> float:
         """Double or halve the step size until one leapfrog step's mean acceptance crosses
-        1/2 (Hoffman & Gelman's heuristic, as Pyro's HMC), from the chains' starts."""
-        direction = 0
-        for _ in range(50):
-            _, info, _ = chees_hmc_step(state, self._potential, step_size, 1)
-            accept = float(info.accept_prob.mean())
-            new_direction = 1 if accept > 0.5 else -1
-            if direction and new_direction != direction:
-                break
-            direction = new_direction
-            step_size = step_size * 2.0**direction
-        return step_size
+        1/2 (Hoffman & Gelman's heuristic), from the chains' starts."""
+
+        def trial(eps: float) -> Tensor:
+            return chees_hmc_step(state, self._potential, eps, 1)[1].accept_prob
+
+        return find_reasonable_step_size(trial, step_size, threshold=0.5)
 
     # -- moves -------------------------------------------------------------------------------
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
@@ -278,13 +211,6 @@ class ChEESHMC(WalkerKernel):
         adapter.update(proposal)
         info = info._replace(nonfinite=proposal.divergent)
         return state, info, False
-
-    def _positions(self, state: WalkerState) -> Tensor:
-        if self._flow is None:
-            return state.x
-        with torch.no_grad():
-            x, _ = self._flow.forward(state.x)
-        return x
 
     def _extra_logging(self) -> dict:
         adapter = self.adapter

@@ -44,7 +44,8 @@ class MCMC(AbstractMCMC):
     - ``"vectorized"`` (the default for the kernels of :mod:`pyro_ebm.infer` that move walkers:
       :class:`~pyro_ebm.infer.MALA`, :class:`~pyro_ebm.infer.FlowIMH`,
       :class:`~pyro_ebm.infer.FlowISIR`, :class:`~pyro_ebm.infer.AdaptiveFlowMCMC`,
-      :class:`~pyro_ebm.infer.ChEESHMC`): all ``num_chains`` chains advance as one
+      :class:`~pyro_ebm.infer.ChEESHMC`, :class:`~pyro_ebm.infer.FlowHMC`,
+      :class:`~pyro_ebm.infer.FlowNUTS`): all ``num_chains`` chains advance as one
       ``(num_chains, dim)`` tensor, on the CPU or the GPU of the initial parameters.
       Adaptation during warmup may pool the chains (one step size from their mean acceptance;
       :class:`~pyro_ebm.infer.AdaptiveFlowMCMC` trains one flow on all of them); after warmup
@@ -53,9 +54,8 @@ class MCMC(AbstractMCMC):
     - ``"parallel"``: Pyro's driver with one worker process per chain (Pyro falls back to
       sequential chains when ``num_chains`` exceeds the cores less one).
 
-    Kernels that cannot move chains as a batch (Pyro's ``HMC``/``NUTS``,
-    :class:`~pyro_ebm.infer.FlowHMC`/``FlowNUTS``) run through Pyro's own driver; asking them
-    for ``"vectorized"`` gives a warning saying so.
+    Kernels that cannot move chains as a batch (Pyro's own ``HMC``/``NUTS``) run through Pyro's
+    driver; asking them for ``"vectorized"`` gives a warning saying so.
 
     Draws and per-draw statistics are kept in preallocated tensors; :meth:`summary` and
     :meth:`diagnostics` use FFT-based ESS and rank-normalised R-hat (linear in the number of

@@ -1,4 +1,4 @@
-r"""HMC and NUTS in a normalizing flow's latent space (NeuTra) for :class:`pyro.infer.mcmc.MCMC`.
+r"""HMC and NUTS in a normalizing flow's latent space (NeuTra), many chains at once.
 
 With a flow :math:`T: z \mapsto x` close to the target, the pulled-back potential
 :math:`U(T(z)) - \log|\det J_T(z)|` is close to a standard Gaussian, so HMC/NUTS mix there far
@@ -7,8 +7,10 @@ mapped back through ``T`` and reported in the original space (unconstrained per 
 Pyro's transforms for a model's constrained sites).
 
 Pyro's :class:`~pyro.infer.reparam.NeuTraReparam` covers models with an ``AutoContinuous`` guide;
-these kernels take any flow over the flat unconstrained space, a bare ``potential_fn`` included.
-The HMC/NUTS math is Pyro's own (an inner :class:`~pyro.infer.mcmc.HMC`/``NUTS`` kernel on ``z``).
+these kernels take any flow over the flat unconstrained space, a bare ``potential_fn`` included,
+and move all chains as one ``(num_chains, dim)`` batch (:func:`~pyro_ebm.samplers.hmc_step`,
+:func:`~pyro_ebm.samplers.nuts_step`) with Pyro's options and Stan's warmup. Pyro's own HMC/NUTS
+can run in a latent space too, with :class:`LatentPotential` as their ``potential_fn``.
 
 References:
 
@@ -21,22 +23,37 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 
 import pyro
 import torch
-from pyro.infer.mcmc import HMC, NUTS
 from pyro.util import ignore_jit_warnings
 from torch import Tensor
 
 from .._checks import check_flag, check_int, check_positive, check_real
 from ..flows import as_flow
-from ..samplers import REJECTED_ERRORS, PullbackPotential, valid_starts
-from .base import TargetKernel
-from .stats import SAMPLE_STATS
+from ..samplers import (
+    REJECTED_ERRORS,
+    MoveInfo,
+    PullbackPotential,
+    StanWarmup,
+    WalkerState,
+    diagonal_curvature,
+    guarded,
+    hmc_step,
+    init_state,
+    nuts_step,
+)
+from .base import WalkerKernel
 
-__all__ = ["CompiledPotential", "FlowHMC", "FlowNUTS", "LatentPotential", "compile_value_and_grad"]
+__all__ = [
+    "CompiledPotential",
+    "FlowHMC",
+    "FlowNUTS",
+    "LatentKernel",
+    "LatentPotential",
+    "compile_value_and_grad",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -262,176 +279,111 @@ class _AutogradValueAndGrad:
         return grad, value.detach()
 
 
-class _CappedHMC(HMC):
-    """Pyro's HMC with at most ``max_num_steps`` leapfrog steps per iteration: with a fixed
-    trajectory length, a step size adapted toward 0 (a target with an infinite region) would
-    otherwise ask for an unbounded number."""
+class LatentKernel(WalkerKernel):
+    r"""Base class of the kernels whose chains move in a frozen flow's latent space (NeuTra):
+    :class:`FlowHMC`, :class:`FlowNUTS` and :class:`~pyro_ebm.infer.ChEESHMC`.
 
-    def __init__(self, *args, max_num_steps: int = 1024, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
+    With a flow :math:`T: z \mapsto x` the chains move in :math:`z` under the pulled-back
+    potential :math:`U(T(z)) - \log|\det J_T(z)|` and report :math:`x = T(z)`. ``flow=None`` fits
+    one at setup (:meth:`~pyro_ebm.infer.base.TargetKernel._flow_for_run`, once per run for all
+    chains); a given flow is used as is (a frozen copy); ``flow=False`` (where the subclass allows
+    it) moves the chains in the unconstrained space itself. ``jit_compile`` compiles the batched
+    potential, model and flow, with its gradient (:class:`CompiledPotential`). Takes the arguments
+    of :class:`~pyro_ebm.infer.base.TargetKernel`.
+    """
 
-    @property
-    def num_steps(self) -> int:
-        return min(self.max_num_steps, super().num_steps)
-
-
-class _NeuTraKernel(TargetKernel):
-    _inner_cls: type = _CappedHMC
-    _starts_from_flow = True
     _flow_khat_meaning = (
         "the flow misses part of the target; in its latent space the target is far from the "
-        "standard Gaussian NeuTra relies on (a bad geometry), so HMC/NUTS there will take small "
+        "standard Gaussian NeuTra relies on (a bad geometry), so the chains will take small "
         "steps, diverge or mix slowly, and may not reach what the flow misses"
     )
+    _starts_from_flow = True
+    #: whether ``flow=False`` (no flow: the unconstrained space itself) is allowed
+    _allows_no_flow = False
 
-    def __init__(
-        self,
-        model: Callable | None = None,
-        potential_fn: Callable | None = None,
-        flow=None,
-        init_strategy: Callable | None = None,
-        max_plate_nesting: int | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
-        flow = as_flow(flow)
-        if flow is not None and not (hasattr(flow, "forward") and hasattr(flow, "inverse")):
+    def _init_latent(self, flow, jit_compile: bool, jit_options: dict | None) -> None:
+        flow = flow if flow is False and self._allows_no_flow else as_flow(flow)
+        if flow not in (None, False) and not (
+            hasattr(flow, "forward") and hasattr(flow, "inverse")
+        ):
+            none = ", None or False" if self._allows_no_flow else " or None"
             raise TypeError(
                 "flow must be a pyro_ebm.flows.Flow (forward/inverse), a Pyro AutoContinuous "
-                "guide, or None"
+                f"guide{none}"
             )
+        if jit_options is not None and not isinstance(jit_options, dict):
+            raise TypeError(f"jit_options must be a dict or None, got {jit_options!r}")
         self.flow = flow
-        if self._inner_cls is _CappedHMC and kwargs.get("num_steps") is kwargs.get(
-            "trajectory_length"
-        ):
-            # Pyro's default trajectory (2π) is one full period of a standard Gaussian, which is
-            # what a good flow's latent space looks like: the chain would return to its start
-            kwargs["trajectory_length"] = 2.0
-        # Pyro's HMC/NUTS check few of their options (a negative step size hangs, num_steps=0
-        # and a string pass): the ones it takes are checked here, by name
-        check_positive("step_size", kwargs.get("step_size", 1.0))
-        if kwargs.get("num_steps") is not None:
-            check_int("num_steps", kwargs["num_steps"], 1)
-        if "max_tree_depth" in kwargs:
-            check_int("max_tree_depth", kwargs["max_tree_depth"], 1)
-        if kwargs.get("trajectory_length") is not None:
-            check_positive("trajectory_length", kwargs["trajectory_length"])
-        check_real(
-            "target_accept_prob",
-            kwargs.get("target_accept_prob", 0.8),
-            0.0,
-            1.0,
-            low_open=True,
-            high_open=True,
-        )
-        for name in ("adapt_step_size", "adapt_mass_matrix", "jit_compile"):
-            check_flag(name, kwargs.get(name, False))
-        self.inner_kwargs = kwargs
-        if "full_mass" in kwargs:  # one flat latent site: a dense mass matrix or not
-            kwargs["full_mass"] = check_flag("full_mass", kwargs["full_mass"])
-        try:  # validate the HMC/NUTS options
-            self._inner_cls(potential_fn=lambda p: 0.0, **kwargs)
-        except TypeError as err:
-            if "unexpected keyword" not in str(err):
-                raise
-            unknown = str(err).split("argument")[-1].strip()
-            raise TypeError(
-                f"{type(self).__name__} got an unexpected keyword argument {unknown}"
-            ) from None
+        self.jit_compile = check_flag("jit_compile", jit_compile)
+        self.jit_options = jit_options
 
-    def setup(self, warmup_steps: int, *args, **kwargs) -> None:
-        given = self._user_initial is not None
-        self._warmup_steps = warmup_steps  # before the fit: its budget depends on it
-        self._build_target(args, kwargs)
-        flow = self._flow_for_run(
-            None if self.target.initial is None else self.target.initial[None]
-        )
-        if self.flow is None:  # fitted and frozen: no copy
-            self._frozen_flow = flow
-            if not given:  # start from the fitted flow, not the fit's starts
-                self.target = self.target._replace(initial=None)
-        else:
-            self._frozen_flow = copy.deepcopy(self.flow).requires_grad_(False)
-        base = self._frozen_flow.base_dist
-        with torch.no_grad():
-            if self.target.initial is None:
-                z0 = base.sample((1,))
+    def _latent_start(self, x0: Tensor | None) -> WalkerState:
+        """Fit or copy the flow, build the latent potential and the chains' valid starts (a
+        given start mapped to the latent space; else draws of the flow's base, or without a
+        flow uniform in ``[-2, 2]``), then check the flow."""
+        self._flow = None
+        self._potential = self.target.potential
+        if self.flow is not False:
+            flow = self._flow_for_run(x0)
+            if self.flow is None:  # fitted and frozen: no copy; start from it
+                self._flow = flow
+                x0 = None if not self._starts_given else x0
             else:
-                z0, _ = self._frozen_flow.inverse(self.target.initial[None])
-        # a start where the potential or its gradient is not finite, or raises, is redrawn
-        # from the flow (100 tries, as Pyro and Stan do); a given start is only checked
-        sites = ", ".join(repr(s) for s in self.target.layout.site_names)
-        z0 = valid_starts(
-            PullbackPotential(self.target.potential, self._frozen_flow),
-            z0,
-            None if given else (lambda n: base.sample((n,))),
-            what=f"the chain's {'given ' if given else ''}start (sites {sites})",
-        ).x
-        self._check_flow_quality(self._frozen_flow, flow)
-        latent = LatentPotential(
-            self.target.potential,
-            self._frozen_flow,
-            jit_compile=self.inner_kwargs.get("jit_compile", False),
-            jit_options=self.inner_kwargs.get("jit_options"),
-        )
-        self._inner = self._inner_cls(potential_fn=latent, **self.inner_kwargs)
-        self._inner.initial_params = {"z": z0[0]}
-        self._inner.setup(warmup_steps)
-        self._z = self._inner.initial_params
-        self._stats = {k: [] for k in SAMPLE_STATS}
-        self._last = self._to_x(self._z)
-        self._initial_params = self._last
+                self._flow = copy.deepcopy(flow).requires_grad_(False)
+            self._potential = PullbackPotential(self.target.potential, self._flow)
+        if self.jit_compile:
+            self._potential = CompiledPotential(self._potential, self.jit_options)
+        # errors raised in the flow or the compiled graph are rejected and counted too
+        self._potential = guarded(self._potential, self.target.potential.errors)
+        redraw = None  # spread out, as Pyro's init_to_uniform: R-hat then means something
+        if self._flow is not None:
 
-    def _to_x(self, z: dict[str, Tensor]) -> dict[str, Tensor]:
+            def redraw(n: int) -> Tensor:
+                return self._flow.base_dist.sample((n,))
+
+        dim = self.target.layout.dim
+        if x0 is None:
+            z0 = redraw(self.num_chains) if redraw else self._uniform(self.num_chains, dim)
+        else:
+            z0 = self._latent(x0)
+        state = self._valid_starts(self._potential, z0, True, redraw)
+        if self._flow is not None:
+            self._check_flow_quality(self._flow, self.flow_ if self.flow is None else self.flow)
+        return state
+
+    def _restart(self, x: Tensor) -> WalkerState:
+        return init_state(self._potential, self._latent(x))
+
+    def _latent(self, x: Tensor) -> Tensor:
+        """Flat positions in the coordinates the chains move in (the flow's latent space)."""
+        if self._flow is None:
+            return x
         with torch.no_grad():
-            x, _ = self._frozen_flow.forward(z["z"][None])
-        return self.target.layout.unflatten(x[0])
+            return self._flow.inverse(x)[0]
 
-    def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        if params is not self._last:  # moved from outside: pull the new point back to z
-            with torch.no_grad():
-                z, _ = self._frozen_flow.inverse(self.target.layout.flatten(params)[None])
-            self._z = {"z": z[0]}
-        inner = self._inner
-        mean_before, count_before, div_before = (
-            inner._mean_accept_prob,
-            inner._accept_cnt,
-            len(inner._divergences),
-        )
-        self._z = inner.sample(self._z)
-        if inner._t > self._warmup_steps:
-            n = inner._t - self._warmup_steps
-            accept_prob = n * inner._mean_accept_prob - (n - 1) * mean_before
-            diverging = len(inner._divergences) > div_before
-            self._stats["accept_prob"].append(float(accept_prob))
-            self._stats["accepted"].append(inner._accept_cnt > count_before)
-            self._stats["potential_energy"].append(float(inner._potential_energy_last))
-            self._stats["is_global"].append(False)
-            self._stats["diverging"].append(diverging)
-        self._last = self._to_x(self._z)
-        return self._last
+    def _uniform(self, n: int, dim: int) -> Tensor:
+        return 4.0 * torch.rand(n, dim, device=self.device) - 2.0
 
-    def logging(self) -> OrderedDict:
-        return self._inner.logging()
-
-    def diagnostics(self) -> dict:
-        r"""Pyro's ``divergences`` and ``acceptance rate`` of the inner kernel, ``potential
-        errors`` (how often the potential raised and the point was rejected, warmup included),
-        ``flow k-hat`` and ``flow IS ESS`` (the flow's Pareto :math:`\hat k` and
-        importance-sampling ESS as a proposal for the target, checked at setup, see
-        :func:`~pyro_ebm.metrics.flow_importance_diagnostic`), and ``sample_stats``
-        (``potential_energy`` is that of the latent-space potential)."""
-        return {
-            **self._inner.diagnostics(),
-            "potential errors": self.target.potential.errors.count,
-            **self._flow_diagnostics(),
-            "sample_stats": self._stats,
-        }
+    def _positions(self, state: WalkerState) -> Tensor:
+        if self._flow is None:
+            return state.x
+        with torch.no_grad():
+            x, _ = self._flow.forward(state.x)
+        return x
 
 
-class FlowHMC(_NeuTraKernel):
-    r"""Pyro's :class:`~pyro.infer.mcmc.HMC` run in the latent space of a frozen flow (NeuTra).
+class FlowHMC(LatentKernel):
+    r"""Hamiltonian Monte Carlo in the latent space of a frozen flow (NeuTra), all chains at
+    once, with Pyro's :class:`~pyro.infer.mcmc.HMC` options and Stan's warmup.
+
+    Each iteration integrates ``trajectory_length / step_size`` leapfrog steps (at most
+    ``max_num_steps``) of every chain as one batched potential-and-gradient evaluation
+    (:func:`~pyro_ebm.samplers.hmc_step`), so with :class:`pyro_ebm.infer.MCMC` ``num_chains``
+    chains cost about what one costs. Warmup (:class:`~pyro_ebm.samplers.StanWarmup`) adapts one
+    step size for all chains by dual averaging toward ``target_accept_prob`` and a diagonal (or
+    dense) inverse mass matrix from the chains' positions in Stan's windows; a reasonable step
+    size is searched at the start and after each new mass matrix, as Pyro does. After warmup
+    everything is frozen and the chains are independent.
 
     :param model: a Pyro model, or ``None``.
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
@@ -444,48 +396,255 @@ class FlowHMC(_NeuTraKernel):
         KL covers one mode: for a multimodal target use :class:`~pyro_ebm.infer.AdaptiveFlowMCMC`.
         Without ``initial_params`` (or, for a model, an ``init_strategy``) each chain starts from a
         draw of the flow.
-    :param kwargs: options of :class:`~pyro.infer.mcmc.HMC` (``step_size``, ``num_steps``,
-        ``trajectory_length``, ``adapt_step_size``, ``adapt_mass_matrix``, ...), and
-        ``max_num_steps`` (default 1024), a cap on the leapfrog steps per iteration, which with
-        a fixed trajectory length grow as the adapted step size shrinks. When neither
-        ``num_steps`` nor ``trajectory_length`` is given, ``trajectory_length=2`` replaces Pyro's
-        default 2π, which is a full period of the standard Gaussian a good flow's latent space
-        resembles (the chain would come back where it started). ``jit_compile=True`` (and
-        ``jit_options``) compiles the whole latent potential, model and flow, together with its
-        gradient, into one traced graph (see :class:`LatentPotential` and
-        :func:`compile_value_and_grad`); Pyro's own option would be ignored, since the inner
-        kernel gets a ``potential_fn``. On small models the Python of Pyro's model trace and
-        autograd's bookkeeping dominate each gradient, so this is the main speed option. With
-        it, a cheap flow such as ``AffineFlow(dim, sinh_arcsinh=True)`` can beat an expressive
-        one in effective draws per second.
+    :param init_strategy: Pyro init strategy for models.
+    :param max_plate_nesting: as Pyro's (for models).
+    :param step_size: initial step size (Pyro's default 1; searched from, when it adapts).
+    :param trajectory_length: integration time per iteration. When neither it nor ``num_steps``
+        is given it is 2, not Pyro's 2π: 2π is a full period of the standard Gaussian that a good
+        flow's latent space resembles (the chain would come back where it started).
+    :param num_steps: leapfrog steps per iteration; as in Pyro, it sets the trajectory length
+        to ``step_size * num_steps``, which stays fixed while the step size adapts.
+    :param adapt_step_size: adapt the step size during warmup.
+    :param adapt_mass_matrix: adapt the inverse mass matrix during warmup (with fewer than 20
+        warmup steps it stays the identity, as in Stan).
+    :param full_mass: a dense inverse mass matrix instead of a diagonal one (a block structure,
+        Pyro's list of sites, is not supported: the latent space is one flat vector).
+    :param target_accept_prob: the mean acceptance to aim for (Pyro's 0.8).
+    :param max_num_steps: the most leapfrog steps per iteration: with a fixed trajectory
+        length, a step size adapted toward 0 (a target with an infinite region) would otherwise
+        ask for an unbounded number.
+    :param jit_compile: compile the batched latent potential, model and flow, together with its
+        gradient into one graph per batch shape (:class:`CompiledPotential`; Pyro's own option
+        would not reach it). On small models the Python of Pyro's model trace and autograd's
+        bookkeeping dominate each gradient, so this is the main speed option; with it, a cheap
+        flow such as ``AffineFlow(dim, sinh_arcsinh=True)`` can beat an expressive one in
+        effective draws per second. Only valid for potentials without data-dependent control
+        flow.
+    :param dict jit_options: keyword arguments of :func:`torch.jit.trace`.
 
     At setup the flow is checked once per run: ``diagnostics()`` reports its Pareto
     :math:`\hat k` as an importance sampler of the target (``"flow k-hat"``) and the
     importance-sampling ESS (``"flow IS ESS"``), see
     :func:`~pyro_ebm.metrics.flow_importance_diagnostic`; above 0.7 a warning says that the
-    latent geometry is bad.
+    latent geometry is bad. After setup, :attr:`step_size` and :attr:`inverse_mass_matrix` are
+    the current ones (the latter over the latent space).
 
     Example::
 
         >>> import torch, pyro_ebm
-        >>> from pyro.infer import MCMC
+        >>> from pyro_ebm.infer import MCMC
         >>> from pyro_ebm.flows import RealNVP
         >>> pot = pyro_ebm.potential_fn(pyro_ebm.GaussianEnergy(torch.zeros(2)))
         >>> mcmc = MCMC(FlowHMC(potential_fn=pot, flow=RealNVP(2), num_steps=4), num_samples=20,
-        ...             warmup_steps=20, disable_progbar=True)
+        ...             warmup_steps=20, num_chains=4, disable_progbar=True)
         >>> mcmc.run()
         >>> mcmc.get_samples()["x"].shape
-        torch.Size([20, 2])
+        torch.Size([80, 2])
+
+    References:
+
+    - Hoffman, Sountsov, Dillon, Langmore, Tran, Vasudevan (2019), "NeuTra-lizing Bad Geometry
+      in Hamiltonian Monte Carlo Using Neural Transport", https://arxiv.org/abs/1903.03704
+    - Neal (2011), "MCMC using Hamiltonian dynamics", https://arxiv.org/abs/1206.1901
     """
 
-    _inner_cls = _CappedHMC
+    #: the mean acceptance of one trial leapfrog step that the reasonable step size crosses
+    #: (Pyro's and Stan's 0.8)
+    _TRIAL_ACCEPT = 0.8
+
+    def __init__(
+        self,
+        model: Callable | None = None,
+        potential_fn: Callable | None = None,
+        flow=None,
+        init_strategy: Callable | None = None,
+        max_plate_nesting: int | None = None,
+        *,
+        step_size: float = 1.0,
+        trajectory_length: float | None = None,
+        num_steps: int | None = None,
+        adapt_step_size: bool = True,
+        adapt_mass_matrix: bool = True,
+        full_mass: bool = False,
+        target_accept_prob: float = 0.8,
+        max_num_steps: int = 1024,
+        jit_compile: bool = False,
+        jit_options: dict | None = None,
+    ) -> None:
+        super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
+        self._init_latent(flow, jit_compile, jit_options)
+        self.initial_step_size = check_positive("step_size", step_size)
+        if num_steps is not None:
+            num_steps = check_int("num_steps", num_steps, 1)
+        if trajectory_length is not None:
+            trajectory_length = check_positive("trajectory_length", trajectory_length)
+        elif num_steps is not None:
+            trajectory_length = step_size * num_steps
+        else:
+            trajectory_length = 2.0
+        self.trajectory_length = float(trajectory_length)
+        self.target_accept_prob = float(
+            check_real(
+                "target_accept_prob",
+                target_accept_prob,
+                0.0,
+                1.0,
+                low_open=True,
+                high_open=True,
+            )
+        )
+        self.adapt_step_size = check_flag("adapt_step_size", adapt_step_size)
+        self.adapt_mass_matrix = check_flag("adapt_mass_matrix", adapt_mass_matrix)
+        self.full_mass = check_flag("full_mass", full_mass)
+        self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
+        self._warmup: StanWarmup | None = None
+        #: leapfrog steps of every chain over the run so far (warmup included)
+        self.num_leapfrog = 0
+
+    @property
+    def step_size(self) -> float | None:
+        """The current step size (``None`` before :meth:`setup`)."""
+        return None if self._warmup is None else float(self._warmup.step_size)
+
+    @property
+    def inverse_mass_matrix(self) -> Tensor | None:
+        r"""The current inverse mass matrix over the flow's latent space, ``(D,)`` or
+        ``(D, D)`` (``full_mass``); ``None`` before :meth:`setup`."""
+        return None if self._warmup is None else self._warmup.inverse_mass
+
+    @property
+    def num_steps(self) -> int:
+        """Leapfrog steps of the next iteration: ``trajectory_length / step_size``, at least 1
+        and at most ``max_num_steps``."""
+        steps = int(self.trajectory_length / float(self._warmup.step_size))
+        return min(self.max_num_steps, max(1, steps))
+
+    def _setup_chain(self, x0: Tensor | None) -> WalkerState:
+        state = self._latent_start(x0)
+        self._warmup = StanWarmup(
+            self.target.layout.dim,
+            self._warmup_steps,
+            self.initial_step_size,
+            self.target_accept_prob,
+            self.adapt_step_size,
+            self.adapt_mass_matrix,
+            self.full_mass,
+            state.x.device,
+            trial_threshold=self._TRIAL_ACCEPT,
+        )
+        self._warmup.start(state, self._trial)
+        self.num_leapfrog = 0
+        return state
+
+    def _trial(self, state: WalkerState, step_size: float) -> Tensor:
+        """Acceptance probabilities of one leapfrog step from ``state`` (the step-size search)."""
+        return hmc_step(state, self._potential, step_size, 1, self._warmup.inverse_mass)[
+            1
+        ].accept_prob
+
+    def _curvature(self, mean: Tensor) -> Tensor:
+        return diagonal_curvature(self._potential, mean)
+
+    def _transition(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
+        steps = self.num_steps
+        self.num_leapfrog += steps * state.x.shape[0]
+        return hmc_step(
+            state, self._potential, self._warmup.step_size, steps, self._warmup.inverse_mass
+        )
+
+    def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
+        state, info = self._transition(state)
+        if warmup:
+            self._warmup.update(self._t, state, info.accept_prob, self._trial, self._curvature)
+        return state, info, False
+
+    def _extra_logging(self) -> dict:
+        return {"step size": f"{self.step_size:.2e}", "steps": self.num_steps}
 
 
-class FlowNUTS(_NeuTraKernel):
-    r"""Pyro's :class:`~pyro.infer.mcmc.NUTS` run in the latent space of a frozen flow (NeuTra).
+class FlowNUTS(FlowHMC):
+    r"""The No-U-Turn sampler in the latent space of a frozen flow (NeuTra), all chains at once,
+    with Pyro's :class:`~pyro.infer.mcmc.NUTS` options and Stan's warmup.
 
-    Same arguments as :class:`FlowHMC`; ``kwargs`` go to :class:`~pyro.infer.mcmc.NUTS`
-    (``max_tree_depth``, ``target_accept_prob``, ...).
+    Each iteration is :func:`~pyro_ebm.samplers.nuts_step` for every chain (multinomial NUTS, as
+    Stan and Pyro): the chains build their trajectories in lockstep, one batched
+    potential-and-gradient evaluation per leapfrog step, so an iteration costs the deepest
+    chain's tree. Same arguments and warmup as :class:`FlowHMC` (``trajectory_length`` and
+    ``num_steps`` aside), plus:
+
+    :param max_tree_depth: at most ``2**max_tree_depth - 1`` leapfrog steps per iteration
+        (Pyro's 10).
+
+    Example::
+
+        >>> import torch, pyro_ebm
+        >>> from pyro_ebm.infer import MCMC
+        >>> from pyro_ebm.flows import AffineFlow
+        >>> pot = pyro_ebm.potential_fn(pyro_ebm.GaussianEnergy(torch.zeros(2)))
+        >>> mcmc = MCMC(FlowNUTS(potential_fn=pot, flow=AffineFlow(2)), num_samples=20,
+        ...             warmup_steps=20, num_chains=4, disable_progbar=True)
+        >>> mcmc.run()
+        >>> mcmc.get_samples(group_by_chain=True)["x"].shape
+        torch.Size([4, 20, 2])
+
+    References:
+
+    - Hoffman, Gelman (2014), "The No-U-Turn Sampler", https://arxiv.org/abs/1111.4246
+    - Betancourt (2017), "A Conceptual Introduction to Hamiltonian Monte Carlo",
+      https://arxiv.org/abs/1701.02434
     """
 
-    _inner_cls = NUTS
+    def __init__(
+        self,
+        model: Callable | None = None,
+        potential_fn: Callable | None = None,
+        flow=None,
+        init_strategy: Callable | None = None,
+        max_plate_nesting: int | None = None,
+        *,
+        step_size: float = 1.0,
+        adapt_step_size: bool = True,
+        adapt_mass_matrix: bool = True,
+        full_mass: bool = False,
+        target_accept_prob: float = 0.8,
+        max_tree_depth: int = 10,
+        jit_compile: bool = False,
+        jit_options: dict | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            potential_fn,
+            flow,
+            init_strategy,
+            max_plate_nesting,
+            step_size=step_size,
+            adapt_step_size=adapt_step_size,
+            adapt_mass_matrix=adapt_mass_matrix,
+            full_mass=full_mass,
+            target_accept_prob=target_accept_prob,
+            jit_compile=jit_compile,
+            jit_options=jit_options,
+        )
+        self.max_tree_depth = check_int("max_tree_depth", max_tree_depth, 1)
+        self._last_steps: Tensor | None = None
+
+    @property
+    def num_steps(self) -> float:
+        """Mean leapfrog steps per chain of the last iteration (``nan`` before one)."""
+        steps = self._last_steps
+        return float("nan") if steps is None else float(steps.float().mean())
+
+    def _transition(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
+        state, info, steps = nuts_step(
+            state,
+            self._potential,
+            self._warmup.step_size,
+            self._warmup.inverse_mass,
+            self.max_tree_depth,
+        )
+        self._last_steps = steps
+        self.num_leapfrog += int(steps.max()) * steps.shape[0]  # what the batch evaluated
+        return state, info
+
+    def _extra_logging(self) -> dict:
+        return {"step size": f"{self.step_size:.2e}", "steps": f"{self.num_steps:.1f}"}
