@@ -11,7 +11,7 @@ The kernels also plug into :class:`pyro.infer.mcmc.MCMC` (one chain at a time).
 
 from .adaptive import AdaptiveFlowMCMC
 from .arviz import to_arviz
-from .base import TargetKernel, WalkerKernel
+from .base import StanWarmupKernel, TargetKernel, WalkerKernel
 from .chees import ChEESHMC
 from .kernels import MALA, FlowIMH, FlowISIR
 from .mcmc import CHAIN_METHODS, MCMC
@@ -40,6 +40,7 @@ __all__ = [
     "FlowNUTS",
     "LatentKernel",
     "LatentPotential",
+    "StanWarmupKernel",
     "TargetKernel",
     "WalkerKernel",
     "compile_value_and_grad",

@@ -43,11 +43,20 @@ from ..metrics.psis import (
     FlowCheck,
     flow_importance_diagnostic,
 )
-from ..samplers import FlowFit, MoveInfo, WalkerState, fit_flow, guarded, valid_starts
+from ..samplers import (
+    FlowFit,
+    MoveInfo,
+    StanWarmup,
+    WalkerState,
+    diagonal_curvature,
+    fit_flow,
+    guarded,
+    valid_starts,
+)
 from .stats import DrawStats
 from .target import FlatTarget, make_target
 
-__all__ = ["FLOW_CHECK_DRAWS", "TargetKernel", "WalkerKernel", "check_flow"]
+__all__ = ["FLOW_CHECK_DRAWS", "StanWarmupKernel", "TargetKernel", "WalkerKernel", "check_flow"]
 
 logger = logging.getLogger(__name__)
 
@@ -434,6 +443,51 @@ class WalkerKernel(TargetKernel):
 
     def _extra_logging(self) -> dict:
         return {}
+
+
+class StanWarmupKernel(WalkerKernel):
+    r"""Base class of the gradient kernels with Stan's warmup
+    (:class:`~pyro_ebm.samplers.StanWarmup`: a shared step size by dual averaging, a windowed mass
+    matrix): :class:`~pyro_ebm.infer.MALA`, :class:`~pyro_ebm.infer.FlowHMC` and
+    :class:`~pyro_ebm.infer.FlowNUTS`. A subclass sets ``initial_step_size``,
+    ``target_accept_prob``, ``adapt_step_size``, ``adapt_mass_matrix``, ``full_mass`` and
+    ``_potential``, and implements :meth:`_trial`."""
+
+    _warmup: StanWarmup | None = None
+
+    @property
+    def inverse_mass_matrix(self) -> Tensor | None:
+        r"""The current inverse mass matrix :math:`A` over the coordinates the chains move in:
+        ``(D,)`` or ``(D, D)`` (``full_mass``); ``None`` before :meth:`setup`."""
+        return None if self._warmup is None else self._warmup.inverse_mass
+
+    def _start_warmup(self, device: torch.device, trial_threshold: float | None = None) -> None:
+        """A fresh warmup for this run (the initial step size, an identity mass)."""
+        self._warmup = StanWarmup(
+            self.target.layout.dim,
+            self._warmup_steps,
+            self.initial_step_size,
+            self.target_accept_prob,
+            self.adapt_step_size,
+            self.adapt_mass_matrix,
+            self.full_mass,
+            device,
+            trial_threshold,
+        )
+
+    def _trial(self, state: WalkerState, step_size: float) -> Tensor:
+        """Acceptance probabilities ``(C,)`` of one trial move from ``state`` (the search for a
+        reasonable step size)."""
+        raise NotImplementedError
+
+    def _curvature(self, mean: Tensor) -> Tensor:
+        """The potential's diagonal curvature at the window's mean: a floor on the variances
+        (see :meth:`~pyro_ebm.samplers.MassMatrixAdapter.update`)."""
+        return diagonal_curvature(self._potential, mean)
+
+    def _adapt(self, state: WalkerState, info: MoveInfo) -> None:
+        """After a warmup move: update the step size and the mass matrix."""
+        self._warmup.update(self._t, state, info.accept_prob, self._trial, self._curvature)
 
 
 def _state_key(obj) -> tuple:

@@ -39,9 +39,7 @@ from ..samplers import (
     DefensiveProposal,
     FlowProposals,
     MoveInfo,
-    StanWarmup,
     WalkerState,
-    diagonal_curvature,
     guarded,
     imh_step,
     init_state,
@@ -49,7 +47,7 @@ from ..samplers import (
     isir_step,
     mala_step,
 )
-from .base import WalkerKernel
+from .base import StanWarmupKernel, WalkerKernel
 from .neutra import CompiledPotential
 
 __all__ = ["MALA", "FlowIMH", "FlowISIR"]
@@ -241,7 +239,7 @@ class FlowISIR(FlowIMH):
         return state, info, True
 
 
-class MALA(WalkerKernel):
+class MALA(StanWarmupKernel):
     r"""Metropolis-adjusted Langevin algorithm with Stan's warmup: dual-averaging step-size
     adaptation toward ``target_accept_prob`` and a windowed estimate of the inverse mass matrix
     (Pyro has no MALA kernel; the argument names are those of Pyro's ``HMC``).
@@ -353,7 +351,6 @@ class MALA(WalkerKernel):
         self.target_accept_prob = float(target_accept_prob)
         self.jit_compile = bool(jit_compile)
         self.jit_options = jit_options
-        self._warmup: StanWarmup | None = None
         self.step_size = step_size
 
     @property
@@ -366,23 +363,8 @@ class MALA(WalkerKernel):
         )
         return self.target_accept_prob
 
-    @property
-    def inverse_mass_matrix(self) -> Tensor | None:
-        r"""The current inverse mass matrix :math:`A` over the flat unconstrained space:
-        ``(D,)`` or ``(D, D)`` (``full_mass``); ``None`` before :meth:`setup`."""
-        return None if self._warmup is None else self._warmup.inverse_mass
-
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
-        self._warmup = StanWarmup(
-            self.target.layout.dim,
-            self._warmup_steps,
-            self.initial_step_size,
-            self.target_accept_prob,
-            self.adapt_step_size,
-            self.adapt_mass_matrix,
-            self.full_mass,
-            self.device,
-        )
+        self._start_warmup(self.device)
         self.step_size = self.initial_step_size
         self._potential = self.target.potential
         if self.jit_compile:
@@ -402,15 +384,10 @@ class MALA(WalkerKernel):
             1
         ].accept_prob
 
-    def _curvature(self, mean: Tensor) -> Tensor:
-        """The potential's diagonal curvature at the window's mean: a floor on the variances
-        (see :meth:`~pyro_ebm.samplers.MassMatrixAdapter.update`)."""
-        return diagonal_curvature(self._potential, mean)
-
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         state, info = mala_step(state, self._potential, self.step_size, self._warmup.inverse_mass)
         if warmup:
-            self._warmup.update(self._t, state, info.accept_prob, self._trial, self._curvature)
+            self._adapt(state, info)
             self.step_size = self._warmup.step_size
         return state, info, False
 

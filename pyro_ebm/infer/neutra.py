@@ -36,15 +36,13 @@ from ..samplers import (
     REJECTED_ERRORS,
     MoveInfo,
     PullbackPotential,
-    StanWarmup,
     WalkerState,
-    diagonal_curvature,
     guarded,
     hmc_step,
     init_state,
     nuts_step,
 )
-from .base import WalkerKernel
+from .base import StanWarmupKernel, WalkerKernel
 
 __all__ = [
     "CompiledPotential",
@@ -372,7 +370,7 @@ class LatentKernel(WalkerKernel):
         return x
 
 
-class FlowHMC(LatentKernel):
+class FlowHMC(LatentKernel, StanWarmupKernel):
     r"""Hamiltonian Monte Carlo in the latent space of a frozen flow (NeuTra), all chains at
     once, with Pyro's :class:`~pyro.infer.mcmc.HMC` options and Stan's warmup.
 
@@ -497,7 +495,6 @@ class FlowHMC(LatentKernel):
         self.adapt_mass_matrix = check_flag("adapt_mass_matrix", adapt_mass_matrix)
         self.full_mass = check_flag("full_mass", full_mass)
         self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
-        self._warmup: StanWarmup | None = None
         #: leapfrog steps of every chain over the run so far (warmup included)
         self.num_leapfrog = 0
 
@@ -505,12 +502,6 @@ class FlowHMC(LatentKernel):
     def step_size(self) -> float | None:
         """The current step size (``None`` before :meth:`setup`)."""
         return None if self._warmup is None else float(self._warmup.step_size)
-
-    @property
-    def inverse_mass_matrix(self) -> Tensor | None:
-        r"""The current inverse mass matrix over the flow's latent space, ``(D,)`` or
-        ``(D, D)`` (``full_mass``); ``None`` before :meth:`setup`."""
-        return None if self._warmup is None else self._warmup.inverse_mass
 
     @property
     def num_steps(self) -> int:
@@ -521,17 +512,7 @@ class FlowHMC(LatentKernel):
 
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
         state = self._latent_start(x0)
-        self._warmup = StanWarmup(
-            self.target.layout.dim,
-            self._warmup_steps,
-            self.initial_step_size,
-            self.target_accept_prob,
-            self.adapt_step_size,
-            self.adapt_mass_matrix,
-            self.full_mass,
-            state.x.device,
-            trial_threshold=self._TRIAL_ACCEPT,
-        )
+        self._start_warmup(state.x.device, self._TRIAL_ACCEPT)
         self._warmup.start(state, self._trial)
         self.num_leapfrog = 0
         return state
@@ -541,9 +522,6 @@ class FlowHMC(LatentKernel):
         return hmc_step(state, self._potential, step_size, 1, self._warmup.inverse_mass)[
             1
         ].accept_prob
-
-    def _curvature(self, mean: Tensor) -> Tensor:
-        return diagonal_curvature(self._potential, mean)
 
     def _transition(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
         steps = self.num_steps
@@ -555,7 +533,7 @@ class FlowHMC(LatentKernel):
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         state, info = self._transition(state)
         if warmup:
-            self._warmup.update(self._t, state, info.accept_prob, self._trial, self._curvature)
+            self._adapt(state, info)
         return state, info, False
 
     def _extra_logging(self) -> dict:
