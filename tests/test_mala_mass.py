@@ -373,7 +373,7 @@ def test_everything_is_frozen_after_warmup_and_restarts_per_chain():
 
     def hook(kernel, params, stage, i):
         seen.append((stage, kernel.inverse_mass_matrix.clone(), float(kernel.step_size)))
-        restarts.append(kernel._adapter._t)
+        restarts.append(kernel._warmup._adapter._t)
 
     setups = []
     setup_chains = kernel.setup_chains
