@@ -595,7 +595,46 @@ def _default_targets() -> dict:
     ):
         rec = MODELS[name](0)
         targets[name] = (rec.model, rec.args)
+    targets.update(_unseen_targets())
     return targets
+
+
+def _unseen_targets() -> dict:
+    """Two posteriors no test uses, with generated data (seed 0): a robust regression (a
+    Student-t likelihood with unknown degrees of freedom; 3 coefficients, a scale and nu, 200
+    points) and a non-centred hierarchical Poisson regression (20 groups of 10 counts: an
+    intercept, a slope, a group scale and 20 group effects)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    noise = torch.distributions.StudentT(4.0).sample((200,))
+    y = x @ torch.tensor([1.0, -0.5, 0.25]) + 0.5 * noise
+
+    def student_t_regression(x, y):
+        beta = pyro.sample("beta", dist.Normal(0.0, 5.0).expand([3]).to_event(1))
+        sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+        nu = pyro.sample("nu", dist.Gamma(2.0, 0.1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.StudentT(nu, x @ beta, sigma), obs=y)
+
+    groups = torch.arange(20).repeat_interleave(10)
+    covariate = torch.randn(200, generator=g)
+    effects = 0.5 * torch.randn(20, generator=g)
+    counts = torch.poisson((1.0 + 0.3 * covariate + effects[groups]).exp(), generator=g)
+
+    def hierarchical_poisson(covariate, groups, counts):
+        alpha = pyro.sample("alpha", dist.Normal(0.0, 2.0))
+        beta = pyro.sample("beta", dist.Normal(0.0, 2.0))
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("groups", 20):
+            raw = pyro.sample("raw", dist.Normal(0.0, 1.0))
+        rate = alpha + beta * covariate + tau * raw[groups]
+        with pyro.plate("data", len(counts)):
+            pyro.sample("counts", dist.Poisson(rate.exp()), obs=counts)
+
+    return {
+        "student_t_regression": (student_t_regression, (x, y)),
+        "hierarchical_poisson": (hierarchical_poisson, (covariate, groups, counts)),
+    }
 
 
 def _default_kernels() -> dict:
