@@ -12,7 +12,13 @@ import pyro_ebm
 from conftest import perturb
 from pyro_ebm.datasets import EIGHT_SCHOOLS_DATA, eight_schools_noncentered
 from pyro_ebm.flows import AffineFlow, fit_reverse_kl
-from pyro_ebm.infer import FlowHMC, FlowNUTS, LatentPotential, compile_value_and_grad
+from pyro_ebm.infer import (
+    CompiledPotential,
+    FlowHMC,
+    FlowNUTS,
+    LatentPotential,
+    compile_value_and_grad,
+)
 from pyro_ebm.infer.neutra import _AutogradValueAndGrad
 
 MODEL_ARGS = (
@@ -142,6 +148,43 @@ def test_compiled_gradient_falls_back_to_autograd_with_a_warning(caplog):
     assert "compiling the gradient failed" in caplog.text
     g, u = compiled(torch.tensor([1.0, -2.0]))
     assert torch.allclose(g, torch.tensor([2.0, -4.0])) and torch.allclose(u, torch.tensor(5.0))
+
+
+class _NoFuncTransforms(torch.autograd.Function):
+    """An ``autograd.Function`` without ``setup_context``, as Pyro's ``_SafeLog`` (used by
+    enumeration): ``torch.func`` transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_compiled_potential_falls_back_when_its_graph_disagrees_with_the_potential(caplog):
+    """A potential that guards its own errors (as a Pyro model's potential does) returns inf
+    where ``torch.func`` cannot run it, so the recorded graph would be inf everywhere. The
+    compiled potential compares the graph's values with the potential's on the first batch and
+    runs the potential as is, with one warning. Found by a walkthrough: ``FlowHMC(model,
+    jit_compile=True)`` on an enumerated mixture refused every start. Fails without the
+    comparison (the values are inf)."""
+
+    def potential(x):
+        try:
+            y = _NoFuncTransforms.apply(x)
+        except RuntimeError:
+            return torch.full(x.shape[:1], torch.inf, dtype=x.dtype)
+        return 0.5 * (y**2).sum(-1)
+
+    compiled = CompiledPotential(potential)
+    x = torch.tensor([[1.0, 2.0], [0.0, 3.0]])
+    with caplog.at_level("WARNING", logger="pyro_ebm.infer.neutra"):
+        u, g = compiled.value_and_grad(x)
+        compiled.value_and_grad(torch.zeros(3, 2))  # another batch shape: no second warning
+    assert torch.allclose(u, torch.tensor([2.5, 4.5])) and torch.allclose(g, x)
+    assert caplog.text.count("compiling the potential failed") == 1
 
 
 @pytest.mark.parametrize("sas", [False, True])

@@ -354,6 +354,14 @@ def test_kernel_options_are_checked_by_name():
         TypeError, match=r"FlowNUTS.__init__\(\) got an unexpected keyword argument 'bogus'"
     ):
         FlowNUTS(potential_fn=pot, bogus=1)
+    # Pyro's options that these kernels do not take say why (found by a walkthrough)
+    with pytest.raises(TypeError, match="FlowHMC does not take Pyro's 'transforms' option"):
+        FlowHMC(potential_fn=pot, transforms={})
+    with pytest.raises(TypeError, match="'use_multinomial_sampling' option: NUTS here always"):
+        FlowNUTS(potential_fn=pot, use_multinomial_sampling=False)
+    # before a run, the configured step size and steps (as Pyro's kernels report them)
+    kernel = FlowHMC(potential_fn=pot, step_size=0.5, trajectory_length=2.0)
+    assert (kernel.step_size, kernel.num_steps) == (0.5, 4)
     with pytest.raises(TypeError, match="AdaptiveFlowMCMC got an unexpected keyword argument"):
         AdaptiveFlowMCMC(potential_fn=pot, bogus=1)
     with pytest.raises(TypeError, match="init_strategy must be a Pyro init strategy"):

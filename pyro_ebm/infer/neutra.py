@@ -229,11 +229,19 @@ class CompiledPotential:
         key = (tuple(x.shape), x.dtype, x.device)
         if key not in self._compiled:
             with torch.no_grad():  # decisions the potential makes on its first batch
-                self.potential(x.detach())
+                plain = self.potential(x.detach())
             try:
-                self._compiled[key] = _trace_graph(self._grad_and_value(), x, self.jit_options)
+                compiled = _trace_graph(self._grad_and_value(), x, self.jit_options)
+                _, value = compiled(x.detach())
+                if not _same_values(value, plain):
+                    # e.g. an autograd.Function inside the model (Pyro's enumeration) that
+                    # torch.func cannot run: a guard in the model then returns inf, and the
+                    # recorded graph is inf everywhere
+                    raise RuntimeError("the recorded graph's values differ from the potential's")
+                self._compiled[key] = compiled
             except Exception as error:  # not recordable (e.g. .item() or numpy inside)
-                logger.warning("compiling the potential failed (%s); running it as is", error)
+                if not any(v is None for v in self._compiled.values()):  # once per potential
+                    logger.warning("compiling the potential failed (%s); running it as is", error)
                 self._compiled[key] = None
         return self._compiled[key]
 
@@ -263,6 +271,17 @@ class CompiledPotential:
         return state
 
 
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether two batches of potentials agree: non-finite in the same rows, and within a
+    relative 1e-4 where finite (a traced graph may round differently)."""
+    a, b = a.detach().to(b.dtype), b.detach()
+    finite = torch.isfinite(a)
+    if a.shape != b.shape or not torch.equal(finite, torch.isfinite(b)):
+        return False
+    close = (a - b).abs() <= 1e-4 * (1.0 + b.abs())
+    return bool(close[finite].all())
+
+
 class _AutogradValueAndGrad:
     """``z -> (grad f(z), f(z))`` by autograd (the fallback of :func:`compile_value_and_grad`)."""
 
@@ -275,6 +294,28 @@ class _AutogradValueAndGrad:
             value = self.fn(z)
             (grad,) = torch.autograd.grad(value, z)
         return grad, value.detach()
+
+
+#: Pyro's HMC/NUTS options that FlowHMC and FlowNUTS do not take, and why
+_PYRO_ONLY = {
+    "transforms": "the chains move in the flow's latent space; a model's transforms are "
+    "taken from the model",
+    "ignore_jit_warnings": "jit_compile=True records the graph without Pyro's tracer, whose "
+    "warnings this option silences",
+    "use_multinomial_sampling": "NUTS here always draws from the trajectory by multinomial "
+    "sampling (as Stan)",
+    "min_stepsize": "the step size is searched and adapted without bounds",
+    "max_stepsize": "the step size is searched and adapted without bounds",
+}
+
+
+def _refuse_pyro_only(kernel: str, options: dict) -> None:
+    """A ``TypeError`` for an unexpected keyword argument, saying why when Pyro has it."""
+    for name in options:
+        reason = _PYRO_ONLY.get(name)
+        if reason is None:
+            raise TypeError(f"{kernel}.__init__() got an unexpected keyword argument {name!r}")
+        raise TypeError(f"{kernel} does not take Pyro's {name!r} option: {reason}")
 
 
 class LatentKernel(WalkerKernel):
@@ -468,7 +509,9 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
         max_num_steps: int = 1024,
         jit_compile: bool = False,
         jit_options: dict | None = None,
+        **pyro_only,
     ) -> None:
+        _refuse_pyro_only(type(self).__name__, pyro_only)
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self._init_latent(flow, jit_compile, jit_options)
         self.initial_step_size = check_positive("step_size", step_size)
@@ -495,19 +538,20 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
         self.adapt_mass_matrix = check_flag("adapt_mass_matrix", adapt_mass_matrix)
         self.full_mass = check_flag("full_mass", full_mass)
         self.max_num_steps = check_int("max_num_steps", max_num_steps, 1)
-        #: leapfrog steps of every chain over the run so far (warmup included)
+        #: potential-and-gradient rows the transitions evaluated so far, warmup included: the
+        #: batch's leapfrog steps times the chains (with NUTS, the deepest tree's steps)
         self.num_leapfrog = 0
 
     @property
-    def step_size(self) -> float | None:
-        """The current step size (``None`` before :meth:`setup`)."""
-        return None if self._warmup is None else float(self._warmup.step_size)
+    def step_size(self) -> float:
+        """The current step size (before :meth:`setup`, the initial one)."""
+        return self.initial_step_size if self._warmup is None else float(self._warmup.step_size)
 
     @property
     def num_steps(self) -> int:
         """Leapfrog steps of the next iteration: ``trajectory_length / step_size``, at least 1
         and at most ``max_num_steps``."""
-        steps = int(self.trajectory_length / float(self._warmup.step_size))
+        steps = int(self.trajectory_length / self.step_size)
         return min(self.max_num_steps, max(1, steps))
 
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
@@ -519,9 +563,8 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
 
     def _trial(self, state: WalkerState, step_size: float) -> Tensor:
         """Acceptance probabilities of one leapfrog step from ``state`` (the step-size search)."""
-        return hmc_step(state, self._potential, step_size, 1, self._warmup.inverse_mass)[
-            1
-        ].accept_prob
+        _, info = hmc_step(state, self._potential, step_size, 1, self._warmup.inverse_mass)
+        return info.accept_prob
 
     def _transition(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
         steps = self.num_steps
@@ -588,7 +631,9 @@ class FlowNUTS(FlowHMC):
         max_tree_depth: int = 10,
         jit_compile: bool = False,
         jit_options: dict | None = None,
+        **pyro_only,
     ) -> None:
+        _refuse_pyro_only(type(self).__name__, pyro_only)
         super().__init__(
             model,
             potential_fn,
