@@ -9,16 +9,14 @@ event, so ``Z = 3.9`` (two-sided p = 1e-4) covers each test. Seed validation (se
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import pytest
 import torch
 from pyro.ops.stats import effective_sample_size
-from torch import Tensor
 
 from pyro_ebm.datasets import GaussianMixture, imbalanced_pair, two_to_one
-from pyro_ebm.flows import AffineFlow, Standardized
+from pyro_ebm.flows import Standardized
 from pyro_ebm.metrics import mode_weights_mcse
 from pyro_ebm.samplers import AdaptiveFlowSampler, init_state, mala_step
 
@@ -393,6 +391,7 @@ def test_isir_particles_adapt_to_the_flow_and_flows_are_scored_as_configured():
     by is that of ``num_particles`` = 32, 31 / 32, whatever N was used. A flow far off the
     target keeps all 32 particles; production uses ``num_particles`` again; without the
     adaptation the count never moves."""
+    from pyro_ebm.flows import AffineFlow
 
     torch.manual_seed(0)
     kwargs = dict(num_local_steps=0, flow_steps=0, standardize=False, local_only_cycles=0)
@@ -423,44 +422,12 @@ def test_isir_particles_adapt_to_the_flow_and_flows_are_scored_as_configured():
     assert fixed.num_active_particles == 32
 
 
-def test_training_stops_refitting_a_flow_whose_acceptance_is_at_a_plateau():
-    """Past the 25 cycles at the full learning rate, a cycle whose 5-cycle mean global
-    acceptance is above 0.95 stores its walkers but does not refit the flow (its weights stay
-    as they are); a flow that cannot reach 0.95 (an affine map of a banana) is refitted every
-    cycle. Fails when the skip never happens, or happens before cycle 26."""
-    torch.manual_seed(0)
-    gaussian = AdaptiveFlowSampler(lambda x: 0.5 * (x**2).sum(-1), num_local_steps=1)
-    state = gaussian.init(torch.randn(64, 2))
-    skipped = []
-    for cycle in range(1, 61):
-        before = copy.deepcopy(gaussian.flow.state_dict())
-        state, _ = gaussian.step(state, adapt=True)
-        if gaussian.num_fits_skipped > len(skipped):
-            skipped.append(cycle)
-            after = gaussian.flow.state_dict()
-            assert all(torch.equal(before[k], after[k]) for k in before)
-            assert gaussian.recent_global_accept > 0.95
-    assert skipped and min(skipped) > 25
-    assert len(skipped) >= 20  # most of the cycles after the 25th
-    assert gaussian._buffer.shape[0] > 1  # the walkers are still stored
-
-    def banana(x: Tensor) -> Tensor:
-        return 0.5 * x[:, 0] ** 2 + 0.5 * (4.0 * (x[:, 1] - x[:, 0] ** 2)) ** 2
-
-    curved = AdaptiveFlowSampler(banana, AffineFlow(2), num_local_steps=1)
-    state = curved.init(torch.randn(64, 2))
-    for _ in range(40):
-        state, _ = curved.step(state, adapt=True)
-    assert curved.recent_global_accept < 0.95 and curved.num_fits_skipped == 0
-
-
 def test_flow_learning_rate_decays_as_one_over_the_cycle_after_25_cycles():
     """``flow_lr`` holds for the first 25 training cycles, then decays as 1/cycle, and the
     optimizer steps at that rate (the Robbins-Monro schedule that keeps a long warmup's flow
     from drifting; see the slow test below)."""
     torch.manual_seed(0)
     sampler = AdaptiveFlowSampler(lambda x: 0.5 * (x**2).sum(-1), flow_lr=4e-3, num_local_steps=0)
-    sampler._PLATEAU_ACCEPT = 1.0  # fit every cycle (the flow learns this target at once)
     state = sampler.init(torch.randn(16, 2))
     rates = []
     for _ in range(50):

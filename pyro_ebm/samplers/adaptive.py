@@ -158,9 +158,6 @@ class AdaptiveFlowSampler:
     _RESTART_RATIO = 2.0
     #: training cycles at the full ``flow_lr``; the rate then decays as 1 / cycle
     _LR_DECAY_AFTER = 25
-    #: after :attr:`_LR_DECAY_AFTER` cycles, a cycle whose mean global acceptance over the last
-    #: :attr:`_WINDOW` cycles (as with ``num_particles``) is above this does not refit the flow
-    _PLATEAU_ACCEPT = 0.95
 
     def __init__(
         self,
@@ -257,8 +254,6 @@ class AdaptiveFlowSampler:
         self._start_scale: Tensor | None = None
         #: how often training restarted the flow because its standardization moved
         self.num_flow_restarts = 0
-        #: training cycles that did not refit the flow, its acceptance being at a plateau
-        self.num_fits_skipped = 0
         self._proposals: FlowProposals | None = None
         self._frozen = False
         self._candidate: dict | None = None  # flow state fitted last, not yet scored
@@ -340,24 +335,9 @@ class AdaptiveFlowSampler:
         if adapt and index % (self.num_local_steps + 1) == self.num_local_steps:
             self._cycles += 1
             self._push(state)
-            if self._at_plateau():
-                self.num_fits_skipped += 1
-            else:
-                self._fit_flow()
-                state = state._replace(log_q=None)
+            self._fit_flow()
+            state = state._replace(log_q=None)
         return state, info, is_global
-
-    def _at_plateau(self) -> bool:
-        """Whether the flow is too good to gain from more fitting: past the cycles at the full
-        learning rate, the global move's mean acceptance over the last :attr:`_WINDOW` cycles is
-        above :attr:`_PLATEAU_ACCEPT`. Training cycles then only store walkers, which is most
-        of warmup's cost saved once the flow has converged; a fall in acceptance (walkers that
-        reach what the flow misses) resumes the fits."""
-        return (
-            self._cycles > self._LR_DECAY_AFTER
-            and len(self._accepts) >= self._WINDOW
-            and self.recent_global_accept > self._PLATEAU_ACCEPT
-        )
 
     def step(self, state: WalkerState, adapt: bool = False) -> tuple[WalkerState, GlobalLocalInfo]:
         """One cycle: a global move then ``num_local_steps`` local moves (see :meth:`move`). In
