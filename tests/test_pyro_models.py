@@ -98,11 +98,6 @@ FAILURES: dict[tuple[str, str], dict[int, tuple[type[BaseException], str]]] = {
     ("flow_nuts", "gaussian_chain9"): {
         0: (AssertionError, "1 of 18 checks fail; worst sd loc_6: 0.089 > 0.08"),
     },
-    # 2026-12-07, after the plateau skip (2a5f2b1): min ESS 533 of 800; the same seed without the
-    # skip passes (0.036, ESS 623), seeds 3-5 pass with and without it
-    ("adaptive", "gaussian_chain2_obs10k"): {
-        1: (AssertionError, "1 of 4 checks fail; worst mean loc_1: 0.051 > 0.05"),
-    },
     ("mala", "gaussian_chain2_obs10k"): {
         0: (AssertionError, "1 of 4 checks fail; worst mean loc_1: 0.051 > 0.05"),
         2: (AssertionError, "1 of 4 checks fail; worst mean loc_1: 0.054 > 0.05"),

@@ -90,11 +90,7 @@ class AdaptiveFlowSampler:
         decays as ``1 / cycle`` (:attr:`current_flow_lr`; a Robbins-Monro schedule, so the
         adaptation diminishes). At a constant rate the fit can drift over a long warmup, the
         walkers drifting with it into the heavier mode.
-    :param flow_steps: flow gradient steps per training iteration. Past the first 25 cycles, a
-        cycle whose mean global acceptance over the last 5 cycles (as with ``num_particles``)
-        is above 0.95 does not refit the flow (:attr:`num_fits_skipped` counts them): such a
-        flow is already an importance sampler with an efficiency of about 0.6 per draw, and the
-        fits are most of a converged warmup's cost; a fall in acceptance resumes them.
+    :param flow_steps: flow gradient steps per training iteration.
     :param flow_batch_size: minibatch size of each flow step, drawn from the history.
     :param reverse_kl_steps: reverse-KL gradient steps (:func:`~pyro_ebm.flows.reverse_kl_step`,
         :math:`E_q[\log q + U]` on ``reverse_kl_samples`` reparameterised flow draws) after the
