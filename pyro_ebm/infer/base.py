@@ -456,6 +456,11 @@ class StanWarmupKernel(WalkerKernel):
     _warmup: StanWarmup | None = None
 
     @property
+    def step_size(self) -> float:
+        """The current step size (before :meth:`setup`, the initial one)."""
+        return self.initial_step_size if self._warmup is None else float(self._warmup.step_size)
+
+    @property
     def inverse_mass_matrix(self) -> Tensor | None:
         r"""The current inverse mass matrix :math:`A` over the coordinates the chains move in:
         ``(D,)`` or ``(D, D)`` (``full_mass``); ``None`` before :meth:`setup`."""

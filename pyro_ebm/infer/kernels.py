@@ -351,7 +351,6 @@ class MALA(StanWarmupKernel):
         self.target_accept_prob = float(target_accept_prob)
         self.jit_compile = bool(jit_compile)
         self.jit_options = jit_options
-        self.step_size = step_size
 
     @property
     def target_accept(self) -> float:
@@ -365,7 +364,6 @@ class MALA(StanWarmupKernel):
 
     def _setup_chain(self, x0: Tensor | None) -> WalkerState:
         self._start_warmup(self.device)
-        self.step_size = self.initial_step_size
         self._potential = self.target.potential
         if self.jit_compile:
             # errors raised in the compiled graph are rejected and counted too
@@ -380,15 +378,15 @@ class MALA(StanWarmupKernel):
         return init_state(self._potential, x)
 
     def _trial(self, state: WalkerState, step_size: float | Tensor) -> Tensor:
-        return mala_step(state, self._potential, step_size, self._warmup.inverse_mass)[
-            1
-        ].accept_prob
+        _, info = mala_step(state, self._potential, step_size, self._warmup.inverse_mass)
+        return info.accept_prob
 
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
-        state, info = mala_step(state, self._potential, self.step_size, self._warmup.inverse_mass)
+        state, info = mala_step(
+            state, self._potential, self._warmup.step_size, self._warmup.inverse_mass
+        )
         if warmup:
             self._adapt(state, info)
-            self.step_size = self._warmup.step_size
         return state, info, False
 
     def _extra_logging(self) -> dict:

@@ -543,11 +543,6 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
         self.num_leapfrog = 0
 
     @property
-    def step_size(self) -> float:
-        """The current step size (before :meth:`setup`, the initial one)."""
-        return self.initial_step_size if self._warmup is None else float(self._warmup.step_size)
-
-    @property
     def num_steps(self) -> int:
         """Leapfrog steps of the next iteration: ``trajectory_length / step_size``, at least 1
         and at most ``max_num_steps``."""

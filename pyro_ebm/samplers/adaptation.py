@@ -488,7 +488,6 @@ class StanWarmup:
     ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.adapt_step_size = bool(adapt_step_size)
-        self.target_accept = target_accept
         self.trial_threshold = target_accept if trial_threshold is None else trial_threshold
         self._adapter = StepSizeAdapter(step_size, target_accept)
         identity = torch.eye(dim) if full_mass else torch.ones(dim)
@@ -502,10 +501,6 @@ class StanWarmup:
     def inverse_mass(self) -> Tensor:
         r"""The current inverse mass matrix, ``(D,)`` or ``(D, D)``."""
         return self._mass.inverse_mass
-
-    @property
-    def full_mass(self) -> bool:
-        return self._mass.full_mass
 
     def start(self, state, trial: Callable) -> None:
         r"""Search a reasonable first step size from the chains' starts (when the step size
