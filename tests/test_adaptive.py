@@ -18,7 +18,7 @@ from pyro.ops.stats import effective_sample_size
 from pyro_ebm.datasets import GaussianMixture, imbalanced_pair, two_to_one
 from pyro_ebm.flows import Standardized
 from pyro_ebm.metrics import mode_weights_mcse
-from pyro_ebm.samplers import AdaptiveFlowSampler, init_state, mala_step
+from pyro_ebm.samplers import AdaptiveFlowSampler, init_state, leave_probability, mala_step
 
 Z = 3.9
 
@@ -384,13 +384,14 @@ def test_freeze_restores_the_flow_with_the_best_training_acceptance():
 
 
 def test_isir_particles_adapt_to_the_flow_and_flows_are_scored_as_configured():
-    """With ``adapt_num_particles`` (default) training i-SIR uses ``1 + 9 / r`` particles, r the
-    flow's IS ESS per draw implied by the acceptance. A flow that is the target (N(0, I), not
-    trained) has equal weights: a move with N particles leaves its point with probability
-    (N - 1) / N exactly, so the sampler settles on N = 10, and the acceptance it scores flows
-    by is that of ``num_particles`` = 32, 31 / 32, whatever N was used. A flow far off the
-    target keeps all 32 particles; production uses ``num_particles`` again; without the
-    adaptation the count never moves."""
+    """With ``adapt_num_particles`` (default) training i-SIR uses the fewest particles that
+    move a walker 9 times in 10, estimated from the importance weights. A flow that is the
+    target (N(0, I), not trained) has equal weights: the Metropolis rule always moves, so the
+    sampler settles on N = 2 (IMH), and the acceptance it scores flows by, that of
+    ``num_particles`` = 32, is 1. For a flow twice as wide as a target of sd 0.5 the count
+    settles between, and the score agrees with the leaving rate of 32-particle moves made
+    from exact draws (within 0.02). A flow far off the target keeps all 32 particles;
+    production uses ``num_particles`` again; without the adaptation the count never moves."""
     from pyro_ebm.flows import AffineFlow
 
     torch.manual_seed(0)
@@ -403,12 +404,23 @@ def test_isir_particles_adapt_to_the_flow_and_flows_are_scored_as_configured():
         n = sampler._proposals.num_per_step + 1  # the particles of this cycle's move
         state, info = sampler.step(state, adapt=True)
         used.append(n)
-        assert float(info.global_info.accept_prob.mean()) == pytest.approx(1 - 1 / n, abs=1e-6)
-        assert sampler._accepts[-1] == pytest.approx(31 / 32, abs=1e-6)
-    assert used == [32] + [10] * 11 and sampler.num_active_particles == 10
+        assert float(info.global_info.accept_prob.mean()) == pytest.approx(1.0, abs=1e-6)
+        assert sampler._accepts[-1] == pytest.approx(1.0, abs=1e-6)
+    assert used == [32] + [2] * 11 and sampler.num_active_particles == 2
     sampler.freeze()
     sampler.init(state.x)
     assert sampler.num_active_particles == 32 and sampler._proposals.num_per_step == 31
+    narrow = lambda x: 0.5 * (x**2).sum(-1) / 0.25  # noqa: E731
+    sampler = AdaptiveFlowSampler(narrow, AffineFlow(2), **kwargs)
+    state = sampler.init(0.5 * torch.randn(64, 2))
+    for _ in range(12):
+        state, info = sampler.step(state, adapt=True)
+    assert 2 < sampler.num_active_particles < 32
+    current, fresh = 0.5 * torch.randn(20000, 2), torch.randn(20000, 31, 2)
+    log_q = lambda x: -0.5 * (x**2).sum(-1)  # noqa: E731 (the flow, up to its constant)
+    exact = leave_probability(-narrow(current) - log_q(current), -narrow(fresh) - log_q(fresh))
+    assert sampler._accepts[-1] == pytest.approx(float(exact.mean()), abs=0.02)
+    assert sampler._accepts[-1] > float(info.global_info.accept_prob.mean())
     far = lambda x: 0.5 * ((x - 6.0) ** 2).sum(-1) / 0.01  # noqa: E731
     sampler = AdaptiveFlowSampler(far, AffineFlow(2), **kwargs)
     state = sampler.init(6.0 + 0.1 * torch.randn(64, 2))

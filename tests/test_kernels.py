@@ -237,18 +237,23 @@ def test_generic_dict_potential_fn_with_two_sites(name):
 
 
 @pytest.mark.parametrize(
-    "khat, ess, expected",
-    [(0.2, 4096, 10), (0.5, 3072, 13), (0.5, 2048, 16), (0.5, 100, 16), (0.51, 4096, 16)],
+    "khat, zeros, expected",
+    [(0.2, 0.0, 2), (0.4, 0.5, 5), (0.5, 0.9, 16), (0.51, 0.0, 16)],
 )
-def test_isir_auto_particles_follow_the_flow_check(khat, ess, expected, monkeypatch):
-    """``num_particles="auto"`` (the default): ``1 + ceil(9 / r)`` particles, at most 16, with
-    r the setup check's IS ESS per draw (4096 draws), and 16 when the check's k-hat is above
-    0.5; the chain then draws that many minus one proposals per step. A count given is used
-    as is."""
+def test_isir_auto_particles_follow_the_flow_check(khat, zeros, expected, monkeypatch):
+    """``num_particles="auto"`` (the default): the fewest particles, at most 16, that leave a
+    point of the target 9 times in 10 by the setup check's importance weights, and 16 when
+    the check's k-hat is above 0.5; the chain then draws that many minus one proposals per
+    step. The check's 4096 weights are 1, except a fraction ``zeros`` of 0: a move with ``N``
+    particles then leaves with probability ``1 - zeros^(N - 1)`` exactly (a candidate of
+    weight 1 is always accepted), 0.9 first reached at N = 2 (no zeros), 5 (0.9375 against
+    0.875 at 4), and past 16 with 90% zeros. A count given is used as is."""
     import pyro_ebm.infer.base as base_module
     from pyro_ebm.metrics import FlowCheck
 
-    made = FlowCheck(khat, float(ess), 4096)
+    num_zeros = int(zeros * 4096)
+    lw = torch.cat([torch.zeros(4096 - num_zeros), torch.full((num_zeros,), -math.inf)])
+    made = FlowCheck(khat, float(4096 - num_zeros), 4096, lw)
     monkeypatch.setattr(base_module, "flow_importance_diagnostic", lambda *a, **k: made)
     kernel = FlowISIR(potential_fn=gauss_potential_2d(), flow=small_flow())
     run(kernel, num_samples=5, warmup_steps=0)

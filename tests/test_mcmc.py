@@ -998,15 +998,17 @@ def test_adaptive_keeps_its_local_moves_when_the_flow_is_poor(min_global_accept,
 @pytest.mark.parametrize("khat", [0.3, 0.5, 0.51, 0.9])
 def test_adaptive_auto_production_moves_follow_the_flow_check(khat, monkeypatch):
     """``production_local_steps="auto"`` (the default): pure i-SIR moves after warmup when the
-    frozen flow's k-hat is at most 0.5, with ``1 + ceil(9 / r)`` particles for its IS ESS per
-    draw r (2048 of 4096: 19); one local move per i-SIR move with all ``num_particles`` when
-    it is not (the check made at the end of warmup is set to report ``khat``: a real k-hat
-    from 4096 draws has a standard deviation of ~0.1 and would make the test depend on the
-    seed)."""
+    frozen flow's k-hat is at most 0.5, with the fewest particles that move 9 times in 10 by
+    the check's importance weights (half of them 0, half 1: a move with N particles leaves
+    with probability ``1 - 2^(1 - N)``, so 5); one local move per i-SIR move with all
+    ``num_particles`` when it is not (the check made at the end of warmup is set to report
+    ``khat``: a real k-hat from 4096 draws has a standard deviation of ~0.1 and would make the
+    test depend on the seed)."""
     import pyro_ebm.samplers.adaptive as sampler_module
     from pyro_ebm.metrics import FlowCheck
 
-    made = FlowCheck(khat, 2048.0, 4096)
+    lw = torch.cat([torch.zeros(2048), torch.full((2048,), -math.inf)])
+    made = FlowCheck(khat, 2048.0, 4096, lw)
     monkeypatch.setattr(sampler_module, "flow_importance_diagnostic", lambda *a, **k: made)
     monkeypatch.setattr(sampler_module, "sharpened", lambda check, *a, **k: check)
     pot, _, _ = gauss()
@@ -1015,7 +1017,7 @@ def test_adaptive_auto_production_moves_follow_the_flow_check(khat, monkeypatch)
     assert kernel.flow_check.khat == khat
     assert kernel.sampler.num_local_steps == (0 if khat <= 0.5 else 1)
     draws = kernel.sampler._proposals.num_per_step  # fresh proposals per chain and step
-    assert draws == (18 if khat <= 0.5 else 31)
+    assert draws == (4 if khat <= 0.5 else 31)
     with pytest.raises(ValueError, match="production_local_steps"):
         AdaptiveFlowMCMC(potential_fn=pot, production_local_steps="always")
 

@@ -31,8 +31,11 @@ from pyro_ebm.samplers import (
     hmc_step,
     imh_step,
     init_state,
+    isir_particles,
     isir_step,
+    leave_probability,
     mala_step,
+    move_probability,
     ula_step,
 )
 
@@ -217,14 +220,14 @@ def run_imh(seed):
     return xs, mean, cov
 
 
-def run_isir(seed, num_particles=4):
+def run_isir(seed, num_particles=4, metropolis=True):
     pyro.set_rng_seed(seed)
     mean, cov, prec = _target()
     U = _gauss_potential(mean, prec)
     flow = _wrong_proposal(mean, cov)
     props = FlowProposals(flow, U, NUM_WALKERS, num_per_step=num_particles - 1, block_size=50)
     state = init_state(U, _exact_draws(mean, cov, NUM_WALKERS), with_grad=False)
-    xs = _run(state, lambda s: isir_step(s, props.draw(), flow), NUM_STEPS)
+    xs = _run(state, lambda s: isir_step(s, props.draw(), flow, metropolis=metropolis), NUM_STEPS)
     return xs, mean, cov
 
 
@@ -608,20 +611,62 @@ def test_imh_with_exact_proposal_always_accepts():
             assert field.shape == (64,)
 
 
+@pytest.mark.parametrize("metropolis", [True, False])
 @pytest.mark.parametrize("num_particles", [2, 4, 10])
-def test_isir_with_exact_proposal_leaves_with_probability_n_minus_1_over_n(num_particles):
+def test_isir_with_exact_proposal_leaves_with_probability_one_or_n_minus_1_over_n(
+    num_particles, metropolis
+):
+    """With equal weights the Metropolis rule always moves; resampling among all N particles
+    stays with probability 1/N."""
     mean, cov, prec = _target()
     U = _gauss_potential(mean, prec)
     flow = GaussProposal(mean, cov)
     props = FlowProposals(flow, U, 2000, num_per_step=num_particles - 1, block_size=4)
     state = init_state(U, _exact_draws(mean, cov, 2000), with_grad=False)
     n = num_particles
-    state, info = isir_step(state, props.draw(), flow)
-    assert torch.allclose(info.accept_prob, torch.full((2000,), (n - 1) / n), rtol=0, atol=1e-12)
+    leave = 1.0 if metropolis else (n - 1) / n
+    state, info = isir_step(state, props.draw(), flow, metropolis=metropolis)
+    assert torch.allclose(info.accept_prob, torch.full((2000,), leave), rtol=0, atol=1e-12)
     # the observed leaving rate agrees (binomial sd <= 0.0112, so 5 sd)
-    assert abs(info.accepted.double().mean() - (n - 1) / n) < 0.056
+    assert abs(info.accepted.double().mean() - leave) < 0.056
     for field in info:
         assert field.shape == (2000,)
+
+
+def test_isir_metropolis_rule_hand_computed():
+    """Weights (current 2; fresh 1, 3): choose 1 w.p. 1/4 and accept w.p. min(1, 4/5), choose 3
+    w.p. 3/4 and accept w.p. 1; leave w.p. 1/4 * 4/5 + 3/4 = 0.95 (resampling: 4/6)."""
+    lw_cur, lw_fresh = torch.tensor([2.0]).log(), torch.tensor([[1.0, 3.0]]).log()
+    leave = leave_probability(lw_cur, lw_fresh)
+    assert torch.allclose(leave, torch.tensor([0.95]), rtol=0, atol=1e-12)
+    barker = leave_probability(lw_cur, lw_fresh, metropolis=False)
+    assert torch.allclose(barker, torch.tensor([4.0 / 6.0]), rtol=0, atol=1e-12)
+    # a current point of weight 0 leaves for any proposal of positive weight; none of positive
+    # weight: it stays
+    inf = torch.tensor([-math.inf])
+    assert leave_probability(inf, lw_fresh).item() == 1.0
+    assert leave_probability(lw_cur, torch.full((1, 2), -math.inf)).item() == 0.0
+
+
+def test_move_probability_and_isir_particles_match_the_exact_leaving_rate():
+    """For q = N(0, 1.1^2) and p = N(0, 1): the estimate from 4096 weights against the leaving
+    rate of 20000 exact i-SIR steps from exact draws of p; the particle count grows with the
+    flow's mismatch and the Metropolis rule needs fewer than resampling."""
+    q = torch.distributions.Normal(0.0, 1.1)
+    x = q.sample((4096,))
+    lw = -0.5 * x**2 - q.log_prob(x)
+    for n in (2, 3, 5):
+        cur = torch.randn(20000)
+        fresh = q.sample((20000, n - 1))
+        exact = leave_probability(
+            -0.5 * cur**2 - q.log_prob(cur), -0.5 * fresh**2 - q.log_prob(fresh)
+        )
+        assert abs(move_probability(lw, n) - float(exact.mean())) < 0.02
+    assert isir_particles(lw, 32) < isir_particles(lw, 32, metropolis=False) <= 32
+    wide = torch.distributions.Normal(0.0, 3.0)
+    y = wide.sample((4096,))
+    assert isir_particles(-0.5 * y**2 - wide.log_prob(y), 32) > isir_particles(lw, 32)
+    assert isir_particles(torch.full((10,), -math.inf), 32) == 32
 
 
 @pytest.mark.parametrize("move", ["imh", "isir"])
@@ -863,10 +908,12 @@ def test_imh_targets_gaussian():
     _assert_moments(*run_imh(0))
 
 
-def test_isir_targets_gaussian():
-    """Four particles, same wrong proposal as the IMH test. Catches: the next particle selected
-    uniformly instead of by weight; +U instead of -U in the weights."""
-    _assert_moments(*run_isir(0))
+@pytest.mark.parametrize("metropolis", [True, False])
+def test_isir_targets_gaussian(metropolis):
+    """Four particles, same wrong proposal as the IMH test, with either rule. Catches: the next
+    particle selected uniformly instead of by weight; +U instead of -U in the weights; the
+    current weight left out of the Metropolis acceptance."""
+    _assert_moments(*run_isir(0, metropolis=metropolis))
 
 
 def test_global_local_isir_mala_targets_gaussian():

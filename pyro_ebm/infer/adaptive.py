@@ -88,9 +88,11 @@ class AdaptiveFlowMCMC(WalkerKernel):
     :param num_particles: i-SIR particles, the most used: during warmup as few as keep a
         walker moving 9 times in 10 (see :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`'s
         ``adapt_num_particles``), and after it, when the frozen flow's Pareto k-hat is at most
-        0.5, :math:`1 + \lceil 9 / r \rceil` for its importance-sampling ESS per draw
-        :math:`r` (:func:`~pyro_ebm.samplers.isir_particles`; 10 for a flow that is the
-        target): each particle costs a potential evaluation per chain and step.
+        0.5, as few as do so by the importance weights of the end-of-warmup check
+        (:func:`~pyro_ebm.samplers.isir_particles`; 2 for a flow close to the target, the
+        move then being IMH): each particle costs a potential evaluation per chain and step.
+        The i-SIR move accepts with the multiple-try Metropolis rule
+        (:func:`~pyro_ebm.samplers.isir_step`).
     :param local_move: ``"mala"`` or ``"hmc"``.
     :param num_local_steps: local moves per cycle.
     :param production_local_steps: local moves per cycle after warmup (``None``: as in warmup).
@@ -291,9 +293,10 @@ class AdaptiveFlowMCMC(WalkerKernel):
         local_steps = self.production_local_steps
         if local_steps == "auto":  # pure global moves with a flow that covers the target
             local_steps = 0 if good else 1
-        if good and self.sampler.adapt_num_particles:  # as many particles as the flow needs
-            rate = check.ess / check.num_draws
-            self.sampler.num_active_particles = isir_particles(rate, self.sampler.num_particles)
+        known = good and check.log_weights is not None
+        if known and self.sampler.adapt_num_particles:  # as many particles as the flow needs
+            n = isir_particles(check.log_weights, self.sampler.num_particles)
+            self.sampler.num_active_particles = n
         fewer = local_steps is not None and local_steps < self.sampler.num_local_steps
         if fewer and accept < self.min_global_accept:
             # a flow that has not learned the target would leave a chain with few local moves

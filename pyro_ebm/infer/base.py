@@ -272,7 +272,7 @@ class TargetKernel(MCMCKernel):
             return self.flow_check
         fit = self.flow_fit
         if check is None and fit is not None and proposal is fit.flow:  # checked by the fit
-            check = FlowCheck(fit.khat, fit.ess, fit.num_draws)
+            check = fit.check
         elif check is None:
             check = flow_importance_diagnostic(
                 proposal, self.target.potential, FLOW_CHECK_DRAWS, max_draws=MAX_CHECK_DRAWS

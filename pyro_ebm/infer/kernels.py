@@ -168,17 +168,19 @@ class FlowIMH(WalkerKernel):
 class FlowISIR(FlowIMH):
     r"""Iterated sampling-importance-resampling with ``num_particles`` flow particles.
 
-    Each step draws ``N - 1`` fresh flow proposals, adds the current point, and moves to one of
-    the ``N`` particles with probability proportional to its importance weight
-    :math:`e^{-U}/q`. Leaves the target invariant for any ``N``; with a rough flow it still moves
-    where IMH would stall. Same arguments as :class:`FlowIMH`, plus:
+    Each step draws ``N - 1`` fresh flow proposals, chooses one with probability proportional
+    to its importance weight :math:`e^{-U}/q` and accepts it with the multiple-try Metropolis
+    probability (:func:`~pyro_ebm.samplers.isir_step`, which also explains why this rule rather
+    than resampling among all ``N`` particles with the current point). Leaves the target
+    invariant for any ``N``; with a rough flow it still moves where IMH would stall. Same
+    arguments as :class:`FlowIMH`, plus:
 
     :param num_particles: ``N >= 2``, or ``"auto"`` (default): chosen once per run from the
-        flow check made at setup, :math:`N = 1 + \lceil 9 / r \rceil` between 2 and 16
-        (:func:`~pyro_ebm.samplers.isir_particles`), :math:`r` the check's importance-sampling
-        ESS per draw, so that a chain leaves its point about 9 times in 10; 16 when the flow's
-        k-hat is above 0.5 (heavy-tailed weights, whose ESS overstates :math:`r`). A flow that
-        is the target needs 10 particles, and each costs one potential evaluation per step.
+        flow check made at setup, the fewest between 2 and 16 whose probability of leaving a
+        point of the target, estimated from the check's importance weights, is at least 0.9
+        (:func:`~pyro_ebm.samplers.isir_particles`); 16 when the flow's k-hat is above 0.5
+        (heavy-tailed weights make that estimate optimistic). A flow close to the target needs
+        2 (the move is then IMH), and each particle costs one potential evaluation per step.
         The count used is :attr:`num_particles_`.
     """
 
@@ -230,7 +232,8 @@ class FlowISIR(FlowIMH):
         if n == "auto":
             most = self.MAX_AUTO_PARTICLES
             good = check.khat <= GOOD_KHAT
-            n = isir_particles(check.ess / check.num_draws, most) if good else most
+            known = good and check.log_weights is not None
+            n = isir_particles(check.log_weights, most) if known else most
         self.num_particles_ = n
         return n - 1
 

@@ -69,11 +69,17 @@ class FlowCheck(NamedTuple):
     :param ess: effective sample size of the Pareto-smoothed normalised weights,
         :math:`1 / \sum_s \tilde w_s^2` (0 when no draw has a finite weight).
     :param num_draws: draws of the flow it was computed from.
+    :param log_weights: their ``(num_draws,)`` float64 log importance weights (``-inf``: weight
+        0), e.g. for :func:`~pyro_ebm.samplers.isir_particles`; ``None`` when not kept.
     """
 
     khat: float
     ess: float
     num_draws: int
+    log_weights: Tensor | None = None
+
+    def __repr__(self) -> str:  # the weights are too many to print
+        return f"FlowCheck(khat={self.khat!r}, ess={self.ess!r}, num_draws={self.num_draws!r})"
 
 
 def pareto_khat(log_weights: Tensor | np.ndarray) -> tuple[float, np.ndarray]:
@@ -235,13 +241,13 @@ def _check(lw: Tensor) -> FlowCheck:
     finite = torch.isfinite(lw)
     count = int(finite.sum())
     if count == 0:
-        return FlowCheck(math.inf, 0.0, num_draws)
+        return FlowCheck(math.inf, 0.0, num_draws, lw)
     if count < 5:  # no tail to fit: a handful of draws carry all of the mass
         ess = float(1.0 / (torch.softmax(lw, 0) ** 2).sum())
-        return FlowCheck(math.inf, ess, num_draws)
+        return FlowCheck(math.inf, ess, num_draws, lw)
     spread = lw[finite].max() - lw[finite].min()
     if spread <= 1e-12 * max(1.0, float(lw[finite].abs().max())):  # equal weights: q = p
-        return FlowCheck(-math.inf, float(count), num_draws)
+        return FlowCheck(-math.inf, float(count), num_draws, lw)
     khat, smoothed = pareto_khat(lw)
     ess = float(1.0 / np.exp(2.0 * smoothed).sum())
-    return FlowCheck(khat, ess, num_draws)
+    return FlowCheck(khat, ess, num_draws, lw)

@@ -40,7 +40,9 @@ from .flow_moves import (
     imh_step,
     isir_particles,
     isir_step,
+    leave_probability,
     log_weights,
+    move_probability,
     sir_draws,
 )
 from .guard import (
@@ -94,7 +96,9 @@ __all__ = [
     "init_state",
     "isir_particles",
     "isir_step",
+    "leave_probability",
     "log_weights",
+    "move_probability",
     "mala_step",
     "nuts_step",
     "potential_and_grad",

@@ -35,7 +35,16 @@ from ..metrics.psis import FlowCheck, flow_importance_diagnostic, sharpened
 from .adaptation import StepSizeAdapter, stationary_start
 from .composite import GlobalLocalInfo, cycle_info, global_local_move
 from .flow_fit import DENSE_MAX_DIM
-from .flow_moves import DefensiveProposal, FlowProposals, imh_step, isir_particles, isir_step
+from .flow_moves import (
+    DefensiveProposal,
+    FlowProposals,
+    _with_log_q,
+    imh_step,
+    isir_particles,
+    isir_step,
+    log_weights,
+    move_probability,
+)
 from .local import hmc_step, mala_step
 from .state import MoveInfo, PotentialFn, WalkerState, init_state
 
@@ -134,11 +143,12 @@ class AdaptiveFlowSampler:
         (dual averaging; its average is fixed at :meth:`freeze`); ``False`` keeps ``step_size``.
     :param adapt_num_particles: during training, i-SIR uses as few particles (2 to
         ``num_particles``) as leave a walker with a probability of moving of about 0.9
-        (:attr:`num_active_particles`, :func:`~pyro_ebm.samplers.isir_particles`): a flow that
-        has learned the target needs 10, and each particle costs a potential evaluation per
-        walker and global move. Flows are scored (:meth:`freeze`,
-        :attr:`recent_global_accept`) by the acceptance that ``num_particles`` would have;
-        production uses ``num_particles`` (set :attr:`num_active_particles` after
+        (:attr:`num_active_particles`, :func:`~pyro_ebm.samplers.isir_particles`, estimated
+        from the importance weights of the walkers and their proposals): a flow that has
+        learned the target needs 2, and each particle costs a potential evaluation per walker
+        and global move. Flows are scored (:meth:`freeze`, :attr:`recent_global_accept`) by
+        the probability of moving that ``num_particles`` would have, estimated from the same
+        weights; production uses ``num_particles`` (set :attr:`num_active_particles` after
         :meth:`freeze` for fewer).
     :param forget_transient: the history drops the iterations of the walkers' approach to the
         target (:func:`~pyro_ebm.samplers.stationary_start`): walkers started broadly converge
@@ -152,6 +162,8 @@ class AdaptiveFlowSampler:
     _WINDOW = 5
     #: the flow restarts when a standardization scale moves by more than this factor
     _RESTART_RATIO = 2.0
+    #: trials of the per-cycle estimates of the probability of moving (``move_probability``)
+    _TRIALS = 1024
     #: training cycles at the full ``flow_lr``; the rate then decays as 1 / cycle
     _LR_DECAY_AFTER = 25
 
@@ -254,6 +266,9 @@ class AdaptiveFlowSampler:
         self._frozen = False
         self._candidate: dict | None = None  # flow state fitted last, not yet scored
         self._accepts: list[float] = []  # global acceptance of each training cycle
+        #: importance log-weights (walkers ``(C,)``, their fresh proposals ``(C, M)``) of the
+        #: last :attr:`_WINDOW` global moves of training
+        self._weights: list[tuple[Tensor, Tensor]] = []
         self.best_global_accept: float | None = None
         self._best_flow: dict | None = None
         #: global acceptance (mean over :attr:`_WINDOW` cycles) of the flow kept at :meth:`freeze`
@@ -278,6 +293,7 @@ class AdaptiveFlowSampler:
         if x0.dim() != 2 or not torch.isfinite(x0).all():
             raise ValueError("x0 must be a finite (num_walkers, dim) tensor")
         self._buffer = self._u_buffer = self._grad_buffer = None
+        self._weights = []
         if self.flow is None:
             self.flow = self._wrap(default_flow(x0.shape[-1]).to(x0))
             self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.flow_lr)
@@ -292,9 +308,16 @@ class AdaptiveFlowSampler:
         return init_state(self.potential_fn, x0)
 
     def _global(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
-        move = isir_step if self.global_move == "isir" else imh_step
         grad_fn = self.potential_fn if self.num_local_steps > 0 else None  # for the local move
-        return move(state, self._proposals.draw(), self._proposal, grad_fn)
+        draw = self._proposals.draw()
+        if self.global_move == "imh":
+            return imh_step(state, draw, self._proposal, grad_fn)
+        if not self.frozen:  # the weights the particle count and the flows' scores come from
+            state = _with_log_q(state, self._proposal)
+            current = log_weights(state.potential_energy, state.log_q)
+            fresh = log_weights(draw.potential_energy, draw.log_q)
+            self._weights = [*self._weights[-(self._WINDOW - 1) :], (current, fresh)]
+        return isir_step(state, draw, self._proposal, grad_fn)
 
     def _local(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
         inv_mass = self._inverse_mass()
@@ -397,27 +420,25 @@ class AdaptiveFlowSampler:
             self.num_flow_restarts += 1
 
     def _as_configured(self, accept: float) -> float:
-        r"""The i-SIR acceptance ``accept`` of a move with :attr:`num_active_particles` ``N``,
-        as it would be with ``num_particles`` ``N_0``. With a flow whose importance weights have
-        an effective sample size of :math:`r` per draw, the probability of leaving a point of
-        the target is about :math:`a(N) = (N - 1) r / (1 + (N - 1) r)` (the fresh proposals'
-        weights sum to about :math:`N - 1` against a current weight of :math:`E_p[w] = 1/r`),
-        so :math:`r = a / ((N - 1)(1 - a))`."""
-        n, n0 = self.num_active_particles, self.num_particles
-        if self.global_move != "isir" or n == n0 or not 0.0 < accept < 1.0:
+        """The probability of moving of the global move just made, ``accept`` with
+        :attr:`num_active_particles`, as it would be with ``num_particles``: estimated from its
+        importance weights (:func:`~pyro_ebm.samplers.move_probability`; the walkers' own
+        weights as the current points)."""
+        if self.global_move != "isir" or self.num_active_particles == self.num_particles:
             return accept
-        moves = (n0 - 1) * _efficiency(accept, n)  # (N_0 - 1) r
-        return moves / (1.0 + moves)
+        current, fresh = self._weights[-1]
+        return move_probability(fresh, self.num_particles, current, num_trials=self._TRIALS)
 
     def _adapt_particles(self) -> None:
         """Set :attr:`num_active_particles` by :func:`~pyro_ebm.samplers.isir_particles` (a
-        probability of moving of about 0.9), with the flow's :math:`r` estimated from the mean
-        acceptance of the last :attr:`_WINDOW` cycles (see :meth:`_as_configured`)."""
+        probability of moving of about 0.9), from the importance weights of the walkers and of
+        their fresh proposals in the last :attr:`_WINDOW` cycles."""
         if not (self.adapt_num_particles and self.global_move == "isir"):
             return
-        accept = min(self.recent_global_accept, 1.0 - 1e-3)
-        n0 = self.num_particles
-        self.num_active_particles = isir_particles(_efficiency(accept, n0), n0)
+        current = torch.cat([c for c, _ in self._weights])
+        fresh = torch.cat([f.reshape(-1) for _, f in self._weights])
+        n = isir_particles(fresh, self.num_particles, current, num_trials=self._TRIALS)
+        self.num_active_particles = n
         self._proposals.num_per_step = self.num_active_particles - 1
         self._proposals.reset()
 
@@ -492,6 +513,7 @@ class AdaptiveFlowSampler:
             self.flow_check = self._keep_better_than_start()
         self._buffer = self._u_buffer = self._grad_buffer = None
         self._candidate = self._best_flow = None
+        self._weights = []
         self._frozen = True
         if self.defensive > 0:
             self._proposal = DefensiveProposal(self.flow, self.defensive, self.defensive_scale)
@@ -565,10 +587,3 @@ class AdaptiveFlowSampler:
             torch.stack(l_acc),
             state,
         )
-
-
-def _efficiency(accept: float, n: int) -> float:
-    """The flow's IS ESS per draw :math:`r` implied by the mean acceptance ``accept`` (in
-    ``[0, 1)``) of i-SIR moves with ``n`` particles (see
-    :meth:`AdaptiveFlowSampler._as_configured`)."""
-    return accept / ((n - 1) * (1.0 - accept))

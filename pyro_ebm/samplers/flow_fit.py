@@ -39,7 +39,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,6 +48,9 @@ from .._checks import check_int
 from ..flows import AffineFlow, reverse_kl_step
 from .adaptation import diagonal_curvature
 from .guard import guarded
+
+if TYPE_CHECKING:  # imported where used, as below
+    from ..metrics.psis import FlowCheck
 
 __all__ = ["DENSE_MAX_DIM", "GOOD_KHAT", "MAX_STEPS", "WINDOW", "FlowFit", "fit_flow"]
 
@@ -67,21 +70,34 @@ class FlowFit(NamedTuple):
 
     :param flow: the fitted :class:`~pyro_ebm.flows.AffineFlow` (with coupling layers when
         ``"coupling"`` is in ``stages``).
-    :param khat: its Pareto :math:`\hat k` as an importance sampler of the target.
-    :param ess: its importance-sampling ESS, out of ``num_draws``.
-    :param num_draws: draws of the check.
+    :param check: its check as an importance sampler of the target
+        (:class:`~pyro_ebm.metrics.FlowCheck`; also as :attr:`khat`, :attr:`ess` and
+        :attr:`num_draws`).
     :param steps: reverse-KL optimizer steps, all stages.
     :param stages: the stages that made the flow, e.g. ``("laplace", "affine")``.
     :param seconds: wall time of the fit.
     """
 
     flow: AffineFlow
-    khat: float
-    ess: float
-    num_draws: int
+    check: FlowCheck
     steps: int
     stages: tuple[str, ...]
     seconds: float
+
+    @property
+    def khat(self) -> float:
+        r"""The flow's Pareto :math:`\hat k` as an importance sampler of the target."""
+        return self.check.khat
+
+    @property
+    def ess(self) -> float:
+        """Its importance-sampling ESS, out of :attr:`num_draws`."""
+        return self.check.ess
+
+    @property
+    def num_draws(self) -> int:
+        """Draws of the check."""
+        return self.check.num_draws
 
 
 def fit_flow(
@@ -182,7 +198,7 @@ def _done(
     flow.requires_grad_(False)
     check = sharpened(check, flow, potential)  # the kernels warn on it: more draws near 0.7
     seconds = time.perf_counter() - start_time
-    return FlowFit(flow, check.khat, check.ess, check.num_draws, steps, stages, seconds)
+    return FlowFit(flow, check, steps, stages, seconds)
 
 
 def _set_affine(flow: AffineFlow, loc: Tensor, scale_tril: Tensor) -> None:

@@ -27,7 +27,14 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int
-from .state import MoveInfo, PotentialFn, WalkerState, accept_reject, potential_and_grad
+from .state import (
+    MoveInfo,
+    PotentialFn,
+    WalkerState,
+    accept_reject,
+    potential_and_grad,
+    select,
+)
 
 __all__ = [
     "DefensiveProposal",
@@ -37,7 +44,9 @@ __all__ = [
     "imh_step",
     "isir_particles",
     "isir_step",
+    "leave_probability",
     "log_weights",
+    "move_probability",
     "sir_draws",
 ]
 
@@ -252,63 +261,213 @@ def isir_step(
     proposal: FlowDraw,
     flow: Proposal,
     grad_potential_fn: PotentialFn | None = None,
+    metropolis: bool = True,
 ) -> tuple[WalkerState, MoveInfo]:
-    r"""One step of iterated sampling-importance-resampling (i-SIR) with ``N = M + 1`` particles.
+    r"""One step of iterated sampling-importance-resampling (i-SIR) with ``N = M + 1`` particles:
+    the current point and ``M`` fresh proposals, weighted by :math:`w = e^{-U} / q`.
 
-    The current point joins the ``M`` fresh proposals; the next state is one of the ``N``
-    particles drawn with probability proportional to its importance weight
-    :math:`w = e^{-U} / q`. This leaves ``exp(-U)`` invariant for any ``M`` and, unlike IMH, still
-    moves when the flow is only roughly right, since ``N`` candidates compete.
-    ``info.accept_prob`` is the probability of leaving the current point, ``1 - w_0 / Σ w``.
+    With ``metropolis`` (the default), one of the ``M`` fresh proposals is chosen with
+    probability proportional to its weight, :math:`w_j / S` with :math:`S = \sum_j w_j`, and
+    accepted with probability :math:`\min\{1, S / (S - w_j + w_0)\}` (:math:`w_0`: the current
+    point's weight): independent multiple-try Metropolis. Without it, the next state is one of
+    all ``N`` particles, drawn with probability proportional to its weight (the i-SIR of
+    Andrieu, Lee and Vihola). Both leave ``exp(-U)`` invariant for any ``M`` and, unlike IMH,
+    still move when the flow is only roughly right, since ``M`` candidates compete. From the
+    same proposals the Metropolis rule leaves the current point at least as often, toward
+    every other point (Peskun's order: no estimate has a larger asymptotic variance): with a
+    flow that is the target it always moves, where resampling stays with probability
+    :math:`1 / N`. With ``M = 1`` it is IMH.
+    ``info.accept_prob`` is the probability of leaving the current point
+    (:func:`leave_probability`).
 
     :param proposal: scored proposals, ``(C, M, ...)``.
     :param flow: used to score the current point when ``state.log_q`` is unknown.
     :param grad_potential_fn: as in :func:`imh_step`.
+    :param metropolis: the Metropolis rule above (``False``: resampling among all ``N``).
+
+    References:
+
+    - Liu, Liang, Wong (2000), "The multiple-try method and local optimization in Metropolis
+      sampling", JASA 95(449), 121-134.
+    - Martino (2018), "A review of multiple try MCMC algorithms for signal processing", Digital
+      Signal Processing 75, 134-152, https://arxiv.org/abs/1801.09065 (the independent case).
+    - Peskun (1973), "Optimum Monte-Carlo sampling using Markov chains", Biometrika 60(3).
     """
     state = _with_log_q(state, flow)
-    x = torch.cat([state.x[:, None], proposal.x], dim=1)
-    u = torch.cat([state.potential_energy[:, None], proposal.potential_energy], dim=1)
-    log_q = torch.cat([state.log_q[:, None], proposal.log_q], dim=1)
-    lw = log_weights(u, log_q)
+    lw_cur = log_weights(state.potential_energy, state.log_q)
+    lw_fresh = log_weights(proposal.potential_energy, proposal.log_q)
+    rows = torch.arange(lw_fresh.shape[0], device=lw_fresh.device)
+    if metropolis:
+        choose, accept = _metropolis_choice(lw_cur, lw_fresh)
+        j = torch.multinomial(choose, 1)[:, 0]
+        moved = torch.rand_like(lw_cur) < accept[rows, j]
+        leave = (choose * accept).sum(1)
+        fresh = WalkerState(
+            proposal.x[rows, j], proposal.potential_energy[rows, j], None, proposal.log_q[rows, j]
+        )
+        picked = select(moved, fresh, state._replace(grad=None))
+    else:
+        probs = _resampling_probs(lw_cur, lw_fresh)
+        idx = torch.multinomial(probs, 1)[:, 0]
+        moved, leave = idx > 0, 1 - probs[:, 0]
+        x = torch.cat([state.x[:, None], proposal.x], dim=1)
+        u = torch.cat([state.potential_energy[:, None], proposal.potential_energy], dim=1)
+        log_q = torch.cat([state.log_q[:, None], proposal.log_q], dim=1)
+        picked = WalkerState(x[rows, idx], u[rows, idx], None, log_q[rows, idx])
+    new_state = _finish(picked, grad_potential_fn)
+    finite = torch.isfinite(proposal.potential_energy) & torch.isfinite(proposal.log_q)
+    return new_state, MoveInfo(leave, moved, new_state.potential_energy, ~finite.any(1))
+
+
+def _resampling_probs(lw_cur: Tensor, lw_fresh: Tensor) -> Tensor:
+    """``(C, M + 1)`` resampling probabilities of the current point (column 0) and the fresh
+    proposals; a walker whose particles all have weight 0 stays."""
+    lw = torch.cat([lw_cur[:, None], lw_fresh], dim=1)
     all_bad = ~torch.isfinite(lw).any(1)
     lw = torch.where(all_bad[:, None] & (torch.arange(lw.shape[1], device=lw.device) == 0), 0.0, lw)
-    probs = torch.softmax(lw, dim=1)
-    idx = torch.multinomial(probs, 1)[:, 0]
-    rows = torch.arange(probs.shape[0], device=probs.device)
-    new_state = _finish(
-        WalkerState(x[rows, idx], u[rows, idx], None, log_q[rows, idx]), grad_potential_fn
-    )
-    nonfinite = ~(torch.isfinite(u[:, 1:]) & torch.isfinite(log_q[:, 1:])).any(1)
-    return new_state, MoveInfo(1 - probs[:, 0], idx > 0, new_state.potential_energy, nonfinite)
+    return torch.softmax(lw, dim=1)
 
 
-#: :func:`isir_particles` aims at this many effective fresh proposals per i-SIR step
-MOVES_PER_STEP = 9.0
+def _metropolis_choice(lw_cur: Tensor, lw_fresh: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(select, accept)``, both ``(C, M)``: the probability :math:`w_j / S` of choosing each
+    fresh proposal and its acceptance :math:`\min\{1, S / (S - w_j + w_0)\}`. A walker whose
+    fresh proposals all have weight 0 chooses uniformly and accepts none; one whose current
+    weight is 0 accepts any other."""
+    log_s = torch.logsumexp(lw_fresh, 1, keepdim=True)
+    none = log_s == -torch.inf
+    select = torch.exp(lw_fresh - log_s).clamp(max=1.0)
+    log_rest = log_s + torch.log1p(-select)  # log(S - w_j)
+    log_accept = (log_s - torch.logaddexp(log_rest, lw_cur[:, None])).clamp(max=0.0)
+    accept = torch.where(lw_cur[:, None] <= lw_fresh, 1.0, log_accept.exp())  # exact
+    accept = torch.where(none, 0.0, accept)
+    select = torch.where(none, 1.0 / lw_fresh.shape[1], select)
+    return select, accept
 
 
-def isir_particles(efficiency: float, most: int) -> int:
-    r"""The i-SIR particle count ``N`` for a flow whose importance weights have an effective
-    sample size of ``efficiency`` (:math:`r`) per draw: :math:`N = 1 + \lceil 9 / r \rceil`,
-    between 2 and ``most``.
+def leave_probability(lw_cur: Tensor, lw_fresh: Tensor, metropolis: bool = True) -> Tensor:
+    r"""The probability that an i-SIR step (:func:`isir_step`) leaves each current point.
 
-    With ``N`` particles a chain at a point of the target leaves it with probability about
-    :math:`(N - 1) r / (1 + (N - 1) r)` (the ``N - 1`` fresh weights sum to about ``N - 1``
-    against the current point's :math:`E_p[w] = 1 / r`), so this ``N`` moves it 9 times in 10,
-    and its draws are then nearly independent: a flow that is the target needs 10 particles,
-    a flow with :math:`r = 0.3`, 31. More particles raise the chance of moving only a little
-    and cost one potential evaluation each; fewer lose effective draws per draw.
-
-    :param efficiency: :math:`r` in ``[0, 1]`` (``0``: ``most``).
-    :param most: the largest count (at least 2).
+    :param lw_cur: ``(C,)`` importance log-weights of the current points.
+    :param lw_fresh: ``(C, M)`` those of each point's fresh proposals (``-inf``: weight 0).
+    :param metropolis: the rule of :func:`isir_step`.
+    :returns: ``(C,)``.
 
     Example::
 
-        >>> isir_particles(1.0, 32), isir_particles(0.5, 32), isir_particles(0.01, 32)
-        (10, 19, 32)
+        >>> import torch
+        >>> lw = torch.zeros(1, 3)  # a flow that is the target: equal weights
+        >>> [round(float(leave_probability(torch.zeros(1), lw, m)), 6) for m in (True, False)]
+        [1.0, 0.75]
     """
-    if not efficiency > 0:
+    if metropolis:
+        select, accept = _metropolis_choice(lw_cur, lw_fresh)
+        return (select * accept).sum(1)
+    return 1 - _resampling_probs(lw_cur, lw_fresh)[:, 0]
+
+
+#: :func:`isir_particles` aims at this probability of leaving the current point per i-SIR step
+MOVE_PROBABILITY = 0.9
+
+
+@torch.no_grad()
+def move_probability(
+    log_w: Tensor,
+    num_particles: int,
+    log_w_current: Tensor | None = None,
+    metropolis: bool = True,
+    num_trials: int = 4096,
+) -> float:
+    r"""The probability that an i-SIR step with ``num_particles`` particles leaves a point of
+    the target, estimated from importance log-weights :math:`\log w = -U - \log q` of draws of
+    the flow.
+
+    Each trial pairs a current point with ``num_particles - 1`` weights drawn from ``log_w``
+    (with replacement) and averages :func:`leave_probability`. The current points' weights are
+    ``log_w_current`` (e.g. walkers that sample the target) or, by default, drawn from
+    ``log_w`` with probability proportional to the weight: the weights of the target's points,
+    since :math:`E_p[f(w)] = E_q[w f(w)] / E_q[w]`. A fixed seed: the same weights give the same
+    estimate, and the global random stream is not touched.
+
+    :param log_w: ``(S,)`` (or any shape) log-weights of independent draws of the flow.
+    :param num_particles: ``N >= 2``.
+    :param log_w_current: log-weights of current points (any shape).
+    :param metropolis: the rule of :func:`isir_step`.
+    :param num_trials: trials of the estimate (at least one per current point).
+
+    Example::
+
+        >>> import torch
+        >>> q = torch.distributions.Normal(0.0, 1.1)  # a little wider than p = N(0, 1)
+        >>> x = q.sample((4096,))
+        >>> lw = -0.5 * x**2 - q.log_prob(x)
+        >>> round(move_probability(lw, 2), 2), round(move_probability(lw, 2, metropolis=False), 2)
+        (0.94, 0.5)
+    """
+    n = check_int("num_particles", num_particles, 2)
+    lw = log_w.detach().reshape(-1).to(torch.float64).cpu()
+    if not torch.isfinite(lw).any():
+        return 0.0
+    g = torch.Generator().manual_seed(0)
+    if log_w_current is None:
+        p = torch.softmax(lw, 0)
+        cur = lw[torch.multinomial(p, num_trials, replacement=True, generator=g)]
+    else:
+        cur = log_w_current.detach().reshape(-1).to(torch.float64).cpu()
+        cur = cur.repeat(max(1, -(-num_trials // cur.numel())))
+    fresh = lw[torch.randint(lw.numel(), (cur.numel(), n - 1), generator=g)]
+    return float(leave_probability(cur, fresh, metropolis).mean())
+
+
+def isir_particles(
+    log_w: Tensor,
+    most: int,
+    log_w_current: Tensor | None = None,
+    metropolis: bool = True,
+    num_trials: int = 4096,
+) -> int:
+    r"""The fewest i-SIR particles, between 2 and ``most``, whose estimated probability of
+    leaving a point of the target (:func:`move_probability`, from the importance log-weights
+    ``log_w`` of draws of the flow) is at least 0.9 (:data:`MOVE_PROBABILITY`); ``most`` when
+    none reaches it.
+
+    A chain that moves 9 times in 10 makes nearly independent draws; more particles raise the
+    chance of moving only a little and cost one potential evaluation each. With the Metropolis
+    rule of :func:`isir_step` a flow close to the target needs 2 (IMH); resampling among all
+    particles needs 10 even for a flow that is the target (it moves with probability
+    :math:`(N - 1) / N`).
+
+    :param log_w: log-weights of independent draws of the flow.
+    :param most: the largest count (at least 2).
+    :param log_w_current: log-weights of points of the target (default: from ``log_w``; see
+        :func:`move_probability`).
+    :param metropolis: the rule of :func:`isir_step`.
+    :param num_trials: trials of each estimate (:func:`move_probability`).
+
+    Example::
+
+        >>> import torch
+        >>> q = torch.distributions.Normal(0.0, 1.1)
+        >>> x = q.sample((4096,))
+        >>> lw = -0.5 * x**2 - q.log_prob(x)
+        >>> isir_particles(lw, 32), isir_particles(lw, 32, metropolis=False)
+        (2, 11)
+    """
+    most = check_int("most", most, 2)
+    low, high = 2, most
+
+    def moves(n: int) -> bool:
+        p = move_probability(log_w, n, log_w_current, metropolis, num_trials)
+        return p >= MOVE_PROBABILITY
+
+    if not moves(high):
         return most
-    return max(2, min(most, 1 + math.ceil(MOVES_PER_STEP / efficiency - 1e-9)))
+    while low < high:  # the move probability grows with the particles
+        mid = (low + high) // 2
+        if moves(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low
 
 
 def sir_draws(
