@@ -120,7 +120,10 @@ class AdaptiveFlowNegatives(NegativeSampler):
     The negatives are the walkers' positions at the end of every block (``num_blocks *
     num_walkers`` points, taken along the chain). The i-SIR proposals of all blocks of a training
     step come from one flow call (the model and the flow are fixed within a step). The MALA step
-    size is adapted toward ``target_accept`` throughout training.
+    size is adapted toward ``target_accept`` throughout training. The i-SIR step resamples
+    among all ``N`` particles, as in the paper (``isir_step(metropolis=False)``): the
+    reproductions of its tables were measured so; the multiple-try Metropolis rule the MCMC
+    kernels use moves at least as often.
 
     :param num_particles: i-SIR particles ``N`` (the current point and ``N - 1`` proposals).
     :param num_mala_steps: MALA steps ``K`` per block.
@@ -162,7 +165,7 @@ class AdaptiveFlowNegatives(NegativeSampler):
         for _ in range(self.num_blocks):
             state, info = global_local_step(
                 state,
-                lambda s: isir_step(s, proposals.draw(), flow, potential_fn),
+                lambda s: isir_step(s, proposals.draw(), flow, potential_fn, metropolis=False),
                 local,
                 self.num_mala_steps,
             )
