@@ -460,3 +460,16 @@ def test_the_khat_warning_fires_on_the_centred_eight_schools(caplog):
             assert "non-centre the model" in messages[0] and "warm up longer" in messages[0]
     assert checks["non-centred"][0] < checks["centred"][0]
     assert checks["non-centred"][1] > 10 * checks["centred"][1]
+
+
+def test_a_high_khat_of_nearly_equal_weights_is_checked_again_with_more_draws():
+    """Nearly equal weights (smoothed ESS >= 90% of the draws) with k-hat above 0.7 are a
+    Pareto fit to noise, refined like a k-hat near 0.7; a high k-hat with a low ESS, or a low
+    k-hat, is not (and k-hat near 0.7 still is)."""
+    from pyro_ebm.metrics.psis import _worth_more_draws
+
+    assert _worth_more_draws(FlowCheck(1.3, 4075.0, 4096))
+    assert not _worth_more_draws(FlowCheck(1.3, 500.0, 4096))
+    assert not _worth_more_draws(FlowCheck(math.inf, 4096.0, 4096))
+    assert not _worth_more_draws(FlowCheck(0.2, 4090.0, 4096))
+    assert _worth_more_draws(FlowCheck(0.7, 100.0, 4096))

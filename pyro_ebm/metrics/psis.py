@@ -188,7 +188,7 @@ def flow_importance_diagnostic(
     max_draws = num_draws if max_draws is None else check_int("max_draws", max_draws, 1)
     lw = _log_weights(flow, potential, num_draws, batch_size)
     check = _check(lw)
-    while len(lw) < max_draws and near_threshold(check.khat, len(lw)):
+    while len(lw) < max_draws and _worth_more_draws(check):
         more = _log_weights(flow, potential, min(len(lw), max_draws - len(lw)), batch_size)
         lw = torch.cat([lw, more])
         check = _check(lw)
@@ -200,6 +200,17 @@ def near_threshold(khat: float, num_draws: int) -> bool:
     :data:`KHAT_THRESHOLD` (see :func:`flow_importance_diagnostic`)."""
     se = _KHAT_SD_4096 * (4096 / num_draws) ** 0.25
     return math.isfinite(khat) and abs(khat - KHAT_THRESHOLD) < 2 * se
+
+
+def _worth_more_draws(check: FlowCheck) -> bool:
+    r"""Whether a check would be refined by more draws: :math:`\hat k` near 0.7
+    (:func:`near_threshold`), or above it while the smoothed weights' ESS is at least 90% of
+    the draws. Nearly equal weights with a high :math:`\hat k` are a Pareto fit to noise: on
+    Pyro's beta-bernoulli model one flow's 4096 log weights spanned 1.3 and gave
+    :math:`\hat k` 1.30 (ESS 4075), its 32768 draws 0.15-0.23 in three repeats."""
+    n = check.num_draws
+    noise = check.khat > KHAT_THRESHOLD and check.ess >= 0.9 * n
+    return near_threshold(check.khat, n) or (math.isfinite(check.khat) and noise)
 
 
 def sharpened(
@@ -218,7 +229,7 @@ def sharpened(
         >>> sharpened(good, Flow(2, base_scale=1.2), U) is good  # far from 0.7: kept
         True
     """
-    if check.num_draws >= max_draws or not near_threshold(check.khat, check.num_draws):
+    if check.num_draws >= max_draws or not _worth_more_draws(check):
         return check
     return flow_importance_diagnostic(flow, potential, check.num_draws, max_draws=max_draws)
 
