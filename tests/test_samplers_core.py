@@ -649,19 +649,22 @@ def test_isir_metropolis_rule_hand_computed():
 
 
 def test_move_probability_and_isir_particles_match_the_exact_leaving_rate():
-    """For q = N(0, 1.1^2) and p = N(0, 1): the estimate from 4096 weights against the leaving
-    rate of 20000 exact i-SIR steps from exact draws of p; the particle count grows with the
-    flow's mismatch and the Metropolis rule needs fewer than resampling."""
-    q = torch.distributions.Normal(0.0, 1.1)
-    x = q.sample((4096,))
-    lw = -0.5 * x**2 - q.log_prob(x)
-    for n in (2, 3, 5):
-        cur = torch.randn(20000)
-        fresh = q.sample((20000, n - 1))
-        exact = leave_probability(
-            -0.5 * cur**2 - q.log_prob(cur), -0.5 * fresh**2 - q.log_prob(fresh)
-        )
-        assert abs(move_probability(lw, n) - float(exact.mean())) < 0.02
+    """For q = N(0, s^2), s = 1.1 and 2, and p = N(0, 1): the estimate from 4096 weights against
+    the leaving rate of 20000 exact i-SIR steps from exact draws of p (within 0.02; seeds 0-19
+    pass; with the current points drawn uniformly from q's weights instead of in proportion to
+    them, s = 2 fails); the particle count grows with the flow's mismatch and the Metropolis
+    rule needs fewer than resampling."""
+    for scale in (2.0, 1.1):
+        q = torch.distributions.Normal(0.0, scale)
+        x = q.sample((4096,))
+        lw = -0.5 * x**2 - q.log_prob(x)
+        for n in (2, 3, 5):
+            cur = torch.randn(20000)
+            fresh = q.sample((20000, n - 1))
+            exact = leave_probability(
+                -0.5 * cur**2 - q.log_prob(cur), -0.5 * fresh**2 - q.log_prob(fresh)
+            )
+            assert abs(move_probability(lw, n) - float(exact.mean())) < 0.02, (scale, n)
     assert isir_particles(lw, 32) < isir_particles(lw, 32, metropolis=False) <= 32
     wide = torch.distributions.Normal(0.0, 3.0)
     y = wide.sample((4096,))
