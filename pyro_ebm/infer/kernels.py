@@ -177,7 +177,8 @@ class FlowISIR(FlowIMH):
 
     :param num_particles: ``N >= 2``, or ``"auto"`` (default): chosen once per run from the
         flow check made at setup, the fewest between 2 and 16 whose probability of leaving a
-        point of the target, estimated from the check's importance weights, is at least 0.9
+        point of the target, estimated from the check's importance weights, is at least 0.9,
+        on average and from the heaviest tenth of the points
         (:func:`~pyro_ebm.samplers.isir_particles`); 16 when the flow's k-hat is above 0.5
         (heavy-tailed weights make that estimate optimistic). A flow close to the target needs
         2 (the move is then IMH), and each particle costs one potential evaluation per step.
