@@ -62,7 +62,9 @@ def to_arviz(
     The ``posterior`` and ``sample_stats`` attributes name the sampler and, for the flow
     kernels, hold ``flow_khat`` (the Pareto :math:`\hat k` of the frozen flow as an importance
     sampler of the target, ``diagnostics()["flow k-hat"]``; above 0.7 the flow misses part of
-    the target) and ``flow_is_ess`` (its importance-sampling ESS); when the chains checked
+    the target) and ``flow_is_ess`` (its importance-sampling ESS), and after a warmup
+    ``flow_score_khat`` (``diagnostics()["flow score k-hat"]``, the flow checked at the chains'
+    warmup draws; above 0.7 likewise); when the chains checked
     different flows (Pyro's driver trains one flow per chain) the worst of them: the largest
     :math:`\hat k` and the smallest ESS.
 
@@ -207,16 +209,23 @@ def _sample_stats(mcmc: AbstractMCMC, num_chains: int, num_draws: int) -> dict[s
 
 def _flow_attrs(mcmc: AbstractMCMC) -> dict[str, float]:
     """``flow_khat`` and ``flow_is_ess`` from the chains' diagnostics, when every chain has
-    them (the worst over chains), else ``{}``."""
+    them (the worst over chains), else ``{}``; ``flow_score_khat`` too when every chain has
+    it."""
     diags = list(getattr(mcmc, "_diagnostics", None) or [])
     keys = ("flow k-hat", "flow IS ESS")
     if not diags or not all(isinstance(d, Mapping) and all(k in d for k in keys) for d in diags):
         return {}
-    khats = [float(d["flow k-hat"]) for d in diags]
-    return {
-        "flow_khat": float("nan") if any(math.isnan(k) for k in khats) else max(khats),
-        "flow_is_ess": min(float(d["flow IS ESS"]) for d in diags),
-    }
+    out = {"flow_khat": _worst([d["flow k-hat"] for d in diags])}
+    out["flow_is_ess"] = min(float(d["flow IS ESS"]) for d in diags)
+    if all("flow score k-hat" in d for d in diags):
+        out["flow_score_khat"] = _worst([d["flow score k-hat"] for d in diags])
+    return out
+
+
+def _worst(khats: list) -> float:
+    """The largest of the chains' k-hats (``nan`` if any is)."""
+    khats = [float(k) for k in khats]
+    return float("nan") if any(math.isnan(k) for k in khats) else max(khats)
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -28,6 +28,7 @@ References:
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -43,6 +44,7 @@ from ..metrics.psis import (
     FlowCheck,
     flow_importance_diagnostic,
 )
+from ..metrics.score import ScoreCheck, flow_score_diagnostic
 from ..samplers import (
     FlowFit,
     MoveInfo,
@@ -56,7 +58,14 @@ from ..samplers import (
 from .stats import DrawStats
 from .target import FlatTarget, make_target
 
-__all__ = ["FLOW_CHECK_DRAWS", "StanWarmupKernel", "TargetKernel", "WalkerKernel", "check_flow"]
+__all__ = [
+    "FLOW_CHECK_DRAWS",
+    "SCORE_CHECK_DRAWS",
+    "StanWarmupKernel",
+    "TargetKernel",
+    "WalkerKernel",
+    "check_flow",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +73,10 @@ logger = logging.getLogger(__name__)
 #: :func:`~pyro_ebm.metrics.flow_importance_diagnostic`: at 4096 the sample-size dependent
 #: threshold of PSIS is 0.7, and the check costs one batched potential evaluation)
 FLOW_CHECK_DRAWS = 4096
+
+#: the most warmup draws (rows, all chains) kept for the score check of the flow
+#: (:meth:`WalkerKernel._check_flow_score`): the second half of warmup, thinned to this many
+SCORE_CHECK_DRAWS = 4096
 
 #: starts of the flow's fit when neither the user nor the model's init strategy gives any
 _FIT_STARTS = 16
@@ -156,6 +169,11 @@ class TargetKernel(MCMCKernel):
         #: the flow-quality check of the current run (flow kernels; ``None`` before it is made)
         self.flow_check: FlowCheck | None = None
         self._flow_check_cache: tuple | None = None
+        #: the score check of the current run's flow at the chains' warmup draws (walker
+        #: kernels; ``None`` before it is made, or without warmup)
+        self.flow_score_check: ScoreCheck | None = None
+        self._score_check_cache: tuple | None = None
+        self._checked: tuple | None = None  # (proposal, cache key) of the flow check
         self._run_key: tuple = ()
         #: with ``flow=None``: the flow fitted for the current target (:meth:`_flow_for_run`)
         self.flow_fit: FlowFit | None = None
@@ -193,6 +211,8 @@ class TargetKernel(MCMCKernel):
             self.transforms = self.target.transforms
         self._user_initial = None
         self.flow_check = None
+        self.flow_score_check = None
+        self._checked = None
         # what the target depends on, for the flow check's cache (a new run() of
         # pyro_ebm.infer.MCMC passes new tensors: the check is made again)
         self._run_key = (
@@ -267,6 +287,7 @@ class TargetKernel(MCMCKernel):
         """
         flow = proposal if flow is None else flow
         key = (self._run_key, _state_key(flow), type(self).__name__)
+        self._checked = (proposal, key if cache else None)  # for the score check
         if cache and self._flow_check_cache is not None and self._flow_check_cache[0] == key:
             self.flow_check = self._flow_check_cache[1]
             return self.flow_check
@@ -294,10 +315,14 @@ class TargetKernel(MCMCKernel):
         return check
 
     def _flow_diagnostics(self) -> dict:
-        """``{"flow k-hat": ..., "flow IS ESS": ...}`` once the flow is checked, else ``{}``."""
-        if self.flow_check is None:
-            return {}
-        return {"flow k-hat": self.flow_check.khat, "flow IS ESS": self.flow_check.ess}
+        """``{"flow k-hat": ..., "flow IS ESS": ...}`` once the flow is checked, else ``{}``;
+        with ``"flow score k-hat"`` once the score check is made."""
+        out = {}
+        if self.flow_check is not None:
+            out = {"flow k-hat": self.flow_check.khat, "flow IS ESS": self.flow_check.ess}
+        if self.flow_score_check is not None:
+            out["flow score k-hat"] = self.flow_score_check.khat
+        return out
 
 
 class WalkerKernel(TargetKernel):
@@ -342,6 +367,7 @@ class WalkerKernel(TargetKernel):
         #: where chains with no given start begin: the start's device, else the energy's
         self.device = x0.device if x0 is not None else _device_of(self.target.potential)
         self._t = 0
+        self._warmup_draws: list[Tensor] = []
         self.stats = DrawStats(num_chains, 1024 if num_samples is None else num_samples)
         self._accept_sums = {"global": [0.0, 0], "local": [0.0, 0]}  # for the progress bar
         self._state = self._setup_chain(x0)
@@ -353,6 +379,8 @@ class WalkerKernel(TargetKernel):
         warmup = self._t < self._warmup_steps
         if self._t == self._warmup_steps:  # the progress bar shows the draws' rates from here
             self._accept_sums = {"global": [0.0, 0], "local": [0.0, 0]}
+        if warmup and self._t >= self._warmup_steps // 2:
+            self._keep_warmup_draws()  # where the chains are before this move
         self._state, info, is_global = self._move(self._state, warmup)
         kind = self._accept_sums["global" if is_global else "local"]
         kind[0] = kind[0] + info.accept_prob.detach().mean()  # a tensor: no sync per step
@@ -360,7 +388,55 @@ class WalkerKernel(TargetKernel):
         if not warmup:
             self.stats.record(info, is_global)
         self._t += 1
+        if self._t == self._warmup_steps:
+            self._check_flow_score()
         return self._positions(self._state), info, is_global
+
+    def _keep_warmup_draws(self) -> None:
+        """Keep the chains' positions (:meth:`_warmup_positions`) of the second half of warmup,
+        thinned to at most :data:`SCORE_CHECK_DRAWS` rows, for the score check."""
+        x = self._warmup_positions()
+        half = self._warmup_steps - self._warmup_steps // 2
+        every = max(1, math.ceil(half * x.shape[0] / SCORE_CHECK_DRAWS))
+        if (self._t - self._warmup_steps // 2) % every == 0:
+            self._warmup_draws.append(x.detach())
+
+    def _check_flow_score(self) -> None:
+        r"""At the end of warmup, check the frozen flow (the proposal of the flow check) from the
+        target's side: :func:`~pyro_ebm.metrics.flow_score_diagnostic` at the chains' draws of
+        the second half of warmup, kept in :attr:`flow_score_check` for ``diagnostics()``
+        (``"flow score k-hat"``); above 0.7 a warning says that the flow misses the shape of
+        the target where the chains went, what that means for this kernel and what to do.
+        Reused, as the flow check, by the chains of one run that Pyro's ``MCMC`` sets up one
+        at a time."""
+        draws, self._warmup_draws = self._warmup_draws, []
+        if self._checked is None or not draws:
+            return
+        proposal, key = self._checked
+        cache = self._score_check_cache
+        if key is not None and cache is not None and cache[0] == key:
+            self.flow_score_check = cache[1]
+            return
+        check = flow_score_diagnostic(proposal, self.target.potential, torch.cat(draws))
+        self.flow_score_check = check
+        self._score_check_cache = (key, check) if key is not None else None
+        if check.khat > KHAT_THRESHOLD:
+            own = self.flow_check.khat if self.flow_check is not None else math.nan
+            fit = self.flow_fit
+            logger.warning(
+                "%s: at %d of the chains' warmup draws the flow's score (the gradient of its log "
+                "density) departs from the target's as much as that of a Gaussian proposal with "
+                "Pareto k-hat %.2f > %.1f (diagnostics()['flow score k-hat']; the flow's own "
+                "draws gave k-hat %.2f: they rarely reach where it misses the target's shape, "
+                "e.g. a funnel's neck): %s. What to do: %s.",
+                type(self).__name__,
+                check.num_draws,
+                check.khat,
+                KHAT_THRESHOLD,
+                own,
+                self._flow_khat_meaning,
+                self._flow_khat_advice_for(fit is not None and getattr(self, "flow", 0) is None),
+            )
 
     def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """Pyro's entry point: one move of the (single) chain."""
@@ -387,7 +463,8 @@ class WalkerKernel(TargetKernel):
         ``sample_stats``: per-draw tensors of :data:`SAMPLE_STATS`; ``longest rejection run``
         and ``stuck`` (see :meth:`DrawStats.diagnostics`); for the flow kernels, once the flow
         is frozen, ``flow k-hat`` and ``flow IS ESS`` (see :meth:`_check_flow_quality`: one
-        check for all chains of a vectorized run)."""
+        check for all chains of a vectorized run), and at the end of warmup
+        ``flow score k-hat`` (see :meth:`_check_flow_score`)."""
         return {
             **self.stats.diagnostics(chain),
             "potential errors": self.target.potential.errors.count,
@@ -440,6 +517,11 @@ class WalkerKernel(TargetKernel):
         """The chains' positions in the flat unconstrained space (``state.x`` unless the kernel
         moves in other coordinates, e.g. a flow's latent space)."""
         return state.x
+
+    def _warmup_positions(self) -> Tensor:
+        """Draws of the current warmup step for the score check: the chains' positions (a
+        kernel with more walkers than chains gives them all)."""
+        return self._positions(self._state)
 
     def _extra_logging(self) -> dict:
         return {}

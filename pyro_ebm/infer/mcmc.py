@@ -152,6 +152,7 @@ class MCMC(AbstractMCMC):
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         if hasattr(self.kernel, "_flow_check_cache"):  # check the flow once per run
             self.kernel._flow_check_cache = None
+            self.kernel._score_check_cache = None
         with optional(
             pyro.validation_enabled(not self.disable_validation),
             self.disable_validation is not None,
@@ -314,7 +315,8 @@ class MCMC(AbstractMCMC):
         r"""``{site: {"n_eff": ..., "r_hat": ...}}`` (bulk ESS and rank-normalised split R-hat,
         shaped like the site), plus each kernel diagnostic per chain (``divergences``,
         acceptance rates, ``longest rejection run`` and ``stuck`` for the kernels that record
-        per-draw statistics, ``flow k-hat`` and ``flow IS ESS`` for the flow kernels; the
+        per-draw statistics, ``flow k-hat``, ``flow IS ESS`` and ``flow score k-hat`` for the
+        flow kernels; the
         per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`). A run whose chains
         stopped moving (``stuck``) logs a warning naming them."""
         self._check_run()

@@ -8,6 +8,8 @@ r"""Metrics of Grenioux, Moulines, Gabrié (2023) for samplers and trained energ
   (bulk, tail, mean) of many chains, linear in memory and time in the number of draws.
 - :mod:`~pyro_ebm.metrics.psis`: the Pareto :math:`\hat k` and importance-sampling ESS of a flow
   as a proposal for its target (PSIS), the flow-quality check of the flow kernels.
+- :mod:`~pyro_ebm.metrics.score`: the same flow checked from the target's side, by its score at
+  the target's draws (what a flow's own draws do not reach, such as a funnel's neck).
 - :mod:`~pyro_ebm.metrics.summary`: per-site posterior summary (mean, std, median, interval,
   ``n_eff``, ``r_hat``) and its table, as Pyro's ``print_summary``.
 """
@@ -31,15 +33,18 @@ from .psis import (
     pareto_khat,
     sharpened,
 )
+from .score import ScoreCheck, flow_score_diagnostic
 from .summary import format_summary, summarize
 
 __all__ = [
     "KHAT_THRESHOLD",
     "MAX_CHECK_DRAWS",
     "FlowCheck",
+    "ScoreCheck",
     "bounds_around",
     "effective_sample_size",
     "flow_importance_diagnostic",
+    "flow_score_diagnostic",
     "format_summary",
     "grid_log_density",
     "log_density_error",
