@@ -348,6 +348,10 @@ def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
     message = warnings[0]
     assert message.startswith(kernel_name) and MEANING[kernel_name] in message
     assert "What to do" in message and "better flow" in message and "non-centre" in message
+    if warmup:  # the score check agrees, and only adds its value to the k-hat's warning
+        assert diag["flow score k-hat"]["chain 0"] > 0.7
+        (score,) = score_warnings(caplog)
+        assert score.startswith(kernel_name) and "also reads as a Pareto k-hat" in score
 
 
 def test_adaptive_checks_its_flow_at_the_end_of_warmup():

@@ -406,7 +406,8 @@ class WalkerKernel(TargetKernel):
         target's side: :func:`~pyro_ebm.metrics.flow_score_diagnostic` at the chains' draws of
         the second half of warmup, kept in :attr:`flow_score_check` for ``diagnostics()``
         (``"flow score k-hat"``); above 0.7 a warning says that the flow misses the shape of
-        the target where the chains went, what that means for this kernel and what to do.
+        the target where the chains went, what that means for this kernel and what to do (or,
+        when the k-hat check has warned already, only the value).
         Reused, as the flow check, by the chains of one run that Pyro's ``MCMC`` sets up one
         at a time."""
         draws, self._warmup_draws = self._warmup_draws, []
@@ -420,23 +421,34 @@ class WalkerKernel(TargetKernel):
         check = flow_score_diagnostic(proposal, self.target.potential, torch.cat(draws))
         self.flow_score_check = check
         self._score_check_cache = (key, check) if key is not None else None
-        if check.khat > KHAT_THRESHOLD:
-            own = self.flow_check.khat if self.flow_check is not None else math.nan
-            fit = self.flow_fit
+        if not check.khat > KHAT_THRESHOLD:
+            return
+        own = self.flow_check.khat if self.flow_check is not None else math.nan
+        if not own <= KHAT_THRESHOLD:  # its warning has said what it means and what to do
             logger.warning(
-                "%s: at %d of the chains' warmup draws the flow's score (the gradient of its log "
-                "density) departs from the target's as much as that of a Gaussian proposal with "
-                "Pareto k-hat %.2f > %.1f (diagnostics()['flow score k-hat']; the flow's own "
-                "draws gave k-hat %.2f: they rarely reach where it misses the target's shape, "
-                "e.g. a funnel's neck): %s. What to do: %s.",
+                "%s: the flow's score at %d of the chains' warmup draws also reads as a Pareto "
+                "k-hat of %.2f > %.1f (diagnostics()['flow score k-hat']).",
                 type(self).__name__,
                 check.num_draws,
                 check.khat,
                 KHAT_THRESHOLD,
-                own,
-                self._flow_khat_meaning,
-                self._flow_khat_advice_for(fit is not None and getattr(self, "flow", 0) is None),
             )
+            return
+        fit = self.flow_fit
+        logger.warning(
+            "%s: at %d of the chains' warmup draws the flow's score (the gradient of its log "
+            "density) departs from the target's as much as that of a Gaussian proposal with "
+            "Pareto k-hat %.2f > %.1f (diagnostics()['flow score k-hat']; the flow's own "
+            "draws gave k-hat %.2f: they rarely reach where it misses the target's shape, "
+            "e.g. a funnel's neck): %s. What to do: %s.",
+            type(self).__name__,
+            check.num_draws,
+            check.khat,
+            KHAT_THRESHOLD,
+            own,
+            self._flow_khat_meaning,
+            self._flow_khat_advice_for(fit is not None and getattr(self, "flow", 0) is None),
+        )
 
     def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """Pyro's entry point: one move of the (single) chain."""
