@@ -302,7 +302,7 @@ class TargetKernel(MCMCKernel):
         self._flow_check_cache = (key, check) if cache else None
         if not check.khat <= KHAT_THRESHOLD:  # nan too
             logger.warning(
-                "%s: the flow's Pareto k-hat as an importance sampler of the target is %.2f > "
+                "%s: the flow's Pareto k-hat as an importance sampler of the target is %.3f > "
                 "%.1f (importance-sampling ESS %.1f of %d draws): %s. What to do: %s.",
                 type(self).__name__,
                 check.khat,
@@ -427,7 +427,7 @@ class WalkerKernel(TargetKernel):
         if not own <= KHAT_THRESHOLD:  # its warning has said what it means and what to do
             logger.warning(
                 "%s: the flow's score at %d of the chains' warmup draws also reads as a Pareto "
-                "k-hat of %.2f > %.1f (diagnostics()['flow score k-hat']).",
+                "k-hat of %.3f > %.1f (diagnostics()['flow score k-hat']).",
                 type(self).__name__,
                 check.num_draws,
                 check.khat,
@@ -438,7 +438,7 @@ class WalkerKernel(TargetKernel):
         logger.warning(
             "%s: at %d of the chains' warmup draws the flow's score (the gradient of its log "
             "density) departs from the target's as much as that of a Gaussian proposal with "
-            "Pareto k-hat %.2f > %.1f (diagnostics()['flow score k-hat']; the flow's own "
+            "Pareto k-hat %.3f > %.1f (diagnostics()['flow score k-hat']; the flow's own "
             "draws gave k-hat %.2f: they rarely reach where it misses the target's shape, "
             "e.g. a funnel's neck): %s. What to do: %s.",
             type(self).__name__,
