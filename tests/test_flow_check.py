@@ -42,7 +42,7 @@ from pyro_ebm.infer import (
     FlowNUTS,
     to_arviz,
 )
-from pyro_ebm.infer.stats import longest_rejection_run, stuck_threshold
+from pyro_ebm.infer.stats import longest_rejection_run, stuck_threshold, worst_flow_checks
 from pyro_ebm.metrics import (
     MAX_CHECK_DRAWS,
     FlowCheck,
@@ -316,7 +316,7 @@ def _one_process(monkeypatch):
 @pytest.mark.filterwarnings("ignore:num_chains=.*sequentially:UserWarning")
 @pytest.mark.parametrize("name", list(FLOW_KERNELS))
 def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
-    name, caplog, _one_process
+    name, caplog, capsys, _one_process
 ):
     """A matched flow: k-hat < 0.5, no warning; a flow half as wide as the target and 3 sd off its
     mean: k-hat > 0.7 (min 0.91 over 100 checks), one warning (for all chains) naming the kernel,
@@ -337,6 +337,12 @@ def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
         assert diag["flow score k-hat"]["chain 0"] < 1e-4
     else:  # no warmup draws: no score check
         assert "flow score k-hat" not in diag
+    if hasattr(mcmc, "_summarize"):  # pyro_ebm's summary prints the checks
+        capsys.readouterr()
+        mcmc.summary()
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert line.startswith("Flow checks: flow k-hat ") and "flow IS ESS" in line
+        assert ("flow score k-hat" in line) == bool(warmup)
 
     caplog.clear()
     with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
@@ -437,6 +443,7 @@ def test_to_arviz_reports_the_worst_check_of_chains_with_their_own_flows():
     attrs = to_arviz(mcmc)["posterior"].attrs
     assert attrs["flow_khat"] == 0.9 and attrs["flow_is_ess"] == 3.0
     assert "flow_score_khat" not in attrs  # no warmup, no score check
+    assert worst_flow_checks(mcmc._diagnostics) == {"flow k-hat": 0.9, "flow IS ESS": 3.0}
     for chain, score in zip(range(len(mcmc._diagnostics)), (0.2, 0.8, 0.1, 0.3), strict=True):
         mcmc._diagnostics[chain] = {**mcmc._diagnostics[chain], "flow score k-hat": score}
     assert to_arviz(mcmc)["posterior"].attrs["flow_score_khat"] == 0.8

@@ -574,6 +574,7 @@ def test_get_samples_summary_and_diagnostics(method, capsys):
     for column in ("mean", "std", "median", "5.0%", "95.0%", "n_eff", "r_hat"):
         assert column in out
     assert "Number of divergences: 0" in out
+    assert "k-hat" not in out  # no flow: no flow check
 
     diag = mcmc.diagnostics()
     for site, shape in (("mu", ()), ("z", (2,))):

@@ -10,7 +10,6 @@ offer: on ArviZ 0.x it returns an ``arviz.InferenceData``; on ArviZ 1.x (``arviz
 from __future__ import annotations
 
 import importlib
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,6 +18,8 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer.mcmc.api import AbstractMCMC
+
+from .stats import worst_flow_checks
 
 __all__ = ["to_arviz"]
 
@@ -208,24 +209,17 @@ def _sample_stats(mcmc: AbstractMCMC, num_chains: int, num_draws: int) -> dict[s
 
 
 def _flow_attrs(mcmc: AbstractMCMC) -> dict[str, float]:
-    """``flow_khat`` and ``flow_is_ess`` from the chains' diagnostics, when every chain has
-    them (the worst over chains), else ``{}``; ``flow_score_khat`` too when every chain has
-    it."""
-    diags = list(getattr(mcmc, "_diagnostics", None) or [])
-    keys = ("flow k-hat", "flow IS ESS")
-    if not diags or not all(isinstance(d, Mapping) and all(k in d for k in keys) for d in diags):
-        return {}
-    out = {"flow_khat": _worst([d["flow k-hat"] for d in diags])}
-    out["flow_is_ess"] = min(float(d["flow IS ESS"]) for d in diags)
-    if all("flow score k-hat" in d for d in diags):
-        out["flow_score_khat"] = _worst([d["flow score k-hat"] for d in diags])
-    return out
+    """``flow_khat``, ``flow_is_ess`` and ``flow_score_khat`` from the chains' diagnostics
+    (:func:`~pyro_ebm.infer.stats.worst_flow_checks`), when they have them."""
+    checks = worst_flow_checks(list(getattr(mcmc, "_diagnostics", None) or []))
+    return {_ATTR_NAMES[k]: v for k, v in checks.items()}
 
 
-def _worst(khats: list) -> float:
-    """The largest of the chains' k-hats (``nan`` if any is)."""
-    khats = [float(k) for k in khats]
-    return float("nan") if any(math.isnan(k) for k in khats) else max(khats)
+_ATTR_NAMES = {
+    "flow k-hat": "flow_khat",
+    "flow IS ESS": "flow_is_ess",
+    "flow score k-hat": "flow_score_khat",
+}
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .._checks import check_flag, check_int
 from ..metrics import format_summary, summarize
 from .base import WalkerKernel
+from .stats import worst_flow_checks
 
 __all__ = ["CHAIN_METHODS", "MCMC"]
 
@@ -341,12 +342,23 @@ class MCMC(AbstractMCMC):
 
     def summary(self, prob: float = 0.9) -> None:
         r"""Print per site: mean, sd, median, the central ``prob`` interval, bulk ESS and R-hat
-        (as Pyro's ``summary``), and the number of divergences."""
+        (as Pyro's ``summary``), the number of divergences, and for the flow kernels the flow's
+        checks (:func:`~pyro_ebm.infer.stats.worst_flow_checks`; above 0.7 a k-hat says that
+        the flow misses part of the target)."""
         self._check_run()
         print(format_summary(self._summarize(prob)))
         if self._diagnostics and all("divergences" in d for d in self._diagnostics):
             count = sum(len(d["divergences"]) for d in self._diagnostics)
             print(f"Number of divergences: {count}")
+        checks = worst_flow_checks(self._diagnostics)
+        if checks:
+            shown = [
+                f"{k} {v:.0f}" if k.endswith("ESS") else f"{k} {v:.2f}" for k, v in checks.items()
+            ]
+            print(
+                f"Flow checks: {', '.join(shown)} (a k-hat above 0.7: the flow misses part of "
+                "the target)"
+            )
 
 
 def _check_initial_params(params: dict[str, Tensor], num_chains: int) -> dict[str, Tensor]:

@@ -1,5 +1,6 @@
-r"""Per-draw statistics of the kernels' chains (:class:`DrawStats`, :data:`SAMPLE_STATS`) and the
-test for a chain that stopped moving (:func:`longest_rejection_run`, :func:`stuck_threshold`)."""
+r"""Per-draw statistics of the kernels' chains (:class:`DrawStats`, :data:`SAMPLE_STATS`), the
+test for a chain that stopped moving (:func:`longest_rejection_run`, :func:`stuck_threshold`),
+and the flow checks of a run's chains taken together (:func:`worst_flow_checks`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ __all__ = [
     "DrawStats",
     "longest_rejection_run",
     "stuck_threshold",
+    "worst_flow_checks",
 ]
 
 #: a chain is reported stuck when a run of rejections as long as its longest would have
@@ -168,3 +170,28 @@ def stuck_threshold(
         return math.inf
     rate = min((num_accepted + 0.5) / (num_draws - run + 1), 1.0 - 1e-12)
     return max(math.log(level / num_draws) / math.log1p(-rate), share * num_draws)
+
+
+def worst_flow_checks(diagnostics: list) -> dict[str, float]:
+    r"""The flow checks of a run's chains taken together: ``"flow k-hat"`` and
+    ``"flow score k-hat"`` the largest over chains (``nan`` if any is), ``"flow IS ESS"`` the
+    smallest; each key only when every chain's diagnostics have it (Pyro's driver may train one
+    flow per chain; vectorized chains share one check).
+
+    :param diagnostics: each chain's ``kernel.diagnostics(chain)`` dict.
+
+    Example::
+
+        >>> worst_flow_checks([{"flow k-hat": 0.3, "flow IS ESS": 900.0},
+        ...                    {"flow k-hat": 0.8, "flow IS ESS": 50.0}])
+        {'flow k-hat': 0.8, 'flow IS ESS': 50.0}
+    """
+    if not diagnostics or not all(isinstance(d, dict) for d in diagnostics):
+        return {}
+    out = {}
+    for key, worst in (("flow k-hat", max), ("flow IS ESS", min), ("flow score k-hat", max)):
+        if all(key in d for d in diagnostics):
+            values = [float(d[key]) for d in diagnostics]
+            nan = key != "flow IS ESS" and any(math.isnan(v) for v in values)
+            out[key] = math.nan if nan else worst(values)
+    return out
