@@ -65,9 +65,9 @@ def to_arviz(
     sampler of the target, ``diagnostics()["flow k-hat"]``; above 0.7 the flow misses part of
     the target) and ``flow_is_ess`` (its importance-sampling ESS), and after a warmup
     ``flow_score_khat`` (``diagnostics()["flow score k-hat"]``, the flow checked at the chains'
-    warmup draws; above 0.7 likewise); when the chains checked
-    different flows (Pyro's driver trains one flow per chain) the worst of them: the largest
-    :math:`\hat k` and the smallest ESS.
+    warmup draws; above 0.7 likewise); when the chains checked different flows (Pyro's driver
+    trains one flow per chain) the worst of them: the largest :math:`\hat k` and the smallest
+    ESS.
 
     Pyro keeps no warmup draws, so there are no warmup groups.
 
@@ -208,18 +208,19 @@ def _sample_stats(mcmc: AbstractMCMC, num_chains: int, num_draws: int) -> dict[s
     return {}
 
 
-def _flow_attrs(mcmc: AbstractMCMC) -> dict[str, float]:
-    """``flow_khat``, ``flow_is_ess`` and ``flow_score_khat`` from the chains' diagnostics
-    (:func:`~pyro_ebm.infer.stats.worst_flow_checks`), when they have them."""
-    checks = worst_flow_checks(list(getattr(mcmc, "_diagnostics", None) or []))
-    return {_ATTR_NAMES[k]: v for k, v in checks.items()}
-
-
+#: attribute names of the flow checks
 _ATTR_NAMES = {
     "flow k-hat": "flow_khat",
     "flow IS ESS": "flow_is_ess",
     "flow score k-hat": "flow_score_khat",
 }
+
+
+def _flow_attrs(mcmc: AbstractMCMC) -> dict[str, float]:
+    """``flow_khat``, ``flow_is_ess`` and ``flow_score_khat`` from the chains' diagnostics
+    (:func:`~pyro_ebm.infer.stats.worst_flow_checks`), when they have them."""
+    checks = worst_flow_checks(list(getattr(mcmc, "_diagnostics", None) or []))
+    return {_ATTR_NAMES[k]: v for k, v in checks.items()}
 
 
 def _to_numpy(value: Any) -> np.ndarray:

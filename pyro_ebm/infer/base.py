@@ -423,7 +423,7 @@ class WalkerKernel(TargetKernel):
         self._score_check_cache = (key, check) if key is not None else None
         if not check.khat > KHAT_THRESHOLD:
             return
-        own = self.flow_check.khat if self.flow_check is not None else math.nan
+        own = self.flow_check.khat  # made with self._checked
         if not own <= KHAT_THRESHOLD:  # its warning has said what it means and what to do
             logger.warning(
                 "%s: the flow's score at %d of the chains' warmup draws also reads as a Pareto "

@@ -317,9 +317,8 @@ class MCMC(AbstractMCMC):
         shaped like the site), plus each kernel diagnostic per chain (``divergences``,
         acceptance rates, ``longest rejection run`` and ``stuck`` for the kernels that record
         per-draw statistics, ``flow k-hat``, ``flow IS ESS`` and ``flow score k-hat`` for the
-        flow kernels; the
-        per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`). A run whose chains
-        stopped moving (``stuck``) logs a warning naming them."""
+        flow kernels; the per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`). A
+        run whose chains stopped moving (``stuck``) logs a warning naming them."""
         self._check_run()
         table = self._summarize()
         diag: dict = {k: {"n_eff": v["n_eff"], "r_hat": v["r_hat"]} for k, v in table.items()}
