@@ -379,23 +379,27 @@ class WalkerKernel(TargetKernel):
         warmup = self._t < self._warmup_steps
         if self._t == self._warmup_steps:  # the progress bar shows the draws' rates from here
             self._accept_sums = {"global": [0.0, 0], "local": [0.0, 0]}
-        if warmup and self._t >= self._warmup_steps // 2:
-            self._keep_warmup_draws()  # where the chains are before this move
         self._state, info, is_global = self._move(self._state, warmup)
         kind = self._accept_sums["global" if is_global else "local"]
         kind[0] = kind[0] + info.accept_prob.detach().mean()  # a tensor: no sync per step
         kind[1] += 1
         if not warmup:
             self.stats.record(info, is_global)
+        x = self._positions(self._state)
+        if warmup and self._warmup_steps // 2 <= self._t < self._warmup_steps - 1:
+            self._keep_warmup_draws(x)  # (the last warmup move may already freeze the flow)
         self._t += 1
         if self._t == self._warmup_steps:
             self._check_flow_score()
-        return self._positions(self._state), info, is_global
+        return x, info, is_global
 
-    def _keep_warmup_draws(self) -> None:
-        """Keep the chains' positions (:meth:`_warmup_positions`) of the second half of warmup,
-        thinned to at most :data:`SCORE_CHECK_DRAWS` rows, for the score check."""
-        x = self._warmup_positions()
+    def _keep_warmup_draws(self, x: Tensor) -> None:
+        """Keep the chains' positions ``x`` (:meth:`_warmup_positions`) of the second half of
+        warmup, thinned to at most :data:`SCORE_CHECK_DRAWS` rows, for the score check of a
+        kernel with a flow."""
+        if getattr(self, "flow", False) is False:  # MALA, ChEESHMC(flow=False): no flow
+            return
+        x = self._warmup_positions(x)
         half = self._warmup_steps - self._warmup_steps // 2
         every = max(1, math.ceil(half * x.shape[0] / SCORE_CHECK_DRAWS))
         if (self._t - self._warmup_steps // 2) % every == 0:
@@ -530,10 +534,10 @@ class WalkerKernel(TargetKernel):
         moves in other coordinates, e.g. a flow's latent space)."""
         return state.x
 
-    def _warmup_positions(self) -> Tensor:
-        """Draws of the current warmup step for the score check: the chains' positions (a
+    def _warmup_positions(self, x: Tensor) -> Tensor:
+        """Draws of the current warmup step for the score check: the chains' positions ``x`` (a
         kernel with more walkers than chains gives them all)."""
-        return self._positions(self._state)
+        return x
 
     def _extra_logging(self) -> dict:
         return {}
