@@ -58,6 +58,49 @@ def _guess_max_plate_nesting(
     return max(nesting, default=0)
 
 
+#: starts of the init strategy tried while the model raises at them (Pyro's and Stan's 100)
+INIT_TRIES = 100
+
+
+def _initialize(
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    init_strategy: Callable,
+    max_plate_nesting: int | None,
+    num_chains: int = 1,
+) -> tuple:
+    """Pyro's ``initialize_model`` (after guessing ``max_plate_nesting`` when it is ``None``),
+    tried again from new starts of ``init_strategy`` while the model raises at them: a Cholesky
+    factor of a matrix that is singular at the start is a bad start, not a bad model (Stan's
+    rule). After :data:`INIT_TRIES` starts, an error with the model's message."""
+    from ..samplers.guard import REJECTED_ERRORS  # (the samplers import this package)
+
+    last: BaseException | None = None
+    for _ in range(INIT_TRIES):
+        try:
+            nesting = max_plate_nesting
+            if nesting is None:
+                nesting = _guess_max_plate_nesting(model, args, kwargs, init_strategy)
+            return initialize_model(
+                model,
+                model_args=args,
+                model_kwargs=kwargs,
+                max_plate_nesting=nesting,
+                num_chains=num_chains,
+                init_strategy=init_strategy,
+            )
+        except REJECTED_ERRORS as error:
+            if "cannot find valid initial params" in str(error):  # Pyro's own 100 tries
+                raise
+            last = error
+    raise ValueError(
+        f"the model raised at each of {INIT_TRIES} starts of its init_strategy, the last time "
+        f"{_blocker(last)}; check it at typical values of its latent sites, or give an "
+        "init_strategy (e.g. init_to_value) where it is defined"
+    ) from last
+
+
 def _agree(a: Tensor, b: Tensor) -> bool:
     """``a`` and ``b`` equal up to rounding, relative to the largest entry of ``b`` (a sum of
     large terms that cancel carries the rounding of its terms)."""
@@ -70,8 +113,8 @@ def _agree(a: Tensor, b: Tensor) -> bool:
 def _blocker(exc: Exception) -> str:
     """An exception as ``Type: first line of its message``, for a warning."""
     lines = str(exc).strip().splitlines()
-    msg = lines[0] if lines else ""
-    return f"{type(exc).__name__}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
+    msg = lines[0].rstrip(".") if lines else ""
+    return f"{type(exc).__name__.lstrip('_')}: {msg[:300]}{'...' if len(msg) > 300 else ''}"
 
 
 class ModelEnergy(EnergyModel):
@@ -147,16 +190,8 @@ class ModelEnergy(EnergyModel):
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        if max_plate_nesting is None:
-            max_plate_nesting = _guess_max_plate_nesting(
-                model, tuple(model_args), dict(model_kwargs or {}), init_strategy
-            )
-        init, pot, transforms, trace = initialize_model(
-            model,
-            model_args=tuple(model_args),
-            model_kwargs=dict(model_kwargs or {}),
-            max_plate_nesting=max_plate_nesting,
-            init_strategy=init_strategy,
+        init, pot, transforms, trace = _initialize(
+            model, tuple(model_args), dict(model_kwargs or {}), init_strategy, max_plate_nesting
         )
         if not init:
             raise ValueError("model has no continuous latent sample sites")

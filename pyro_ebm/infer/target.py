@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from pyro.infer.mcmc.util import initialize_model
+from pyro.infer.autoguide.initialization import init_to_uniform
 from torch import Tensor
 
 from ..energy import EnergyPotential, ModelEnergy
 from ..energy.layout import SiteLayout
+from ..energy.model import _initialize
 from ..samplers.guard import PotentialDefinitionError, guarded
 
 __all__ = ["FlatTarget", "make_target"]
@@ -213,14 +214,13 @@ def _model_starts(energy: ModelEnergy, num_chains: int, init_strategy: Callable 
     """``(num_chains, dim)`` starts from the model's init strategy, one draw per chain."""
     if num_chains == 1:
         return energy.initial_params[None]
-    kwargs = {} if init_strategy is None else {"init_strategy": init_strategy}
-    params = initialize_model(
+    params = _initialize(
         energy.model,
         energy.model_args,
         energy.model_kwargs,
-        max_plate_nesting=energy._max_plate_nesting,
-        num_chains=num_chains,
-        **kwargs,
+        init_to_uniform if init_strategy is None else init_strategy,
+        energy._max_plate_nesting,
+        num_chains,
     )[0]
     return energy.flatten(params).detach()
 

@@ -58,7 +58,8 @@ class PotentialErrors:
         """Count ``error``, raised on a batch of ``rows`` points (all of them rejected)."""
         self.count += rows
         if self.first is None:
-            self.first = f"{type(error).__name__.lstrip('_')}: {error}"
+            text = str(error).split("\nTrace Shapes:")[0].rstrip().rstrip(".")  # no shape table
+            self.first = f"{type(error).__name__.lstrip('_')}: {text}"
             logger.warning(
                 "the potential raised %s; the point is rejected (as Stan does) and counted in "
                 "diagnostics()['potential errors'] (this message is logged once)",
