@@ -343,6 +343,9 @@ def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
         line = capsys.readouterr().out.splitlines()[-1]
         assert line.startswith("Flow checks: flow k-hat ") and "flow IS ESS" in line
         assert ("flow score k-hat" in line) == bool(warmup)
+        assert line.endswith(
+            "(k-hats at most 0.7: no sign that the flow misses part of the target)"
+        )
 
     caplog.clear()
     with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
@@ -358,6 +361,11 @@ def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
         assert diag["flow score k-hat"]["chain 0"] > 0.7
         (score,) = score_warnings(caplog)
         assert score.startswith(kernel_name) and "also reads as a Pareto k-hat" in score
+    if hasattr(mcmc, "_summarize"):
+        capsys.readouterr()
+        mcmc.summary()
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert line.endswith("(a k-hat above 0.7: the flow misses part of the target)")
 
 
 def test_adaptive_checks_its_flow_at_the_end_of_warmup():

@@ -582,8 +582,12 @@ def test_get_samples_summary_and_diagnostics(method, capsys):
         assert diag[site]["n_eff"].shape == shape and diag[site]["r_hat"].shape == shape
     assert diag["divergences"] == {f"chain {c}": [] for c in range(3)}
     assert "sample_stats" not in diag
+    vectorized = mcmc.chain_method == "vectorized"
+    assert diag["potential errors"] == (
+        {"all chains": 0} if vectorized else {f"chain {c}": 0 for c in range(3)}
+    )
     for key, per_chain in diag.items():
-        if key not in ("mu", "z"):
+        if key not in ("mu", "z", "potential errors"):
             assert set(per_chain) == {f"chain {c}" for c in range(3)}, key
             assert all(not isinstance(v, dict) for v in per_chain.values()), key
 

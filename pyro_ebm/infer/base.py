@@ -444,7 +444,7 @@ class WalkerKernel(TargetKernel):
             "density) departs from the target's as much as that of a Gaussian proposal with "
             "Pareto k-hat %.3f > %.1f (diagnostics()['flow score k-hat']; the flow's own "
             "draws gave k-hat %.2f: they rarely reach where it misses the target's shape, "
-            "e.g. a funnel's neck): %s. What to do: %s.",
+            "e.g. a funnel's neck or a tail longer than the flow's): %s. What to do: %s.",
             type(self).__name__,
             check.num_draws,
             check.khat,
@@ -474,8 +474,8 @@ class WalkerKernel(TargetKernel):
         r"""Of chain ``chain`` (Pyro calls it with one chain): ``divergences`` (post-warmup draw
         indices whose proposal had a non-finite potential), the post-warmup acceptance rate of
         global and local moves (``nan`` when there were none), ``potential errors`` (how often
-        the potential raised, warmup included, and the point was rejected; with
-        vectorized chains the count of all chains, which are evaluated as one batch) and
+        the potential raised, warmup and the flow's fit included, and the point was rejected;
+        with vectorized chains the count of all chains, which are evaluated as one batch) and
         ``sample_stats``: per-draw tensors of :data:`SAMPLE_STATS`; ``longest rejection run``
         and ``stuck`` (see :meth:`DrawStats.diagnostics`); for the flow kernels, once the flow
         is frozen, ``flow k-hat`` and ``flow IS ESS`` (see :meth:`_check_flow_quality`: one

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._checks import check_flag, check_int
-from ..metrics import format_summary, summarize
+from ..metrics import KHAT_THRESHOLD, format_summary, summarize
 from .base import WalkerKernel
 from .stats import worst_flow_checks
 
@@ -317,14 +317,20 @@ class MCMC(AbstractMCMC):
         shaped like the site), plus each kernel diagnostic per chain (``divergences``,
         acceptance rates, ``longest rejection run`` and ``stuck`` for the kernels that record
         per-draw statistics, ``flow k-hat``, ``flow IS ESS`` and ``flow score k-hat`` for the
-        flow kernels; the per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`). A
-        run whose chains stopped moving (``stuck``) logs a warning naming them."""
+        flow kernels; the per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`).
+        ``potential errors`` (how often the potential raised and the point was rejected) is per
+        chain, except in a ``"vectorized"`` run, whose chains are evaluated as one batch: then
+        it is the run's count, under ``"all chains"``. A run whose chains stopped moving
+        (``stuck``) logs a warning naming them."""
         self._check_run()
         table = self._summarize()
         diag: dict = {k: {"n_eff": v["n_eff"], "r_hat": v["r_hat"]} for k, v in table.items()}
         first = self._diagnostics[0] if self._diagnostics else {}
         for name in first or {}:
             if name == "sample_stats":
+                continue
+            if name == "potential errors" and self.chain_method == "vectorized":
+                diag[name] = {"all chains": first[name]}  # one batch: one count, not per chain
                 continue
             diag[name] = {f"chain {i}": d.get(name) for i, d in enumerate(self._diagnostics)}
         return diag
@@ -354,10 +360,15 @@ class MCMC(AbstractMCMC):
             shown = [
                 f"{k} {v:.0f}" if k.endswith("ESS") else f"{k} {v:.2f}" for k, v in checks.items()
             ]
-            print(
-                f"Flow checks: {', '.join(shown)} (a k-hat above 0.7: the flow misses part of "
-                "the target)"
-            )
+            khats = [v for k, v in checks.items() if k.endswith("k-hat")]
+            if any(v > KHAT_THRESHOLD for v in khats):
+                verdict = f" (a k-hat above {KHAT_THRESHOLD}: the flow misses part of the target)"
+            elif all(v <= KHAT_THRESHOLD for v in khats):
+                verdict = f" (k-hats at most {KHAT_THRESHOLD}: no sign that the flow misses part"
+                verdict += " of the target)"
+            else:  # a check without enough draws
+                verdict = ""
+            print(f"Flow checks: {', '.join(shown)}{verdict}")
 
 
 def _check_initial_params(params: dict[str, Tensor], num_chains: int) -> dict[str, Tensor]:
