@@ -587,7 +587,7 @@ def test_get_samples_summary_and_diagnostics(method, capsys):
         {"all chains": 0} if vectorized else {f"chain {c}": 0 for c in range(3)}
     )
     for key, per_chain in diag.items():
-        if key not in ("mu", "z", "potential errors"):
+        if key not in ("mu", "z", "potential errors", "nan gradients"):
             assert set(per_chain) == {f"chain {c}" for c in range(3)}, key
             assert all(not isinstance(v, dict) for v in per_chain.values()), key
 
@@ -718,12 +718,39 @@ def test_argument_errors():
         ({"num_samples": 0}, "num_samples", ValueError),
         ({"num_samples": True}, "num_samples", TypeError),
         ({"warmup_steps": -1}, "warmup_steps", ValueError),
+        ({"hook_fn": 3}, "hook_fn", TypeError),
+        ({"transforms": 3}, "transforms", TypeError),
+        ({"mp_context": "nope"}, "mp_context", ValueError),
     ]:
         with pytest.raises(error, match=name):
             MCMC(kernel, **{"num_samples": 10, **kwargs})
     for bad in (MALA, "MALA", pot, None):
         with pytest.raises(TypeError, match="kernel"):
             MCMC(bad, 10)
+
+
+def test_an_interrupted_run_leaves_no_draws():
+    """A run stopped by Ctrl-C (a KeyboardInterrupt from the potential) keeps no draws: the
+    previous run's are not returned as if they were its own."""
+    pot, _, _ = gauss()
+    calls = [0, math.inf]
+
+    def interrupted(params):
+        calls[0] += 1
+        if calls[0] > calls[1]:
+            raise KeyboardInterrupt
+        return pot(params)
+
+    mcmc = MCMC(MALA(potential_fn=interrupted), 10, 10, initial_params={"x": torch.zeros(3)})
+    mcmc.run()
+    assert mcmc.get_samples()["x"].shape == (10, 3)
+    calls[:] = [0, 15]
+    with pytest.raises(KeyboardInterrupt):
+        mcmc.run()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        mcmc.get_samples()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        mcmc.diagnostics()
 
 
 # --------------------------------------------------------------------------------------------

@@ -234,6 +234,39 @@ def test_a_model_that_raises_at_some_starts_is_set_up_and_its_errors_counted(cap
         MCMC(kernel, 5, 5, disable_progbar=True).run()
 
 
+class _SqrtWhere(pyro_ebm.EnergyModel):
+    """``0.5 |x|^2 + sqrt(x_0)`` for ``x_0 > 0`` written with ``torch.where``: finite everywhere,
+    with a NaN gradient where ``x_0 < 0`` (the unused branch's), a common bug."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def energy(self, x):
+        x = self.check_input(x)
+        root = torch.where(x[:, 0] > 0, x[:, 0].sqrt(), torch.zeros_like(x[:, 0]))
+        return 0.5 * (x**2).sum(-1) + root
+
+
+def test_nan_gradients_of_a_finite_potential_are_counted_and_warned(caplog):
+    """The gradient kernels reject points whose gradient is NaN, so their chains never enter
+    x_0 < 0 (a third of the mass): the run says so, with the count; FlowIMH, which moves
+    without gradients, is not warned (the score check's gradients are not counted)."""
+    pot = pyro_ebm.potential_fn(_SqrtWhere())
+    for kernel, warned in ((MALA(potential_fn=pot), True), (FlowIMH(potential_fn=pot), False)):
+        pyro.set_rng_seed(0)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pyro_ebm.infer.mcmc"):
+            mcmc = MCMC(kernel, 50, 50, num_chains=4, disable_progbar=True)
+            mcmc.run()
+        count = mcmc.diagnostics()["nan gradients"]["all chains"]
+        messages = [
+            r.getMessage() for r in caplog.records if "gradient was not finite" in r.message
+        ]
+        assert (count > 0) == warned and len(messages) == int(warned)
+        if warned:
+            assert f"at {count} points" in messages[0] and "torch.where" in messages[0]
+
+
 class _NanGradBelowZero(torch.autograd.Function):
     """``0.5 |x|^2`` whose gradient is NaN where x_0 < 0 (a finite potential, a NaN gradient)."""
 

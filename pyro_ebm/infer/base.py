@@ -422,7 +422,10 @@ class WalkerKernel(TargetKernel):
         if key is not None and cache is not None and cache[0] == key:
             self.flow_score_check = cache[1]
             return
+        errors = self.target.potential.errors
+        counted = errors.nan_gradients  # the check's gradients are not the chains' moves
         check = flow_score_diagnostic(proposal, self.target.potential, torch.cat(draws))
+        errors.nan_gradients = counted
         self.flow_score_check = check
         self._score_check_cache = (key, check) if key is not None else None
         if not check.khat > KHAT_THRESHOLD:
@@ -475,7 +478,9 @@ class WalkerKernel(TargetKernel):
         indices whose proposal had a non-finite potential), the post-warmup acceptance rate of
         global and local moves (``nan`` when there were none), ``potential errors`` (how often
         the potential raised, warmup and the flow's fit included, and the point was rejected;
-        with vectorized chains the count of all chains, which are evaluated as one batch) and
+        with vectorized chains the count of all chains, which are evaluated as one batch),
+        ``nan gradients`` (points with a finite potential and a non-finite gradient, rejected
+        too; counted likewise) and
         ``sample_stats``: per-draw tensors of :data:`SAMPLE_STATS`; ``longest rejection run``
         and ``stuck`` (see :meth:`DrawStats.diagnostics`); for the flow kernels, once the flow
         is frozen, ``flow k-hat`` and ``flow IS ESS`` (see :meth:`_check_flow_quality`: one
@@ -484,6 +489,7 @@ class WalkerKernel(TargetKernel):
         return {
             **self.stats.diagnostics(chain),
             "potential errors": self.target.potential.errors.count,
+            "nan gradients": int(self.target.potential.errors.nan_gradients),
             **self._flow_diagnostics(),
         }
 

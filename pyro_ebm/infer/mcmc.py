@@ -24,7 +24,7 @@ from pyro.util import optional
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_flag, check_int
+from .._checks import check_choice, check_flag, check_int
 from ..metrics import KHAT_THRESHOLD, format_summary, summarize
 from .base import WalkerKernel
 from .stats import worst_flow_checks
@@ -133,6 +133,12 @@ class MCMC(AbstractMCMC):
         if initial_params is not None:
             initial_params = _check_initial_params(initial_params, num_chains)
         self.initial_params = initial_params
+        if hook_fn is not None and not callable(hook_fn):
+            raise TypeError(f"hook_fn must be callable or None, got {type(hook_fn).__name__}")
+        if transforms is not None and not isinstance(transforms, dict):
+            raise TypeError(f"transforms must be a dict or None, got {type(transforms).__name__}")
+        if mp_context is not None:
+            check_choice("mp_context", mp_context, ("fork", "spawn", "forkserver"))
         self.hook_fn = hook_fn
         self.mp_context = mp_context
         self.disable_progbar = check_flag("disable_progbar", disable_progbar)
@@ -151,6 +157,8 @@ class MCMC(AbstractMCMC):
         r"""Run the chains; arguments go to the model (as for Pyro's ``MCMC.run``)."""
         self._args, self._kwargs = args, kwargs
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+        self._samples = None  # a run that does not finish leaves no draws, not the last run's
+        self._diagnostics = [{} for _ in range(self.num_chains)]
         if hasattr(self.kernel, "_flow_check_cache"):  # check the flow once per run
             self.kernel._flow_check_cache = None
             self.kernel._score_check_cache = None
@@ -166,6 +174,25 @@ class MCMC(AbstractMCMC):
             else:
                 self._run_pyro(args, kwargs)
         self._warn_stuck()
+        self._warn_nan_gradients()
+
+    def _warn_nan_gradients(self) -> None:
+        """Warn when the potential's gradient was not finite where its value was: the kernels
+        reject such points, so the chains cannot enter that region, and the draws miss it."""
+        counts = [d.get("nan gradients", 0) for d in self._diagnostics if isinstance(d, dict)]
+        total = counts[0] if counts and self.chain_method == "vectorized" else sum(counts)
+        if not total:
+            return
+        logger.warning(
+            "%s: the potential's gradient was not finite at %d points where the potential itself "
+            "was finite (diagnostics()['nan gradients']). Those proposals were rejected, so the "
+            "chains cannot enter that region and the draws may miss part of the posterior. A "
+            "finite potential with a NaN gradient is usually a bug in the potential: e.g. "
+            "torch.where whose unused branch is NaN (sqrt or log of a negative number), whose "
+            "gradient is NaN; compute each branch on inputs where it is defined.",
+            type(self.kernel).__name__,
+            total,
+        )
 
     def _warn_stuck(self) -> None:
         """Warn, naming them, about chains whose longest run of rejections is far longer than
@@ -301,7 +328,7 @@ class MCMC(AbstractMCMC):
     # -- results ---------------------------------------------------------------------------
     def _check_run(self) -> None:
         if self._samples is None:
-            raise RuntimeError("call run() first")
+            raise RuntimeError("no draws: call run() first (a run that was interrupted keeps none)")
 
     def get_samples(
         self, num_samples: int | None = None, group_by_chain: bool = False
@@ -318,10 +345,11 @@ class MCMC(AbstractMCMC):
         acceptance rates, ``longest rejection run`` and ``stuck`` for the kernels that record
         per-draw statistics, ``flow k-hat``, ``flow IS ESS`` and ``flow score k-hat`` for the
         flow kernels; the per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`).
-        ``potential errors`` (how often the potential raised and the point was rejected) is per
-        chain, except in a ``"vectorized"`` run, whose chains are evaluated as one batch: then
-        it is the run's count, under ``"all chains"``. A run whose chains stopped moving
-        (``stuck``) logs a warning naming them."""
+        ``potential errors`` (how often the potential raised and the point was rejected) and
+        ``nan gradients`` (points with a finite potential and a non-finite gradient, rejected
+        too) are per chain, except in a ``"vectorized"`` run, whose chains are evaluated as one
+        batch: then they are the run's counts, under ``"all chains"``. A run whose chains
+        stopped moving (``stuck``) logs a warning naming them."""
         self._check_run()
         table = self._summarize()
         diag: dict = {k: {"n_eff": v["n_eff"], "r_hat": v["r_hat"]} for k, v in table.items()}
@@ -329,7 +357,7 @@ class MCMC(AbstractMCMC):
         for name in first or {}:
             if name == "sample_stats":
                 continue
-            if name == "potential errors" and self.chain_method == "vectorized":
+            if name in _RUN_COUNTS and self.chain_method == "vectorized":
                 diag[name] = {"all chains": first[name]}  # one batch: one count, not per chain
                 continue
             diag[name] = {f"chain {i}": d.get(name) for i, d in enumerate(self._diagnostics)}
@@ -369,6 +397,11 @@ class MCMC(AbstractMCMC):
             else:  # a check without enough draws
                 verdict = ""
             print(f"Flow checks: {', '.join(shown)}{verdict}")
+
+
+#: kernel diagnostics that count over the potential's evaluations: one count for the batch of a
+#: vectorized run
+_RUN_COUNTS = ("potential errors", "nan gradients")
 
 
 def _check_initial_params(params: dict[str, Tensor], num_chains: int) -> dict[str, Tensor]:

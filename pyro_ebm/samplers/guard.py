@@ -53,6 +53,9 @@ class PotentialErrors:
     def __init__(self) -> None:
         self.count = 0
         self.first: str | None = None
+        #: rows with a finite potential and a non-finite gradient (rejected as well): a tensor
+        #: once counted, so that counting needs no device synchronisation
+        self.nan_gradients: Tensor | int = 0
 
     def record(self, error: BaseException, rows: int) -> None:
         """Count ``error``, raised on a batch of ``rows`` points (all of them rejected)."""
@@ -115,7 +118,9 @@ class GuardedPotential:
 
     def value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(U(x), grad U(x))`` detached, shapes ``(C,)`` and ``(C, D)``; rows that raised, or
-        whose value is not finite, are ``(+inf, nan)``."""
+        whose value is not finite, are ``(+inf, nan)``; rows with a finite value and a
+        non-finite gradient are counted in ``errors.nan_gradients`` (the samplers reject them
+        too)."""
         from .state import potential_and_grad  # the guarded potential is not passed on
 
         try:
@@ -126,9 +131,11 @@ class GuardedPotential:
             if x.shape[0] == 1:
                 self.errors.record(error, 1)
                 return _infinite(x), torch.full_like(x, torch.nan)
-            parts = [self.value_and_grad(half) for half in _halves(x)]
-            u, grad = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            parts = [self.value_and_grad(half) for half in _halves(x)]  # counted and masked
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         bad = ~torch.isfinite(u)
+        nan_grad = ~bad & ~torch.isfinite(grad).all(-1)
+        self.errors.nan_gradients = self.errors.nan_gradients + nan_grad.sum()
         u = torch.where(bad, torch.full_like(u, torch.inf), u)
         grad = torch.where(bad[:, None], torch.full_like(grad, torch.nan), grad)
         return u, grad
