@@ -233,6 +233,13 @@ def test_a_model_that_raises_at_some_starts_is_set_up_and_its_errors_counted(cap
     with pytest.raises(ValueError, match="raised at each of 100 starts.*LinAlgError"):
         MCMC(kernel, 5, 5, disable_progbar=True).run()
 
+    def nan_everywhere():
+        x = pyro.sample("x", pyro.distributions.Normal(0.0, 1.0))
+        pyro.factor("f", x * math.nan)
+
+    with pytest.raises(ValueError, match="not finite at any of the 100 starts"):
+        MCMC(MALA(nan_everywhere), 5, 5, disable_progbar=True).run()
+
 
 class _SqrtWhere(pyro_ebm.EnergyModel):
     """``0.5 |x|^2 + sqrt(x_0)`` for ``x_0 > 0`` written with ``torch.where``: finite everywhere,
@@ -334,6 +341,28 @@ def test_flow_nuts_and_flow_hmc_survive_minus_inf_and_cap_leapfrog_steps():
     mcmc.run()
     assert kernel.num_steps <= 30
     assert energy.calls <= 300 * (30 + 2)  # one gradient per leapfrog step, plus the start
+
+
+def test_flow_hmc_keeps_its_step_size_at_a_wall():
+    """FlowHMC at its defaults on a Gaussian cut by a hard wall (+inf for x_0 > 1): trajectories
+    that reach the wall are rejected whatever the step size, so they do not count toward its
+    adaptation. Counting them drove it to ~1e-3 and every iteration to ``max_num_steps`` = 1024
+    leapfrog steps (minutes for 300 iterations); now it stays near the Gaussian's (seeds 0-4:
+    0.81-1.22, at most 2 steps), and no draw is past the wall."""
+
+    class Wall:
+        dim = 2
+
+        def __call__(self, x):
+            u = 0.5 * (x**2).sum(-1)
+            return torch.where(x[:, 0] > 1, torch.full_like(u, math.inf), u)
+
+    pyro.set_rng_seed(0)
+    kernel = FlowHMC(potential_fn=pyro_ebm.potential_fn(Wall()), flow=identity_flow())
+    mcmc = MCMC(kernel, 100, 100, num_chains=4, disable_progbar=True)
+    mcmc.run()
+    assert kernel.step_size > 0.2 and kernel.num_steps <= 10
+    assert bool((mcmc.get_samples()["x"][:, 0] <= 1).all())
 
 
 if __name__ == "__main__":  # seed validation

@@ -91,8 +91,15 @@ def _initialize(
                 init_strategy=init_strategy,
             )
         except REJECTED_ERRORS as error:
-            if "cannot find valid initial params" in str(error):  # Pyro's own 100 tries
+            if isinstance(error, NotImplementedError):  # a site no start can fix
                 raise
+            if "cannot find valid initial params" in str(error):  # Pyro's own 100 tries
+                raise ValueError(
+                    "the model's potential energy or its gradient is not finite at any of the "
+                    f"{INIT_TRIES} starts of its init_strategy that Pyro tried; check the model "
+                    "at typical values of its latent sites (e.g. a scale that can be 0 or a log "
+                    "of a negative number), or give an init_strategy where it is finite"
+                ) from error
             last = error
     raise ValueError(
         f"the model raised at each of {INIT_TRIES} starts of its init_strategy, the last time "

@@ -576,6 +576,19 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
             self._adapt(state, info)
         return state, info, False
 
+    def _adapt(self, state: WalkerState, info: MoveInfo) -> None:
+        """Stan's warmup, except that a trajectory which ran into a region where the potential
+        is not finite (a wall, a region where it raises) does not count toward the step size's
+        acceptance, unless every chain's did: with the trajectory length fixed it is rejected
+        whatever the step size, which dual averaging would otherwise shrink toward 0, asking
+        for ``max_num_steps`` leapfrog steps per iteration (as on a target with a hard wall)."""
+        finite = ~info.nonfinite
+        count = finite.sum()
+        mean = (info.accept_prob * finite).sum() / count.clamp_min(1)
+        accept = torch.where(count > 0, mean, info.accept_prob.mean())  # no device sync
+        info = info._replace(accept_prob=accept.expand_as(info.accept_prob))
+        super()._adapt(state, info)
+
     def _extra_logging(self) -> dict:
         return {"step size": f"{self.step_size:.2e}", "steps": self.num_steps}
 
@@ -611,6 +624,10 @@ class FlowNUTS(FlowHMC):
     - Betancourt (2017), "A Conceptual Introduction to Hamiltonian Monte Carlo",
       https://arxiv.org/abs/1701.02434
     """
+
+    #: Stan's warmup as is: a tree that diverges stops, and its acceptance statistic averages
+    #: the steps it made, so a wall does not drive the step size to 0
+    _adapt = StanWarmupKernel._adapt
 
     def __init__(
         self,
