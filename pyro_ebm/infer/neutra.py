@@ -584,7 +584,7 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
         for ``max_num_steps`` leapfrog steps per iteration (as on a target with a hard wall)."""
         finite = ~info.nonfinite
         count = finite.sum()
-        mean = (info.accept_prob * finite).sum() / count.clamp_min(1)
+        mean = torch.where(finite, info.accept_prob, 0.0).sum() / count.clamp_min(1)
         accept = torch.where(count > 0, mean, info.accept_prob.mean())  # no device sync
         info = info._replace(accept_prob=accept.expand_as(info.accept_prob))
         super()._adapt(state, info)
