@@ -41,7 +41,15 @@ from test_posteriors import (
 
 from pyro_ebm.datasets import eight_schools_noncentered, low_dim_gauss_mix
 from pyro_ebm.flows import AffineFlow, FlowTransform, GuideFlow, RealNVP, as_flow
-from pyro_ebm.infer import AdaptiveFlowMCMC, ChEESHMC, FlowHMC, FlowIMH, FlowISIR, FlowNUTS
+from pyro_ebm.infer import (
+    MALA,
+    AdaptiveFlowMCMC,
+    ChEESHMC,
+    FlowHMC,
+    FlowIMH,
+    FlowISIR,
+    FlowNUTS,
+)
 from pyro_ebm.samplers import AdaptiveFlowSampler
 
 
@@ -359,6 +367,23 @@ def test_kernel_options_are_checked_by_name():
         FlowHMC(potential_fn=pot, transforms={})
     with pytest.raises(TypeError, match="'use_multinomial_sampling' option: NUTS here always"):
         FlowNUTS(potential_fn=pot, use_multinomial_sampling=False)
+    # every kernel says why it lacks one of Pyro's options (a helper's probe found bare errors)
+    for kernel, option, reason in (
+        (FlowIMH, "target_accept_prob", "no step size"),
+        (FlowISIR, "full_mass", "no mass matrix"),
+        (FlowISIR, "jit_compile", "need no gradient"),
+        (MALA, "num_steps", "one gradient step"),
+        (ChEESHMC, "num_steps", "ChEES sets the leapfrog steps"),
+        (FlowNUTS, "trajectory_length", "doubling"),
+        (AdaptiveFlowMCMC, "full_mass", "standardize="),
+        (AdaptiveFlowMCMC, "transforms", "from the model"),
+    ):
+        with pytest.raises(TypeError, match=f"{kernel.__name__} does not take Pyro's '{option}'"):
+            kernel(potential_fn=pot, **{option: 1})
+        with pytest.raises(TypeError, match=reason):
+            kernel(potential_fn=pot, **{option: 1})
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
+        FlowIMH(potential_fn=pot, block_size=0)
     # before a run, the configured step size and steps (as Pyro's kernels report them)
     kernel = FlowHMC(potential_fn=pot, step_size=0.5, trajectory_length=2.0)
     assert (kernel.step_size, kernel.num_steps) == (0.5, 4)

@@ -37,7 +37,7 @@ from ..samplers import (
     sir_draws,
     valid_starts,
 )
-from .base import WalkerKernel, check_flow
+from .base import _PYRO_ONLY, WalkerKernel, check_flow
 
 __all__ = ["AdaptiveFlowMCMC"]
 
@@ -149,6 +149,13 @@ class AdaptiveFlowMCMC(WalkerKernel):
         torch.Size([32, 60, 2])
     """
 
+    _not_taken = {
+        "adapt_mass_matrix": "the flow's standardization preconditions the local moves "
+        "(precondition=)",
+        "full_mass": "the standardization is dense up to 256 dimensions when the gradients "
+        "confirm it (standardize=)",
+        "jit_compile": "not offered yet",
+    }
     _flow_khat_meaning = (
         "the flow trained during warmup did not learn the target (it misses part of it); its "
         "global moves rarely reach what it misses, the chains get there by local moves only, "
@@ -183,6 +190,10 @@ class AdaptiveFlowMCMC(WalkerKernel):
         **sampler_kwargs,
     ) -> None:
         name = type(self).__name__
+        # Pyro's options that AdaptiveFlowSampler would refuse without the reason
+        self._refuse(
+            {k: v for k, v in sampler_kwargs.items() if k in _PYRO_ONLY or k in self._not_taken}
+        )
         target_accept_prob = renamed(
             name,
             "target_accept_prob",

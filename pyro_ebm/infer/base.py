@@ -97,6 +97,19 @@ _FIT_STARTS = 16
 _FIT_EVALS_PER_STEP = 256
 
 
+#: Pyro's HMC/NUTS options that no kernel here takes, and why
+_PYRO_ONLY = {
+    "transforms": "the kernels take a model's transforms from the model (and move in a flow's "
+    "latent space where they have one)",
+    "ignore_jit_warnings": "jit_compile=True records the graph without Pyro's tracer, whose "
+    "warnings this option silences",
+    "use_multinomial_sampling": "NUTS here always draws from the trajectory by multinomial "
+    "sampling (as Stan)",
+    "min_stepsize": "the step size is searched and adapted without bounds",
+    "max_stepsize": "the step size is searched and adapted without bounds",
+}
+
+
 class TargetKernel(MCMCKernel):
     r"""What every ``pyro_ebm`` kernel shares: ``model`` xor ``potential_fn``, Pyro's transforms,
     per-chain initial parameters, and the :class:`~pyro_ebm.infer.target.FlatTarget`.
@@ -128,6 +141,19 @@ class TargetKernel(MCMCKernel):
     _flow_khat_remedy = ""
     #: the warning's whole advice when a kernel needs its own (else :meth:`_flow_khat_advice_for`)
     _flow_khat_advice: str | None = None
+
+    #: Pyro's options this kernel does not take, and why (beside :data:`_PYRO_ONLY`)
+    _not_taken: dict[str, str] = {}
+
+    def _refuse(self, options: dict) -> None:
+        """A ``TypeError`` for keyword arguments the kernel does not take, saying why when they
+        are Pyro's."""
+        for name in options:
+            reason = self._not_taken.get(name, _PYRO_ONLY.get(name))
+            kernel = type(self).__name__
+            if reason is None:
+                raise TypeError(f"{kernel}.__init__() got an unexpected keyword argument {name!r}")
+            raise TypeError(f"{kernel} does not take Pyro's {name!r} option: {reason}")
 
     def _flow_khat_advice_for(self, fitted: bool) -> str:
         """What to do when the flow's k-hat is large: for a flow the kernel fitted itself

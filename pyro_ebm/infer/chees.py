@@ -114,6 +114,12 @@ class ChEESHMC(LatentKernel):
 
     _flow_khat_remedy = "run without a flow (flow=False)"
     _allows_no_flow = True
+    _not_taken = {
+        "num_steps": "ChEES sets the leapfrog steps from the trajectory length it adapts "
+        "(trajectory_length=, max_num_steps=)",
+        "max_tree_depth": "every chain takes the same (jittered) number of leapfrog steps, set "
+        "by ChEES",
+    }
 
     def __init__(
         self,
@@ -132,7 +138,9 @@ class ChEESHMC(LatentKernel):
         init_strategy: Callable | None = None,
         max_plate_nesting: int | None = None,
         full_mass: bool = False,
+        **pyro_only,
     ) -> None:
+        self._refuse(pyro_only)
         for name, flag in (
             ("adapt_step_size", adapt_step_size),
             ("adapt_trajectory_length", adapt_trajectory_length),

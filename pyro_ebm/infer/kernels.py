@@ -109,6 +109,20 @@ class FlowIMH(WalkerKernel):
         "may under-represent that part"
     )
     _flow_khat_remedy = "add a defensive component (defensive=0.05)"
+    _not_taken = {
+        **dict.fromkeys(
+            ("step_size", "adapt_step_size", "target_accept_prob"),
+            "it has no step size: every move is a draw of the flow",
+        ),
+        **dict.fromkeys(
+            ("num_steps", "trajectory_length", "max_tree_depth"),
+            "it has no trajectory: every move is a draw of the flow",
+        ),
+        **dict.fromkeys(
+            ("adapt_mass_matrix", "full_mass"), "it has no mass matrix: the flow proposes"
+        ),
+        "jit_compile": "not offered: its moves need no gradient",
+    }
 
     def __init__(
         self,
@@ -120,7 +134,10 @@ class FlowIMH(WalkerKernel):
         defensive_scale: float = 3.0,
         init_strategy: Callable | None = None,
         max_plate_nesting: int | None = None,
+        **pyro_only,
     ) -> None:
+        self._refuse(pyro_only)
+        block_size = check_int("block_size", block_size, 1)
         defensive = check_real("defensive", defensive, 0.0, 1.0, high_open=True)
         defensive_scale = check_positive("defensive_scale", defensive_scale)
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
@@ -209,7 +226,9 @@ class FlowISIR(FlowIMH):
         max_plate_nesting: int | None = None,
         *,
         num_particles: int | str = "auto",
+        **pyro_only,
     ) -> None:
+        self._refuse(pyro_only)
         if isinstance(num_particles, str) and num_particles != "auto":
             raise ValueError(
                 f"num_particles must be an integer >= 2 or 'auto', got {num_particles!r}"
@@ -312,6 +331,11 @@ class MALA(StanWarmupKernel):
       averaging).
     """
 
+    _not_taken = dict.fromkeys(
+        ("num_steps", "trajectory_length", "max_tree_depth"),
+        "it has no trajectory: each move is one gradient step",
+    )
+
     def __init__(
         self,
         model: Callable | None = None,
@@ -327,7 +351,9 @@ class MALA(StanWarmupKernel):
         jit_options: dict | None = None,
         *,
         target_accept: float | None = None,
+        **pyro_only,
     ) -> None:
+        self._refuse(pyro_only)
         target_accept_prob = renamed(
             "MALA",
             "target_accept_prob",

@@ -297,27 +297,6 @@ class _AutogradValueAndGrad:
 
 
 #: Pyro's HMC/NUTS options that FlowHMC and FlowNUTS do not take, and why
-_PYRO_ONLY = {
-    "transforms": "the chains move in the flow's latent space; a model's transforms are "
-    "taken from the model",
-    "ignore_jit_warnings": "jit_compile=True records the graph without Pyro's tracer, whose "
-    "warnings this option silences",
-    "use_multinomial_sampling": "NUTS here always draws from the trajectory by multinomial "
-    "sampling (as Stan)",
-    "min_stepsize": "the step size is searched and adapted without bounds",
-    "max_stepsize": "the step size is searched and adapted without bounds",
-}
-
-
-def _refuse_pyro_only(kernel: str, options: dict) -> None:
-    """A ``TypeError`` for an unexpected keyword argument, saying why when Pyro has it."""
-    for name in options:
-        reason = _PYRO_ONLY.get(name)
-        if reason is None:
-            raise TypeError(f"{kernel}.__init__() got an unexpected keyword argument {name!r}")
-        raise TypeError(f"{kernel} does not take Pyro's {name!r} option: {reason}")
-
-
 class LatentKernel(WalkerKernel):
     r"""Base class of the kernels whose chains move in a frozen flow's latent space (NeuTra):
     :class:`FlowHMC`, :class:`FlowNUTS` and :class:`~pyro_ebm.infer.ChEESHMC`.
@@ -513,7 +492,7 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
         jit_options: dict | None = None,
         **pyro_only,
     ) -> None:
-        _refuse_pyro_only(type(self).__name__, pyro_only)
+        self._refuse(pyro_only)
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self._init_latent(flow, jit_compile, jit_options)
         self.initial_step_size = check_positive("step_size", step_size)
@@ -628,6 +607,11 @@ class FlowNUTS(FlowHMC):
     #: Stan's warmup as is: a tree that diverges stops, and its acceptance statistic averages
     #: the steps it made, so a wall does not drive the step size to 0
     _adapt = StanWarmupKernel._adapt
+    _not_taken = {
+        "num_steps": "NUTS builds each trajectory by doubling until it turns (max_tree_depth=)",
+        "trajectory_length": "NUTS builds each trajectory by doubling until it turns "
+        "(max_tree_depth=)",
+    }
 
     def __init__(
         self,
@@ -647,7 +631,7 @@ class FlowNUTS(FlowHMC):
         jit_options: dict | None = None,
         **pyro_only,
     ) -> None:
-        _refuse_pyro_only(type(self).__name__, pyro_only)
+        self._refuse(pyro_only)
         super().__init__(
             model,
             potential_fn,
