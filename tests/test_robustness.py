@@ -166,6 +166,29 @@ def test_guard_rejects_only_the_rows_that_raise_and_lets_bugs_through():
         GuardedPotential(buggy)(x)
 
 
+def test_a_vectorized_potential_fn_reports_its_own_error():
+    """A generic potential_fn batched with vmap (chosen on valid rows) meets a row where a
+    distribution's argument validation fails: vmap cannot evaluate that batch, and the error
+    counted and logged is the distribution's, not vmap's ``.item()`` message."""
+    from pyro_ebm.infer.target import make_target
+
+    def pot(params):
+        x = params["x"]
+        scale_ok = pyro.distributions.Normal(0.0, x[1], validate_args=True)
+        return 0.5 * x[0] ** 2 - scale_ok.log_prob(torch.tensor(0.3))
+
+    start = {"x": torch.tensor([[0.1, 0.5]]).expand(4, 2).clone()}
+    target = make_target(None, pot, start, num_chains=4)
+    good = torch.tensor([[0.1, 0.5], [0.2, 0.6], [0.0, 0.7], [0.3, 0.8]])
+    assert torch.isfinite(target.potential(good)).all() and target.potential.potential.vectorized
+    bad = good.clone()
+    bad[0, 1] = -0.5
+    u = target.potential(bad)
+    assert u[0] == math.inf and torch.allclose(u[1:], target.potential(good)[1:])
+    assert target.potential.errors.count == 1
+    assert target.potential.errors.first.startswith("ValueError: Expected parameter scale")
+
+
 def test_starts_are_redrawn_and_given_starts_refused_by_name():
     """Uniform starts in [-2, 2]^2 fall where the potential raises a quarter of the time: they
     are redrawn; a given start there is an error naming the site; a potential that raises

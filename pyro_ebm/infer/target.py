@@ -49,7 +49,9 @@ class _DictPotential:
     """A Pyro ``potential_fn`` (dict -> scalar) evaluated on a batch of flat vectors.
 
     Tries ``torch.func.vmap`` once (checked against the loop) and falls back to a Python loop.
-    Picklable when ``potential_fn`` is.
+    A single row is evaluated without ``vmap``: where ``vmap`` cannot evaluate a batch (e.g.
+    argument validation that fails on a row), the guard splits the batch down to rows, whose
+    errors are then the potential's own. Picklable when ``potential_fn`` is.
     """
 
     def __init__(self, potential_fn: Callable, layout: SiteLayout) -> None:
@@ -78,9 +80,9 @@ class _DictPotential:
                 ok = False
             self.vectorized = bool(ok)
             logger.debug("potential_fn vectorized with vmap: %s", self.vectorized)
-        if self.vectorized:
+        if self.vectorized and x.shape[0] > 1:
             return torch.func.vmap(self._one)(x)
-        return self._loop(x)
+        return self._loop(x)  # one row as is: an error is the potential's own, not vmap's
 
 
 class _EnergyOnSite:
