@@ -384,6 +384,9 @@ def test_kernel_options_are_checked_by_name():
             kernel(potential_fn=pot, **{option: 1})
     with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
         FlowIMH(potential_fn=pot, block_size=0)
+    for kernel in (FlowIMH, FlowISIR, AdaptiveFlowMCMC):  # when built, not after a flow fit
+        with pytest.raises(TypeError, match="flow must offer sample_and_log_prob.*got int"):
+            kernel(potential_fn=pot, flow=42)
     # before a run, the configured step size and steps (as Pyro's kernels report them)
     kernel = FlowHMC(potential_fn=pot, step_size=0.5, trajectory_length=2.0)
     assert (kernel.step_size, kernel.num_steps) == (0.5, 4)

@@ -37,7 +37,7 @@ from ..samplers import (
     sir_draws,
     valid_starts,
 )
-from .base import _PYRO_ONLY, WalkerKernel, check_flow
+from .base import _PYRO_ONLY, WalkerKernel, check_flow, check_proposal
 
 __all__ = ["AdaptiveFlowMCMC"]
 
@@ -223,6 +223,8 @@ class AdaptiveFlowMCMC(WalkerKernel):
         num_walkers = check_int("num_walkers", num_walkers, 2)
         init_scale = check_positive("init_scale", init_scale)
         self.flow = as_flow(flow)
+        if self.flow is not None:
+            check_proposal(self.flow)
         if isinstance(self.flow, GuideFlow):  # trained, in the model's scale: not re-standardized
             sampler_kwargs.setdefault("standardize", False)
         self.num_walkers = num_walkers

@@ -66,6 +66,7 @@ __all__ = [
     "TargetKernel",
     "WalkerKernel",
     "check_flow",
+    "check_proposal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ class TargetKernel(MCMCKernel):
         if fitted:
             return (
                 "the flow was fitted by reverse KL (fit_flow), which covers one mode of a "
-                "multimodal target and cannot follow a funnel: non-centre the model if its "
+                "multimodal target (all chains start from that flow, so R-hat will not show a "
+                "missed mode) and cannot follow a funnel: non-centre the model if its "
                 f"posterior is funnel-shaped, {remedy}use AdaptiveFlowMCMC (its flow learns from "
                 "many walkers) for several modes, or give a flow (flow=...) trained for longer"
             )
@@ -664,15 +666,21 @@ def _device_of(potential: Callable) -> torch.device:
     return torch.device("cpu")
 
 
+def check_proposal(flow) -> None:
+    """Raise ``TypeError`` unless ``flow`` offers what a proposal needs (checked when a kernel
+    is built; :func:`check_flow` checks its dimension and sites at the run)."""
+    if not (hasattr(flow, "sample_and_log_prob") and hasattr(flow, "log_prob")):
+        raise TypeError(
+            "flow must offer sample_and_log_prob(n) and log_prob(x), e.g. RealNVP, or be a "
+            f"Pyro AutoContinuous guide, got {type(flow).__name__}"
+        )
+
+
 def check_flow(flow, dim: int, layout: SiteLayout | None = None) -> None:
     """Raise if ``flow`` cannot serve as a proposal over the ``dim``-dimensional flat space
     (with ``layout``, the target's sites: a flow that names its sites, a
     :class:`~pyro_ebm.flows.GuideFlow`, must have the same sites in the same order)."""
-    if not (hasattr(flow, "sample_and_log_prob") and hasattr(flow, "log_prob")):
-        raise TypeError(
-            "flow must offer sample_and_log_prob(n) and log_prob(x), e.g. RealNVP, or be a "
-            "Pyro AutoContinuous guide"
-        )
+    check_proposal(flow)
     sites = getattr(flow, "site_shapes", None)
     if (
         layout is not None

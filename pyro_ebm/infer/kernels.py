@@ -47,7 +47,7 @@ from ..samplers import (
     isir_step,
     mala_step,
 )
-from .base import StanWarmupKernel, WalkerKernel
+from .base import StanWarmupKernel, WalkerKernel, check_proposal
 from .neutra import CompiledPotential
 
 __all__ = ["MALA", "FlowIMH", "FlowISIR"]
@@ -142,6 +142,8 @@ class FlowIMH(WalkerKernel):
         defensive_scale = check_positive("defensive_scale", defensive_scale)
         super().__init__(model, potential_fn, init_strategy, max_plate_nesting)
         self.flow = as_flow(flow)
+        if self.flow is not None:
+            check_proposal(self.flow)
         self.block_size = block_size
         self.defensive = defensive
         self.defensive_scale = defensive_scale
