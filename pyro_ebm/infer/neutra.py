@@ -296,7 +296,6 @@ class _AutogradValueAndGrad:
         return grad, value.detach()
 
 
-#: Pyro's HMC/NUTS options that FlowHMC and FlowNUTS do not take, and why
 class LatentKernel(WalkerKernel):
     r"""Base class of the kernels whose chains move in a frozen flow's latent space (NeuTra):
     :class:`FlowHMC`, :class:`FlowNUTS` and :class:`~pyro_ebm.infer.ChEESHMC`.
@@ -398,7 +397,9 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
     ``max_num_steps``) of every chain as one batched potential-and-gradient evaluation
     (:func:`~pyro_ebm.samplers.hmc_step`), so with :class:`pyro_ebm.infer.MCMC` ``num_chains``
     chains cost about what one costs. Warmup (:class:`~pyro_ebm.samplers.StanWarmup`) adapts one
-    step size for all chains by dual averaging toward ``target_accept_prob`` and a diagonal (or
+    step size for all chains by dual averaging toward ``target_accept_prob`` (a trajectory that
+    ran into a region where the potential is not finite, rejected whatever the step size, does
+    not count toward it) and a diagonal (or
     dense) inverse mass matrix from the chains' positions in Stan's windows; a reasonable step
     size is searched at the start and after each new mass matrix, as Pyro does. After warmup
     everything is frozen and the chains are independent.
