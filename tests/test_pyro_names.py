@@ -337,6 +337,7 @@ def test_adaptive_default_target_depends_on_the_local_move():
         ({"target_accept_prob": True}, TypeError, "target_accept_prob"),
         ({"num_steps": 0}, ValueError, "num_steps"),
         ({"num_steps": 2.5}, TypeError, "num_steps"),
+        ({"num_steps": 3}, ValueError, "num_steps sets .* local_move='hmc'"),  # MALA: no effect
         ({"adapt_step_size": "no"}, TypeError, "adapt_step_size"),
     ],
 )

@@ -122,7 +122,7 @@ class AdaptiveFlowMCMC(WalkerKernel):
     :param target_accept_prob: mean acceptance probability of the local moves that the step-size
         adaptation aims for (``None``: 0.574 for MALA, 0.75 for HMC).
     :param num_steps: leapfrog steps of a local HMC move (``local_move="hmc"``; ``None``: 10;
-        MALA ignores it).
+        with ``local_move="mala"`` an error, rather than ignored).
     :param adapt_step_size: adapt the local step size during warmup (dual averaging toward
         ``target_accept_prob``, then frozen at its average); ``False`` keeps ``step_size``.
     :param sampler_kwargs: further options of :class:`~pyro_ebm.samplers.AdaptiveFlowSampler`
@@ -216,6 +216,11 @@ class AdaptiveFlowMCMC(WalkerKernel):
             )
         if num_steps is not None:
             num_steps = check_int("num_steps", num_steps, 1)
+            if local_move != "hmc":
+                raise ValueError(
+                    "num_steps sets the leapfrog steps of local HMC moves: give "
+                    f"local_move='hmc' too (local_move={local_move!r} would ignore it)"
+                )
         self.target_accept_prob = target_accept_prob
         self.num_steps = num_steps
         self.adapt_step_size = check_flag("adapt_step_size", adapt_step_size)
