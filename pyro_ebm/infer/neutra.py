@@ -558,16 +558,13 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
 
     def _adapt(self, state: WalkerState, info: MoveInfo) -> None:
         """Stan's warmup, except that a trajectory which ran into a region where the potential
-        is not finite (a wall, a region where it raises) does not count toward the step size's
-        acceptance, unless every chain's did: with the trajectory length fixed it is rejected
+        is not finite (a wall, a region where it raises) does not count toward the step size
+        (``StanWarmup.update``'s ``ignore``): with the trajectory length fixed it is rejected
         whatever the step size, which dual averaging would otherwise shrink toward 0, asking
-        for ``max_num_steps`` leapfrog steps per iteration (as on a target with a hard wall)."""
-        finite = ~info.nonfinite
-        count = finite.sum()
-        mean = torch.where(finite, info.accept_prob, 0.0).sum() / count.clamp_min(1)
-        accept = torch.where(count > 0, mean, info.accept_prob.mean())  # no device sync
-        info = info._replace(accept_prob=accept.expand_as(info.accept_prob))
-        super()._adapt(state, info)
+        for ``max_num_steps`` leapfrog steps per iteration."""
+        self._warmup.update(
+            self._t, state, info.accept_prob, self._trial, self._curvature, info.nonfinite
+        )
 
     def _extra_logging(self) -> dict:
         return {"step size": f"{self.step_size:.2e}", "steps": self.num_steps}

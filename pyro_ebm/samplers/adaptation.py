@@ -516,11 +516,21 @@ class StanWarmup:
         accept_prob: Tensor,
         trial: Callable,
         curvature: Callable[[Tensor], Tensor] | None = None,
+        ignore: Tensor | None = None,
     ) -> None:
         r"""After warmup move ``iteration`` (0-based) of the chains, now at ``state``, with
         acceptance probabilities ``accept_prob`` ``(C,)``: update the step size and the mass
         matrix. ``curvature``: the potential's diagonal curvature at a point (see
-        :meth:`MassMatrixAdapter.update`)."""
+        :meth:`MassMatrixAdapter.update`). ``ignore``: ``(C,)`` chains whose acceptance no step
+        size would change (a fixed-length trajectory that met a non-finite potential, rejected
+        whatever the step): the step size follows the others' mean acceptance, or all chains'
+        when every one is ignored (without a device synchronisation)."""
+        if ignore is not None:
+            kept = ~ignore
+            count = kept.sum()
+            mean = torch.where(kept, accept_prob, 0.0).sum() / count.clamp_min(1)
+            mean = torch.where(count > 0, mean, accept_prob.mean())
+            accept_prob = mean.expand_as(accept_prob)
         if self.adapt_step_size:
             self.step_size = self._adapter.update(accept_prob)
         floor = None if self._mass.full_mass else curvature
