@@ -606,7 +606,9 @@ def _unseen_targets() -> dict:
     intercept, a slope, a group scale and 20 group effects)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 3, generator=g)
-    noise = torch.distributions.StudentT(4.0).sample((200,))
+    with torch.random.fork_rng():  # StudentT.sample takes no generator
+        torch.manual_seed(0)
+        noise = torch.distributions.StudentT(4.0).sample((200,))
     y = x @ torch.tensor([1.0, -0.5, 0.25]) + 0.5 * noise
 
     def student_t_regression(x, y):

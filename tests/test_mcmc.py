@@ -251,7 +251,7 @@ def test_vectorized_chains_are_independent_after_warmup(name, target):
 def _adapted(kernel) -> list[torch.Tensor]:
     """What warmup adapts in ``kernel``: step size, trajectory length, mass, flow weights."""
     if isinstance(kernel, MALA):
-        return [torch.tensor(float(kernel.step_size))]
+        return [torch.as_tensor(kernel.step_size).clone()]
     if isinstance(kernel, ChEESHMC):
         a = kernel.adapter
         return [torch.tensor([a.step_size, a.trajectory_length]), a.inverse_mass.clone()]

@@ -74,9 +74,13 @@ def adaptive(**kwargs):
     return AdaptiveFlowMCMC(potential_fn=gauss_pot, num_walkers=8, flow_steps=1, **kwargs)
 
 
-# kernels whose step size adapts, with the step size they end warmup with
+# kernels whose step size adapts, with the step size they end warmup with (MALA's chains each
+# have their own: their median)
 KERNELS = {
-    "MALA": (lambda **kw: MALA(potential_fn=gauss_pot, **kw), lambda k: float(k.step_size)),
+    "MALA": (
+        lambda **kw: MALA(potential_fn=gauss_pot, **kw),
+        lambda k: float(torch.as_tensor(k.step_size).median()),
+    ),
     "ChEESHMC": (
         lambda **kw: ChEESHMC(potential_fn=gauss_pot, flow=False, **kw),
         lambda k: k.adapter.step_size,

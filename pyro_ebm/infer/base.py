@@ -590,18 +590,33 @@ class WalkerKernel(TargetKernel):
 
 class StanWarmupKernel(WalkerKernel):
     r"""Base class of the gradient kernels with Stan's warmup
-    (:class:`~pyro_ebm.samplers.StanWarmup`: a shared step size by dual averaging, a windowed mass
+    (:class:`~pyro_ebm.samplers.StanWarmup`: the step size by dual averaging, a windowed mass
     matrix): :class:`~pyro_ebm.infer.MALA`, :class:`~pyro_ebm.infer.FlowHMC` and
     :class:`~pyro_ebm.infer.FlowNUTS`. A subclass sets ``initial_step_size``,
     ``target_accept_prob``, ``adapt_step_size``, ``adapt_mass_matrix``, ``full_mass`` and
-    ``_potential``, and implements :meth:`_trial`."""
+    ``_potential``, and implements :meth:`_trial`; ``per_chain_step_size`` gives each chain its
+    own step size."""
 
     _warmup: StanWarmup | None = None
 
+    per_chain_step_size: bool = False
     @property
-    def step_size(self) -> float:
-        """The current step size (before :meth:`setup`, the initial one)."""
-        return self.initial_step_size if self._warmup is None else float(self._warmup.step_size)
+    def step_size(self) -> float | Tensor:
+        """The current step size (before :meth:`setup`, the initial one); with a step size per
+        chain and several chains, a ``(C,)`` tensor."""
+        if self._warmup is None:
+            return self.initial_step_size
+        step_size = self._warmup.step_size
+        if isinstance(step_size, Tensor) and step_size.numel() > 1:
+            return step_size
+        return float(step_size)
+
+    def _step_size_text(self) -> str:
+        """The step size for the progress bar (per chain: the smallest and the largest)."""
+        step_size = self.step_size
+        if isinstance(step_size, Tensor):
+            return f"{float(step_size.min()):.2e}-{float(step_size.max()):.2e}"
+        return f"{step_size:.2e}"
 
     @property
     def inverse_mass_matrix(self) -> Tensor | None:
@@ -622,6 +637,7 @@ class StanWarmupKernel(WalkerKernel):
             device,
             trial_threshold,
         )
+            self.per_chain_step_size,
 
     def _trial(self, state: WalkerState, step_size: float) -> Tensor:
         """Acceptance probabilities ``(C,)`` of one trial move from ``state`` (the search for a

@@ -268,8 +268,9 @@ class FlowISIR(FlowIMH):
 
 class MALA(StanWarmupKernel):
     r"""Metropolis-adjusted Langevin algorithm with Stan's warmup: dual-averaging step-size
-    adaptation toward ``target_accept_prob`` and a windowed estimate of the inverse mass matrix
-    (Pyro has no MALA kernel; the argument names are those of Pyro's ``HMC``).
+    adaptation toward ``target_accept_prob``, one step size per chain, and a windowed estimate
+    of the inverse mass matrix (Pyro has no MALA kernel; the argument names are those of Pyro's
+    ``HMC``).
 
     Each move is :func:`~pyro_ebm.samplers.mala_step` with the preconditioner
     :math:`A = M^{-1}`: :math:`x' = x - \epsilon A \nabla U(x) + \sqrt{2\epsilon}\, L\xi`,
@@ -279,11 +280,13 @@ class MALA(StanWarmupKernel):
     advancing together, as in :class:`pyro_ebm.infer.MCMC`: all of them) and at each window's
     end :math:`A` becomes their variances (``full_mass=False``) or covariance
     (``full_mass=True``), shrunk toward :math:`10^{-3} I` with weight :math:`5 / (n + 5)`. The
-    step size then restarts: a reasonable one is searched for from the chains' positions
-    (:func:`~pyro_ebm.samplers.find_reasonable_step_size`, doubling or halving until the mean
+    step sizes then restart: a reasonable one is searched for from each chain's position
+    (:func:`~pyro_ebm.samplers.find_reasonable_step_size`, doubling or halving until its
     acceptance crosses ``target_accept_prob``) and the dual averaging restarts there, as Stan
-    does. After warmup the step size (the dual-averaging iterate average) and :math:`A` are
-    frozen.
+    does. Each chain adapts its own step size, as each of Stan's and NumPyro's chains does: a
+    chain that starts where the posterior is narrower than where the others are (a
+    hierarchical scale near 0) gets a step size it can move with. After warmup the step sizes
+    (the dual-averaging iterate averages) and :math:`A` are frozen.
 
     :param model: a Pyro model, or ``None``.
     :param potential_fn: a Pyro ``potential_fn``, or ``None`` (exactly one of the two).
@@ -309,7 +312,8 @@ class MALA(StanWarmupKernel):
         passing both is a ``TypeError``).
 
     After :meth:`setup` (or a run), :attr:`inverse_mass_matrix` is the current :math:`A` over the
-    flat unconstrained space, ``(D,)`` or ``(D, D)``, and :attr:`step_size` the current step size.
+    flat unconstrained space, ``(D,)`` or ``(D, D)``, and :attr:`step_size` the current step size,
+    a ``(C,)`` tensor when ``C > 1`` chains move together.
 
     Example::
 
@@ -337,6 +341,7 @@ class MALA(StanWarmupKernel):
         ("num_steps", "trajectory_length", "max_tree_depth"),
         "it has no trajectory: each move is one gradient step",
     )
+    per_chain_step_size = True
 
     def __init__(
         self,
@@ -424,4 +429,4 @@ class MALA(StanWarmupKernel):
         return state, info, False
 
     def _extra_logging(self) -> dict:
-        return {"step size": f"{float(self.step_size):.2e}"}
+        return {"step size": self._step_size_text()}

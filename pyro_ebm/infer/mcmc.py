@@ -48,9 +48,10 @@ class MCMC(AbstractMCMC):
       :class:`~pyro_ebm.infer.ChEESHMC`, :class:`~pyro_ebm.infer.FlowHMC`,
       :class:`~pyro_ebm.infer.FlowNUTS`): all ``num_chains`` chains advance as one
       ``(num_chains, dim)`` tensor, on the CPU or the GPU of the initial parameters.
-      Adaptation during warmup may pool the chains (one step size from their mean acceptance;
-      :class:`~pyro_ebm.infer.AdaptiveFlowMCMC` trains one flow on all of them); after warmup
-      everything is frozen and the chains are independent Markov chains.
+      Adaptation during warmup may pool the chains (a mass matrix from their positions;
+      FlowHMC's and FlowNUTS's one step size from their mean acceptance, where MALA adapts one
+      per chain; :class:`~pyro_ebm.infer.AdaptiveFlowMCMC` trains one flow on all of them);
+      after warmup everything is frozen and the chains are independent Markov chains.
     - ``"sequential"``: one chain after another, each from its own start.
     - ``"parallel"``: Pyro's driver with one worker process per chain (Pyro falls back to
       sequential chains when ``num_chains`` exceeds the cores less one).

@@ -567,7 +567,7 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
         )
 
     def _extra_logging(self) -> dict:
-        return {"step size": f"{self.step_size:.2e}", "steps": self.num_steps}
+        return {"step size": self._step_size_text(), "steps": self.num_steps}
 
 
 class FlowNUTS(FlowHMC):
@@ -666,4 +666,4 @@ class FlowNUTS(FlowHMC):
         return state, info
 
     def _extra_logging(self) -> dict:
-        return {"step size": f"{self.step_size:.2e}", "steps": f"{self.num_steps:.1f}"}
+        return {"step size": self._step_size_text(), "steps": f"{self.num_steps:.1f}"}

@@ -190,21 +190,24 @@ class StepSizeController(Protocol):
 
 
 def find_reasonable_step_size(
-    accept_prob: Callable[[float], Tensor],
-    step_size: float,
+    accept_prob: Callable[[float | Tensor], Tensor],
+    step_size: float | Tensor,
     threshold: float = 0.5,
     max_tries: int = 50,
-) -> float:
+) -> float | Tensor:
     r"""Double or halve ``step_size`` until the mean acceptance probability of one trial move
     crosses ``threshold`` (Hoffman & Gelman's Alg. 4; Stan runs it at the start of warmup and
     after each update of the mass matrix).
 
     :param accept_prob: ``step_size -> (C,)`` acceptance probabilities of one trial move of the
         ``C`` chains from their current positions (the trial is not taken).
-    :param step_size: where to start (positive, finite).
+    :param step_size: where to start (positive, finite): a number, shared by the chains and
+        searched from their mean acceptance, or a ``(C,)`` tensor, one step size per chain,
+        each searched from its own chain's acceptance (as each of Stan's chains does).
     :param threshold: the mean acceptance to cross, in ``(0, 1)``.
     :param max_tries: at most this many doublings or halvings.
-    :returns: the first step size past the crossing (or after ``max_tries``).
+    :returns: the first step size past the crossing (or after ``max_tries``); per chain, a
+        ``(C,)`` tensor.
 
     Example::
 
@@ -212,12 +215,31 @@ def find_reasonable_step_size(
         >>> accept = lambda eps: torch.tensor([min(1.0, 0.3 / eps)])  # 1/2 at eps = 0.6
         >>> find_reasonable_step_size(accept, 0.01)
         0.64
+        >>> accept = lambda eps: (torch.tensor([0.3, 0.003]) / eps).clamp(max=1.0)
+        >>> find_reasonable_step_size(accept, torch.tensor([0.01, 0.01]))
+        tensor([0.6400, 0.0050])
     """
-    step_size = check_positive("step_size", step_size)
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold!r}")
+    max_tries = check_int("max_tries", max_tries, 1)
+    if isinstance(step_size, Tensor):
+        if not bool(((step_size > 0) & torch.isfinite(step_size)).all()):
+            raise ValueError(f"step_size must be positive and finite, got {step_size!r}")
+        step_size = step_size.detach().clone()
+        direction = torch.zeros_like(step_size)
+        searching = torch.ones_like(step_size, dtype=torch.bool)
+        for _ in range(max_tries):
+            accept = accept_prob(step_size).detach().nan_to_num(0.0).to(step_size)
+            new_direction = torch.where(accept > threshold, 1.0, -1.0).to(step_size)
+            searching &= (direction == 0) | (new_direction == direction)
+            if not bool(searching.any()):
+                break
+            direction = torch.where(searching, new_direction, direction)
+            step_size = torch.where(searching, step_size * 2.0**direction, step_size)
+        return step_size
+    step_size = check_positive("step_size", step_size)
     direction = 0
-    for _ in range(check_int("max_tries", max_tries, 1)):
+    for _ in range(max_tries):
         mean = float(accept_prob(step_size).detach().nan_to_num(0.0).mean())
         new_direction = 1 if mean > threshold else -1
         if direction and new_direction != direction:
@@ -435,11 +457,12 @@ class MassMatrixAdapter:
 
 
 class StanWarmup:
-    r"""Stan's warmup of a gradient-based kernel over ``C`` chains advancing together: one step
-    size shared by the chains, adapted by dual averaging toward ``target_accept`` from their mean
-    acceptance (:class:`StepSizeAdapter`), and the inverse mass matrix estimated from their
-    positions in Stan's windows (:class:`MassMatrixAdapter`, the diagonal floored by the
-    potential's curvature). At the start, and after each new mass matrix, the step size restarts
+    r"""Stan's warmup of a gradient-based kernel over ``C`` chains advancing together: the step
+    size adapted by dual averaging toward ``target_accept`` (:class:`StepSizeAdapter`), one per
+    chain from its own acceptance (``per_chain``, as Stan's chains do) or one shared by the
+    chains from their mean acceptance, and the inverse mass matrix estimated from their
+    positions, pooled, in Stan's windows (:class:`MassMatrixAdapter`, the diagonal floored by
+    the potential's curvature). At the start, and after each new mass matrix, the step size restarts
     from a reasonable value (:func:`find_reasonable_step_size`) and the dual averaging restarts
     there; at the end of warmup the averaged step size is frozen. The kernels
     :class:`~pyro_ebm.infer.MALA`, :class:`~pyro_ebm.infer.FlowHMC` and
@@ -456,6 +479,10 @@ class StanWarmup:
     :param trial_threshold: the mean acceptance of one trial move that the reasonable step size
         crosses (MALA's trial move is the move itself: ``target_accept``; HMC's one leapfrog
         step: Pyro's 0.8).
+    :param per_chain: one step size per chain, a ``(C,)`` tensor (:attr:`step_size`): a chain
+        in a region of the posterior whose scale differs from the others' (a hierarchical
+        scale's small values) is not left with a step size tuned for them, which it rejects.
+        Otherwise one number for all chains, smoother with many chains.
 
     Example::
 
@@ -485,16 +512,19 @@ class StanWarmup:
         full_mass: bool = False,
         device: torch.device | str | None = None,
         trial_threshold: float | None = None,
+        per_chain: bool = False,
     ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.adapt_step_size = bool(adapt_step_size)
         self.trial_threshold = target_accept if trial_threshold is None else trial_threshold
-        self._adapter = StepSizeAdapter(step_size, target_accept)
+        self.per_chain = bool(per_chain)
+        self._adapter = StepSizeAdapter(step_size, target_accept, per_walker=self.per_chain)
         identity = torch.eye(dim) if full_mass else torch.ones(dim)
         self._mass = MassMatrixAdapter(
             dim, warmup_steps if adapt_mass_matrix else 0, full_mass, identity.to(device)
         )
-        #: the step size of the next move
+        #: the step size of the next move: a number, or with ``per_chain`` (once adapting) a
+        #: ``(C,)`` tensor
         self.step_size: float | Tensor = step_size
 
     @property
@@ -524,8 +554,12 @@ class StanWarmup:
         :meth:`MassMatrixAdapter.update`). ``ignore``: ``(C,)`` chains whose acceptance no step
         size would change (a fixed-length trajectory that met a non-finite potential, rejected
         whatever the step): the step size follows the others' mean acceptance, or all chains'
-        when every one is ignored (without a device synchronisation)."""
-        if ignore is not None:
+        when every one is ignored (without a device synchronisation); per chain, an ignored
+        chain's step size stays where it is."""
+        if ignore is not None and self.per_chain:
+            target = torch.full_like(accept_prob, self._adapter.target_accept)
+            accept_prob = torch.where(ignore, target, accept_prob)
+        elif ignore is not None:
             kept = ~ignore
             count = kept.sum()
             mean = torch.where(kept, accept_prob, 0.0).sum() / count.clamp_min(1)
@@ -540,8 +574,13 @@ class StanWarmup:
             self.step_size = self._adapter.final_step_size
 
     def _restart(self, state, trial: Callable) -> None:
+        if self.per_chain:
+            start = torch.as_tensor(self.step_size, dtype=torch.get_default_dtype())
+            start = start.expand(state.x.shape[0]).clone()
+        else:
+            start = float(self.step_size)
         step_size = find_reasonable_step_size(
-            lambda eps: trial(state, eps), float(self.step_size), threshold=self.trial_threshold
+            lambda eps: trial(state, eps), start, threshold=self.trial_threshold
         )
         self._adapter.reset(step_size)
         self.step_size = step_size
