@@ -582,6 +582,8 @@ def test_get_samples_summary_and_diagnostics(method, capsys):
         assert diag[site]["n_eff"].shape == shape and diag[site]["r_hat"].shape == shape
     assert diag["divergences"] == {f"chain {c}": [] for c in range(3)}
     assert "sample_stats" not in diag
+    assert "global acceptance rate" not in diag  # MALA makes no global moves: no nan row
+    assert all(0 < rate <= 1 for rate in diag["local acceptance rate"].values())
     vectorized = mcmc.chain_method == "vectorized"
     assert diag["potential errors"] == (
         {"all chains": 0} if vectorized else {f"chain {c}": 0 for c in range(3)}
@@ -590,6 +592,18 @@ def test_get_samples_summary_and_diagnostics(method, capsys):
         if key not in ("mu", "z", "potential errors", "nan gradients"):
             assert set(per_chain) == {f"chain {c}" for c in range(3)}, key
             assert all(not isinstance(v, dict) for v in per_chain.values()), key
+
+
+@pytest.mark.parametrize("name, kinds", [("FlowIMH", {"global"}), ("FlowHMC", {"local"})])
+def test_acceptance_rates_are_of_the_moves_the_kernel_makes(name, kinds):
+    """An acceptance rate for each kind of move the chains made, none (not a ``nan`` row) for
+    a kind they never make (MALA: test_get_samples_summary_and_diagnostics)."""
+    pot, _, _ = gauss()
+    diag = run(adaptive_kernel(name, potential_fn=pot), warmup_steps=10).diagnostics()
+    made = {kind for kind in ("global", "local") if f"{kind} acceptance rate" in diag}
+    assert made == kinds
+    for kind in kinds:
+        assert all(0 < r <= 1 for r in diag[f"{kind} acceptance rate"].values()), kind
 
 
 class HalfSpaceGaussian(pyro_ebm.EnergyModel):

@@ -84,14 +84,19 @@ class DrawStats:
 
     def diagnostics(self, index: int) -> dict:
         r"""What ``MCMC`` reports for chain ``index``: ``divergences`` (indices of draws whose
-        proposal had a non-finite potential), the acceptance rate of global and local moves
-        (``nan`` when there were none), ``longest rejection run`` (the most consecutive draws
+        proposal had a non-finite potential), the acceptance rates of global and of local moves
+        (each kind only when some chain made such moves: MALA has no ``global acceptance
+        rate``, FlowIMH no ``local`` one; ``nan`` for a chain that made none), ``longest
+        rejection run`` (the most consecutive draws
         that did not move, :func:`longest_rejection_run`), ``stuck`` (whether that run is far
         longer than the chain's acceptance rate implies, :func:`stuck_threshold`) and
         ``sample_stats`` (:meth:`chain`)."""
         stats = self.chain(index)
         out: dict = {"divergences": torch.nonzero(stats["diverging"]).flatten().tolist()}
+        made = self._data["is_global"][:, : self.num_draws]
         for kind, flag in (("global", True), ("local", False)):
+            if not bool((made == flag).any()):
+                continue
             probs = stats["accept_prob"][stats["is_global"] == flag]
             rate = float(probs.mean()) if probs.numel() else float("nan")
             out[f"{kind} acceptance rate"] = rate
