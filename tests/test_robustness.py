@@ -143,6 +143,26 @@ def test_raising_potential_is_rejected_counted_and_sampled_right(name):
     assert all(abs(v) < crit for v in z.values()), f"beyond {crit:.2f} MCSE: {z}"
 
 
+def test_potential_errors_are_the_chains_not_the_flow_fit_or_checks():
+    """``diagnostics()["potential errors"]`` counts what the chains' moves met: FlowIMH fitting
+    its own flow, no warmup, 4 chains x 30 draws with one proposal evaluated per chain and step
+    (``block_size=1``) reports at most 120, and some (seeds 0-4: 13-25). Bug injected: with the
+    flow's fit and its checks counted too (``uncounted`` a no-op), 16% of the flow check's 4096
+    draws alone raise (seed 0: 651)."""
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(
+        FlowIMH(potential_fn=pyro_ebm.potential_fn(RaisingGaussian()), block_size=1),
+        num_samples=30,
+        warmup_steps=0,
+        num_chains=4,
+        initial_params={"x": torch.zeros(4, 2)},
+        disable_progbar=True,
+    )
+    mcmc.run()
+    errors = mcmc.diagnostics()["potential errors"]["all chains"]
+    assert 0 < errors <= 4 * 30, errors
+
+
 def test_guard_rejects_only_the_rows_that_raise_and_lets_bugs_through():
     energy = RaisingGaussian()
     guard = GuardedPotential(energy)

@@ -54,6 +54,7 @@ from ..samplers import (
     diagonal_curvature,
     fit_flow,
     guarded,
+    uncounted,
     valid_starts,
 )
 from .stats import DrawStats
@@ -291,7 +292,8 @@ class TargetKernel(MCMCKernel):
             ).x
             chains = getattr(self, "num_chains", 1)
             budget = _FIT_EVALS_PER_STEP * max(1, self._warmup_steps) * chains
-            self.flow_fit = fit_flow(self.target.potential, starts, max_evals=budget)
+            with uncounted(self.target.potential):  # not the chains' moves
+                self.flow_fit = fit_flow(self.target.potential, starts, max_evals=budget)
             self._fit_cache = (self._run_key, self.flow_fit, self._run_refs)
             fit = self.flow_fit
             logger.info(
@@ -333,9 +335,10 @@ class TargetKernel(MCMCKernel):
         if check is None and fit is not None and proposal is fit.flow:  # checked by the fit
             check = fit.check
         elif check is None:
-            check = flow_importance_diagnostic(
-                proposal, self.target.potential, FLOW_CHECK_DRAWS, max_draws=MAX_CHECK_DRAWS
-            )
+            with uncounted(self.target.potential):
+                check = flow_importance_diagnostic(
+                    proposal, self.target.potential, FLOW_CHECK_DRAWS, max_draws=MAX_CHECK_DRAWS
+                )
         self.flow_check = check
         self._flow_check_cache = (key, check) if cache else None
         if not check.khat <= KHAT_THRESHOLD:  # nan too
@@ -460,10 +463,8 @@ class WalkerKernel(TargetKernel):
         if key is not None and cache is not None and cache[0] == key:
             self.flow_score_check = cache[1]
             return
-        errors = self.target.potential.errors
-        counted = errors.nan_gradients  # the check's gradients are not the chains' moves
-        check = flow_score_diagnostic(proposal, self.target.potential, torch.cat(draws))
-        errors.nan_gradients = counted
+        with uncounted(self.target.potential):  # the check's gradients are not the chains'
+            check = flow_score_diagnostic(proposal, self.target.potential, torch.cat(draws))
         self.flow_score_check = check
         self._score_check_cache = (key, check) if key is not None else None
         if not check.khat > KHAT_THRESHOLD:
@@ -598,8 +599,8 @@ class StanWarmupKernel(WalkerKernel):
     own step size."""
 
     _warmup: StanWarmup | None = None
-
     per_chain_step_size: bool = False
+
     @property
     def step_size(self) -> float | Tensor:
         """The current step size (before :meth:`setup`, the initial one); with a step size per
@@ -636,8 +637,8 @@ class StanWarmupKernel(WalkerKernel):
             self.full_mass,
             device,
             trial_threshold,
-        )
             self.per_chain_step_size,
+        )
 
     def _trial(self, state: WalkerState, step_size: float) -> Tensor:
         """Acceptance probabilities ``(C,)`` of one trial move from ``state`` (the search for a

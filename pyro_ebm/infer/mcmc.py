@@ -346,7 +346,8 @@ class MCMC(AbstractMCMC):
         acceptance rates, ``longest rejection run`` and ``stuck`` for the kernels that record
         per-draw statistics, ``flow k-hat``, ``flow IS ESS`` and ``flow score k-hat`` for the
         flow kernels; the per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`).
-        ``potential errors`` (how often the potential raised and the point was rejected) and
+        ``potential errors`` (how often the potential raised at a point of the chains' moves,
+        warmup included, which was rejected; not at the draws of a flow's fit or checks) and
         ``nan gradients`` (points with a finite potential and a non-finite gradient, rejected
         too) are per chain, except in a ``"vectorized"`` run, whose chains are evaluated as one
         batch: then they are the run's counts, under ``"all chains"``. A run whose chains

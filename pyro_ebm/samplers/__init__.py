@@ -51,6 +51,7 @@ from .guard import (
     PotentialDefinitionError,
     PotentialErrors,
     guarded,
+    uncounted,
     valid_starts,
 )
 from .latent import PullbackPotential
@@ -106,6 +107,7 @@ __all__ = [
     "stack_infos",
     "stationary_start",
     "ula_step",
+    "uncounted",
     "valid_starts",
     "warmup_windows",
 ]

@@ -45,6 +45,7 @@ from .flow_moves import (
     log_weights,
     move_probability,
 )
+from .guard import uncounted
 from .local import hmc_step, mala_step
 from .state import MoveInfo, PotentialFn, WalkerState, init_state
 
@@ -399,8 +400,11 @@ class AdaptiveFlowSampler:
         for _ in range(self.flow_steps):
             idx = torch.randint(0, data.shape[0], (min(self.flow_batch_size, data.shape[0]),))
             forward_kl_step(self.flow, self.optimizer, data[idx])
-        for _ in range(self.reverse_kl_steps):
-            reverse_kl_step(self.flow, self.optimizer, self.potential_fn, self.reverse_kl_samples)
+        with uncounted(self.potential_fn):  # the flow's draws are not the chains' moves
+            for _ in range(self.reverse_kl_steps):
+                reverse_kl_step(
+                    self.flow, self.optimizer, self.potential_fn, self.reverse_kl_samples
+                )
         self._proposals.reset()
         self._candidate = copy.deepcopy(self.flow.state_dict())
 
@@ -529,21 +533,22 @@ class AdaptiveFlowSampler:
         flow's start standardized on the history without the gradients' narrowing (for the
         default flow: the history's Gaussian), or a given flow that is not standardized as it
         was given."""
-        trained = flow_importance_diagnostic(self.flow, self.potential_fn)
-        start = copy.deepcopy(self.flow)
-        if self._given_flow is not None:
-            start.load_state_dict(self._given_flow)
-        else:
-            start.flow.load_state_dict(self._initial_flow)
-            if self._buffer is not None:
-                start.standardize_(self._buffer.reshape(-1, self._buffer.shape[-1]))
-        start_check = flow_importance_diagnostic(start, self.potential_fn)
-        kept, check = self.flow, trained
-        start_is_better = not (trained.ess >= start_check.ess or not start_check.ess > 0)
-        if start_is_better:  # (a trained ESS that is not a number too)
-            self.flow.load_state_dict(start.state_dict())
-            self.kept_flow_start, kept, check = True, start, start_check
-        return sharpened(check, kept, self.potential_fn)  # (its warning: more draws near 0.7)
+        with uncounted(self.potential_fn):  # the checks' draws are not the chains' moves
+            trained = flow_importance_diagnostic(self.flow, self.potential_fn)
+            start = copy.deepcopy(self.flow)
+            if self._given_flow is not None:
+                start.load_state_dict(self._given_flow)
+            else:
+                start.flow.load_state_dict(self._initial_flow)
+                if self._buffer is not None:
+                    start.standardize_(self._buffer.reshape(-1, self._buffer.shape[-1]))
+            start_check = flow_importance_diagnostic(start, self.potential_fn)
+            kept, check = self.flow, trained
+            start_is_better = not (trained.ess >= start_check.ess or not start_check.ess > 0)
+            if start_is_better:  # (a trained ESS that is not a number too)
+                self.flow.load_state_dict(start.state_dict())
+                self.kept_flow_start, kept, check = True, start, start_check
+            return sharpened(check, kept, self.potential_fn)  # (its warning: more draws near 0.7)
 
     # -- driver -----------------------------------------------------------------------------
     def run(

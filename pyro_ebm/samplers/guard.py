@@ -19,7 +19,8 @@ References:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ __all__ = [
     "PotentialDefinitionError",
     "PotentialErrors",
     "guarded",
+    "uncounted",
     "valid_starts",
 ]
 
@@ -48,7 +50,8 @@ class PotentialDefinitionError(ValueError):
 
 class PotentialErrors:
     """The count of rows whose potential raised, and the first message (shared by the guards of
-    one target, so that a kernel reports one count)."""
+    one target, so that a kernel reports one count). Evaluations inside :meth:`paused` are not
+    counted."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -56,9 +59,27 @@ class PotentialErrors:
         #: rows with a finite potential and a non-finite gradient (rejected as well): a tensor
         #: once counted, so that counting needs no device synchronisation
         self.nan_gradients: Tensor | int = 0
+        self._paused = 0
+
+    @property
+    def counting(self) -> bool:
+        """Whether evaluations are counted now (not inside :meth:`paused`)."""
+        return self._paused == 0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count nothing inside: the evaluations of a flow's fit or of its checks, which are
+        not the chains' moves (nested calls are fine)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     def record(self, error: BaseException, rows: int) -> None:
         """Count ``error``, raised on a batch of ``rows`` points (all of them rejected)."""
+        if not self.counting:
+            return
         self.count += rows
         if self.first is None:
             text = str(error).split("\nTrace Shapes:")[0].rstrip().rstrip(".")  # no shape table
@@ -134,8 +155,9 @@ class GuardedPotential:
             parts = [self.value_and_grad(half) for half in _halves(x)]  # counted and masked
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         bad = ~torch.isfinite(u)
-        nan_grad = ~bad & ~torch.isfinite(grad).all(-1)
-        self.errors.nan_gradients = self.errors.nan_gradients + nan_grad.sum()
+        if self.errors.counting:
+            nan_grad = ~bad & ~torch.isfinite(grad).all(-1)
+            self.errors.nan_gradients = self.errors.nan_gradients + nan_grad.sum()
         u = torch.where(bad, torch.full_like(u, torch.inf), u)
         grad = torch.where(bad[:, None], torch.full_like(grad, torch.nan), grad)
         return u, grad
@@ -161,6 +183,30 @@ def guarded(
     if isinstance(potential, GuardedPotential) and errors in (None, potential.errors):
         return potential
     return GuardedPotential(potential, errors)
+
+
+@contextmanager
+def uncounted(potential: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Inside, the errors and NaN gradients of ``potential`` (a :class:`GuardedPotential`; any
+    other potential counts nothing anyway) are not counted: for evaluations that are not the
+    chains' moves, such as a flow's fit and its checks, so that ``diagnostics()`` reports what
+    the chains met.
+
+    Example::
+
+        >>> g = GuardedPotential(lambda x: torch.linalg.cholesky(x.reshape(-1, 1, 1)).sum((1, 2)))
+        >>> with uncounted(g):
+        ...     g(torch.tensor([[-1.0]]))
+        tensor([inf])
+        >>> g.errors.count
+        0
+    """
+    errors = getattr(potential, "errors", None)
+    if not isinstance(errors, PotentialErrors):
+        yield
+        return
+    with errors.paused():
+        yield
 
 
 def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
