@@ -87,10 +87,10 @@ class DrawStats:
         proposal had a non-finite potential), the acceptance rates of global and of local moves
         (each kind only when some chain made such moves: MALA has no ``global acceptance
         rate``, FlowIMH no ``local`` one; ``nan`` for a chain that made none), ``longest
-        rejection run`` (the most consecutive draws
-        that did not move, :func:`longest_rejection_run`), ``stuck`` (whether that run is far
-        longer than the chain's acceptance rate implies, :func:`stuck_threshold`) and
-        ``sample_stats`` (:meth:`chain`)."""
+        rejection run`` (the most consecutive draws that did not move,
+        :func:`longest_rejection_run`), ``stuck`` (whether that run is far longer than the
+        chain's acceptance rate implies, :func:`stuck_threshold`) and ``sample_stats``
+        (:meth:`chain`)."""
         stats = self.chain(index)
         out: dict = {"divergences": torch.nonzero(stats["diverging"]).flatten().tolist()}
         made = self._data["is_global"][:, : self.num_draws]

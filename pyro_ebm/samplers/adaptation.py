@@ -462,9 +462,9 @@ class StanWarmup:
     chain from its own acceptance (``per_chain``, as Stan's chains do) or one shared by the
     chains from their mean acceptance, and the inverse mass matrix estimated from their
     positions, pooled, in Stan's windows (:class:`MassMatrixAdapter`, the diagonal floored by
-    the potential's curvature). At the start, and after each new mass matrix, the step size restarts
-    from a reasonable value (:func:`find_reasonable_step_size`) and the dual averaging restarts
-    there; at the end of warmup the averaged step size is frozen. The kernels
+    the potential's curvature). At the start, and after each new mass matrix, the step size
+    restarts from a reasonable value (:func:`find_reasonable_step_size`) and the dual averaging
+    restarts there; at the end of warmup the averaged step size is frozen. The kernels
     :class:`~pyro_ebm.infer.MALA`, :class:`~pyro_ebm.infer.FlowHMC` and
     :class:`~pyro_ebm.infer.FlowNUTS` run their warmup through it.
 
@@ -555,7 +555,7 @@ class StanWarmup:
         size would change (a fixed-length trajectory that met a non-finite potential, rejected
         whatever the step): the step size follows the others' mean acceptance, or all chains'
         when every one is ignored (without a device synchronisation); per chain, an ignored
-        chain's step size stays where it is."""
+        chain's acceptance counts as on target."""
         if ignore is not None and self.per_chain:
             target = torch.full_like(accept_prob, self._adapter.target_accept)
             accept_prob = torch.where(ignore, target, accept_prob)
