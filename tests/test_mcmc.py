@@ -599,11 +599,16 @@ def test_acceptance_rates_are_of_the_moves_the_kernel_makes(name, kinds):
     """An acceptance rate for each kind of move the chains made, none (not a ``nan`` row) for
     a kind they never make (MALA: test_get_samples_summary_and_diagnostics)."""
     pot, _, _ = gauss()
-    diag = run(adaptive_kernel(name, potential_fn=pot), warmup_steps=10).diagnostics()
+    mcmc = run(adaptive_kernel(name, potential_fn=pot), warmup_steps=10)
+    diag = mcmc.diagnostics()
     made = {kind for kind in ("global", "local") if f"{kind} acceptance rate" in diag}
     assert made == kinds
     for kind in kinds:
         assert all(0 < r <= 1 for r in diag[f"{kind} acceptance rate"].values()), kind
+    # Pyro's key: the fraction of draws that moved
+    moved = to_arviz(mcmc).sample_stats["accepted"].mean("draw").values
+    rates = [diag["acceptance rate"][f"chain {c}"] for c in range(4)]
+    assert rates == pytest.approx(moved.tolist())
 
 
 class HalfSpaceGaussian(pyro_ebm.EnergyModel):

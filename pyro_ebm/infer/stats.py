@@ -84,15 +84,18 @@ class DrawStats:
 
     def diagnostics(self, index: int) -> dict:
         r"""What ``MCMC`` reports for chain ``index``: ``divergences`` (indices of draws whose
-        proposal had a non-finite potential), the acceptance rates of global and of local moves
-        (each kind only when some chain made such moves: MALA has no ``global acceptance
-        rate``, FlowIMH no ``local`` one; ``nan`` for a chain that made none), ``longest
-        rejection run`` (the most consecutive draws that did not move,
+        proposal had a non-finite potential), ``acceptance rate`` (the fraction of draws that
+        moved, as Pyro's HMC reports it), the mean acceptance probabilities of global and of
+        local moves (each kind only when some chain made such moves: MALA has no ``global
+        acceptance rate``, FlowIMH no ``local`` one; ``nan`` for a chain that made none),
+        ``longest rejection run`` (the most consecutive draws that did not move,
         :func:`longest_rejection_run`), ``stuck`` (whether that run is far longer than the
         chain's acceptance rate implies, :func:`stuck_threshold`) and ``sample_stats``
         (:meth:`chain`)."""
         stats = self.chain(index)
         out: dict = {"divergences": torch.nonzero(stats["diverging"]).flatten().tolist()}
+        accepted = stats["accepted"]
+        out["acceptance rate"] = float(accepted.double().mean()) if self.num_draws else math.nan
         made = self._data["is_global"][:, : self.num_draws]
         for kind, flag in (("global", True), ("local", False)):
             if not bool((made == flag).any()):
@@ -100,7 +103,6 @@ class DrawStats:
             probs = stats["accept_prob"][stats["is_global"] == flag]
             rate = float(probs.mean()) if probs.numel() else float("nan")
             out[f"{kind} acceptance rate"] = rate
-        accepted = stats["accepted"]
         run = longest_rejection_run(accepted)
         out["longest rejection run"] = run
         out["stuck"] = self.num_draws > 0 and run > stuck_threshold(
