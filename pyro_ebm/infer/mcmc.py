@@ -155,7 +155,10 @@ class MCMC(AbstractMCMC):
     # -- running ---------------------------------------------------------------------------
     @poutine.block
     def run(self, *args, **kwargs) -> None:
-        r"""Run the chains; arguments go to the model (as for Pyro's ``MCMC.run``)."""
+        r"""Run the chains; arguments go to the model (as for Pyro's ``MCMC.run``). Afterwards a
+        warning names chains that stopped moving, NaN gradients, and draws that do not look
+        converged (R-hat above :data:`RHAT_WARNING`, bulk ESS below :data:`ESS_PER_CHAIN` per
+        chain), as Stan warns."""
         self._args, self._kwargs = args, kwargs
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         self._samples = None  # a run that does not finish leaves no draws, not the last run's
@@ -176,6 +179,49 @@ class MCMC(AbstractMCMC):
                 self._run_pyro(args, kwargs)
         self._warn_stuck()
         self._warn_nan_gradients()
+        self._warn_convergence()
+
+    def _warn_convergence(self) -> None:
+        """Warn, as Stan does after a run, when the draws do not look converged: a rank-normalised
+        split R-hat above :data:`RHAT_WARNING` (two chains or more), or a bulk ESS below
+        :data:`ESS_PER_CHAIN` per chain, naming the worst sites (``summary()`` shows all)."""
+        if self._samples is None or self.num_samples < 4:
+            return
+        try:
+            table = self._summarize()
+        except ValueError:  # draws summarize cannot take (non-finite): nothing to say here
+            return
+        rhat, ess = {}, {}
+        for site, row in table.items():
+            r = row["r_hat"][~torch.isnan(row["r_hat"])]  # nan: one chain, or constant draws
+            if r.numel():
+                rhat[site] = float(r.max())
+            n = row["n_eff"][~torch.isnan(row["n_eff"])]
+            if n.numel():
+                ess[site] = float(n.min())
+        problems = []
+        if rhat and max(rhat.values()) > RHAT_WARNING:
+            site = max(rhat, key=rhat.get)
+            problems.append(
+                f"R-hat up to {rhat[site]:.2f} (site {site!r}; above {RHAT_WARNING}, the "
+                "chains disagree)"
+            )
+        floor = ESS_PER_CHAIN * self.num_chains
+        if ess and min(ess.values()) < floor:
+            site = min(ess, key=ess.get)
+            problems.append(
+                f"a bulk ESS as low as {ess[site]:.0f} (site {site!r}; below {floor:.0f}, "
+                f"{ESS_PER_CHAIN} per chain, means and quantiles are unreliable)"
+            )
+        if not problems:
+            return
+        logger.warning(
+            "%s: the draws may not have converged: %s (summary() shows every site). What to do: "
+            "run longer (more warmup_steps and num_samples); for a hierarchical model, "
+            "non-centre it; a kernel that fits a flow (FlowNUTS, AdaptiveFlowMCMC) may mix better.",
+            type(self.kernel).__name__,
+            "; ".join(problems),
+        )
 
     def _warn_nan_gradients(self) -> None:
         """Warn when the potential's gradient was not finite where its value was: the kernels
@@ -401,6 +447,12 @@ class MCMC(AbstractMCMC):
                 verdict = ""
             print(f"Flow checks: {', '.join(shown)}{verdict}")
 
+
+#: after a run, a warning when the rank-normalised split R-hat of some parameter is above this
+#: (Stan's threshold; Vehtari et al. 2021 recommend 1.01 for a final analysis)
+RHAT_WARNING = 1.05
+#: ... or when its bulk ESS is below this many per chain (Vehtari et al. 2021, as Stan warns)
+ESS_PER_CHAIN = 100
 
 #: kernel diagnostics that count over the potential's evaluations: one count for the batch of a
 #: vectorized run
