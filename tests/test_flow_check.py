@@ -368,6 +368,29 @@ def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
         assert line.endswith("(a k-hat above 0.7: the flow misses part of the target)")
 
 
+@pytest.mark.parametrize("kernel", [FlowIMH, FlowISIR])
+def test_khat_advice_names_the_defensive_component_given(kernel, caplog):
+    """The independence kernels' k-hat warning advises a defensive component, or, when one is
+    given, a larger or wider one naming it (a walkthrough's FlowIMH with ``defensive=0.05``
+    was told to "add a defensive component (defensive=0.05)")."""
+    pot = pyro_ebm.potential_fn(Gaussian())
+    for defensive, advice in (
+        (0.0, "add a defensive component (defensive=0.05)"),
+        (0.05, "larger or wider defensive component (now defensive=0.05"),
+    ):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
+            mcmc = MCMC(
+                kernel(potential_fn=pot, flow=gaussian_flow(0.5, 3.0), defensive=defensive),
+                num_samples=5,
+                num_chains=2,
+                disable_progbar=True,
+            )
+            mcmc.run()
+        (message,) = khat_warnings(caplog)
+        assert advice in message
+
+
 def test_score_warning_adds_its_caveat_only_when_the_flow_k_hat_is_good(monkeypatch, caplog):
     """A score check above 0.7 for a flow whose own k-hat is good (at most 0.5) warns with the
     caveat about several modes or a curved ridge (where the draws' overall spread inflates the

@@ -108,7 +108,8 @@ class FlowIMH(WalkerKernel):
         "chain that gets there sticks (long runs of rejections): the chains will mix slowly and "
         "may under-represent that part"
     )
-    _flow_khat_remedy = "add a defensive component (defensive=0.05)"
+    #: the start of the remedy that comes before the defensive component's (FlowISIR's)
+    _remedy_first = ""
     _not_taken = {
         **dict.fromkeys(
             ("step_size", "adapt_step_size", "target_accept_prob"),
@@ -170,6 +171,15 @@ class FlowIMH(WalkerKernel):
             x0 = self._flow_draws(self.num_chains)
         return self._valid_starts(self.target.potential, x0, False, self._flow_draws)
 
+    @property
+    def _flow_khat_remedy(self) -> str:
+        """The k-hat warning's remedy: a defensive component, or a larger one than given."""
+        if self.defensive > 0:
+            given = f"defensive={self.defensive:g}, defensive_scale={self.defensive_scale:g}"
+            first = self._remedy_first or "use "
+            return f"{first}a larger or wider defensive component (now {given})"
+        return f"{self._remedy_first}add a defensive component (defensive=0.05)"
+
     def _proposals_per_step(self, check: FlowCheck) -> int:
         """Fresh flow proposals per chain and step."""
         return 1
@@ -211,7 +221,7 @@ class FlowISIR(FlowIMH):
         "chain that gets there sticks (long runs on one particle): the chains will mix slowly "
         "and may under-represent that part"
     )
-    _flow_khat_remedy = "use more particles or a defensive component (defensive=0.05)"
+    _remedy_first = "use more particles or "
 
     #: the most particles of ``num_particles="auto"``
     MAX_AUTO_PARTICLES = 16
