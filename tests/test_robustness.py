@@ -309,9 +309,7 @@ def test_nan_gradients_of_a_finite_potential_are_counted_and_warned(caplog):
             mcmc = MCMC(kernel, 50, 50, num_chains=4, disable_progbar=True)
             mcmc.run()
         count = mcmc.diagnostics()["nan gradients"]["all chains"]
-        messages = [
-            r.getMessage() for r in caplog.records if "gradient was not finite" in r.message
-        ]
+        messages = [r.getMessage() for r in caplog.records if "gradient was NaN" in r.message]
         assert (count > 0) == warned and len(messages) == int(warned)
         if warned:
             assert f"at {count} points" in messages[0] and "torch.where" in messages[0]
@@ -330,6 +328,29 @@ class _NanGradBelowZero(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad = g[:, None] * x
         return torch.where(x[:, :1] < 0, torch.full_like(grad, math.nan), grad)
+
+
+class _InfGradBelowZero(_NanGradBelowZero):
+    """The same with a gradient that overflowed to -inf where x_0 < 0 (as a float32 gradient
+    does far out in a tail)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        grad = g[:, None] * x
+        return torch.where(x[:, :1] < 0, torch.full_like(grad, -math.inf), grad)
+
+
+def test_nan_gradients_count_nan_not_an_overflow():
+    """A NaN gradient of a finite potential is counted (a bug in the potential, usually); one
+    that overflowed to inf is not (a walkthrough's float32 model, far out in a tail where its
+    potential was 1e22); both rows are flagged non-finite, which every move rejects."""
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    for function, counted in ((_NanGradBelowZero, 1), (_InfGradBelowZero, 0)):
+        guard = GuardedPotential(function.apply)
+        u, grad = guard.value_and_grad(x)
+        assert torch.isfinite(u).all() and not torch.isfinite(grad[1]).any()
+        assert int(guard.errors.nan_gradients) == counted
 
 
 class NanGradEnergy:

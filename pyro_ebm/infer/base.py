@@ -515,13 +515,13 @@ class WalkerKernel(TargetKernel):
 
     def diagnostics(self, chain: int = 0) -> dict:
         r"""Of chain ``chain`` (Pyro calls it with one chain): ``divergences`` (post-warmup draw
-        indices whose proposal had a non-finite potential), the post-warmup acceptance rate of
-        global and local moves (``nan`` when there were none), ``potential errors`` (how often
-        the potential raised, warmup and the flow's fit included, and the point was rejected;
-        with vectorized chains the count of all chains, which are evaluated as one batch),
-        ``nan gradients`` (points with a finite potential and a non-finite gradient, rejected
-        too; counted likewise) and
-        ``sample_stats``: per-draw tensors of :data:`SAMPLE_STATS`; ``longest rejection run``
+        indices whose proposal had a non-finite potential), the post-warmup acceptance rates
+        (see :meth:`DrawStats.diagnostics`), ``potential errors`` (how often the potential
+        raised at the chains' moves, warmup included, not at the draws of a flow's fit or
+        checks, and the point was rejected; with vectorized chains the count of all chains,
+        which are evaluated as one batch), ``nan gradients`` (points with a finite potential
+        and a NaN gradient, rejected too; counted likewise) and ``sample_stats``: per-draw
+        tensors of :data:`SAMPLE_STATS`; ``longest rejection run``
         and ``stuck`` (see :meth:`DrawStats.diagnostics`); for the flow kernels, once the flow
         is frozen, ``flow k-hat`` and ``flow IS ESS`` (see :meth:`_check_flow_quality`: one
         check for all chains of a vectorized run), and at the end of warmup

@@ -224,15 +224,15 @@ class MCMC(AbstractMCMC):
         )
 
     def _warn_nan_gradients(self) -> None:
-        """Warn when the potential's gradient was not finite where its value was: the kernels
+        """Warn when the potential's gradient was NaN where its value was finite: the kernels
         reject such points, so the chains cannot enter that region, and the draws miss it."""
         counts = [d.get("nan gradients", 0) for d in self._diagnostics if isinstance(d, dict)]
         total = counts[0] if counts and self.chain_method == "vectorized" else sum(counts)
         if not total:
             return
         logger.warning(
-            "%s: the potential's gradient was not finite at %d points where the potential itself "
-            "was finite (diagnostics()['nan gradients']). Those proposals were rejected, so the "
+            "%s: the potential's gradient was NaN at %d points where the potential itself was "
+            "finite (diagnostics()['nan gradients']). Those proposals were rejected, so the "
             "chains cannot enter that region and the draws may miss part of the posterior. A "
             "finite potential with a NaN gradient is usually a bug in the potential: e.g. "
             "torch.where whose unused branch is NaN (sqrt or log of a negative number), whose "
@@ -395,7 +395,7 @@ class MCMC(AbstractMCMC):
         flow kernels; the per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`).
         ``potential errors`` (how often the potential raised at a point of the chains' moves,
         warmup included, which was rejected; not at the draws of a flow's fit or checks) and
-        ``nan gradients`` (points with a finite potential and a non-finite gradient, rejected
+        ``nan gradients`` (points with a finite potential and a NaN gradient, rejected
         too) are per chain, except in a ``"vectorized"`` run, whose chains are evaluated as one
         batch: then they are the run's counts, under ``"all chains"``. A run whose chains
         stopped moving (``stuck``) logs a warning naming them."""

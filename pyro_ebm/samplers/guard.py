@@ -56,8 +56,9 @@ class PotentialErrors:
     def __init__(self) -> None:
         self.count = 0
         self.first: str | None = None
-        #: rows with a finite potential and a non-finite gradient (rejected as well): a tensor
-        #: once counted, so that counting needs no device synchronisation
+        #: rows with a finite potential and a NaN gradient (rejected as well; a gradient that
+        #: overflowed to inf far out is rejected and not counted): a tensor once counted, so
+        #: that counting needs no device synchronisation
         self.nan_gradients: Tensor | int = 0
         self._paused = 0
 
@@ -139,9 +140,9 @@ class GuardedPotential:
 
     def value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(U(x), grad U(x))`` detached, shapes ``(C,)`` and ``(C, D)``; rows that raised, or
-        whose value is not finite, are ``(+inf, nan)``; rows with a finite value and a
-        non-finite gradient are counted in ``errors.nan_gradients`` (the samplers reject them
-        too)."""
+        whose value is not finite, are ``(+inf, nan)``; rows with a finite value and a NaN
+        gradient are counted in ``errors.nan_gradients`` (the samplers reject them, and those
+        whose gradient overflowed to inf, too)."""
         from .state import potential_and_grad  # the guarded potential is not passed on
 
         try:
@@ -155,8 +156,8 @@ class GuardedPotential:
             parts = [self.value_and_grad(half) for half in _halves(x)]  # counted and masked
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         bad = ~torch.isfinite(u)
-        if self.errors.counting:
-            nan_grad = ~bad & ~torch.isfinite(grad).all(-1)
+        if self.errors.counting:  # NaN, not an overflow to inf far out (rejected all the same)
+            nan_grad = ~bad & torch.isnan(grad).any(-1)
             self.errors.nan_gradients = self.errors.nan_gradients + nan_grad.sum()
         u = torch.where(bad, torch.full_like(u, torch.inf), u)
         grad = torch.where(bad[:, None], torch.full_like(grad, torch.nan), grad)
