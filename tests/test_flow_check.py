@@ -406,6 +406,25 @@ def test_score_warning_adds_its_caveat_only_when_the_flow_k_hat_is_good(monkeypa
     assert "k-hat 0.900 > 0.7" in message and "several modes or a thin curved ridge" in message
 
 
+def test_khat_warning_says_tail_when_the_is_ess_is_high(monkeypatch, caplog):
+    """A k-hat above 0.7 with an importance-sampling ESS of half the draws or more (the flow
+    fits the bulk; a walkthrough's half-Cauchy scale read 0.92 with an ESS of 32433 of 32768)
+    adds that a heavy tail is the usual cause; with a low ESS it does not (the check's value is
+    forced in the first run)."""
+    import pyro_ebm.infer.base as base
+
+    tail = "a tail heavier than the flow's"
+    for forced, said in ((FlowCheck(0.92, 3900.0, 4096), True), (None, False)):
+        caplog.clear()
+        with monkeypatch.context() as patch:
+            if forced is not None:
+                patch.setattr(base, "flow_importance_diagnostic", lambda *a, c=forced, **k: c)
+            with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
+                run_flow_kernel("FlowIMH", gaussian_flow(0.5, 3.0))  # low ESS when not forced
+        (message,) = khat_warnings(caplog)
+        assert (tail in message) == said
+
+
 def test_adaptive_checks_its_flow_at_the_end_of_warmup():
     """No check during warmup (the flow is training); at its end the frozen flow's check,
     reported for every chain; without warmup at the first draw."""

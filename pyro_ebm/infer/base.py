@@ -342,9 +342,17 @@ class TargetKernel(MCMCKernel):
         self.flow_check = check
         self._flow_check_cache = (key, check) if cache else None
         if not check.khat <= KHAT_THRESHOLD:  # nan too
+            tail = ""
+            if check.ess >= 0.5 * check.num_draws:  # the bulk is fine: a few huge weights
+                tail = (
+                    " The importance-sampling ESS is high, so the flow fits the bulk: the large "
+                    "weights are few, often from a tail heavier than the flow's (a half-Cauchy "
+                    "scale, a Student-t's degrees of freedom); then compare the draws' tails "
+                    "with a longer run."
+                )
             logger.warning(
                 "%s: the flow's Pareto k-hat as an importance sampler of the target is %.3f > "
-                "%.1f (importance-sampling ESS %.1f of %d draws): %s. What to do: %s.",
+                "%.1f (importance-sampling ESS %.1f of %d draws): %s. What to do: %s.%s",
                 type(self).__name__,
                 check.khat,
                 KHAT_THRESHOLD,
@@ -352,6 +360,7 @@ class TargetKernel(MCMCKernel):
                 check.num_draws,
                 self._flow_khat_meaning,
                 self._flow_khat_advice_for(fit is not None and getattr(self, "flow", 0) is None),
+                tail,
             )
         return check
 
