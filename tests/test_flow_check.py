@@ -342,6 +342,8 @@ def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
         mcmc.summary()
         line = capsys.readouterr().out.splitlines()[-1]
         assert line.startswith("Flow checks: flow k-hat ") and "flow IS ESS" in line
+        draws = diag["flow IS draws"]["chain 0"]
+        assert f" of {draws}" in line and draws >= 4096  # the ESS's denominator
         assert ("flow score k-hat" in line) == bool(warmup)
         assert line.endswith(
             "(k-hats at most 0.7: no sign that the flow misses part of the target)"
@@ -493,6 +495,7 @@ def test_to_arviz_puts_the_flow_check_in_the_attributes(backend):
         attrs = data[group].attrs
         assert attrs["flow_khat"] == diag["flow k-hat"]["chain 0"] > 0.7
         assert attrs["flow_is_ess"] == diag["flow IS ESS"]["chain 0"]
+        assert attrs["flow_is_draws"] == diag["flow IS draws"]["chain 0"]
     mala = MCMC(
         MALA(potential_fn=pot), num_samples=10, warmup_steps=5, num_chains=2, disable_progbar=True
     )
@@ -502,13 +505,15 @@ def test_to_arviz_puts_the_flow_check_in_the_attributes(backend):
 
 def test_to_arviz_reports_the_worst_check_of_chains_with_their_own_flows():
     """Pyro's driver: each chain's own check (e.g. AdaptiveFlowMCMC trains one flow per chain):
-    the largest k-hat, the smallest ESS."""
+    the largest k-hat, the smallest ESS with its number of draws."""
     mcmc, _ = run_flow_kernel("FlowIMH", gaussian_flow(1.0))
-    mcmc._diagnostics[1] = {**mcmc._diagnostics[1], "flow k-hat": 0.9, "flow IS ESS": 3.0}
+    one = {"flow k-hat": 0.9, "flow IS ESS": 3.0, "flow IS draws": 8192}
+    mcmc._diagnostics[1] = {**mcmc._diagnostics[1], **one}
     attrs = to_arviz(mcmc)["posterior"].attrs
     assert attrs["flow_khat"] == 0.9 and attrs["flow_is_ess"] == 3.0
+    assert attrs["flow_is_draws"] == 8192
     assert "flow_score_khat" not in attrs  # no warmup, no score check
-    assert worst_flow_checks(mcmc._diagnostics) == {"flow k-hat": 0.9, "flow IS ESS": 3.0}
+    assert worst_flow_checks(mcmc._diagnostics) == one
     for chain, score in zip(range(len(mcmc._diagnostics)), (0.2, 0.8, 0.1, 0.3), strict=True):
         mcmc._diagnostics[chain] = {**mcmc._diagnostics[chain], "flow score k-hat": score}
     assert to_arviz(mcmc)["posterior"].attrs["flow_score_khat"] == 0.8

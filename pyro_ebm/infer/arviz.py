@@ -63,7 +63,8 @@ def to_arviz(
     The ``posterior`` and ``sample_stats`` attributes name the sampler and, for the flow
     kernels, hold ``flow_khat`` (the Pareto :math:`\hat k` of the frozen flow as an importance
     sampler of the target, ``diagnostics()["flow k-hat"]``; above 0.7 the flow misses part of
-    the target) and ``flow_is_ess`` (its importance-sampling ESS), and after a warmup
+    the target), ``flow_is_ess`` (its importance-sampling ESS) and ``flow_is_draws`` (of how
+    many draws of the flow), and after a warmup
     ``flow_score_khat`` (``diagnostics()["flow score k-hat"]``, the flow checked at the chains'
     warmup draws; above 0.7 likewise); when the chains checked different flows (Pyro's driver
     trains one flow per chain) the worst of them: the largest :math:`\hat k` and the smallest
@@ -212,12 +213,14 @@ def _sample_stats(mcmc: AbstractMCMC, num_chains: int, num_draws: int) -> dict[s
 _ATTR_NAMES = {
     "flow k-hat": "flow_khat",
     "flow IS ESS": "flow_is_ess",
+    "flow IS draws": "flow_is_draws",
     "flow score k-hat": "flow_score_khat",
 }
 
 
 def _flow_attrs(mcmc: AbstractMCMC) -> dict[str, float]:
-    """``flow_khat``, ``flow_is_ess`` and ``flow_score_khat`` from the chains' diagnostics
+    """``flow_khat``, ``flow_is_ess``, ``flow_is_draws`` and ``flow_score_khat`` from the
+    chains' diagnostics
     (:func:`~pyro_ebm.infer.stats.worst_flow_checks`), when they have them."""
     checks = worst_flow_checks(list(getattr(mcmc, "_diagnostics", None) or []))
     return {_ATTR_NAMES[k]: v for k, v in checks.items()}

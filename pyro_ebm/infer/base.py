@@ -365,11 +365,16 @@ class TargetKernel(MCMCKernel):
         return check
 
     def _flow_diagnostics(self) -> dict:
-        """``{"flow k-hat": ..., "flow IS ESS": ...}`` once the flow is checked, else ``{}``;
-        with ``"flow score k-hat"`` once the score check is made."""
+        """``{"flow k-hat": ..., "flow IS ESS": ..., "flow IS draws": ...}`` once the flow is
+        checked, else ``{}``; with ``"flow score k-hat"`` once the score check is made."""
         out = {}
         if self.flow_check is not None:
-            out = {"flow k-hat": self.flow_check.khat, "flow IS ESS": self.flow_check.ess}
+            check = self.flow_check
+            out = {
+                "flow k-hat": check.khat,
+                "flow IS ESS": check.ess,
+                "flow IS draws": check.num_draws,
+            }
         if self.flow_score_check is not None:
             out["flow score k-hat"] = self.flow_score_check.khat
         return out

@@ -434,9 +434,12 @@ class MCMC(AbstractMCMC):
             print(f"Number of divergences: {count}")
         checks = worst_flow_checks(self._diagnostics)
         if checks:
+            draws = checks.pop("flow IS draws", None)
             shown = [
                 f"{k} {v:.0f}" if k.endswith("ESS") else f"{k} {v:.2f}" for k, v in checks.items()
             ]
+            if draws is not None:  # "flow IS ESS 3862 of 4096"
+                shown = [f"{t} of {draws}" if t.startswith("flow IS ESS") else t for t in shown]
             khats = [v for k, v in checks.items() if k.endswith("k-hat")]
             if any(v > KHAT_THRESHOLD for v in khats):
                 verdict = f" (a k-hat above {KHAT_THRESHOLD}: the flow misses part of the target)"

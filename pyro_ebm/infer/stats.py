@@ -182,8 +182,9 @@ def stuck_threshold(
 def worst_flow_checks(diagnostics: list) -> dict[str, float]:
     r"""The flow checks of a run's chains taken together: ``"flow k-hat"`` and
     ``"flow score k-hat"`` the largest over chains (``nan`` if any is), ``"flow IS ESS"`` the
-    smallest; each key only when every chain's diagnostics have it (Pyro's driver may train one
-    flow per chain; vectorized chains share one check).
+    smallest, with its chain's ``"flow IS draws"``; each key only when every chain's
+    diagnostics have it (Pyro's driver may train one flow per chain; vectorized chains share
+    one check).
 
     :param diagnostics: each chain's ``kernel.diagnostics(chain)`` dict.
 
@@ -201,4 +202,7 @@ def worst_flow_checks(diagnostics: list) -> dict[str, float]:
             values = [float(d[key]) for d in diagnostics]
             nan = key != "flow IS ESS" and any(math.isnan(v) for v in values)
             out[key] = math.nan if nan else worst(values)
+    if "flow IS ESS" in out and all("flow IS draws" in d for d in diagnostics):
+        smallest = min(diagnostics, key=lambda d: float(d["flow IS ESS"]))
+        out["flow IS draws"] = int(smallest["flow IS draws"])
     return out
