@@ -215,12 +215,16 @@ class MCMC(AbstractMCMC):
             )
         if not problems:
             return
+        flows = any("flow k-hat" in d for d in self._diagnostics if isinstance(d, dict))
         logger.warning(
             "%s: the draws may not have converged: %s (summary() shows every site). What to do: "
             "run longer (more warmup_steps and num_samples); for a hierarchical model, "
-            "non-centre it; a kernel that fits a flow (FlowNUTS, AdaptiveFlowMCMC) may mix better.",
+            "non-centre it%s.",
             type(self.kernel).__name__,
             "; ".join(problems),
+            ""
+            if flows
+            else "; a kernel that fits a flow (FlowNUTS, AdaptiveFlowMCMC) may mix better",
         )
 
     def _warn_nan_gradients(self) -> None:
