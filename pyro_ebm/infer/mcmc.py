@@ -238,9 +238,11 @@ class MCMC(AbstractMCMC):
             "%s: the potential's gradient was NaN at %d points where the potential itself was "
             "finite (diagnostics()['nan gradients']). Those proposals were rejected, so the "
             "chains cannot enter that region and the draws may miss part of the posterior. A "
-            "finite potential with a NaN gradient is usually a bug in the potential: e.g. "
-            "torch.where whose unused branch is NaN (sqrt or log of a negative number), whose "
-            "gradient is NaN; compute each branch on inputs where it is defined.",
+            "few such points (e.g. during warmup) are usually numerical, far in a tail where a "
+            "distribution's or the flow's computation overflows, and harmless; many usually "
+            "mean a bug in the potential: e.g. torch.where whose unused branch is NaN (sqrt or "
+            "log of a negative number), whose gradient is NaN; compute each branch on inputs "
+            "where it is defined.",
             type(self.kernel).__name__,
             total,
         )
