@@ -777,6 +777,10 @@ def test_argument_errors():
     for bad in (MALA, "MALA", pot, None):
         with pytest.raises(TypeError, match="kernel"):
             MCMC(bad, 10)
+    with pytest.raises(TypeError, match="'num_warmup' .NumPyro's name; here warmup_steps"):
+        MCMC(kernel, 10, num_warmup=5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'warmup'$"):
+        MCMC(kernel, 10, warmup=5)
 
 
 def test_an_interrupted_run_leaves_no_draws():

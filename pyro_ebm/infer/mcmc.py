@@ -110,7 +110,12 @@ class MCMC(AbstractMCMC):
         disable_validation: bool = True,
         transforms: dict | None = None,
         chain_method: str | None = None,
+        **numpyro_names,
     ) -> None:
+        for name in numpyro_names:
+            hint = _NUMPYRO_NAMES.get(name)
+            hint = f" (NumPyro's name; here {hint}, Pyro's)" if hint else ""
+            raise TypeError(f"MCMC got an unexpected keyword argument {name!r}{hint}")
         if not isinstance(kernel, MCMCKernel):
             raise TypeError(f"kernel must be an MCMC kernel, got {type(kernel).__name__}")
         num_chains = check_int("num_chains", num_chains, 1)
@@ -456,6 +461,14 @@ class MCMC(AbstractMCMC):
                 verdict = ""
             print(f"Flow checks: {', '.join(shown)}{verdict}")
 
+
+#: NumPyro's names of MCMC's arguments, and Pyro's (ours)
+_NUMPYRO_NAMES = {
+    "num_warmup": "warmup_steps",
+    "init_params": "initial_params",
+    "progress_bar": "disable_progbar",
+    "postprocess_fn": "transforms",
+}
 
 #: after a run, a warning when the rank-normalised split R-hat of some parameter is above this
 #: (Stan's threshold; Vehtari et al. 2021 recommend 1.01 for a final analysis)
