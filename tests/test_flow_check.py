@@ -410,12 +410,13 @@ def test_score_warning_adds_its_caveat_only_when_the_flow_k_hat_is_good(monkeypa
 
 def test_khat_warning_says_tail_when_the_is_ess_is_high(monkeypatch, caplog):
     """A k-hat above 0.7 with an importance-sampling ESS of half the draws or more (the flow
-    fits the bulk; a walkthrough's half-Cauchy scale read 0.92 with an ESS of 32433 of 32768)
-    adds that a heavy tail is the usual cause; with a low ESS it does not (the check's value is
-    forced in the first run)."""
+    fits the bulk; walkthroughs' half-Cauchy scale and AR(1) coefficient read 0.92-0.96 with an
+    ESS of 94-99% of the draws, their draws right) is explained as a heavy tail, with FlowIMH's
+    remedy; with a low ESS it is the usual warning (the check's value is forced in the first
+    run)."""
     import pyro_ebm.infer.base as base
 
-    tail = "a tail heavier than the flow's"
+    tail = "a tail of the target is heavier than the flow's"
     for forced, said in ((FlowCheck(0.92, 3900.0, 4096), True), (None, False)):
         caplog.clear()
         with monkeypatch.context() as patch:
@@ -425,6 +426,8 @@ def test_khat_warning_says_tail_when_the_is_ess_is_high(monkeypatch, caplog):
                 run_flow_kernel("FlowIMH", gaussian_flow(0.5, 3.0))  # low ESS when not forced
         (message,) = khat_warnings(caplog)
         assert (tail in message) == said
+        assert "add a defensive component" in message  # FlowIMH's remedy either way
+        assert ("funnel" in message) == (not said)  # the usual advice only without the tail
 
 
 def test_adaptive_checks_its_flow_at_the_end_of_warmup():

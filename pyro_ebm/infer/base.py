@@ -342,25 +342,30 @@ class TargetKernel(MCMCKernel):
         self.flow_check = check
         self._flow_check_cache = (key, check) if cache else None
         if not check.khat <= KHAT_THRESHOLD:  # nan too
-            tail = ""
             if check.ess >= 0.5 * check.num_draws:  # the bulk is fine: a few huge weights
-                tail = (
-                    " The importance-sampling ESS is high, so the flow fits the bulk: the large "
-                    "weights are few, often from a tail heavier than the flow's (a half-Cauchy "
-                    "scale, a Student-t's degrees of freedom); then compare the draws' tails "
-                    "with a longer run."
+                remedy = f"{self._flow_khat_remedy}, or " if self._flow_khat_remedy else ""
+                meaning = (
+                    "the importance-sampling ESS is high, so the flow fits the bulk of the "
+                    "target, but a tail of the target is heavier than the flow's (often a "
+                    "half-Cauchy scale, a Student-t's degrees of freedom, or a bounded "
+                    "parameter near its bound), which the draws may under-represent"
+                )
+                advice = f"{remedy}compare the draws' tails with a longer run"
+            else:
+                meaning = self._flow_khat_meaning
+                advice = self._flow_khat_advice_for(
+                    fit is not None and getattr(self, "flow", 0) is None
                 )
             logger.warning(
                 "%s: the flow's Pareto k-hat as an importance sampler of the target is %.3f > "
-                "%.1f (importance-sampling ESS %.1f of %d draws): %s. What to do: %s.%s",
+                "%.1f (importance-sampling ESS %.1f of %d draws): %s. What to do: %s.",
                 type(self).__name__,
                 check.khat,
                 KHAT_THRESHOLD,
                 check.ess,
                 check.num_draws,
-                self._flow_khat_meaning,
-                self._flow_khat_advice_for(fit is not None and getattr(self, "flow", 0) is None),
-                tail,
+                meaning,
+                advice,
             )
         return check
 
