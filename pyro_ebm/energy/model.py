@@ -311,12 +311,14 @@ class ModelEnergy(EnergyModel):
                 return "vmap"
         warnings.warn(
             "ModelEnergy: batches of parameters (walkers, particles) are evaluated one model "
-            "run per row, which is slow. The model does not broadcast over an extra batch "
+            "run per row, which is slow (each move of C chains costs C model runs, or more: "
+            "minutes for a few hundred steps). The model does not broadcast over an extra batch "
             f"dimension left of its plates ({plate}), and torch.func.vmap of its potential "
             f"over the rows did not work ({vmap}). Write the model so that vmap can run it (no "
             ".item() or Python control flow on latents, no in-place writes of latents into "
             "other tensors) or so that batched latents broadcast (see Pyro's tensor shapes "
-            "tutorial).",
+            "tutorial; an enumerated site used as an index, locs[z], broadcasts as "
+            "Vindex(locs)[..., z], from pyro.ops.indexing).",
             stacklevel=3,
         )
         return "loop"
