@@ -777,6 +777,9 @@ def test_argument_errors():
     for bad in (MALA, "MALA", pot, None):
         with pytest.raises(TypeError, match="kernel"):
             MCMC(bad, 10)
+    wrong = {"mu": torch.zeros(3), "z": torch.zeros(3, 3)}  # z is (2,)
+    with pytest.raises(ValueError, match=r"initial_params\['z'\] must end with the site's shape"):
+        MCMC(MALA(vector_model), 5, num_chains=3, initial_params=wrong).run(torch.tensor(0.5))
     with pytest.raises(TypeError, match="'num_warmup' .NumPyro's name; here warmup_steps"):
         MCMC(kernel, 10, num_warmup=5)
     with pytest.raises(TypeError, match="unexpected keyword argument 'warmup'$"):

@@ -52,15 +52,18 @@ class SiteLayout:
             for k, v in zip(self.site_names, parts, strict=True)
         }
 
-    def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
-        r"""Inverse of :meth:`unflatten`: ``{site: (..., *shape)}`` to ``(..., dim)``."""
+    def flatten(self, params: Mapping[str, Tensor], what: str = "params") -> Tensor:
+        r"""Inverse of :meth:`unflatten`: ``{site: (..., *shape)}`` to ``(..., dim)``; errors
+        name the argument as ``what`` (e.g. ``"initial_params"``)."""
         missing = [k for k in self.site_names if k not in params]
         if missing:
-            raise KeyError(f"params is missing sites {missing}")
+            raise KeyError(f"{what} is missing sites {missing}")
         parts = []
         for name in self.site_names:
             v, shape = params[name], self.site_shapes[name]
             if v.dim() < len(shape) or tuple(v.shape[v.dim() - len(shape) :]) != shape:
-                raise ValueError(f"params[{name!r}] must end with shape {shape}, got {v.shape}")
+                raise ValueError(
+                    f"{what}[{name!r}] must end with the site's shape {shape}, got {tuple(v.shape)}"
+                )
             parts.append(v.reshape(v.shape[: v.dim() - len(shape)] + (self.site_sizes[name],)))
         return torch.cat(parts, dim=-1)

@@ -341,9 +341,10 @@ class ModelEnergy(EnergyModel):
         r"""Split flat unconstrained ``(..., dim)`` vectors into ``{site: (..., *shape)}``."""
         return self.layout.unflatten(x)
 
-    def flatten(self, params: dict[str, Tensor]) -> Tensor:
-        r"""Inverse of :meth:`unflatten`: ``{site: (..., *shape)}`` to ``(..., dim)``."""
-        return self.layout.flatten(params)
+    def flatten(self, params: dict[str, Tensor], what: str = "params") -> Tensor:
+        r"""Inverse of :meth:`unflatten`: ``{site: (..., *shape)}`` to ``(..., dim)`` (errors
+        name the argument as ``what``)."""
+        return self.layout.flatten(params, what)
 
     def constrain(self, x: Tensor) -> dict[str, Tensor]:
         r"""Map flat unconstrained ``(..., dim)`` vectors to constrained site values."""

@@ -158,7 +158,7 @@ def make_target(
                     f"initial_params has sites {unknown} that are not latent sample sites of "
                     f"the model (those are {list(energy.site_names)})"
                 )
-            initial = energy.flatten(initial_params).detach()
+            initial = energy.flatten(initial_params, "initial_params").detach()
         return FlatTarget(guarded(energy), energy.layout, energy.transforms, initial)
     if isinstance(potential_fn, EnergyPotential):
         dim = _energy_dim(potential_fn.energy) or dim
@@ -194,7 +194,9 @@ def make_target(
             )
         layout = SiteLayout.from_params(one)
         potential = _DictPotential(potential_fn, layout)
-    initial = None if initial_params is None else layout.flatten(initial_params).detach()
+    initial = None
+    if initial_params is not None:
+        initial = layout.flatten(initial_params, "initial_params").detach()
     return FlatTarget(guarded(potential), layout, {}, initial)
 
 
