@@ -540,10 +540,10 @@ class WalkerKernel(TargetKernel):
         checks, and the point was rejected; with vectorized chains the count of all chains,
         which are evaluated as one batch), ``nan gradients`` (points with a finite potential
         and a NaN gradient, rejected too; counted likewise) and ``sample_stats``: per-draw
-        tensors of :data:`SAMPLE_STATS`; ``longest rejection run``
-        and ``stuck`` (see :meth:`DrawStats.diagnostics`); for the flow kernels, once the flow
-        is frozen, ``flow k-hat`` and ``flow IS ESS`` (see :meth:`_check_flow_quality`: one
-        check for all chains of a vectorized run), and at the end of warmup
+        tensors of :data:`SAMPLE_STATS`; ``longest rejection run`` and ``stuck`` (see
+        :meth:`DrawStats.diagnostics`); for the flow kernels, once the flow is frozen,
+        ``flow k-hat``, ``flow IS ESS`` and ``flow IS draws`` (see :meth:`_check_flow_quality`:
+        one check for all chains of a vectorized run), and at the end of warmup
         ``flow score k-hat`` (see :meth:`_check_flow_score`)."""
         return {
             **self.stats.diagnostics(chain),

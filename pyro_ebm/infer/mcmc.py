@@ -401,9 +401,9 @@ class MCMC(AbstractMCMC):
         r"""``{site: {"n_eff": ..., "r_hat": ...}}`` (bulk ESS and rank-normalised split R-hat,
         shaped like the site), plus each kernel diagnostic per chain (``divergences``,
         ``acceptance rate`` as Pyro's and the mean acceptance of global and local moves,
-        ``longest rejection run`` and ``stuck`` for the kernels that record
-        per-draw statistics, ``flow k-hat``, ``flow IS ESS`` and ``flow score k-hat`` for the
-        flow kernels; the per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`).
+        ``longest rejection run`` and ``stuck`` for the kernels that record per-draw statistics,
+        ``flow k-hat``, ``flow IS ESS``, ``flow IS draws`` and ``flow score k-hat`` for the flow
+        kernels; the per-draw statistics are left to :func:`~pyro_ebm.infer.to_arviz`).
         ``potential errors`` (how often the potential raised at a point of the chains' moves,
         warmup included, which was rejected; not at the draws of a flow's fit or checks) and
         ``nan gradients`` (points with a finite potential and a NaN gradient, rejected
