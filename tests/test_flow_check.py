@@ -322,20 +322,21 @@ def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
     mean: k-hat > 0.7 (min 0.91 over 100 checks), one warning (for all chains) naming the kernel,
     what it means and what to do. One value for every chain."""
     kernel_name = name.split(" ")[0]
-    warmup = FLOW_KERNELS[name][2]
+    warmup, driver = FLOW_KERNELS[name][2], FLOW_KERNELS[name][4]
+    scored = bool(warmup) or driver is MCMC  # at the warmup draws, or at the run's draws
     with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
         mcmc, chains = run_flow_kernel(name, gaussian_flow(1.0))
     assert not _base_warnings(caplog)
     diag = mcmc.diagnostics()
-    keys = ("flow k-hat", "flow IS ESS") + (("flow score k-hat",) if warmup else ())
+    keys = ("flow k-hat", "flow IS ESS") + (("flow score k-hat",) if scored else ())
     for key in keys:
         assert set(diag[key]) == {f"chain {i}" for i in range(chains)}
         assert len(set(diag[key].values())) == 1  # one check for the run
     assert diag["flow k-hat"]["chain 0"] < 0.5
     assert diag["flow IS ESS"]["chain 0"] > 2000
-    if warmup:  # the flow is the target: its score is the target's
+    if scored:  # the flow is the target: its score is the target's
         assert diag["flow score k-hat"]["chain 0"] < 1e-4
-    else:  # no warmup draws: no score check
+    else:  # no warmup draws, and Pyro's driver does not check the draws: no score check
         assert "flow score k-hat" not in diag
     if hasattr(mcmc, "_summarize"):  # pyro_ebm's summary prints the checks
         capsys.readouterr()
@@ -344,7 +345,7 @@ def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
         assert line.startswith("Flow checks: flow k-hat ") and "flow IS ESS" in line
         draws = diag["flow IS draws"]["chain 0"]
         assert f" of {draws}" in line and draws >= 4096  # the ESS's denominator
-        assert ("flow score k-hat" in line) == bool(warmup)
+        assert "flow score k-hat" in line
         assert line.endswith(
             "(k-hats at most 0.7: no sign that the flow misses part of the target)"
         )
@@ -359,10 +360,12 @@ def test_each_flow_kernel_reports_its_flow_khat_and_warns_when_it_is_large(
     message = warnings[0]
     assert message.startswith(kernel_name) and MEANING[kernel_name] in message
     assert "What to do" in message and "better flow" in message and "non-centre" in message
-    if warmup:  # the score check agrees, and only adds its value to the k-hat's warning
+    if warmup:  # the score check agrees, and adds its value to the k-hat's warning, once
         assert diag["flow score k-hat"]["chain 0"] > 0.7
         (score,) = score_warnings(caplog)
         assert score.startswith(kernel_name) and "also reads as a Pareto k-hat" in score
+    else:  # the check at the (stuck) draws says nothing after the k-hat's warning
+        assert not score_warnings(caplog)
     if hasattr(mcmc, "_summarize"):
         capsys.readouterr()
         mcmc.summary()
@@ -406,6 +409,58 @@ def test_score_warning_adds_its_caveat_only_when_the_flow_k_hat_is_good(monkeypa
     assert mcmc.diagnostics()["flow k-hat"]["chain 0"] <= 0.5
     (message,) = score_warnings(caplog)
     assert "k-hat 0.900 > 0.7" in message and "several modes or a thin curved ridge" in message
+
+
+@pytest.mark.parametrize("chain_method", ["vectorized", "sequential"])
+def test_the_score_check_at_the_draws_warns_when_the_warmup_checks_did_not(
+    chain_method, monkeypatch, caplog
+):
+    """After the run the flow's score is checked again at the draws (every k-th draw of each
+    chain, at most SCORE_CHECK_DRAWS rows): ``diagnostics()["flow score k-hat"]`` is the larger
+    of the two checks, and a check at the draws above 0.7 warns when neither the k-hat nor the
+    check at the warmup draws did, once per run (the chains of a sequential run share the
+    flow). The checks' values are forced here (warmup 0.5, draws 0.9); the flow is the target.
+    Without the check at the draws no warning fires and the diagnostics read 0.5."""
+    import pyro_ebm.infer.base as base
+
+    rows = []
+
+    def forced(flow, potential, draws):
+        rows.append(draws.shape[0])
+        return ScoreCheck(0.5, 1.0, draws.shape[0]) if len(rows) == 1 else ScoreCheck(0.9, 81.0, 7)
+
+    monkeypatch.setattr(base, "flow_score_diagnostic", forced)
+    monkeypatch.setattr(base, "SCORE_CHECK_DRAWS", 8)
+    pot = pyro_ebm.potential_fn(Gaussian())
+    kernel = FlowHMC(potential_fn=pot, flow=gaussian_flow(1.0), num_steps=3)
+    mcmc = MCMC(
+        kernel,
+        num_samples=10,
+        warmup_steps=12,
+        num_chains=2,
+        chain_method=chain_method,
+        disable_progbar=True,
+    )
+    with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
+        mcmc.run()
+    # at most 8 rows: warmup's second half, 2 chains x 6 steps (the last not kept), every
+    # second step: 6 rows; the run's 2 x 10 draws, every third: 8 rows (a sequential run: one
+    # chain's 5 warmup steps, its 10 draws every second: 5 rows)
+    assert rows[:2] == ([6, 8] if chain_method == "vectorized" else [5, 5])
+    (message,) = score_warnings(caplog)
+    assert message.startswith("FlowHMC: at 7 of the draws the flow's score")
+    assert "k-hat 0.900 > 0.7" in message and "at the warmup draws it read 0.50" in message
+    assert MEANING["FlowHMC"] in message and "non-centre" in message
+    assert mcmc.diagnostics()["flow score k-hat"] == {"chain 0": 0.9, "chain 1": 0.9}
+    assert kernel.flow_draws_check.khat == 0.9 and kernel.flow_score_check.khat == 0.5
+
+    caplog.clear()
+    monkeypatch.setattr(base.WalkerKernel, "check_flow_at_draws", lambda self, draws: None)
+    rows.clear()
+    with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
+        mcmc.run()
+    assert not score_warnings(caplog)
+    assert mcmc.diagnostics()["flow score k-hat"]["chain 0"] == 0.5
 
 
 def test_khat_warning_says_tail_when_the_is_ess_is_high(monkeypatch, caplog):
@@ -515,8 +570,11 @@ def test_to_arviz_reports_the_worst_check_of_chains_with_their_own_flows():
     attrs = to_arviz(mcmc)["posterior"].attrs
     assert attrs["flow_khat"] == 0.9 and attrs["flow_is_ess"] == 3.0
     assert attrs["flow_is_draws"] == 8192
-    assert "flow_score_khat" not in attrs  # no warmup, no score check
-    assert worst_flow_checks(mcmc._diagnostics) == one
+    assert attrs["flow_score_khat"] < 1e-4  # at the draws (no warmup): the flow is the target
+    assert worst_flow_checks(mcmc._diagnostics) == {
+        **one,
+        "flow score k-hat": attrs["flow_score_khat"],
+    }
     for chain, score in zip(range(len(mcmc._diagnostics)), (0.2, 0.8, 0.1, 0.3), strict=True):
         mcmc._diagnostics[chain] = {**mcmc._diagnostics[chain], "flow score k-hat": score}
     assert to_arviz(mcmc)["posterior"].attrs["flow_score_khat"] == 0.8
@@ -660,6 +718,37 @@ def test_the_score_check_warns_on_the_centred_eight_schools_after_a_full_warmup(
             assert "non-centre the model" in messages[0]
         else:
             assert scores[name] < 0.7 and not messages
+
+
+@pytest.mark.parametrize(
+    "kernel", [FlowIMH, pytest.param(FlowHMC, marks=pytest.mark.slow)], ids=lambda k: k.__name__
+)
+def test_the_score_check_at_the_draws_sees_the_funnel_where_warmup_did_not(kernel, caplog):
+    """FlowIMH and FlowHMC at their defaults, 16 chains, 500 warmup steps, 100 draws, seed 0,
+    on the centred eight schools: the flow's k-hat (0.58) and the score check at the warmup
+    draws (0.62, 0.68) read below 0.7, and chains stuck in the neck; the check at the draws
+    (0.82, 0.89) warns, with the funnel advice. Seeds 0-9 (float64, RESULTS issue 20 section
+    14): a flow-quality warning on 29 of 30 centred runs of FlowIMH, FlowISIR and FlowHMC (26
+    without the check at the draws; FlowIMH seed 4 reads 0.50 / 0.68 / 0.58, only its chains'
+    stuck warning fires), and on 2 of 45 non-centred runs of the six flow kernels (0.715, 0.749). With the check at
+    the draws a no-op this test fails."""
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(
+        kernel(eight_schools_centered),
+        num_samples=100,
+        warmup_steps=500,
+        num_chains=16,
+        disable_progbar=True,
+    )
+    with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
+        mcmc.run(*EIGHT_SCHOOLS_DATA.values())
+    diag = mcmc.diagnostics()
+    assert diag["flow k-hat"]["chain 0"] <= 0.7 and not khat_warnings(caplog)
+    assert mcmc.kernel.flow_score_check.khat <= 0.7
+    assert diag["flow score k-hat"]["chain 0"] > 0.7
+    (message,) = score_warnings(caplog)
+    assert message.startswith(f"{kernel.__name__}: at ") and "of the draws the flow" in message
+    assert "funnel" in message and "non-centre the model" in message
 
 
 def test_a_high_khat_of_nearly_equal_weights_is_checked_again_with_more_draws():

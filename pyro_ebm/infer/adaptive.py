@@ -73,7 +73,8 @@ class AdaptiveFlowMCMC(WalkerKernel):
     :func:`~pyro_ebm.metrics.flow_importance_diagnostic`; above 0.7 a warning says that the flow
     did not learn the target. After a long warmup the flow's own draws may no longer reach a
     funnel's neck that it misses, so the flow is also checked at the walkers' draws of the
-    second half of warmup (``"flow score k-hat"``, see
+    second half of warmup and, after a run of :class:`~pyro_ebm.infer.MCMC`, at the chains'
+    draws (``"flow score k-hat"``, the larger of the two, see
     :func:`~pyro_ebm.metrics.flow_score_diagnostic`), with the same warning above 0.7: on the
     centred eight schools one of the two warnings fired on each of seeds 0-9 with warmups of
     200 and 500 steps (the score check alone on 19 of the 20 runs, :math:`\hat k` on 9), and

@@ -66,9 +66,9 @@ def to_arviz(
     the target), ``flow_is_ess`` (its importance-sampling ESS) and ``flow_is_draws`` (of how
     many draws of the flow), and after a warmup
     ``flow_score_khat`` (``diagnostics()["flow score k-hat"]``, the flow checked at the chains'
-    warmup draws; above 0.7 likewise); when the chains checked different flows (Pyro's driver
-    trains one flow per chain) the worst of them: the largest :math:`\hat k` and the smallest
-    ESS.
+    warmup draws and at their draws; above 0.7 likewise); when the chains checked different
+    flows (Pyro's driver trains one flow per chain) the worst of them: the largest
+    :math:`\hat k` and the smallest ESS.
 
     Pyro keeps no warmup draws, so there are no warmup groups.
 

@@ -212,6 +212,10 @@ class TargetKernel(MCMCKernel):
         #: kernels; ``None`` before it is made, or without warmup)
         self.flow_score_check: ScoreCheck | None = None
         self._score_check_cache: tuple | None = None
+        #: the score check of the current run's flow at the run's draws (after a run of
+        #: :class:`~pyro_ebm.infer.MCMC`, see :meth:`WalkerKernel.check_flow_at_draws`)
+        self.flow_draws_check: ScoreCheck | None = None
+        self._draws_warned: tuple | None = None  # the flow whose draws check has warned
         self._checked: tuple | None = None  # (proposal, cache key) of the flow check
         self._run_key: tuple = ()
         #: with ``flow=None``: the flow fitted for the current target (:meth:`_flow_for_run`)
@@ -251,6 +255,7 @@ class TargetKernel(MCMCKernel):
         self._user_initial = None
         self.flow_check = None
         self.flow_score_check = None
+        self.flow_draws_check = None
         self._checked = None
         # what the target depends on, for the flow check's cache (a new run() of
         # pyro_ebm.infer.MCMC passes new tensors: the check is made again)
@@ -371,7 +376,8 @@ class TargetKernel(MCMCKernel):
 
     def _flow_diagnostics(self) -> dict:
         """``{"flow k-hat": ..., "flow IS ESS": ..., "flow IS draws": ...}`` once the flow is
-        checked, else ``{}``; with ``"flow score k-hat"`` once the score check is made."""
+        checked, else ``{}``; with ``"flow score k-hat"`` once a score check is made: the larger
+        of the checks at the warmup draws and at the run's draws (``nan`` only if both are)."""
         out = {}
         if self.flow_check is not None:
             check = self.flow_check
@@ -380,8 +386,10 @@ class TargetKernel(MCMCKernel):
                 "flow IS ESS": check.ess,
                 "flow IS draws": check.num_draws,
             }
-        if self.flow_score_check is not None:
-            out["flow score k-hat"] = self.flow_score_check.khat
+        scores = [c.khat for c in (self.flow_score_check, self.flow_draws_check) if c is not None]
+        if scores:
+            finite = [k for k in scores if not math.isnan(k)]
+            out["flow score k-hat"] = max(finite) if finite else math.nan
         return out
 
 
@@ -486,35 +494,82 @@ class WalkerKernel(TargetKernel):
             check = flow_score_diagnostic(proposal, self.target.potential, torch.cat(draws))
         self.flow_score_check = check
         self._score_check_cache = (key, check) if key is not None else None
+        self._warn_flow_score(check, "the chains' warmup draws", self.flow_check.khat)
+
+    def check_flow_at_draws(self, draws: Tensor) -> ScoreCheck | None:
+        r"""After a run: the score check of the frozen flow at the run's draws.
+
+        :class:`~pyro_ebm.infer.MCMC` calls it when its chains have finished, with ``draws``
+        ``(num_chains, num_samples, dim)``, the chains' positions in the flat unconstrained
+        space (one chain's, for each chain of a ``"sequential"`` run). It checks the flow of
+        the k-hat check by :func:`~pyro_ebm.metrics.flow_score_diagnostic` at up to
+        :data:`SCORE_CHECK_DRAWS` of the draws (every k-th draw of each chain), keeps it in
+        :attr:`flow_draws_check` (``diagnostics()["flow score k-hat"]`` is then the larger of
+        the two score checks) and, above 0.7, warns as the check at the end of warmup does,
+        unless a check of this flow in this run has warned already.
+
+        The draws reach further than warmup's, where a flow fails (a funnel's neck), and an
+        independence kernel's chain that stuck there repeats its point, as the Markov chain's
+        average should: on the centred eight schools this check fired on runs whose warmup
+        checks read below 0.7. Returns the check (``None`` for a kernel without a checked flow
+        or without draws).
+        """
+        if self._checked is None or draws.numel() == 0:
+            return None
+        proposal, key = self._checked
+        every = max(1, math.ceil(draws.shape[0] * draws.shape[1] / SCORE_CHECK_DRAWS))
+        rows = draws[:, ::every].reshape(-1, draws.shape[-1])
+        with uncounted(self.target.potential):  # not the chains' gradients
+            check = flow_score_diagnostic(proposal, self.target.potential, rows.detach())
+        self.flow_draws_check = check
+        warmup = self.flow_score_check
+        earlier = [self.flow_check.khat] + ([warmup.khat] if warmup is not None else [])
+        if key is not None and self._draws_warned == key:  # an earlier chain's draws warned
+            return check
+        if all(k <= KHAT_THRESHOLD for k in earlier):  # else the warning was given at warmup
+            if self._warn_flow_score(check, "the draws", self.flow_check.khat, warmup):
+                self._draws_warned = key
+        return check
+
+    def _warn_flow_score(
+        self, check: ScoreCheck, where: str, own: float, warmup: ScoreCheck | None = None
+    ) -> bool:
+        """Warn when the score ``check`` (made at ``where``) reads above 0.7: what it means for
+        this kernel and what to do, or only the value when the flow's own k-hat ``own`` has
+        warned already; ``warmup``: the check at the warmup draws, quoted. Returns whether it
+        warned."""
         if not check.khat > KHAT_THRESHOLD:
-            return
-        own = self.flow_check.khat  # made with self._checked
+            return False
         if not own <= KHAT_THRESHOLD:  # its warning has said what it means and what to do
             logger.warning(
-                "%s: the flow's score at %d of the chains' warmup draws also reads as a Pareto "
-                "k-hat of %.3f > %.1f (diagnostics()['flow score k-hat']).",
+                "%s: the flow's score at %d of %s also reads as a Pareto k-hat of %.3f > %.1f "
+                "(diagnostics()['flow score k-hat']).",
                 type(self).__name__,
                 check.num_draws,
+                where,
                 check.khat,
                 KHAT_THRESHOLD,
             )
-            return
+            return True
         fit = self.flow_fit
         logger.warning(
-            "%s: at %d of the chains' warmup draws the flow's score (the gradient of its log "
-            "density) departs from the target's as much as that of a Gaussian proposal with "
-            "Pareto k-hat %.3f > %.1f (diagnostics()['flow score k-hat']; the flow's own "
-            "draws gave k-hat %.2f: they rarely reach where it misses the target's shape, "
-            "e.g. a funnel's neck or a tail longer than the flow's): %s. What to do: %s.%s",
+            "%s: at %d of %s the flow's score (the gradient of its log density) departs from "
+            "the target's as much as that of a Gaussian proposal with Pareto k-hat %.3f > %.1f "
+            "(diagnostics()['flow score k-hat']; %sthe flow's own draws gave k-hat %.2f: they "
+            "rarely reach where it misses the target's shape, e.g. a funnel's neck or a tail "
+            "longer than the flow's): %s. What to do: %s.%s",
             type(self).__name__,
             check.num_draws,
+            where,
             check.khat,
             KHAT_THRESHOLD,
+            "" if warmup is None else f"at the warmup draws it read {warmup.khat:.2f}; ",
             own,
             self._flow_khat_meaning,
             self._flow_khat_advice_for(fit is not None and getattr(self, "flow", 0) is None),
             _SCORE_CAVEAT if own <= GOOD_KHAT else "",
         )
+        return True
 
     def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """Pyro's entry point: one move of the (single) chain."""
@@ -544,7 +599,9 @@ class WalkerKernel(TargetKernel):
         :meth:`DrawStats.diagnostics`); for the flow kernels, once the flow is frozen,
         ``flow k-hat``, ``flow IS ESS`` and ``flow IS draws`` (see :meth:`_check_flow_quality`:
         one check for all chains of a vectorized run), and at the end of warmup
-        ``flow score k-hat`` (see :meth:`_check_flow_score`)."""
+        ``flow score k-hat`` (see :meth:`_check_flow_score`; after a run of
+        :class:`~pyro_ebm.infer.MCMC` the larger of it and the check at the draws, see
+        :meth:`check_flow_at_draws`)."""
         return {
             **self.stats.diagnostics(chain),
             "potential errors": self.target.potential.errors.count,

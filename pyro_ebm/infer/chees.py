@@ -56,8 +56,9 @@ class ChEESHMC(LatentKernel):
     flow is checked once per run at setup: ``diagnostics()`` reports its Pareto :math:`\hat k` as an
     importance sampler of the target (``"flow k-hat"``) and the importance-sampling ESS (``"flow IS
     ESS"``), see :func:`~pyro_ebm.metrics.flow_importance_diagnostic`; above 0.7 a warning says that
-    the latent geometry is bad. At the end of warmup it is checked again at the chains' draws
-    (``"flow score k-hat"``, :func:`~pyro_ebm.metrics.flow_score_diagnostic`, the same warning).
+    the latent geometry is bad. At the end of warmup, and after a run of
+    :class:`~pyro_ebm.infer.MCMC`, it is checked again at the chains' draws (``"flow score
+    k-hat"``, :func:`~pyro_ebm.metrics.flow_score_diagnostic`, the same warning).
 
     The trajectory length adapts from the spread of several chains: with one chain (Pyro's own
     ``MCMC``) it stays at ``trajectory_length`` and only the step size and mass matrix adapt.

@@ -85,7 +85,8 @@ class FlowIMH(WalkerKernel):
     ``diagnostics()`` reports its Pareto :math:`\hat k` as an importance sampler of the target
     (``"flow k-hat"``) and the importance-sampling ESS (``"flow IS ESS"``), see
     :func:`~pyro_ebm.metrics.flow_importance_diagnostic`; above 0.7 a warning says that the
-    chains will stick. At the end of a warmup it is checked again from the chains' side
+    chains will stick. At the end of a warmup, and after a run of
+    :class:`~pyro_ebm.infer.MCMC` at its draws, it is checked again from the chains' side
     (``"flow score k-hat"``, :func:`~pyro_ebm.metrics.flow_score_diagnostic`, the same
     warning). ``diagnostics()`` also reports each chain's ``longest rejection run``.
 

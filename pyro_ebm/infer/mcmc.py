@@ -161,9 +161,11 @@ class MCMC(AbstractMCMC):
     @poutine.block
     def run(self, *args, **kwargs) -> None:
         r"""Run the chains; arguments go to the model (as for Pyro's ``MCMC.run``). Afterwards a
-        warning names chains that stopped moving, NaN gradients, and draws that do not look
-        converged (R-hat above :data:`RHAT_WARNING`, bulk ESS below :data:`ESS_PER_CHAIN` per
-        chain), as Stan warns."""
+        flow kernel's flow is checked at the draws
+        (:meth:`~pyro_ebm.infer.base.WalkerKernel.check_flow_at_draws`; not with
+        ``chain_method="parallel"`` or a kernel of Pyro's), and a warning names chains that
+        stopped moving, NaN gradients, and draws that do not look converged (R-hat above
+        :data:`RHAT_WARNING`, bulk ESS below :data:`ESS_PER_CHAIN` per chain), as Stan warns."""
         self._args, self._kwargs = args, kwargs
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         self._samples = None  # a run that does not finish leaves no draws, not the last run's
@@ -171,6 +173,7 @@ class MCMC(AbstractMCMC):
         if hasattr(self.kernel, "_flow_check_cache"):  # check the flow once per run
             self.kernel._flow_check_cache = None
             self.kernel._score_check_cache = None
+            self.kernel._draws_warned = None
         with optional(
             pyro.validation_enabled(not self.disable_validation),
             self.disable_validation is not None,
@@ -317,6 +320,8 @@ class MCMC(AbstractMCMC):
                     bar.update(i + 1 - bar.n)
         finally:
             bar.close()
+        if draws is not None:
+            kernel.check_flow_at_draws(draws)
         self._store(draws, [kernel.diagnostics(c) for c in range(num_chains)], kernel, layout)
 
     def _run_sequential(self, args: tuple, kwargs: dict) -> None:

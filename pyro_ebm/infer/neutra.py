@@ -445,10 +445,11 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
     :math:`\hat k` as an importance sampler of the target (``"flow k-hat"``) and the
     importance-sampling ESS (``"flow IS ESS"``), see
     :func:`~pyro_ebm.metrics.flow_importance_diagnostic`; above 0.7 a warning says that the
-    latent geometry is bad; at the end of warmup it is checked again at the chains' draws
-    (``"flow score k-hat"``, :func:`~pyro_ebm.metrics.flow_score_diagnostic`, the same
-    warning). After setup, :attr:`step_size` and :attr:`inverse_mass_matrix` are
-    the current ones (the latter over the latent space).
+    latent geometry is bad; at the end of warmup, and after a run of
+    :class:`~pyro_ebm.infer.MCMC`, it is checked again at the chains' draws (``"flow score
+    k-hat"``, :func:`~pyro_ebm.metrics.flow_score_diagnostic`, the same warning). After setup,
+    :attr:`step_size` and :attr:`inverse_mass_matrix` are the current ones (the latter over the
+    latent space).
 
     Example::
 
