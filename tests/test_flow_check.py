@@ -730,8 +730,8 @@ def test_the_score_check_at_the_draws_sees_the_funnel_where_warmup_did_not(kerne
     (0.82, 0.89) warns, with the funnel advice. Seeds 0-9 (float64, RESULTS issue 20 section
     14): a flow-quality warning on 29 of 30 centred runs of FlowIMH, FlowISIR and FlowHMC (26
     without the check at the draws; FlowIMH seed 4 reads 0.50 / 0.68 / 0.58, only its chains'
-    stuck warning fires), and on 2 of 45 non-centred runs of the six flow kernels (0.715, 0.749). With the check at
-    the draws a no-op this test fails."""
+    stuck warning fires), and on 2 of 45 non-centred runs of the six flow kernels (0.715,
+    0.749). With the check at the draws a no-op this test fails."""
     pyro.set_rng_seed(0)
     mcmc = MCMC(
         kernel(eight_schools_centered),
