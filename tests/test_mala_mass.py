@@ -266,6 +266,30 @@ def test_stan_warmup_per_chain_ignores_a_chain_at_a_wall():
     assert step[0] > step[3] > step[1] and step[2] == step[3]
 
 
+def test_stan_warmup_leaves_out_neutral_chains_even_when_all_are():
+    """One step size for all chains: chains rejected at a NaN gradient (``neutral``) are left
+    out of the mean; when every chain is, the acceptance counts as on target (the step size
+    moves as it would at the target); when every chain met a wall (``ignore``) their zero
+    acceptance still shrinks it."""
+    state = init_state(lambda x: 0.5 * (x**2).sum(-1), torch.zeros(4, 2))
+    accept = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    every = torch.ones(4, dtype=torch.bool)
+    steps = {}
+    for name, kwargs in (
+        ("target", {}),
+        ("neutral", {"neutral": every}),
+        ("wall", {"ignore": every}),
+        ("one neutral", {"neutral": torch.tensor([True, False, False, False])}),
+    ):
+        warmup = StanWarmup(2, 100, 0.1, 0.6, adapt_mass_matrix=False)
+        warmup.start(state, lambda state, eps: torch.full((4,), 0.6))
+        observed = torch.full((4,), 0.6) if name == "target" else accept
+        warmup.update(0, state, observed, None, **kwargs)
+        steps[name] = warmup.step_size
+    assert steps["neutral"] == steps["target"]
+    assert steps["wall"] < steps["target"] and steps["one neutral"] == steps["wall"]
+
+
 # --------------------------------------------------------------------------------------------
 # the kernel: a badly scaled Gaussian, diagonal mass
 

@@ -35,6 +35,7 @@ from ..flows import as_flow
 from ..samplers import (
     REJECTED_ERRORS,
     MoveInfo,
+    NanGradientRows,
     PullbackPotential,
     WalkerState,
     guarded,
@@ -524,6 +525,7 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
         #: potential-and-gradient rows the transitions evaluated so far, warmup included: the
         #: batch's leapfrog steps times the chains (with NUTS, the deepest tree's steps)
         self.num_leapfrog = 0
+        self._nan_gradient: Tensor | None = None  # the last trajectories that met NaN gradients
 
     @property
     def num_steps(self) -> int:
@@ -547,9 +549,12 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
     def _transition(self, state: WalkerState) -> tuple[WalkerState, MoveInfo]:
         steps = self.num_steps
         self.num_leapfrog += steps * state.x.shape[0]
-        return hmc_step(
-            state, self._potential, self._warmup.step_size, steps, self._warmup.inverse_mass
+        potential = NanGradientRows(self._potential)  # which trajectories met a NaN gradient
+        new, info = hmc_step(
+            state, potential, self._warmup.step_size, steps, self._warmup.inverse_mass
         )
+        self._nan_gradient = potential.rows
+        return new, info
 
     def _move(self, state: WalkerState, warmup: bool) -> tuple[WalkerState, MoveInfo, bool]:
         state, info = self._transition(state)
@@ -562,9 +567,18 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
         is not finite (a wall, a region where it raises) does not count toward the step size
         (``StanWarmup.update``'s ``ignore``): with the trajectory length fixed it is rejected
         whatever the step size, which dual averaging would otherwise shrink toward 0, asking
-        for ``max_num_steps`` leapfrog steps per iteration."""
+        for ``max_num_steps`` leapfrog steps per iteration. A trajectory that met a finite
+        potential with a NaN gradient is left out even when every chain's did (``neutral``):
+        no step size avoids such a region, where a wall may be an overflow of a step too
+        large."""
         self._warmup.update(
-            self._t, state, info.accept_prob, self._trial, self._curvature, info.nonfinite
+            self._t,
+            state,
+            info.accept_prob,
+            self._trial,
+            self._curvature,
+            info.nonfinite,
+            self._nan_gradient,
         )
 
     def _extra_logging(self) -> dict:

@@ -48,6 +48,7 @@ from .flow_moves import (
 from .guard import (
     REJECTED_ERRORS,
     GuardedPotential,
+    NanGradientRows,
     PotentialDefinitionError,
     PotentialErrors,
     guarded,
@@ -73,6 +74,7 @@ __all__ = [
     "GuardedPotential",
     "MassMatrixAdapter",
     "MoveInfo",
+    "NanGradientRows",
     "PotentialDefinitionError",
     "PotentialErrors",
     "PullbackPotential",

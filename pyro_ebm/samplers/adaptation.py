@@ -547,6 +547,7 @@ class StanWarmup:
         trial: Callable,
         curvature: Callable[[Tensor], Tensor] | None = None,
         ignore: Tensor | None = None,
+        neutral: Tensor | None = None,
     ) -> None:
         r"""After warmup move ``iteration`` (0-based) of the chains, now at ``state``, with
         acceptance probabilities ``accept_prob`` ``(C,)``: update the step size and the mass
@@ -555,15 +556,25 @@ class StanWarmup:
         size would change (a fixed-length trajectory that met a non-finite potential, rejected
         whatever the step): the step size follows the others' mean acceptance, or all chains'
         when every one is ignored (without a device synchronisation); per chain, an ignored
-        chain's acceptance counts as on target."""
+        chain's acceptance counts as on target. ``neutral``: ``(C,)`` chains rejected at a point
+        whose potential is finite and gradient NaN (a region where the gradient is undefined,
+        which rejects any step size; see :class:`~pyro_ebm.samplers.NanGradientRows`): left
+        out altogether, and when every chain is, the acceptance counts as on target, so that
+        such a region cannot drive the step size to 0. (A wall or an overflow, a non-finite
+        potential, is ``ignore``'s: with every chain there, it still shrinks the step size,
+        which may be too large.)"""
+        target = torch.full_like(accept_prob, self._adapter.target_accept)
+        if neutral is not None:
+            ignore = neutral if ignore is None else ignore | neutral
         if ignore is not None and self.per_chain:
-            target = torch.full_like(accept_prob, self._adapter.target_accept)
             accept_prob = torch.where(ignore, target, accept_prob)
         elif ignore is not None:
             kept = ~ignore
             count = kept.sum()
             mean = torch.where(kept, accept_prob, 0.0).sum() / count.clamp_min(1)
-            mean = torch.where(count > 0, mean, accept_prob.mean())
+            # every chain ignored: their acceptance, but on target for the neutral ones
+            fallback = accept_prob if neutral is None else torch.where(neutral, target, accept_prob)
+            mean = torch.where(count > 0, mean, fallback.mean())
             accept_prob = mean.expand_as(accept_prob)
         if self.adapt_step_size:
             self.step_size = self._adapter.update(accept_prob)

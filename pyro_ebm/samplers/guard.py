@@ -28,6 +28,7 @@ from torch import Tensor
 __all__ = [
     "REJECTED_ERRORS",
     "GuardedPotential",
+    "NanGradientRows",
     "PotentialDefinitionError",
     "PotentialErrors",
     "guarded",
@@ -174,6 +175,44 @@ class GuardedPotential:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+
+
+class NanGradientRows:
+    r"""A batched potential that marks the rows where its value was finite and its gradient NaN.
+
+    Such a point (e.g. ``torch.where`` whose unused branch is ``sqrt`` of a negative number) is
+    rejected by every sampler, whatever its step size. Wrapped around the potential of one HMC
+    move, :attr:`rows` ``(C,)`` says which chains' trajectories met one, so that the step-size
+    adaptation can leave them out (``StanWarmup.update``'s ``neutral``).
+
+    :param potential: the batched potential (called through its ``value_and_grad`` if it has
+        one, e.g. a :class:`GuardedPotential`).
+
+    Example::
+
+        >>> from pyro_ebm.samplers.state import potential_and_grad
+        >>> U = NanGradientRows(lambda x: torch.where(x[:, 0] > 0, x[:, 0].sqrt(), 0.0))
+        >>> _ = potential_and_grad(U, torch.tensor([[4.0], [-1.0]]))
+        >>> U.rows
+        tensor([False,  True])
+    """
+
+    def __init__(self, potential: Callable[[Tensor], Tensor]) -> None:
+        self.potential = potential
+        #: the rows whose value was finite and gradient NaN in any call so far (``None`` before
+        #: the first call)
+        self.rows: Tensor | None = None
+
+    def value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        from .state import potential_and_grad
+
+        u, grad = potential_and_grad(self.potential, x)
+        nan = torch.isfinite(u) & torch.isnan(grad).any(-1)
+        self.rows = nan if self.rows is None else self.rows | nan
+        return u, grad
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.potential(x)
 
 
 def guarded(
