@@ -204,6 +204,8 @@ class NanGradientRows:
         self.rows: Tensor | None = None
 
     def value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(U(x), grad U(x))`` of the potential, marking in :attr:`rows` the rows of ``x``
+        whose value is finite and gradient NaN."""
         from .state import potential_and_grad
 
         u, grad = potential_and_grad(self.potential, x)
