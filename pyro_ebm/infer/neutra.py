@@ -569,7 +569,7 @@ class FlowHMC(LatentKernel, StanWarmupKernel):
         whatever the step size, which dual averaging would otherwise shrink toward 0, asking
         for ``max_num_steps`` leapfrog steps per iteration. A trajectory that met a finite
         potential with a NaN gradient is left out even when every chain's did (``neutral``):
-        no step size avoids such a region, where a wall may be an overflow of a step too
+        no step size avoids such a region, whereas a wall may be the overflow of a step too
         large."""
         self._warmup.update(
             self._t,

@@ -559,10 +559,10 @@ class StanWarmup:
         chain's acceptance counts as on target. ``neutral``: ``(C,)`` chains rejected at a point
         whose potential is finite and gradient NaN (a region where the gradient is undefined,
         which rejects any step size; see :class:`~pyro_ebm.samplers.NanGradientRows`): left
-        out altogether, and when every chain is, the acceptance counts as on target, so that
-        such a region cannot drive the step size to 0. (A wall or an overflow, a non-finite
-        potential, is ``ignore``'s: with every chain there, it still shrinks the step size,
-        which may be too large.)"""
+        out like ``ignore``'s, but when no chain is left their acceptance counts as on target
+        in the mean of all chains, so that such a region cannot drive the step size to 0. (A
+        wall or an overflow, a non-finite potential, is ``ignore``'s: with every chain there,
+        it still shrinks the step size, which may be too large.)"""
         target = torch.full_like(accept_prob, self._adapter.target_accept)
         if neutral is not None:
             ignore = neutral if ignore is None else ignore | neutral
