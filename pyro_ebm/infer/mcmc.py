@@ -268,10 +268,10 @@ class MCMC(AbstractMCMC):
         if "flow k-hat" in self._diagnostics[stuck[0]]:
             advice = (
                 "the flow under-covers where they stuck (see diagnostics()['flow k-hat']): give "
-                "a better flow, warm up longer, or non-centre the model"
+                "a better flow, warm up longer, or non-centre the model if it is hierarchical"
             )
         else:
-            advice = "warm up longer, or reparameterise (e.g. non-centre) the model"
+            advice = "warm up longer, or reparameterise the model (non-centre it if hierarchical)"
         logger.warning(
             "%s: chain(s) %s stopped moving: their longest runs of rejected draws (%s of %d) are "
             "far longer than their acceptance rates imply (diagnostics()['longest rejection "
