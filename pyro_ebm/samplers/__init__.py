@@ -57,6 +57,7 @@ from .guard import (
 )
 from .latent import PullbackPotential
 from .local import hmc_step, mala_step, ula_step
+from .mode import find_mode
 from .nuts import nuts_step
 from .state import MoveInfo, WalkerState, accept_reject, init_state, potential_and_grad
 
@@ -89,6 +90,7 @@ __all__ = [
     "default_flow",
     "diagonal_curvature",
     "find_reasonable_step_size",
+    "find_mode",
     "fit_flow",
     "cycle_info",
     "global_local_move",

@@ -48,6 +48,7 @@ from .._checks import check_int
 from ..flows import AffineFlow, reverse_kl_step
 from .adaptation import diagonal_curvature
 from .guard import guarded
+from .mode import find_mode
 
 if TYPE_CHECKING:  # imported where used, as below
     from ..metrics.psis import FlowCheck
@@ -221,29 +222,9 @@ def _laplace(
     def u(v: Tensor) -> Tensor:
         return potential(v[None])[0]
 
-    x = x0.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [x], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_change=1e-10
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        value = u(x)
-        if not torch.isfinite(value):
-            return torch.tensor(torch.finfo(x.dtype).max, dtype=x.dtype)
-        value.backward()
-        if not torch.isfinite(x.grad).all():
-            x.grad.zero_()
-        return value
-
-    try:
-        optimizer.step(closure)
-    except (RuntimeError, ValueError, ArithmeticError):
+    mode, value = find_mode(potential, x0, max_iter)
+    if not math.isfinite(value):
         return None
-    mode = x.detach()
-    with torch.no_grad():
-        if not (torch.isfinite(mode).all() and torch.isfinite(u(mode))):
-            return None
     try:
         if full:
             hessian = torch.autograd.functional.hessian(u, mode)
