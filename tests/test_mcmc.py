@@ -588,8 +588,11 @@ def test_get_samples_summary_and_diagnostics(method, capsys):
     assert diag["potential errors"] == (
         {"all chains": 0} if vectorized else {f"chain {c}": 0 for c in range(3)}
     )
+    depth = diag["density depth"]  # a Gaussian: no neck (the depth check of test_depth.py)
+    assert set(depth) == ({"all chains"} if vectorized else {f"chain {c}" for c in range(3)})
+    assert all(0 <= d < 1 for d in depth.values())
     for key, per_chain in diag.items():
-        if key not in ("mu", "z", "potential errors", "nan gradients"):
+        if key not in ("mu", "z", "potential errors", "nan gradients", "density depth"):
             assert set(per_chain) == {f"chain {c}" for c in range(3)}, key
             assert all(not isinstance(v, dict) for v in per_chain.values()), key
 

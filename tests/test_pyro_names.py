@@ -130,9 +130,10 @@ def test_mala_jit_compile_gives_the_same_chain_and_records_the_potential_once():
         calls[jit] = pot.calls
     torch.testing.assert_close(draws[True], draws[False], rtol=1e-9, atol=1e-12)
     # 50 steps, and step-size searches: the Python potential runs at each step without jit,
-    # and with it only to set the target up and record the graph (6 calls)
+    # and with it only to set the target up and record the graph (6 calls), and to record it
+    # for the two batch shapes of the density-depth check after the run (6 more)
     assert calls[False] >= 50
-    assert calls[True] <= 10
+    assert calls[True] <= 16
     compiled = kernels[True]._potential.potential
     assert isinstance(compiled, CompiledPotential)
     x = torch.randn(4, 3)

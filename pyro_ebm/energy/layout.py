@@ -36,6 +36,28 @@ class SiteLayout:
         self.site_sizes = {k: int(torch.Size(v).numel()) for k, v in self.site_shapes.items()}
         self.dim = sum(self.site_sizes.values())
 
+    def name_of(self, index: int) -> str:
+        """The site and element of flat coordinate ``index``, e.g. ``"theta[1, 2]"`` (the
+        site's name alone for a scalar site).
+
+        Example::
+
+            >>> layout = SiteLayout({"mu": (), "theta": (2, 3)})
+            >>> layout.name_of(0), layout.name_of(6)
+            ('mu', 'theta[1, 2]')
+        """
+        if not 0 <= index < self.dim:
+            raise ValueError(f"index must be in [0, {self.dim}), got {index}")
+        for name in self.site_names:
+            if index < self.site_sizes[name]:
+                shape = self.site_shapes[name]
+                if not shape:
+                    return name
+                element = torch.unravel_index(torch.tensor(index), shape)
+                return f"{name}[{', '.join(str(int(i)) for i in element)}]"
+            index -= self.site_sizes[name]
+        raise AssertionError("unreachable")
+
     @classmethod
     def from_params(cls, params: Mapping[str, Tensor]) -> SiteLayout:
         """The layout of one point ``{site: tensor}`` (e.g. ``initial_params``)."""

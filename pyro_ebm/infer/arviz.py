@@ -10,6 +10,7 @@ offer: on ArviZ 0.x it returns an ``arviz.InferenceData``; on ArviZ 1.x (``arviz
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ import pyro
 import torch
 from pyro.infer.mcmc.api import AbstractMCMC
 
-from .stats import worst_flow_checks
+from .stats import deepest, worst_flow_checks
 
 __all__ = ["to_arviz"]
 
@@ -68,7 +69,10 @@ def to_arviz(
     ``flow_score_khat`` (``diagnostics()["flow score k-hat"]``, the flow checked at the chains'
     warmup draws and at their draws; above 0.7 likewise); when the chains checked different
     flows (Pyro's driver trains one flow per chain) the worst of them: the largest
-    :math:`\hat k` and the smallest ESS.
+    :math:`\hat k` and the smallest ESS. After a run of :class:`~pyro_ebm.infer.MCMC` with a
+    kernel of :mod:`pyro_ebm.infer` they also hold ``density_depth``
+    (``diagnostics()["density depth"]``, the largest of the chains': above 2 the target has a
+    funnel's neck or a spike that no draw reached).
 
     Pyro keeps no warmup draws, so there are no warmup groups.
 
@@ -135,7 +139,7 @@ def to_arviz(
         "inference_library": "pyro",
         "inference_library_version": pyro.__version__,
         "sampler": type(mcmc.kernel).__name__,
-        **_flow_attrs(mcmc),
+        **_check_attrs(mcmc),
     }
     module, legacy = _load_backend(backend)
     if legacy:  # ArviZ 0.x: keyword groups, per-group attrs through **kwargs
@@ -218,12 +222,16 @@ _ATTR_NAMES = {
 }
 
 
-def _flow_attrs(mcmc: AbstractMCMC) -> dict[str, float]:
+def _check_attrs(mcmc: AbstractMCMC) -> dict[str, float]:
     """``flow_khat``, ``flow_is_ess``, ``flow_is_draws`` and ``flow_score_khat`` from the
-    chains' diagnostics
-    (:func:`~pyro_ebm.infer.stats.worst_flow_checks`), when they have them."""
-    checks = worst_flow_checks(list(getattr(mcmc, "_diagnostics", None) or []))
-    return {_ATTR_NAMES[k]: v for k, v in checks.items()}
+    chains' diagnostics (:func:`~pyro_ebm.infer.stats.worst_flow_checks`), and
+    ``density_depth`` (:func:`~pyro_ebm.infer.stats.deepest`), when they have them."""
+    diagnostics = list(getattr(mcmc, "_diagnostics", None) or [])
+    attrs = {_ATTR_NAMES[k]: v for k, v in worst_flow_checks(diagnostics).items()}
+    depth = deepest(diagnostics)
+    if not math.isnan(depth):
+        attrs["density_depth"] = depth
+    return attrs
 
 
 def _to_numpy(value: Any) -> np.ndarray:

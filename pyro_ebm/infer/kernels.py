@@ -427,6 +427,9 @@ class MALA(StanWarmupKernel):
     def _restart(self, x: Tensor) -> WalkerState:
         return init_state(self._potential, x)
 
+    def _checks_potential(self) -> Callable[[Tensor], Tensor]:
+        return self._potential  # the compiled one with jit_compile=True
+
     def _trial(self, state: WalkerState, step_size: float | Tensor) -> Tensor:
         _, info = mala_step(state, self._potential, step_size, self._warmup.inverse_mass)
         return info.accept_prob

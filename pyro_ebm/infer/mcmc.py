@@ -25,9 +25,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_flag, check_int
-from ..metrics import KHAT_THRESHOLD, format_summary, summarize
+from ..metrics import DEPTH_THRESHOLD, KHAT_THRESHOLD, format_summary, summarize
 from .base import WalkerKernel
-from .stats import worst_flow_checks
+from .stats import deepest, worst_flow_checks
 
 __all__ = ["CHAIN_METHODS", "MCMC"]
 
@@ -174,6 +174,7 @@ class MCMC(AbstractMCMC):
             self.kernel._flow_check_cache = None
             self.kernel._score_check_cache = None
             self.kernel._draws_warned = None
+            self.kernel._depth_warned = False
         with optional(
             pyro.validation_enabled(not self.disable_validation),
             self.disable_validation is not None,
@@ -321,7 +322,7 @@ class MCMC(AbstractMCMC):
         finally:
             bar.close()
         if draws is not None:
-            kernel.check_flow_at_draws(draws)
+            kernel.check_draws(draws)
         self._store(draws, [kernel.diagnostics(c) for c in range(num_chains)], kernel, layout)
 
     def _run_sequential(self, args: tuple, kwargs: dict) -> None:
@@ -440,15 +441,18 @@ class MCMC(AbstractMCMC):
 
     def summary(self, prob: float = 0.9) -> None:
         r"""Print per site: mean, sd, median, the central ``prob`` interval, bulk ESS and R-hat
-        (as Pyro's ``summary``), the number of divergences, and for the flow kernels the flow's
+        (as Pyro's ``summary``), the number of divergences, for the flow kernels the flow's
         checks (:func:`~pyro_ebm.infer.stats.worst_flow_checks`; above 0.7 a k-hat says that
-        the flow misses part of the target)."""
+        the flow misses part of the target), and the density depth when it is above 2 (a
+        funnel's neck or a spike no draw reached, see
+        :meth:`~pyro_ebm.infer.base.WalkerKernel.check_depth`)."""
         self._check_run()
         print(format_summary(self._summarize(prob)))
         if self._diagnostics and all("divergences" in d for d in self._diagnostics):
             count = sum(len(d["divergences"]) for d in self._diagnostics)
             print(f"Number of divergences: {count}")
         checks = worst_flow_checks(self._diagnostics)
+        depth = deepest(self._diagnostics)
         if checks:
             draws = checks.pop("flow IS draws", None)
             shown = [
@@ -459,12 +463,19 @@ class MCMC(AbstractMCMC):
             khats = [v for k, v in checks.items() if k.endswith("k-hat")]
             if any(v > KHAT_THRESHOLD for v in khats):
                 verdict = f" (a k-hat above {KHAT_THRESHOLD}: the flow misses part of the target)"
-            elif all(v <= KHAT_THRESHOLD for v in khats):
+            elif all(v <= KHAT_THRESHOLD for v in khats) and not depth > DEPTH_THRESHOLD:
                 verdict = f" (k-hats at most {KHAT_THRESHOLD}: no sign that the flow misses part"
                 verdict += " of the target)"
+            elif all(v <= KHAT_THRESHOLD for v in khats):
+                verdict = f" (k-hats at most {KHAT_THRESHOLD}, made where the draws went)"
             else:  # a check without enough draws
                 verdict = ""
             print(f"Flow checks: {', '.join(shown)}{verdict}")
+        if depth > DEPTH_THRESHOLD:
+            print(
+                f"Density depth: {depth:.2f} per dimension (above {DEPTH_THRESHOLD:.0f}: the "
+                "target has a funnel's neck or a spike that no draw reached)"
+            )
 
 
 #: NumPyro's names of MCMC's arguments, and Pyro's (ours)
@@ -481,9 +492,9 @@ RHAT_WARNING = 1.05
 #: ... or when its bulk ESS is below this many per chain (Vehtari et al. 2021, as Stan warns)
 ESS_PER_CHAIN = 100
 
-#: kernel diagnostics that count over the potential's evaluations: one count for the batch of a
-#: vectorized run
-_RUN_COUNTS = ("potential errors", "nan gradients")
+#: kernel diagnostics of a vectorized run's whole batch, one value rather than one per chain:
+#: the counts over the potential's evaluations, and the density depth of all chains' draws
+_RUN_COUNTS = ("potential errors", "nan gradients", "density depth")
 
 
 def _check_initial_params(params: dict[str, Tensor], num_chains: int) -> dict[str, Tensor]:

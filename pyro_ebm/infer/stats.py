@@ -17,6 +17,7 @@ __all__ = [
     "STUCK_SHARE",
     "DrawStats",
     "longest_rejection_run",
+    "deepest",
     "stuck_threshold",
     "worst_flow_checks",
 ]
@@ -206,3 +207,23 @@ def worst_flow_checks(diagnostics: list) -> dict[str, float]:
         smallest = min(diagnostics, key=lambda d: float(d["flow IS ESS"]))
         out["flow IS draws"] = int(smallest["flow IS draws"])
     return out
+
+
+def deepest(diagnostics: list) -> float:
+    r"""The largest ``"density depth"`` of a run's chains (``nan`` when none reports one; see
+    :meth:`~pyro_ebm.infer.base.WalkerKernel.check_depth`).
+
+    :param diagnostics: each chain's ``kernel.diagnostics(chain)`` dict.
+
+    Example::
+
+        >>> deepest([{"density depth": 0.2}, {"density depth": 5.1}, {}])
+        5.1
+    """
+    depths = [
+        float(d["density depth"])
+        for d in diagnostics or []
+        if isinstance(d, dict) and "density depth" in d
+    ]
+    depths = [v for v in depths if not math.isnan(v)]
+    return max(depths) if depths else math.nan

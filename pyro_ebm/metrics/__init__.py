@@ -10,6 +10,8 @@ r"""Metrics of Grenioux, Moulines, Gabrié (2023) for samplers and trained energ
   as a proposal for its target (PSIS), the flow-quality check of the flow kernels.
 - :mod:`~pyro_ebm.metrics.score`: the same flow checked from the target's side, by its score at
   the target's draws (what a flow's own draws do not reach, such as a funnel's neck).
+- :mod:`~pyro_ebm.metrics.depth`: how far below a run's draws the potential goes (a funnel's
+  neck or a spike no draw reached, which no check made at the draws can see).
 - :mod:`~pyro_ebm.metrics.summary`: per-site posterior summary (mean, std, median, interval,
   ``n_eff``, ``r_hat``) and its table, as Pyro's ``print_summary``.
 """
@@ -23,6 +25,7 @@ from .density import (
     model_mode_weights,
     nll,
 )
+from .depth import DEPTH_THRESHOLD, DepthCheck, density_depth
 from .modes import mode_indicator_ess, mode_weight_mse, mode_weights, mode_weights_mcse
 from .psis import (
     KHAT_THRESHOLD,
@@ -37,11 +40,14 @@ from .score import ScoreCheck, flow_score_diagnostic
 from .summary import format_summary, summarize
 
 __all__ = [
+    "DEPTH_THRESHOLD",
     "KHAT_THRESHOLD",
     "MAX_CHECK_DRAWS",
+    "DepthCheck",
     "FlowCheck",
     "ScoreCheck",
     "bounds_around",
+    "density_depth",
     "effective_sample_size",
     "flow_importance_diagnostic",
     "flow_score_diagnostic",
