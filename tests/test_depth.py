@@ -171,7 +171,8 @@ def test_the_depth_check_warns_of_the_funnel_where_every_flow_check_read_below_0
     assert message.startswith("FlowIMH: the target has points of far higher density")
     assert "to tau (unconstrained)" in message and "below their mean" in message
     assert "funnel's neck" in message and "non-centre the model" in message
-    assert "the flow's checks (k-hat 0.50" in message
+    assert "the flow's checks read k-hat 0.50, score at the warmup draws 0.68" in message
+    assert "at most 0.7: they are made where the draws went" in message
     capsys.readouterr()
     mcmc.summary()
     assert capsys.readouterr().out.splitlines()[-1].startswith("Density depth: ")

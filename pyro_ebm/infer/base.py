@@ -542,17 +542,17 @@ class WalkerKernel(TargetKernel):
         site = layout.name_of(check.coordinate)
         flow = self._checked is not None
         if flow:
-            checks = [("k-hat", self.flow_check.khat)] if self.flow_check is not None else []
-            checks += [
-                ("score", c.khat)
-                for c in (self.flow_score_check, self.flow_draws_check)
-                if c is not None
-            ]
-            read = ", ".join(f"{name} {value:.2f}" for name, value in checks)
-            meaning = (
-                f"{self._flow_khat_meaning}; the flow's checks ({read}) are made where the "
-                "flow's and the chains' draws went, and cannot see it"
-            )
+            checks = {
+                "k-hat": self.flow_check,
+                "score at the warmup draws": self.flow_score_check,
+                "score at the draws": self.flow_draws_check,
+            }
+            values = {name: c.khat for name, c in checks.items() if c is not None}
+            read = ", ".join(f"{name} {value:.2f}" for name, value in values.items())
+            meaning = f"{self._flow_khat_meaning}; the flow's checks read {read}"
+            if all(v <= KHAT_THRESHOLD for v in values.values()):
+                meaning += f", at most {KHAT_THRESHOLD}: they are made where the draws went"
+                meaning += ", and cannot see it"
         else:
             meaning = (
                 "the chains rarely or never enter it, so their draws under-represent it "
