@@ -200,3 +200,57 @@ def test_the_depth_check_warns_once_for_mala_and_a_sequential_run(caplog):
     assert message.startswith("MALA: ") and "R-hat and the ESS cannot show" in message
     depth = mcmc.diagnostics()["density depth"]
     assert set(depth) == {"chain 0", "chain 1"} and max(depth.values()) > DEPTH_THRESHOLD
+
+
+@pytest.mark.filterwarnings("ignore:num_chains=.*sequentially:UserWarning")
+def test_under_pyros_mcmc_each_chain_is_checked_at_its_draws_and_the_run_warns_once(caplog):
+    """Pyro's own ``MCMC`` calls ``kernel.diagnostics()`` once a chain has finished: the kernel
+    then checks that chain's draws (kept as it samples, at most 4096, thinned evenly). MALA,
+    2 chains one after another, 300 warmup steps, 200 draws, seed 0, on the centred eight
+    schools: a depth per chain above 2, one warning for the run; the non-centred model: below
+    1 and none."""
+    from pyro.infer import MCMC as PyroMCMC
+
+    for model, funnel in ((eight_schools_centered, True), (eight_schools_noncentered, False)):
+        pyro.set_rng_seed(0)
+        kernel = MALA(model)
+        mcmc = PyroMCMC(kernel, num_samples=200, warmup_steps=300, num_chains=2)
+        mcmc.disable_progbar = True
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
+            mcmc.run(*EIGHT_SCHOOLS_DATA.values())
+        depths = [d["density depth"] for d in mcmc._diagnostics]
+        assert kernel.depth_check.num_draws == 200  # the last chain's draws, all kept
+        if funnel:
+            assert min(depths) > DEPTH_THRESHOLD, depths
+            (message,) = _depth_warnings(caplog)
+            assert message.startswith("MALA: ") and "tau" in message
+        else:
+            assert max(depths) < 1.0 and not _depth_warnings(caplog), depths
+
+
+def test_under_pyros_mcmc_the_kept_draws_are_thinned_evenly(monkeypatch):
+    """With at most 8 rows kept, a chain's 20 draws are halved twice as they come, leaving draws
+    1, 5, 9, 13 and 17: every fourth, from the first."""
+    from pyro.infer import MCMC as PyroMCMC
+
+    import pyro_ebm.infer.base as base
+
+    monkeypatch.setattr(base, "SCORE_CHECK_DRAWS", 8)
+    seen = []
+    monkeypatch.setattr(base.WalkerKernel, "check_draws", lambda self, d: seen.append(d))
+    pyro.set_rng_seed(0)
+    kernel = MALA(eight_schools_noncentered)
+    draws = []
+    mcmc = PyroMCMC(
+        kernel,
+        num_samples=20,
+        warmup_steps=5,
+        hook_fn=lambda k, params, stage, i: draws.append(params) if stage == "Sample" else None,
+    )
+    mcmc.disable_progbar = True
+    mcmc.run(*EIGHT_SCHOOLS_DATA.values())
+    (kept,) = seen
+    expected = torch.stack([kernel.target.layout.flatten(draws[i - 1]) for i in (1, 5, 9, 13, 17)])
+    assert kept.shape == (1, 5, kernel.target.layout.dim)
+    torch.testing.assert_close(kept[0], expected)

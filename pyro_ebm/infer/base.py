@@ -220,7 +220,7 @@ class TargetKernel(MCMCKernel):
         #: the density-depth check at the run's draws (walker kernels, after a run of
         #: :class:`~pyro_ebm.infer.MCMC`, see :meth:`WalkerKernel.check_depth`)
         self.depth_check: DepthCheck | None = None
-        self._depth_warned = False  # a chain of this run has warned of its depth
+        self._depth_warned: tuple | None = None  # the run (its key) whose depth has warned
         self._checked: tuple | None = None  # (proposal, cache key) of the flow check
         self._run_key: tuple = ()
         #: with ``flow=None``: the flow fitted for the current target (:meth:`_flow_for_run`)
@@ -442,6 +442,8 @@ class WalkerKernel(TargetKernel):
         self.device = x0.device if x0 is not None else _device_of(self.target.potential)
         self._t = 0
         self._warmup_draws: list[Tensor] = []
+        self._driver_draws: list[Tensor] = []  # a chain's draws under Pyro's driver (sample())
+        self._driver_every = 1
         self.stats = DrawStats(num_chains, 1024 if num_samples is None else num_samples)
         self._accept_sums = {"global": [0.0, 0], "local": [0.0, 0]}  # for the progress bar
         self._state = self._setup_chain(x0)
@@ -506,8 +508,10 @@ class WalkerKernel(TargetKernel):
         r"""After a run: the checks at the run's draws ``(num_chains, num_samples, dim)`` (the
         chains' positions in the flat unconstrained space; one chain's, for each chain of a
         ``"sequential"`` run), which :class:`~pyro_ebm.infer.MCMC` calls when its chains have
-        finished: the flow's score (:meth:`check_flow_at_draws`, flow kernels) and the density
-        depth (:meth:`check_depth`, every kernel)."""
+        finished (under Pyro's ``MCMC``, :meth:`diagnostics` calls it with the chain's draws,
+        at most :data:`SCORE_CHECK_DRAWS`, evenly thinned): the flow's score
+        (:meth:`check_flow_at_draws`, flow kernels) and the density depth
+        (:meth:`check_depth`, every kernel)."""
         self.check_flow_at_draws(draws)
         self.check_depth(draws)
 
@@ -530,8 +534,8 @@ class WalkerKernel(TargetKernel):
         with uncounted(potential):  # not the chains' evaluations
             check = density_depth(potential, _thinned(draws))
         self.depth_check = check
-        if check.depth > DEPTH_THRESHOLD and not self._depth_warned:
-            self._depth_warned = True
+        if check.depth > DEPTH_THRESHOLD and self._depth_warned != self._run_key:
+            self._depth_warned = self._run_key  # the other chains of this run say nothing
             self._warn_depth(check)
         return check
 
@@ -659,6 +663,12 @@ class WalkerKernel(TargetKernel):
             self._state = self._restart(self.target.layout.flatten(params).detach()[None])
         x, _, _ = self.step_chains()
         self._last = self.target.layout.unflatten(x[0])
+        drawn = self._t - self._warmup_steps  # draws so far
+        if drawn > 0 and (drawn - 1) % self._driver_every == 0:  # for the checks at the draws
+            self._driver_draws.append(x.detach())
+            if len(self._driver_draws) > SCORE_CHECK_DRAWS:  # keep every other, and thin more
+                self._driver_draws = self._driver_draws[::2]
+                self._driver_every *= 2
         return self._last
 
     def logging(self) -> OrderedDict:
@@ -683,7 +693,12 @@ class WalkerKernel(TargetKernel):
         one check for all chains of a vectorized run), and at the end of warmup
         ``flow score k-hat`` (see :meth:`_check_flow_score`; after a run of
         :class:`~pyro_ebm.infer.MCMC` the larger of it and the check at the draws, see
-        :meth:`check_flow_at_draws`)."""
+        :meth:`check_flow_at_draws`), and ``density depth`` after a run (see
+        :meth:`check_depth`). Under Pyro's ``MCMC``, which calls this once a chain has finished,
+        the first call makes the checks at that chain's draws (:meth:`check_draws`)."""
+        if getattr(self, "_driver_draws", None):  # Pyro's driver: the chain has finished
+            draws, self._driver_draws = torch.cat(self._driver_draws), []
+            self.check_draws(draws[None])
         return {
             **self.stats.diagnostics(chain),
             "potential errors": self.target.potential.errors.count,

@@ -161,9 +161,10 @@ class MCMC(AbstractMCMC):
     @poutine.block
     def run(self, *args, **kwargs) -> None:
         r"""Run the chains; arguments go to the model (as for Pyro's ``MCMC.run``). Afterwards a
-        flow kernel's flow is checked at the draws
-        (:meth:`~pyro_ebm.infer.base.WalkerKernel.check_flow_at_draws`; not with
-        ``chain_method="parallel"`` or a kernel of Pyro's), and a warning names chains that
+        kernel of :mod:`pyro_ebm.infer` is checked at the draws
+        (:meth:`~pyro_ebm.infer.base.WalkerKernel.check_draws`: a flow kernel's flow, and every
+        kernel's density depth; with ``chain_method="parallel"`` each worker checks its chain),
+        and a warning names chains that
         stopped moving, NaN gradients, and draws that do not look converged (R-hat above
         :data:`RHAT_WARNING`, bulk ESS below :data:`ESS_PER_CHAIN` per chain), as Stan warns."""
         self._args, self._kwargs = args, kwargs
@@ -174,7 +175,7 @@ class MCMC(AbstractMCMC):
             self.kernel._flow_check_cache = None
             self.kernel._score_check_cache = None
             self.kernel._draws_warned = None
-            self.kernel._depth_warned = False
+            self.kernel._depth_warned = None
         with optional(
             pyro.validation_enabled(not self.disable_validation),
             self.disable_validation is not None,
