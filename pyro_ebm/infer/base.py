@@ -542,10 +542,8 @@ class WalkerKernel(TargetKernel):
     def _warn_depth(self, check: DepthCheck) -> None:
         """The warning of :meth:`check_depth` above the threshold: where the descent went, what
         it means for this kernel and what to do."""
-        layout = self.target.layout
-        site = layout.name_of(check.coordinate)
-        flow = self._checked is not None
-        if flow:
+        site = self.target.layout.name_of(check.coordinate)
+        if self._checked is not None:  # a flow kernel
             checks = {
                 "k-hat": self.flow_check,
                 "score at the warmup draws": self.flow_score_check,
@@ -587,9 +585,10 @@ class WalkerKernel(TargetKernel):
     def check_flow_at_draws(self, draws: Tensor) -> ScoreCheck | None:
         r"""After a run: the score check of the frozen flow at the run's draws.
 
-        :class:`~pyro_ebm.infer.MCMC` calls it when its chains have finished, with ``draws``
+        Called through :meth:`check_draws` once the chains have finished, with ``draws``
         ``(num_chains, num_samples, dim)``, the chains' positions in the flat unconstrained
-        space (one chain's, for each chain of a ``"sequential"`` run). It checks the flow of
+        space (one chain's, for each chain of a ``"sequential"`` run or of Pyro's driver). It
+        checks the flow of
         the k-hat check by :func:`~pyro_ebm.metrics.flow_score_diagnostic` at up to
         :data:`SCORE_CHECK_DRAWS` of the draws (every k-th draw of each chain), keeps it in
         :attr:`flow_draws_check` (``diagnostics()["flow score k-hat"]`` is then the larger of
