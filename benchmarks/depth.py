@@ -2,9 +2,10 @@
 its defaults on funnels and on posteriors without one, with the warnings each run gave.
 
 Each line: target, kernel, seed, ``diagnostics()["density depth"]``, the flow checks (the flow's
-k-hat, the score check at the warmup draws and at the run's draws) and the warnings that fired:
-K the k-hat's, S the score check's at the warmup draws, D at the run's draws, Z the density
-depth's, T a stuck chain, R draws that do not look converged.
+k-hat, the score check at the warmup draws and at the run's draws), the warnings that fired
+(K the k-hat's, S the score check's at the warmup draws, D at the run's draws, Z the density
+depth's, T a stuck chain, R draws that do not look converged), the run's seconds and the
+depth check's alone.
 
 Run from the repository root (float64, one thread; 500 warmup steps)::
 
@@ -46,7 +47,8 @@ from pyro_ebm.infer import (  # noqa: E402
     FlowISIR,
     FlowNUTS,
 )
-from pyro_ebm.metrics import flow_importance_diagnostic  # noqa: E402
+from pyro_ebm.infer.base import _thinned  # noqa: E402
+from pyro_ebm.metrics import density_depth, flow_importance_diagnostic  # noqa: E402
 from pyro_ebm.samplers import uncounted  # noqa: E402
 
 torch.set_num_threads(1)
@@ -182,7 +184,11 @@ def run(kind: str, name: str, seed: int, chains: int, draws: int):
     )
     start = time.perf_counter()
     mcmc.run(*args)
-    return kernel, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()  # the check alone, made again at the same draws
+    with uncounted(kernel.target.potential):
+        density_depth(kernel._checks_potential(), _thinned(mcmc._flat))
+    return kernel, seconds, time.perf_counter() - start
 
 
 def main() -> None:
@@ -199,7 +205,7 @@ def main() -> None:
         for kind in kinds:
             for seed in map(int, seeds):
                 handler.messages.clear()
-                kernel, seconds = run(kind, name, seed, chains, draws)
+                kernel, seconds, check = run(kind, name, seed, chains, draws)
                 if khat:  # the frozen flow's k-hat from 4096 to 2^20 draws of it
                     proposal, potential = kernel._checked[0], kernel.target.potential
                     with uncounted(potential), torch.no_grad():
@@ -220,6 +226,7 @@ def main() -> None:
                     f"k {read}",
                     "".join(sorted(flags)) or "-",
                     f"{seconds:.0f}s",
+                    f"check {check:.2f}s",
                     flush=True,
                 )
 
