@@ -558,19 +558,19 @@ class WalkerKernel(TargetKernel):
         else:
             meaning = (
                 "the chains rarely or never enter it, so their draws under-represent it "
-                "(e.g. small scales), which R-hat and the ESS cannot show"
+                "(e.g. small scales), which R-hat and the ESS need not show"
             )
         logger.warning(
             "%s: the target has points of far higher density than any draw: going down the "
-            "potential from the draws' lowest point (%.1f), L-BFGS reached %.1f, %.2f per "
-            "dimension lower (diagnostics()['density depth']; a log-concave target goes at "
-            "most 1 per dimension below its draws), to %s (unconstrained) %.1f of the "
-            "draws' standard deviations %s their mean. This is a funnel's neck (a centred "
-            "hierarchical model whose scale can shrink towards 0) or a narrow spike, which the "
-            "chains did not reach: %s. What to do: non-centre the model if it is hierarchical "
-            "(theta = mu + tau * z with z ~ Normal(0, 1), e.g. pyro.infer.reparam."
-            "LocScaleReparam); otherwise read estimates involving %s with caution and compare "
-            "longer runs.",
+            "potential from the draws' lowest point (%.1f), L-BFGS reached %.1f, %.2f nats "
+            "of log density per dimension lower (diagnostics()['density depth']; a "
+            "log-concave target goes at most 1 per dimension below its draws), ending with %s "
+            "(unconstrained) %.1f standard deviations of the draws %s their mean. This is a "
+            "funnel's neck (a centred hierarchical model whose scale can shrink towards 0) or a "
+            "narrow spike, which the chains did not reach: %s. What to do: non-centre the "
+            "model if it is hierarchical (theta = mu + tau * z with z ~ Normal(0, 1), e.g. "
+            "pyro.infer.reparam.LocScaleReparam); otherwise read estimates involving %s with "
+            "caution and compare longer runs.",
             type(self).__name__,
             check.draws_potential,
             check.point_potential,
