@@ -279,6 +279,20 @@ MEANING = {
 }
 
 
+def test_latent_kernels_say_which_flow_misses_the_target():
+    """A user who left ``flow=None`` is told that the kernel fitted the flow (ChEESHMC users may
+    not expect one), and ChEESHMC's way to run without it; a given flow is just "the flow"."""
+    pot = pyro_ebm.potential_fn(Gaussian())
+    chees = ChEESHMC(potential_fn=pot)._flow_khat_meaning
+    assert chees.startswith("the flow ChEESHMC fitted at setup (flow=None, the default; ")
+    assert "flow=False runs without one" in chees
+    nuts = FlowNUTS(potential_fn=pot)._flow_khat_meaning
+    assert nuts.startswith("the flow FlowNUTS fitted at setup (flow=None, the default)")
+    given = FlowHMC(potential_fn=pot, flow=gaussian_flow(1.0))._flow_khat_meaning
+    assert given.startswith("the flow misses part of the target;")
+    assert "bad geometry" in chees and "bad geometry" in given
+
+
 def khat_warnings(caplog) -> list[str]:
     """The k-hat warnings among the captured log records."""
     return [m for m in _base_warnings(caplog) if "as an importance sampler" in m]

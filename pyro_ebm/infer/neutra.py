@@ -310,11 +310,20 @@ class LatentKernel(WalkerKernel):
     of :class:`~pyro_ebm.infer.base.TargetKernel`.
     """
 
-    _flow_khat_meaning = (
-        "the flow misses part of the target; in its latent space the target is far from the "
-        "standard Gaussian NeuTra relies on (a bad geometry), so the chains will take small "
-        "steps, diverge or mix slowly, and may not reach what the flow misses"
-    )
+    @property
+    def _flow_khat_meaning(self) -> str:
+        """What a large k-hat means for these kernels; it says which flow, since a user who left
+        ``flow=None`` may not know that the kernel fitted one."""
+        flow = "the flow"
+        if getattr(self, "flow", 0) is None:
+            off = "; flow=False runs without one" if self._allows_no_flow else ""
+            flow = f"the flow {type(self).__name__} fitted at setup (flow=None, the default{off})"
+        return (
+            f"{flow} misses part of the target; the chains move in the flow's latent space, "
+            "where the target is then far from a standard Gaussian (a bad geometry), so they "
+            "will take small steps, diverge or mix slowly, and may not reach what the flow misses"
+        )
+
     _starts_from_flow = True
     #: whether ``flow=False`` (no flow: the unconstrained space itself) is allowed
     _allows_no_flow = False
