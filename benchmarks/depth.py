@@ -131,6 +131,26 @@ def targets() -> dict:
         a = pyro.sample("a", dist.Normal(0.0, 1.0))
         pyro.sample("b", dist.Normal(a**2, 0.5))
 
+    rows, predictors = 50, 10  # a horseshoe regression: 3 signals, 7 null coefficients
+    xs = torch.randn(rows, predictors, generator=g)
+    signal = torch.zeros(predictors)
+    signal[:3] = torch.tensor([2.0, -1.5, 1.0])
+    ys = xs @ signal + torch.randn(rows, generator=g)
+
+    def horseshoe(centred: bool):
+        def model(x, y):
+            tau = pyro.sample("tau", dist.HalfCauchy(1.0))
+            sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+            with pyro.plate("p", predictors):
+                lam = pyro.sample("lam", dist.HalfCauchy(1.0))
+                if centred:
+                    beta = pyro.sample("beta", dist.Normal(0.0, tau * lam))
+                else:
+                    beta = tau * lam * pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(x @ beta, sigma).to_event(1), obs=y)
+
+        return model
+
     eight = tuple(EIGHT_SCHOOLS_DATA.values())
     return {
         **kernels._default_targets(),
@@ -144,6 +164,8 @@ def targets() -> dict:
         "funnel3": (neal(3), ()),
         "funnel6": (neal(6), ()),
         "funnel10": (neal(10), ()),
+        "hs_c": (horseshoe(True), (xs, ys)),
+        "hs_n": (horseshoe(False), (xs, ys)),
         "spike": (spike, ()),
         "cauchy10": (cauchy10, ()),
         "mvt10": (mvt10, ()),
