@@ -26,6 +26,12 @@ and its lowest draws are near the minimum); a centred hierarchical model whose g
 well identified by their data does not either, since the descent stops at the mode next to the
 draws (the neck lies beyond a ridge of low likelihood).
 
+What it cannot see: a neck that is shallow per dimension. On a centred horseshoe regression (22
+dimensions) the potential falls by only 3-4 nats per unit of the log global scale, so 2 per
+dimension lies 11-15 units of that log scale below the draws, beyond the descent's budget; the
+depth reads 0.3-0.5 there (R-hat and a flow's score check see that model's trouble). A spike
+the chains do visit reads near 0, as it should.
+
 References:
 
 - Bobkov, Madiman (2011), "The entropy per coordinate of a random vector is highly constrained
