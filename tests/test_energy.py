@@ -24,6 +24,7 @@ from pyro_ebm.energy import (
     TiltedEnergy,
     potential_fn,
 )
+from pyro_ebm.energy.model import _agree
 
 # z for Monte Carlo standard error tests: two-sided p ~ 6e-5 per check.
 Z = 4.0
@@ -468,6 +469,44 @@ def test_model_energy_falls_back_to_the_loop_with_one_warning_naming_the_blocker
     assert plate_blocker in messages[0] and vmap_blocker in messages[0], messages[0]
     assert E.batching == "loop"
     assert torch.allclose(out, torch.stack([E._potential(E.unflatten(r)) for r in x]))
+
+
+def _gp_classification(x, y):
+    """A GP classifier with a Cholesky of its covariance (jitter 1e-4), in float32."""
+    lengthscale = pyro.sample("lengthscale", dist.LogNormal(0.0, 0.5))
+    amplitude = pyro.sample("amplitude", dist.LogNormal(0.0, 0.5))
+    z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([len(x)]).to_event(1))
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    cov = amplitude**2 * torch.exp(-0.5 * d2 / lengthscale**2) + 1e-4 * torch.eye(len(x))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Bernoulli(logits=torch.linalg.cholesky(cov) @ z), obs=y)
+
+
+def test_float32_rounding_through_a_cholesky_does_not_send_a_model_to_the_loop():
+    """In float32 the Cholesky of a GP's covariance makes vmap's and the loop's gradients
+    differ by rounding beyond 1e-5 relative (on these rows: a walkthrough's model, where the
+    loop made FlowIMH 7x slower); the agreement band widens with the dtype's epsilon, while an
+    order-one difference still fails."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        g = torch.Generator().manual_seed(4)
+        x = 4 * torch.rand(30, 2, generator=g) - 2
+        f = torch.sin(1.5 * x[:, 0]) + 0.5 * x[:, 1]
+        y = (torch.rand(30, generator=g) < torch.sigmoid(2 * f)).float()
+        torch.manual_seed(4)
+        E = ModelEnergy(_gp_classification, (x, y))
+        rows = E.initial_params + 0.5 * torch.randn(4, E.dim)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            E(rows)
+        assert E.batching == "vmap"
+    finally:
+        torch.set_default_dtype(previous)
+    b = torch.tensor([1.0, -20.0, 300.0], dtype=torch.float32)
+    assert _agree(b * (1 + 5e-4), b)  # float32 rounding, amplified
+    assert not _agree(b.double() * (1 + 5e-4), b.double())  # float64 keeps 1e-5
+    assert not _agree(b + torch.tensor([0.0, 0.0, 1.0], dtype=torch.float32), b)  # wrong
 
 
 def test_model_energy_batches_enumerated_sites_in_one_model_run():

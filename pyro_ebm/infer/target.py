@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..energy import EnergyPotential, ModelEnergy
 from ..energy.layout import SiteLayout
-from ..energy.model import _initialize
+from ..energy.model import _agree, _initialize
 from ..samplers.guard import PotentialDefinitionError, guarded
 
 __all__ = ["FlatTarget", "make_target"]
@@ -73,9 +73,7 @@ class _DictPotential:
         if self.vectorized is None and x.shape[0] > 1:
             try:
                 with torch.no_grad():
-                    ok = torch.allclose(
-                        torch.func.vmap(self._one)(x[:3]), self._loop(x[:3]), rtol=1e-5, atol=1e-6
-                    )
+                    ok = _agree(torch.func.vmap(self._one)(x[:3]), self._loop(x[:3]))
             except Exception:  # not vmap-able (data-dependent control flow, .item(), ...)
                 ok = False
             self.vectorized = bool(ok)
