@@ -4,8 +4,8 @@ its defaults on funnels and on posteriors without one, with the warnings each ru
 Each line: target, kernel, seed, ``diagnostics()["density depth"]``, the flow checks (the flow's
 k-hat, the score check at the warmup draws and at the run's draws), the warnings that fired
 (K the k-hat's, S the score check's at the warmup draws, D at the run's draws, Z the density
-depth's, T a stuck chain, R draws that do not look converged), the run's seconds and the
-depth check's alone.
+depth's, T a stuck chain, R draws that do not look converged; M: the descent ended at a mode,
+``DepthCheck.at_mode``), the run's seconds and the depth check's alone.
 
 Run from the repository root (float64, one thread; 500 warmup steps)::
 
@@ -238,6 +238,8 @@ def main() -> None:
                     print(name, kind, seed, " ".join(f"{k:.2f}" for k in reads), flush=True)
                     continue
                 flags = {w for w, s in FLAGS if any(s in m for m in handler.messages)}
+                if kernel.depth_check.at_mode:
+                    flags.add("M")
                 checks = (kernel.flow_check, kernel.flow_score_check, kernel.flow_draws_check)
                 read = " ".join("-" if c is None else f"{c.khat:.2f}" for c in checks)
                 print(

@@ -91,11 +91,25 @@ def test_density_depth_finds_the_neck_of_neals_funnel_from_exact_draws():
         assert check.depth > DEPTH_THRESHOLD, (seed, check.depth)
         assert check.coordinate == 0 and check.distance < -3.0  # far below the draws' v
         assert check.point_potential < check.draws_potential
+        assert not check.at_mode  # still going down the neck when it stopped
 
         def flat(x):
             return x[:, 0] ** 2 / 18 + 0.5 * (x[:, 1:] ** 2).sum(-1)
 
         assert density_depth(flat, torch.cat([v, z], -1)).depth < 1.0
+
+
+def test_density_depth_tells_a_mode_the_draws_missed_from_a_neck():
+    """Draws that missed the target's mode (chains stuck elsewhere): the descent converges at
+    that mode, deep below the draws, and says so (``at_mode``); at exact Gaussian draws it also
+    ends at the mode, and reads below 1."""
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randn(2000, 4, generator=g)
+    check = density_depth(lambda x: 50.0 * ((x - 3.0) ** 2).sum(-1), draws)
+    assert check.depth > DEPTH_THRESHOLD and check.at_mode
+    assert torch.allclose(check.point, torch.full((4,), 3.0), atol=1e-4)
+    gauss = density_depth(lambda x: 0.5 * (x**2).sum(-1), draws)
+    assert gauss.depth < 1.0 and gauss.at_mode
 
 
 def test_density_depth_leaves_out_nonfinite_draws_and_needs_ten():
@@ -200,6 +214,41 @@ def test_the_depth_check_warns_once_for_mala_and_a_sequential_run(caplog):
     assert message.startswith("MALA: ") and "R-hat and the ESS need not show" in message
     depth = mcmc.diagnostics()["density depth"]
     assert set(depth) == {"chain 0", "chain 1"} and max(depth.values()) > DEPTH_THRESHOLD
+
+
+def _spiked(params):
+    """A unit Gaussian in 2-D with a spike of mass 0.001 and sd 0.001 at its mode: the spike
+    is 1000 times denser than the Gaussian there, and chains with unit steps never enter it."""
+    x = params["x"]
+    wide = -0.5 * (x**2).sum() + math.log(0.999)
+    spike = -0.5 * (x**2).sum() / 1e-6 + math.log(0.001 / 1e-6)
+    return -torch.logaddexp(wide, spike)
+
+
+def test_the_depth_warning_names_a_mode_the_chains_missed_not_a_funnel(caplog):
+    """MALA, 4 chains, 200 warmup steps, 200 draws, seed 0, on a Gaussian with a narrow spike at
+    its mode: the descent from the lowest draw ends in the spike, where the gradient vanishes
+    (``at_mode``), log(1000) / 2 = 3.45 per dimension below the draws; the warning says that it
+    stopped at a mode the chains did not find (or a spike, or a neck's bottom) and that,
+    unless a centred hierarchy explains it, chains should start there and from more places."""
+    pyro.set_rng_seed(0)
+    kernel = MALA(potential_fn=_spiked)
+    mcmc = MCMC(
+        kernel,
+        num_samples=200,
+        warmup_steps=200,
+        num_chains=4,
+        initial_params={"x": torch.randn(4, 2)},
+        disable_progbar=True,
+    )
+    with caplog.at_level("WARNING", logger="pyro_ebm.infer.base"):
+        mcmc.run()
+    check = kernel.depth_check
+    assert check.at_mode and 3.0 < check.depth < 3.5, check
+    (message,) = _depth_warnings(caplog)
+    assert "stopped at a local mode" in message and "did not find" in message
+    assert "otherwise start chains near that point (kernel.depth_check.point" in message
+    assert "still going down" not in message and "(e.g. small scales)" not in message
 
 
 @pytest.mark.filterwarnings("ignore:num_chains=.*sequentially:UserWarning")

@@ -72,7 +72,7 @@ def to_arviz(
     :math:`\hat k` and the smallest ESS. After a run of :class:`~pyro_ebm.infer.MCMC` with a
     kernel of :mod:`pyro_ebm.infer` they also hold ``density_depth``
     (``diagnostics()["density depth"]``, the largest of the chains': above 2 the target has a
-    funnel's neck or a spike that no draw reached).
+    funnel's neck, a spike or a mode that no draw reached).
 
     Pyro keeps no warmup draws, so there are no warmup groups.
 

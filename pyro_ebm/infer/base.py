@@ -556,21 +556,43 @@ class WalkerKernel(TargetKernel):
                 meaning += f", at most {KHAT_THRESHOLD}: they are made where the draws went"
                 meaning += ", and cannot see it"
         else:
+            example = "" if check.at_mode else " (e.g. small scales)"
             meaning = (
-                "the chains rarely or never enter it, so their draws under-represent it "
-                "(e.g. small scales), which R-hat and the ESS need not show"
+                "the chains rarely or never enter it, so their draws under-represent it"
+                f"{example}, which R-hat and the ESS need not show"
+            )
+        non_centre = (
+            "non-centre the model if it is hierarchical (theta = mu + tau * z with z ~ "
+            "Normal(0, 1), e.g. pyro.infer.reparam.LocScaleReparam)"
+        )
+        if check.at_mode:  # the descent converged: a mode, or a neck with a bottom
+            what = (
+                "The descent stopped at a local mode (the gradient vanishes there): a mode "
+                "that the chains did not find, a narrow spike, or the bottom of a funnel's neck"
+            )
+            advice = (
+                f"{non_centre} and is centred; otherwise start chains near that point "
+                "(kernel.depth_check.point, unconstrained; e.g. init_to_value) and from more "
+                "places (more chains; AdaptiveFlowMCMC's walkers can cover several modes), and "
+                "compare the runs: the draws may have missed much of the mass"
+            )
+        else:
+            what = (
+                "It was still going down when it stopped: this is a funnel's neck (a centred "
+                "hierarchical model whose scale can shrink towards 0) or a narrow spike, which "
+                "the chains did not reach"
+            )
+            advice = (
+                f"{non_centre}; otherwise read estimates involving {site.split('[')[0]} with "
+                "caution and compare longer runs"
             )
         logger.warning(
             "%s: the target has points of far higher density than any draw: going down the "
             "potential from the draws' lowest point (%.1f), L-BFGS reached %.1f, %.2f nats "
             "of log density per dimension lower (diagnostics()['density depth']; a "
             "log-concave target goes at most 1 per dimension below its draws), ending with %s "
-            "(unconstrained) %.1f standard deviations of the draws %s their mean. This is a "
-            "funnel's neck (a centred hierarchical model whose scale can shrink towards 0) or a "
-            "narrow spike, which the chains did not reach: %s. What to do: non-centre the "
-            "model if it is hierarchical (theta = mu + tau * z with z ~ Normal(0, 1), e.g. "
-            "pyro.infer.reparam.LocScaleReparam); otherwise read estimates involving %s with "
-            "caution and compare longer runs.",
+            "(unconstrained) %.1f standard deviations of the draws %s their mean. %s: %s. "
+            "What to do: %s.",
             type(self).__name__,
             check.draws_potential,
             check.point_potential,
@@ -578,8 +600,9 @@ class WalkerKernel(TargetKernel):
             site,
             abs(check.distance),
             "below" if check.distance < 0 else "above",
+            what,
             meaning,
-            site.split("[")[0],
+            advice,
         )
 
     def check_flow_at_draws(self, draws: Tensor) -> ScoreCheck | None:

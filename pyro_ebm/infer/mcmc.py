@@ -445,7 +445,7 @@ class MCMC(AbstractMCMC):
         (as Pyro's ``summary``), the number of divergences, for the flow kernels the flow's
         checks (:func:`~pyro_ebm.infer.stats.worst_flow_checks`; above 0.7 a k-hat says that
         the flow misses part of the target), and the density depth when it is above 2 (a
-        funnel's neck or a spike no draw reached, see
+        funnel's neck, a spike or a mode no draw reached, see
         :meth:`~pyro_ebm.infer.base.WalkerKernel.check_depth`)."""
         self._check_run()
         print(format_summary(self._summarize(prob)))
@@ -475,7 +475,7 @@ class MCMC(AbstractMCMC):
         if depth > DEPTH_THRESHOLD:
             print(
                 f"Density depth: {depth:.2f} per dimension (above {DEPTH_THRESHOLD:.0f}: the "
-                "target has a funnel's neck or a spike that no draw reached)"
+                "target has a funnel's neck, a spike or a mode that no draw reached)"
             )
 
 

@@ -26,6 +26,11 @@ and its lowest draws are near the minimum); a centred hierarchical model whose g
 well identified by their data does not either, since the descent stops at the mode next to the
 draws (the neck lies beyond a ridge of low likelihood).
 
+The same descent can end at a mode far below the draws, which chains stuck elsewhere (a
+mixture's label or cluster configuration) did not find; :attr:`DepthCheck.at_mode` tells the
+two apart where the descent converged (the gradient vanishes there), though a funnel whose
+neck has a bottom (Neal's in 6 dimensions, at :math:`v = -22.5`) ends at a mode too.
+
 What it cannot see: a neck that is shallow per dimension. On a centred horseshoe regression (22
 dimensions) the potential falls by only 3-4 nats per unit of the log global scale, so 2 per
 dimension lies 11-15 units of that log scale below the draws, beyond the descent's budget; the
@@ -52,7 +57,7 @@ from torch import Tensor
 
 from .._checks import check_int
 
-__all__ = ["DEPTH_THRESHOLD", "MAX_DEPTH", "DepthCheck", "density_depth"]
+__all__ = ["DEPTH_THRESHOLD", "MAX_DEPTH", "MODE_GRADIENT", "DepthCheck", "density_depth"]
 
 #: a depth per dimension above this is a neck or a spike: twice the most a log-concave target
 #: has at its own draws (Bobkov and Madiman 2011)
@@ -64,6 +69,12 @@ MAX_DEPTH = 2 * DEPTH_THRESHOLD
 
 #: fewer finite draws than this give no check (``depth`` is ``nan``)
 MIN_DEPTH_DRAWS = 10
+
+#: the descent ended at a mode when a move of one of the draws' standard deviations along any
+#: coordinate changes the potential there by at most this, to first order (at draws of the
+#: target such a move changes it by about 1; float32 rounding leaves a converged descent at
+#: up to 0.04 on a 150-point mixture; a neck's slope is several per standard deviation)
+MODE_GRADIENT = 0.1
 
 
 class DepthCheck(NamedTuple):
@@ -78,6 +89,12 @@ class DepthCheck(NamedTuple):
         their standard deviations (the flat index :math:`i`).
     :param distance: that distance with its sign, :math:`(x^\ast_i - \bar x_i) / s_i`.
     :param num_draws: the draws with a finite potential it used.
+    :param at_mode: whether the descent ended at a local mode: a move of one of the draws'
+        standard deviations along any coordinate changes :math:`U` there by at most
+        :data:`MODE_GRADIENT` to first order (:math:`\max_i |\partial_i U(x^\ast)|\, s_i`).
+        A funnel's neck has no bottom, so a descent into one is still going down when it stops;
+        a deep point where the gradient vanishes is a mode (or a narrow spike) the draws did not
+        find.
     """
 
     depth: float
@@ -87,6 +104,7 @@ class DepthCheck(NamedTuple):
     coordinate: int
     distance: float
     num_draws: int
+    at_mode: bool = False
 
 
 def density_depth(
@@ -96,8 +114,8 @@ def density_depth(
     batch_size: int = 1024,
 ) -> DepthCheck:
     r"""How far below the draws' lowest potential L-BFGS goes from there, per dimension (see the
-    module's docstring; above :data:`DEPTH_THRESHOLD`: a funnel's neck or a spike the draws
-    did not reach).
+    module's docstring; above :data:`DEPTH_THRESHOLD`: a funnel's neck, a spike or a mode the
+    draws did not reach; :attr:`DepthCheck.at_mode` tells whether the descent ended at a mode).
 
     :param potential: batched potential :math:`U`, ``(n, D) -> (n,)`` (one with
         ``value_and_grad`` is called through it).
@@ -126,6 +144,7 @@ def density_depth(
     highly constrained under convexity conditions", https://arxiv.org/abs/1006.2883
     """
     from ..samplers.mode import find_mode
+    from ..samplers.state import potential_and_grad
 
     if not isinstance(draws, Tensor) or draws.dim() != 2:
         raise ValueError("draws must be a (n, D) tensor of the target's draws")
@@ -149,4 +168,10 @@ def density_depth(
     spread = x64.std(0).clamp_min(torch.finfo(torch.float64).tiny)
     away = (point.to(torch.float64) - x64.mean(0)) / spread
     coordinate = int(torch.argmax(away.abs()))
-    return DepthCheck(depth, lowest, value, point, coordinate, float(away[coordinate]), len(u))
+    at_mode = False
+    if math.isfinite(value):
+        _, grad = potential_and_grad(potential, point[None])
+        change = grad[0].to(torch.float64).abs() * spread  # per sd of the draws, first order
+        at_mode = bool(torch.isfinite(change).all() and change.max() <= MODE_GRADIENT)
+    away_i = float(away[coordinate])
+    return DepthCheck(depth, lowest, value, point, coordinate, away_i, len(u), at_mode)
