@@ -608,6 +608,23 @@ def test_longest_rejection_run_and_its_threshold():
     assert stuck_threshold(0, 0, 0) == math.inf
 
 
+def test_the_stuck_warning_does_not_send_the_user_to_a_flow_khat_that_reads_fine(caplog):
+    """A chain stuck where the flow under-covers, while the flow's own k-hat reads 0.42 (a
+    walkthrough's GP model): the warning says the k-hat need not show it, rather than pointing
+    to it as the evidence."""
+    pot = pyro_ebm.potential_fn(Gaussian())
+    mcmc = MCMC(FlowIMH(potential_fn=pot), num_samples=500, disable_progbar=True)
+    mcmc._diagnostics = [
+        {"stuck": True, "longest rejection run": 60, "flow k-hat": 0.42},
+        {"stuck": False, "longest rejection run": 3, "flow k-hat": 0.42},
+    ]
+    with caplog.at_level("WARNING", logger="pyro_ebm.infer.mcmc"):
+        mcmc._warn_stuck()
+    (message,) = [r.getMessage() for r in caplog.records if "stopped moving" in r.getMessage()]
+    assert "chain(s) 0 stopped moving" in message and "(60 of 500)" in message
+    assert "which the flow's k-hat, 0.42, made from its own draws, need not show" in message
+
+
 def test_a_flow_imh_chain_with_a_flow_far_too_narrow_is_reported_stuck(caplog):
     """IMH with a flow 5 times too narrow: a chain at a point of large weight stays there for
     hundreds of draws; the warning names the chains. A matched flow: no chain flagged.
@@ -632,7 +649,7 @@ def test_a_flow_imh_chain_with_a_flow_far_too_narrow_is_reported_stuck(caplog):
     assert len(messages) == 1
     named = messages[0].split("chain(s) ")[1].split(" stopped")[0]
     assert named == ", ".join(c.split()[1] for c in stuck)
-    assert "better flow" in messages[0]
+    assert "better flow" in messages[0] and "(see diagnostics()['flow k-hat'])" in messages[0]
 
     caplog.clear()
     with caplog.at_level("WARNING", logger="pyro_ebm.infer.mcmc"):

@@ -255,6 +255,7 @@ class TargetKernel(MCMCKernel):
             num_chains=num_chains,
             max_plate_nesting=self.max_plate_nesting,
         )
+        self.target.potential.errors.owner = type(self).__name__  # named in its message
         if self.model is not None:
             self.transforms = self.target.transforms
         self._user_initial = None

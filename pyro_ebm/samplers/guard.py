@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -61,6 +62,8 @@ class PotentialErrors:
         #: overflowed to inf far out is rejected and not counted): a tensor once counted, so
         #: that counting needs no device synchronisation
         self.nan_gradients: Tensor | int = 0
+        #: who evaluates the potential (a kernel's name), at the head of the logged message
+        self.owner: str | None = None
         self._paused = 0
 
     @property
@@ -84,11 +87,12 @@ class PotentialErrors:
             return
         self.count += rows
         if self.first is None:
-            text = str(error).split("\nTrace Shapes:")[0].rstrip().rstrip(".")  # no shape table
-            self.first = f"{type(error).__name__.lstrip('_')}: {text}"
+            text = re.split(r"\n\s*Trace Shapes:", str(error))[0]  # not Pyro's shape table
+            self.first = f"{type(error).__name__.lstrip('_')}: {text.rstrip().rstrip('.')}"
             logger.warning(
-                "the potential raised %s; the point is rejected (as Stan does) and counted in "
+                "%sthe potential raised %s; the point is rejected (as Stan does) and counted in "
                 "diagnostics()['potential errors'] (this message is logged once)",
+                "" if self.owner is None else f"{self.owner}: ",
                 self.first,
             )
 
