@@ -563,8 +563,8 @@ class WalkerKernel(TargetKernel):
                 f"{example}, which R-hat and the ESS need not show"
             )
         non_centre = (
-            "non-centre the model if it is hierarchical (theta = mu + tau * z with z ~ "
-            "Normal(0, 1), e.g. pyro.infer.reparam.LocScaleReparam)"
+            "non-centre the model if it is a centred hierarchical one (theta = mu + tau * z "
+            "with z ~ Normal(0, 1), e.g. pyro.infer.reparam.LocScaleReparam)"
         )
         if check.at_mode:  # the descent converged: a mode, or a neck with a bottom
             what = (
@@ -572,7 +572,7 @@ class WalkerKernel(TargetKernel):
                 "that the chains did not find, a narrow spike, or the bottom of a funnel's neck"
             )
             advice = (
-                f"{non_centre} and is centred; otherwise start chains near that point "
+                f"{non_centre}; otherwise start chains near that point "
                 "(kernel.depth_check.point, unconstrained; e.g. init_to_value) and from more "
                 "places (more chains; AdaptiveFlowMCMC's walkers can cover several modes), and "
                 "compare the runs: the draws may have missed much of the mass"

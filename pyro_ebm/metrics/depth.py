@@ -92,9 +92,9 @@ class DepthCheck(NamedTuple):
     :param at_mode: whether the descent ended at a local mode: a move of one of the draws'
         standard deviations along any coordinate changes :math:`U` there by at most
         :data:`MODE_GRADIENT` to first order (:math:`\max_i |\partial_i U(x^\ast)|\, s_i`).
-        A funnel's neck has no bottom, so a descent into one is still going down when it stops;
-        a deep point where the gradient vanishes is a mode (or a narrow spike) the draws did not
-        find.
+        A funnel's neck mostly has no bottom, so a descent into one is still going down when it
+        stops; a deep point where the gradient vanishes is a mode or a narrow spike the draws
+        did not find, or the bottom of a neck that has one (Neal's funnel in 6 dimensions).
     """
 
     depth: float
