@@ -1042,7 +1042,8 @@ def test_data_model_is_the_density_of_the_data_in_its_own_coordinates():
     trainer.fit(data, num_steps=20, batch_size=50, progress=False)
     assert trainer._whitening is not None
     model = trainer.data_model
-    assert float(-model.log_prob(data).mean().detach()) == pytest.approx(trainer.nll(data), rel=1e-5)
+    nll = float(-model.log_prob(data).mean().detach())
+    assert nll == pytest.approx(trainer.nll(data), rel=1e-5)
     grid = torch.stack(torch.meshgrid(*[torch.linspace(-15, 30, 400)] * 2, indexing="ij"), -1)
     cell = (45 / 399) ** 2
     mass = float(model.log_prob(grid.reshape(-1, 2)).exp().sum().detach() * cell)
